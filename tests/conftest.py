@@ -1,0 +1,77 @@
+"""Shared fixtures: small timm ViTs of every supported family, exported once per test session."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from tome_deploy.onnx_export import build_metadata, export_onnx
+from tome_deploy.patch import apply_tome
+from tome_deploy.spec import ToMeMetadata
+
+# name -> (timm model, create kwargs, schedule, merge formulation). Small image sizes keep exports fast.
+FAMILIES = {
+    "vit_class_token": ("test_vit", {}, 8, "scatter"),
+    "registers_meanpool_layerscale": ("test_vit2", {}, (8, -1.0), "matmul"),
+    "map_pool": ("test_vit3", {}, 6, "scatter"),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 96}, 4, "scatter"),
+    "deit3_qknorm": ("vit_tiny_patch16_224", {"img_size": 96, "qk_norm": True, "init_values": 0.1, "depth": 4}, [6, 5, 4], "matmul"),
+}
+
+
+def make_model(name: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **kwargs).eval()
+    # timm initialises LayerScale to a constant; random gammas make the test sensitive to ls1/ls2.
+    for module in model.modules():
+        if hasattr(module, "gamma"):
+            module.gamma.data = 0.1 + 0.5 * torch.rand_like(module.gamma)
+    return model
+
+
+@dataclass
+class Exported:
+    family: str
+    model: torch.nn.Module  # the unpatched model
+    tome: torch.nn.Module
+    metadata: ToMeMetadata
+    path: Path
+
+
+def export_family(family: str, folder: Path, *, merge: str | None = None, batch: str = "dynamic") -> Exported:
+    """batch: "dynamic" (traced at 2) or a fixed size such as "2"."""
+    name, kwargs, r, default_merge = FAMILIES[family]
+    example_batch = 2 if batch == "dynamic" else int(batch)
+    merge = merge or default_merge
+    model = make_model(name, kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tome, schedule = apply_tome(model, r, merge)
+    metadata = build_metadata(tome, schedule, r, arch=name, weights="random init (test)", weights_sha256="test",
+                              merge=merge, opset=18, batch=batch, example_batch=example_batch)
+    path = export_onnx(tome, metadata, folder / f"{family}_{merge}_{batch}.onnx").path
+    return Exported(family, model, tome, metadata, path)
+
+
+@pytest.fixture(scope="session")
+def export_cached(tmp_path_factory):
+    """Exports take seconds each: every (family, merge, batch) is exported once per session."""
+    cache: dict[tuple, Exported] = {}
+
+    def get(family: str, merge: str | None = None, batch: str = "dynamic") -> Exported:
+        key = (family, merge or FAMILIES[family][3], batch)
+        if key not in cache:
+            cache[key] = export_family(family, tmp_path_factory.mktemp("onnx"), merge=key[1], batch=batch)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def exported_family(request, export_cached) -> Exported:
+    return export_cached(request.param)

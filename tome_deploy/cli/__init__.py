@@ -1,0 +1,1 @@
+"""Command-line tools: thin shells over tome_deploy.pipeline."""

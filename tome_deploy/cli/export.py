@@ -1,0 +1,100 @@
+"""tome-export: timm ViT -> fixed-shape ToMe ONNX, validated in ONNX Runtime."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..schedule import parse_r_arguments
+from ..spec import EXPORT_SPEC, MERGE_FORMULATIONS
+from .common import EXIT_CODES_HELP, add_model_arguments, add_report_arguments, check_report_path, emit_report, run_command, say
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tome-export",
+        description="Rewrite a timm Vision Transformer with Token Merging and export it to a fixed-shape ONNX file.",
+        epilog=EXIT_CODES_HELP,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="ONNX file to write")
+    parser.add_argument("--r", default="16", help="tokens merged per layer (default 16)")
+    schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--r-inflect", type=float, metavar="F", help="linear ramp (r, F), F in [-1, 1]; -1 is the paper's decreasing schedule")
+    schedule.add_argument("--schedule", metavar="R0,R1,...", help="explicit r per layer (missing layers get 0)")
+    parser.add_argument("--strict", action="store_true", help="fail instead of warning when r has to be clamped")
+    parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default="scatter",
+                        help="merge formulation: scatter (ScatterElements add) or matmul (one-hot, no scatter op; for TensorRT)")
+    parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="batch size of the traced example (default 1)")
+    parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to --batch-size")
+    parser.add_argument("--opset", type=int, default=EXPORT_SPEC.default_opset, help=f"ONNX opset (default {EXPORT_SPEC.default_opset}, at least {EXPORT_SPEC.min_opset})")
+    parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime parity check")
+    parser.add_argument("--measure", action="store_true", help="also export the unmerged model and time both in ONNX Runtime")
+    add_report_arguments(parser)
+    return parser
+
+
+def parse_r(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        return text  # ScheduleError below names it
+    return int(value) if value.is_integer() else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..pipeline import export_model  # heavy imports only once the arguments are good
+
+    check_report_path(args)
+    r_spec = parse_r_arguments(parse_r(args.r), args.r_inflect, args.schedule)
+    quiet = args.quiet
+    outcome = export_model(
+        args.source, args.output, r=r_spec, merge=args.merge, arch=args.arch, checkpoint=args.checkpoint,
+        pretrained=args.pretrained, img_size=args.img_size, trust_pickle=args.trust_pickle, seed=args.seed,
+        opset=args.opset, batch_size=args.batch_size, static_batch=args.static_batch, strict=args.strict,
+        validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure,
+        say=(lambda _: None) if quiet else say,
+    )
+    meta = outcome.export.metadata
+    if not quiet:
+        say(f"\nSchedule ({meta.model}, {outcome.schedule.depth} blocks, {meta.num_prefix_tokens} prefix tokens):")
+        say(outcome.schedule.table())
+        say(f"\nTokens {meta.tokens_per_layer[0]} -> {meta.tokens_per_layer[-1]}; theoretical speedup (FLOPs): {meta.theoretical_speedup:.2f}x")
+    if outcome.timings:
+        base, tome = outcome.timings["unmerged"], outcome.timings["tome"]
+        say(f"Measured in ONNX Runtime (CPU, batch {tome.batch}): unmerged {base.images_per_s:.1f} img/s, "
+            f"ToMe {tome.images_per_s:.1f} img/s -> {outcome.measured_speedup:.2f}x")
+    if outcome.validation is not None:
+        if not quiet:
+            say("\nParity, PyTorch vs ONNX Runtime:")
+            say(outcome.validation.table())
+        checks = len(outcome.validation.verdicts)
+        failed = sum(not v.passed for v in outcome.validation.verdicts)
+        say(f"{'PASS' if outcome.validation.passed else 'FAIL'}: {checks - failed}/{checks} parity checks passed")
+    if outcome.loaded.random_weights:
+        say(f"note: {meta.model} has random weights (seed {outcome.loaded.seed}); pass --pretrained or --checkpoint for a useful model")
+    emit_report(
+        {
+            "onnx": str(outcome.export.path),
+            "metadata": meta.__dict__,
+            "clamp_warnings": outcome.clamp_warnings,
+            "validation": outcome.validation.to_dict() if outcome.validation else None,
+            "measured_speedup": outcome.measured_speedup,
+        },
+        args,
+    )
+    return 0 if outcome.validation is None or outcome.validation.passed else 1
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

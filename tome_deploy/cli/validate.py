@@ -1,0 +1,66 @@
+"""tome-validate: compare a tome-deploy ONNX file with the PyTorch ToMe model it was exported from."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import EXIT_CODES_HELP, add_model_arguments, add_report_arguments, check_report_path, emit_report, run_command, say
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tome-validate",
+        description="Check an exported ToMe ONNX file against PyTorch on random, constant and natural images.",
+        epilog=EXIT_CODES_HELP,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("onnx", metavar="MODEL.onnx", help="a file written by tome-export")
+    parser.add_argument("--batch-sizes", metavar="B1,B2,...", help="batch sizes to check (default: exported, 1 and 3)")
+    add_report_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _validate(args))
+
+
+def _parse_batches(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    from ..errors import InvalidInputError
+
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidInputError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise InvalidInputError(f"--batch-sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ..pipeline import validate_model
+
+    check_report_path(args)
+    metadata, report = validate_model(
+        args.source, args.onnx, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
+        trust_pickle=args.trust_pickle, seed=args.seed, batch_sizes=_parse_batches(args.batch_sizes),
+        atol=args.atol, rtol=args.rtol, say=(lambda _: None) if args.quiet else say,
+    )
+    if not args.quiet:
+        say(f"{metadata.model}: r per layer {metadata.r_effective}, merge={metadata.merge}")
+        say(report.table())
+    failed = sum(not v.passed for v in report.verdicts)
+    say(f"{'PASS' if report.passed else 'FAIL'}: {len(report.verdicts) - failed}/{len(report.verdicts)} parity checks passed")
+    emit_report({"metadata": metadata.__dict__, "validation": report.to_dict()}, args)
+    return 0 if report.passed else 1
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

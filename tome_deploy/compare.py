@@ -1,0 +1,66 @@
+"""Output comparison: one verdict per output; NaN or Inf anywhere always fails."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OutputVerdict:
+    probe: str  # which input set
+    batch: int
+    output: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1_agreement: float  # share of rows whose argmax matches
+    top5_agreement: float  # share of rows whose top-5 sets match
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (
+            f"{self.probe:<9} {self.batch:>5}  {self.output:<8} {self.max_abs:>10.3g} {self.max_rel:>10.3g} "
+            f"{self.cosine:>10.7f} {self.top1_agreement:>6.0%} {self.top5_agreement:>6.0%}  {verdict} {self.reason}"
+        )
+
+
+VERDICT_HEADER = f"{'probe':<9} {'batch':>5}  {'output':<8} {'max_abs':>10} {'max_rel':>10} {'cosine':>10} {'top1':>6} {'top5':>6}  verdict"
+
+
+def _top_k_sets(logits: np.ndarray, k: int) -> list[frozenset]:
+    k = min(k, logits.shape[-1])
+    return [frozenset(row) for row in np.argsort(-logits, axis=-1, kind="stable")[:, :k]]
+
+
+def compare_output(
+    reference: np.ndarray, candidate: np.ndarray, *, probe: str, output: str, atol: float, rtol: float, min_cosine: float
+) -> OutputVerdict:
+    batch = int(reference.shape[0]) if reference.ndim else 1
+    if reference.shape != candidate.shape:
+        return OutputVerdict(probe, batch, output, np.inf, np.inf, 0.0, 0.0, 0.0, False, f"shape {candidate.shape} != {reference.shape}")
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    finite = bool(np.isfinite(ref).all() and np.isfinite(cand).all())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = np.abs(ref - cand)
+        max_abs = float(np.nanmax(diff)) if finite else float("nan")
+        max_rel = float(np.nanmax(diff / np.maximum(np.abs(ref), 1e-12))) if finite else float("nan")
+        norm = np.linalg.norm(ref) * np.linalg.norm(cand)
+        cosine = float(np.sum(ref * cand) / norm) if finite and norm > 0 else (1.0 if finite and not diff.any() else float("nan"))
+    rows_ref = ref.reshape(batch, -1)
+    rows_cand = cand.reshape(batch, -1)
+    top1 = float(np.mean(rows_ref.argmax(-1) == rows_cand.argmax(-1)))
+    top5 = float(np.mean([a == b for a, b in zip(_top_k_sets(rows_ref, 5), _top_k_sets(rows_cand, 5))]))
+    if not finite:
+        return OutputVerdict(probe, batch, output, max_abs, max_rel, cosine, top1, top5, False, "non-finite values")
+    within = bool(np.all(diff <= atol + rtol * np.abs(ref)))
+    reasons = [] if within else [f"|diff| > {atol:g} + {rtol:g}*|ref|"]
+    if not cosine >= min_cosine:
+        reasons.append(f"cosine < {min_cosine}")
+    return OutputVerdict(probe, batch, output, max_abs, max_rel, cosine, top1, top5, not reasons, "; ".join(reasons))
