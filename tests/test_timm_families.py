@@ -86,7 +86,7 @@ FAMILIES = {
         (48, 48),
         [4, (6, -1), 18],
     ),
-    "patch8_rect_depth3": (  # non-default patch, non-square image, odd token count (35 + 1 = 36 ... 7x5)
+    "patch8_rect_depth3": (  # non-default patch 8, non-square 56x40 image (7x5 grid + cls = 36 tokens), depth 3
         lambda: VisionTransformer(
             img_size=(56, 40), patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=7, qkv_bias=False,
         ),
@@ -392,26 +392,15 @@ def test_schedule_attached_and_token_count():
 
 
 # ---------------------------------------------------------------------------------------------
-# Known library bug (see the test's reason): inputs of another size on dynamic_img_size models
+# Inputs of another size on dynamic_img_size models: the fixed schedule must refuse them
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    reason="BUG: the schedule is fixed for the construction grid, but timm models built with "
-    "dynamic_img_size=True (test_vit, test_vit2, test_vit4) accept smaller images; r then exceeds "
-    "(N - p) // 2 and bipartite_match silently merges the class token while also keeping it "
-    "(sizes sum to more than the number of input tokens)",
-    strict=False,
-)
-def test_smaller_input_on_dynamic_img_size_model_is_rejected_or_correct():
+def test_input_of_another_size_is_rejected_on_dynamic_img_size_model():
     model = base_model("test_vit")  # built for 96 px: 37 tokens, dynamic_img_size=True
     assert model.dynamic_img_size
     tome, schedule = quiet_apply(model, 8)
     x = torch.randn(BATCH, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # 17 tokens
-    try:
-        source, size = track_sources(tome, x)
+    with pytest.raises(ToMeError, match="37 tokens but the input has 17"):
         with torch.no_grad():
-            logits = tome(x)
-    except ToMeError:
-        return  # rejecting the input is an acceptable fix
-    assert torch.equal(source.sum(dim=1), torch.ones(BATCH, 17))  # fails today: the class token counts 4x
-    want = reference_tome_forward(model, x, reference_schedule(8, len(model.blocks)))
-    torch.testing.assert_close(logits, want, rtol=0, atol=1e-4)
+            tome(x)
+    with pytest.raises(ToMeError, match="37 tokens"):
+        track_sources(tome, x)

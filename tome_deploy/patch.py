@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import InvalidInputError, UnsupportedModelError
 from .merge import MERGE_FORMULATIONS, MergeFormulation, bipartite_match, merge_sum, merge_weighted
 from .merge import proportional_attention_bias
 from .schedule import RSpec, Schedule, resolve_schedule
@@ -127,11 +127,21 @@ class ToMeBlock(nn.Module):
 class ToMeBlocks(nn.Module):
     """Replaces `model.blocks`: threads the token sizes from block to block, no state kept."""
 
-    def __init__(self, blocks: list[ToMeBlock]):
+    def __init__(self, blocks: list[ToMeBlock], num_tokens: int):
         super().__init__()
         self.layers = nn.ModuleList(blocks)
+        self.num_tokens = num_tokens  # the per-layer r were clamped for exactly this many tokens
+
+    def check_tokens(self, x: torch.Tensor) -> None:
+        if x.shape[1] != self.num_tokens:
+            raise InvalidInputError(
+                f"the ToMe schedule was fixed for {self.num_tokens} tokens but the input has {x.shape[1]}: "
+                "feed images of the size the model was patched at, or apply ToMe to a model created "
+                "with the img_size you need"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_tokens(x)
         size = None
         for block in self.layers:
             x, size, _ = block(x, size)
@@ -142,6 +152,7 @@ class ToMeBlocks(nn.Module):
 
         source[b, i, j] = 1 when final token i contains input token j (source tracking).
         """
+        self.check_tokens(x)
         batch, num_tokens, _ = x.shape
         source = torch.eye(num_tokens, dtype=torch.float32, device=x.device).expand(batch, -1, -1)
         size = None
@@ -166,7 +177,8 @@ def apply_tome(
     tome = copy.deepcopy(model)
     tome.grad_checkpointing = False  # checkpoint_seq would call the blocks without sizes
     tome.blocks = ToMeBlocks(
-        [ToMeBlock(block, r_eff, schedule.num_prefix, formulation) for block, r_eff in zip(tome.blocks, schedule.effective)]
+        [ToMeBlock(block, r_eff, schedule.num_prefix, formulation) for block, r_eff in zip(tome.blocks, schedule.effective)],
+        schedule.tokens[0],
     )
     tome.tome_schedule = schedule
     return tome, schedule

@@ -7,6 +7,7 @@ the exported graph can be fully static apart from the batch dimension.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -18,14 +19,14 @@ RSpec = Union[int, tuple[int, float], Sequence[int]]
 
 
 def _check_r(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
             raise ScheduleError(f"{what} must be a non-negative integer, got {value!r}; pass e.g. 16")
     if value < 0:
         raise ScheduleError(f"{what} must be a non-negative integer, got {value}; use 0 to disable merging")
-    return value
+    return int(value)
 
 
 def requested_r_per_layer(spec: RSpec, depth: int) -> list[int]:
