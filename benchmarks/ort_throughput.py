@@ -5,7 +5,7 @@ time them interleaved at each batch size and print the measured speedup next to 
 ratio, plus the share of ToMe model time spent in matching + merging (ONNX Runtime profiler).
 
     python benchmarks/ort_throughput.py                       # ViT-S/16 and ViT-B/16 at 224, batch 1 and 8
-    python benchmarks/ort_throughput.py --models vit_small_patch16_224 --batches 8 --rounds 5
+    python benchmarks/ort_throughput.py --models vit_small_patch16_224 --batches 8 --schedules r=16 --rounds 5
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--schedules", default=",".join(SCHEDULES), help=f"subset of {list(SCHEDULES)}")
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--merge", default="scatter", choices=("scatter", "matmul"))
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per batch size")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
@@ -58,7 +58,7 @@ def export_variants(arch: str, schedules: list[str], merge: str, folder: Path) -
 
 def main() -> None:
     args = parse_args()
-    schedules = [s for s in args.schedules.split(",") if s]
+    schedules = args.schedules
     rows = []
     header = f"{'model':<24} {'schedule':<10} {'batch':>5} {'unmerged img/s':>15} {'ToMe img/s':>11} {'measured':>9} {'FLOPs':>7} {'meas/FLOPs':>10} {'merge share':>11}"
     with tempfile.TemporaryDirectory() as tmp:

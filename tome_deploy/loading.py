@@ -6,7 +6,8 @@ Sources, in the order they are recognised:
   a state dict (raw, or inside a training checkpoint under `state_dict` / `model` / `state_dict_ema`),
   a safetensors file, or a `torch.save(model)` pickle;
 * anything else is a timm model name, created with random weights (seeded), `--pretrained` weights,
-  or the weights of `--checkpoint PATH`.
+  or the weights of `--checkpoint PATH`. `tome_digits_vit` (registered with timm by tome_deploy.digits)
+  is the exception: without --checkpoint it loads the trained weights committed in tome_deploy/assets.
 
 Files are only ever read. `torch.load` always runs with `weights_only=True`; a pickled module is
 unpickled only when every global it needs is on the allowlist below (nn.Module and Enum classes
@@ -176,6 +177,13 @@ def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_s
         model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
         _load_weights(model, state_dict, source=str(ckpt_path), arch=name)
         return LoadedModel(model, name, f"checkpoint {_display(ckpt_path)}", random_weights=False, seed=None)
+    bundled = _bundled_weights(name)
+    if bundled is not None:  # a model tome_deploy ships trained weights for: those, with or without --pretrained
+        weights_path, label = bundled
+        state_dict, _ = _read_safetensors(weights_path)
+        model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
+        _load_weights(model, state_dict, source=str(weights_path), arch=name)
+        return LoadedModel(model, name, label, random_weights=False, seed=None)
     if pretrained:
         model = _build(name, img_size=img_size, seed=seed, pretrained=True)
         return LoadedModel(model, name, "pretrained (timm hub)", random_weights=False, seed=None)
@@ -184,8 +192,17 @@ def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_s
                        seed=seed)
 
 
+def _bundled_weights(name: str) -> Optional[tuple[Path, str]]:
+    """(file, description) of the trained weights tome_deploy ships for `name` (tome_digits_vit); else None."""
+    from .digits import bundled_weights
+
+    return bundled_weights(name)
+
+
 def _is_timm_name(name: str) -> bool:
     import timm
+
+    from . import digits  # noqa: F401 - registers tome_digits_vit with timm
 
     return name.startswith(_HUB_PREFIXES) or timm.is_model(name)
 

@@ -15,6 +15,7 @@ from .onnx_export import ExportResult, build_metadata, check_output_path, export
 from .patch import apply_tome
 from .schedule import RSpec, Schedule
 from .spec import EXPORT_SPEC, ToMeMetadata
+from .target import SpeedupChoice, speedup_choice_for_model
 from .throughput import Timing, time_interleaved
 from .validation import ValidationReport, validate_onnx
 
@@ -33,6 +34,7 @@ class ExportOutcome:
     clamp_warnings: list[str]
     validation: Optional[ValidationReport] = None
     timings: Optional[dict[str, Timing]] = None
+    target: Optional[SpeedupChoice] = None  # set when the schedule came from a speedup target
 
     @property
     def measured_speedup(self) -> Optional[float]:
@@ -69,9 +71,14 @@ def export_model(
     atol: Optional[float] = None,
     rtol: Optional[float] = None,
     measure: bool = False,
+    target_speedup: Optional[float] = None,
     say: Say = _silent,
 ) -> ExportOutcome:
-    """Load -> patch -> export -> (validate) -> (time against the unmerged export)."""
+    """Load -> patch -> export -> (validate) -> (time against the unmerged export).
+
+    target_speedup: instead of `r`, use the smallest constant r whose theoretical (FLOPs) speedup reaches
+    it (`target.schedule_for_speedup`); raises ScheduleError when no schedule can.
+    """
     EXPORT_SPEC.check_opset(opset)
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -80,6 +87,11 @@ def export_model(
     loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
                         trust_pickle=trust_pickle, seed=seed)
     say(f"  weights: {loaded.weights}")
+    choice = None
+    if target_speedup is not None:
+        choice = speedup_choice_for_model(loaded.model, target_speedup, strict=strict)
+        r = choice.r
+        say(f"  {choice.line()}")
     tome, schedule, clamp_warnings = patch_with_schedule(loaded.model, r, merge, strict)
     for message in clamp_warnings:
         say(f"  warning: {message}")
@@ -96,7 +108,7 @@ def export_model(
     say(f"Exporting ONNX (opset {opset}, merge={merge}, batch {metadata.batch}) ...")
     result = export_onnx(tome, metadata, output)
     say(f"  wrote {result.path} in {result.seconds:.1f} s")
-    outcome = ExportOutcome(loaded, schedule, result, clamp_warnings)
+    outcome = ExportOutcome(loaded, schedule, result, clamp_warnings, target=choice)
     if validate:
         say("Validating ONNX Runtime (CPU) against PyTorch ...")
         outcome.validation = validate_onnx(tome, result.path, metadata, atol=atol, rtol=rtol)

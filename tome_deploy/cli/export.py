@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import InvalidInputError
 from ..schedule import parse_r_arguments
+from ..target import check_target
 from ..spec import EXPORT_SPEC, MERGE_FORMULATIONS
 from .common import EXIT_CODES_HELP, add_model_arguments, add_report_arguments, check_report_path, emit_report, run_command, say
+
+
+DEFAULT_R = "16"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="ONNX file to write")
-    parser.add_argument("--r", default="16", help="tokens merged per layer (default 16)")
+    parser.add_argument("--r", default=None, help=f"tokens merged per layer (default {DEFAULT_R})")
     schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--target-speedup", type=float, metavar="X",
+                          help="pick the smallest constant r whose theoretical (FLOPs) speedup reaches X; implies --measure")
     schedule.add_argument("--r-inflect", type=float, metavar="F", help="linear ramp (r, F), F in [-1, 1]; -1 is the paper's decreasing schedule")
     schedule.add_argument("--schedule", metavar="R0,R1,...", help="explicit r per layer (missing layers get 0)")
     parser.add_argument("--strict", action="store_true", help="fail instead of warning when r has to be clamped")
@@ -49,16 +56,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_report_path(args)
+    target = args.target_speedup
+    if target is not None:
+        if args.r is not None:
+            raise InvalidInputError("--target-speedup picks r itself; drop --r (or drop --target-speedup to set r by hand)")
+        target = check_target(target)
+
     from ..pipeline import export_model  # heavy imports only once the arguments are good
 
-    check_report_path(args)
-    r_spec = parse_r_arguments(parse_r(args.r), args.r_inflect, args.schedule)
+    r_spec = parse_r_arguments(parse_r(args.r if args.r is not None else DEFAULT_R), args.r_inflect, args.schedule)
     quiet = args.quiet
     outcome = export_model(
         args.source, args.output, r=r_spec, merge=args.merge, arch=args.arch, checkpoint=args.checkpoint,
         pretrained=args.pretrained, img_size=args.img_size, trust_pickle=args.trust_pickle, seed=args.seed,
         opset=args.opset, batch_size=args.batch_size, static_batch=args.static_batch, strict=args.strict,
-        validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure,
+        validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure or target is not None,
+        target_speedup=target,
         say=(lambda _: None) if quiet else say,
     )
     meta = outcome.export.metadata
@@ -70,6 +84,9 @@ def _export(args: argparse.Namespace) -> int:
         base, tome = outcome.timings["unmerged"], outcome.timings["tome"]
         say(f"Measured in ONNX Runtime (CPU, batch {tome.batch}): unmerged {base.images_per_s:.1f} img/s, "
             f"ToMe {tome.images_per_s:.1f} img/s -> {outcome.measured_speedup:.2f}x")
+    if outcome.target is not None and not quiet:
+        measured = "" if outcome.measured_speedup is None else f", measured {outcome.measured_speedup:.2f}x (ONNX Runtime, CPU)"
+        say(f"{outcome.target.line()}{measured}")
     if outcome.validation is not None:
         if not quiet:
             say("\nParity, PyTorch vs ONNX Runtime:")
@@ -86,6 +103,7 @@ def _export(args: argparse.Namespace) -> int:
             "clamp_warnings": outcome.clamp_warnings,
             "validation": outcome.validation.to_dict() if outcome.validation else None,
             "measured_speedup": outcome.measured_speedup,
+            "target_speedup": outcome.target.to_dict() if outcome.target else None,
         },
         args,
     )

@@ -1,0 +1,126 @@
+"""The trained digits ViT: reproducible training, the committed weights, and what ToMe costs in accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tome_deploy import digits
+from tome_deploy.digits import (
+    ARCH, ASSET_JSON, ASSET_WEIGHTS, BUNDLED_WEIGHTS_LABEL, TrainConfig, digits_test_set, digits_train_set, evaluate,
+    load_digits_vit, pixels_from_digits, recorded_accuracy, train,
+)
+from tome_deploy.loading import load_model, weights_fingerprint
+from tome_deploy.onnx_export import data_config
+from tome_deploy.patch import apply_tome
+from tome_deploy.preprocess import eval_transform
+
+# A moderate constant r for this model (65 tokens, depth 6; the largest unclamped r is 9).
+MODERATE_R = 5
+# The short-form run: a few epochs on a subset of the training split.
+SHORT = TrainConfig(epochs=3, train_limit=480, warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def record() -> dict:
+    return json.loads(ASSET_JSON.read_text())
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return load_digits_vit()
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return digits_test_set()
+
+
+def test_split_is_fixed_and_stratified(record):
+    train_images, train_labels = digits_train_set()
+    test_pixels, test_labels = digits_test_set()
+    assert train_images.shape == (1437, 8, 8) and test_pixels.shape == (360, 3, 32, 32)
+    train_counts = np.bincount(train_labels.numpy(), minlength=10)
+    test_counts = np.bincount(test_labels.numpy(), minlength=10)
+    assert np.all(np.abs(test_counts - 0.2 * (train_counts + test_counts)) <= 1)  # stratified 80/20
+    assert record["split"]["test_indices_sha256"] == digits.split_fingerprint()
+
+
+def test_pixels_match_the_exported_data_config(trained):
+    """The exporter's data config (nearest resize, crop_pct 1.0, mean/std) reproduces our preprocessing."""
+    images, _ = digits_train_set()
+    config = data_config(trained)
+    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0
+    assert config["interpolation"] == "nearest"
+    pixels = pixels_from_digits(images[:16])
+    for image, expected in zip(images[:16], pixels):
+        grey = Image.fromarray(np.round(image.numpy() * 255 / 16).astype(np.uint8))
+        got = eval_transform(grey, config["input_size"], config["mean"], config["std"], config["crop_pct"],
+                             config["interpolation"])
+        np.testing.assert_allclose(got, expected.numpy(), atol=2.0 / 255 / config["std"][0])
+    # One original pixel per 4x4 patch: every patch is constant.
+    patches = pixels.unfold(2, 4, 4).unfold(3, 4, 4)
+    assert torch.equal(patches, patches[..., :1, :1].expand_as(patches))
+
+
+def test_short_training_is_deterministic_and_learns():
+    model_a, accuracy_a = train(seed=0, config=SHORT)
+    model_b, accuracy_b = train(seed=0, config=SHORT)
+    assert weights_fingerprint(model_a) == weights_fingerprint(model_b)
+    assert accuracy_a == accuracy_b
+    assert accuracy_a > 0.5, f"short training reached only {accuracy_a:.1%} (chance is 10%)"
+    assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
+
+
+def test_committed_weights_reach_recorded_accuracy(trained, test_set, record):
+    assert ASSET_WEIGHTS.stat().st_size < 10 * 2**20
+    pixels, labels = test_set
+    accuracy = evaluate(trained, pixels, labels)
+    assert abs(accuracy - recorded_accuracy()) <= 0.005, (accuracy, recorded_accuracy())
+    assert accuracy >= 0.95
+    assert weights_fingerprint(trained) == record["weights_sha256"]
+
+
+def test_safetensors_metadata():
+    from safetensors import safe_open
+
+    with safe_open(str(ASSET_WEIGHTS), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["arch"] == ARCH
+    assert abs(float(metadata["accuracy"]) - recorded_accuracy()) < 1e-6
+    assert int(metadata["seed"]) == json.loads(ASSET_JSON.read_text())["seed"]
+    assert json.loads(metadata["split"])["random_state"] == 0
+
+
+def test_loader_uses_committed_weights(trained):
+    fingerprint = weights_fingerprint(trained)
+    by_name = load_model(ARCH)  # no --checkpoint: the committed trained weights
+    assert by_name.weights == BUNDLED_WEIGHTS_LABEL and not by_name.random_weights and by_name.arch == ARCH
+    assert weights_fingerprint(by_name.model) == fingerprint
+    by_checkpoint = load_model(ARCH, checkpoint=str(ASSET_WEIGHTS))
+    by_file = load_model(str(ASSET_WEIGHTS))  # arch from the safetensors metadata
+    assert by_file.arch == ARCH
+    assert weights_fingerprint(by_checkpoint.model) == weights_fingerprint(by_file.model) == fingerprint
+
+
+def test_tome_keeps_accuracy(trained, test_set):
+    pixels, labels = test_set
+    base = evaluate(trained, pixels, labels)
+    tome, schedule = apply_tome(trained, MODERATE_R, strict=True)
+    merged = evaluate(tome, pixels, labels)
+    assert schedule.tokens[-1] == 65 - 6 * MODERATE_R
+    assert merged >= base - 0.02, f"r={MODERATE_R}: {merged:.2%} vs {base:.2%} at r=0"
+
+
+@pytest.mark.skipif(os.environ.get("TOME_DIGITS_RETRAIN") != "1",
+                    reason="full retraining takes minutes; set TOME_DIGITS_RETRAIN=1 to run it")
+def test_full_retraining_reproduces_committed_accuracy(record):
+    config = dataclasses.replace(TrainConfig(), **record["train_config"])
+    _, accuracy = train(seed=record["seed"], config=config)
+    assert abs(accuracy - record["test_accuracy"]) <= 0.01, (accuracy, record["test_accuracy"])

@@ -1,0 +1,116 @@
+"""tome-visualize: draw which patches of an image ToMe merged together."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import InvalidInputError
+from ..schedule import parse_r_arguments
+from .common import EXIT_CODES_HELP, add_model_arguments, run_command, say
+
+STYLES = ("mean", "overlay")  # tome_deploy.visualize.STYLES, repeated here so --help stays import-free
+DEFAULT_WIDTH = 384  # auto --scale upscales small inputs to at least this many pixels per side
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tome-visualize",
+        description="Run a ToMe ViT on an image and draw which patches were merged into the same token.",
+        epilog=EXIT_CODES_HELP,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...); it goes through the model's eval transform")
+    parser.add_argument("-o", "--output", required=True, metavar="PATH.png", help="PNG file to write")
+    parser.add_argument("--r", default="16", help="tokens merged per layer (default 16)")
+    schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--r-inflect", type=float, metavar="F", help="linear ramp (r, F), F in [-1, 1]; -1 is the paper's decreasing schedule")
+    schedule.add_argument("--schedule", metavar="R0,R1,...", help="explicit r per layer (missing layers get 0)")
+    parser.add_argument("--strict", action="store_true", help="fail instead of warning when r has to be clamped")
+    parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
+    parser.add_argument("--style", choices=STYLES, default="mean",
+                        help="mean: each group filled with its mean colour (default); overlay: a distinct tint per group")
+    parser.add_argument("--scale", type=int, default=None, metavar="K",
+                        help=f"upscale the drawing K times (default: enough for {DEFAULT_WIDTH} px)")
+    parser.add_argument("--merges-only", action="store_true", help="write only the merge drawing, not the input next to it")
+    parser.add_argument("--quiet", action="store_true", help="print only errors")
+    return parser
+
+
+def parse_r(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        return text  # ScheduleError names it
+    return int(value) if value.is_integer() else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _visualize(args))
+
+
+def _check_output(output: str, image: str) -> Path:
+    path = Path(output).expanduser()
+    if path.suffix.lower() != ".png":
+        raise InvalidInputError(f"-o {output} must name a .png file (tome-visualize writes PNG); e.g. -o merges.png")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder})")
+    if path.is_dir():
+        raise InvalidInputError(f"output {path} is a directory; pass a file path such as {path / 'merges.png'}")
+    if path.exists() and Path(image).expanduser().exists() and path.resolve() == Path(image).expanduser().resolve():
+        raise InvalidInputError(f"output {path} is the input image; choose another -o path so it is not overwritten")
+    return path
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    output = _check_output(args.output, args.image)
+    if args.scale is not None and args.scale < 1:
+        raise InvalidInputError(f"--scale must be a positive integer, got {args.scale}")
+    r_spec = parse_r_arguments(parse_r(args.r), args.r_inflect, args.schedule)
+
+    from .. import visualize as vis  # heavy imports only once the arguments are good
+    from ..loading import load_model
+    from ..onnx_export import data_config
+    from ..pipeline import patch_with_schedule
+
+    image = vis.load_image(args.image)  # before the model: a bad image fails fast
+    report = (lambda _: None) if args.quiet else say
+    report(f"Loading {args.source} ...")
+    loaded = load_model(args.source, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                        img_size=args.img_size, trust_pickle=args.trust_pickle, seed=args.seed)
+    tome, schedule, clamp_warnings = patch_with_schedule(loaded.model, r_spec, "scatter", args.strict)
+    for message in clamp_warnings:
+        report(f"  warning: {message}")
+    pixels, rgb = vis.model_input(image, data_config(loaded.model))
+    groups, sizes = vis.merge_groups(tome, pixels)
+
+    height, width = rgb.shape[:2]
+    scale = args.scale or max(1, -(-DEFAULT_WIDTH // max(height, width)))
+    drawing = vis.render_merges(rgb, groups, style=args.style, scale=scale)
+    if not args.merges_only:
+        from PIL import Image
+
+        crop = Image.fromarray(rgb).resize((width * scale, height * scale), Image.Resampling.BICUBIC)
+        drawing = vis.side_by_side([crop, drawing])
+    vis.save_png(drawing, output)
+
+    grid_h, grid_w = groups.shape
+    name = loaded.arch or type(loaded.model).__name__
+    report(f"{name}: {grid_h}x{grid_w} = {grid_h * grid_w} patches -> {len(sizes)} merged tokens after "
+           f"{schedule.depth} blocks (r per layer {list(schedule.effective)}); largest token covers {int(sizes.max())} patches")
+    report(f"wrote {output} ({drawing.width}x{drawing.height})")
+    if loaded.random_weights:
+        report(f"note: {name} has random weights (seed {loaded.seed}): merges then follow colour and position, not "
+               "meaning; pass --pretrained or --checkpoint to see what a trained model merges")
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()
