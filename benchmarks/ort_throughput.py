@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tome_deploy.loading import load_model, weights_fingerprint
 from tome_deploy.onnx_export import build_metadata, export_onnx

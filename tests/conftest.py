@@ -75,3 +75,12 @@ def export_cached(tmp_path_factory):
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def exported_family(request, export_cached) -> Exported:
     return export_cached(request.param)
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    """A CLI failure is exactly one `error: ...` line containing every fragment, and no traceback."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -15,6 +15,8 @@ import torch
 from tome_deploy.cli import export as export_cli
 from tome_deploy.cli import validate as validate_cli
 
+from conftest import assert_one_line_error
+
 SMALL = ["test_vit", "--r", "8"]
 
 
@@ -24,12 +26,6 @@ def run_export(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

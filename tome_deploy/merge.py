@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .spec import MERGE_FORMULATIONS, MergeFormulation  # noqa: F401  (re-exported)
+from .spec import MergeFormulation
 
 
 class Match(NamedTuple):

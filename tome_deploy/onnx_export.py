@@ -5,23 +5,21 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from . import __version__
 from .errors import ExportError, InvalidInputError, MissingDependencyError
 from .flops import theoretical_speedup
-from .merge import MERGE_FORMULATIONS
+from .output_files import check_output_path, write_atomically
+from .patch import mlp_ratio
 from .schedule import Schedule
-from .spec import EXPORT_SPEC, ExportSpec, ToMeMetadata
+from .spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec, ToMeMetadata
 
 
 @dataclass(frozen=True)
@@ -29,22 +27,6 @@ class ExportResult:
     path: Path
     metadata: ToMeMetadata
     seconds: float
-
-
-def check_output_path(output: str | Path, inputs: tuple[Optional[str | Path], ...] = ()) -> Path:
-    """The output's folder must exist and be writable, and the output must not overwrite an input."""
-    path = Path(output).expanduser()
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InvalidInputError(f"output {path} is a directory; pass a file path such as {path / 'model.onnx'}")
-    if not folder.is_dir():
-        raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder})")
-    if not os.access(folder, os.W_OK):
-        raise InvalidInputError(f"output directory {folder} is not writable; choose another -o path")
-    for given in inputs:
-        if given is not None and Path(given).exists() and path.exists() and path.resolve() == Path(given).resolve():
-            raise InvalidInputError(f"output {path} is also an input; choose another -o path so nothing is overwritten")
-    return path
 
 
 def data_config(model: torch.nn.Module) -> dict:
@@ -88,7 +70,7 @@ def build_metadata(
         r_effective=list(schedule.effective),
         tokens_per_layer=list(schedule.tokens),
         num_prefix_tokens=schedule.num_prefix,
-        theoretical_speedup=round(theoretical_speedup(schedule.tokens, int(model.embed_dim)), 4),
+        theoretical_speedup=round(theoretical_speedup(schedule.tokens, int(model.embed_dim), mlp_ratio(model)), 4),
         extra={"example_batch": example_batch},
         **data_config(model),
     )
@@ -185,15 +167,7 @@ def export_onnx(
     if offenders:
         raise ExportError(f"the exported graph has symbolic dimensions besides the batch: {offenders[:5]}")
 
-    # Write next to the target, then rename: a failure never leaves a half-written file behind.
-    handle, temp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(handle)
-    try:
-        onnx.save(model_proto, temp_name)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    path = write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))
     return ExportResult(path, metadata, time.perf_counter() - start)
 
 

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError, UnsupportedModelError
-from .merge import MERGE_FORMULATIONS, MergeFormulation, bipartite_match, merge_sum, merge_weighted
+from .merge import MergeFormulation, bipartite_match, merge_sum, merge_weighted
 from .merge import proportional_attention_bias
 from .schedule import RSpec, Schedule, resolve_schedule
+from .spec import MERGE_FORMULATIONS
 
 
 def _timm_vit_classes():
@@ -47,6 +48,13 @@ def tokens_at_input(model: nn.Module) -> int:
     """Patch tokens plus prefix tokens the first block sees."""
     grid = model.patch_embed.grid_size
     return int(grid[0] * grid[1]) + int(model.num_prefix_tokens)
+
+
+def mlp_ratio(model: nn.Module) -> float:
+    """The MLP's width as the FLOP rule's ratio: 16 N C^2 FLOPs for a 4x MLP (two C x 4C matmuls)."""
+    mlp = next(m.mlp for m in model.blocks.modules() if isinstance(getattr(m, "mlp", None), nn.Module))  # timm or ToMe blocks
+    weights = sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
+    return weights / (2 * int(model.embed_dim) ** 2)
 
 
 def tome_attention(

@@ -11,7 +11,8 @@ from typing import Callable, Optional, Sequence
 from .errors import InvalidInputError, ScheduleError
 from .loading import LoadedModel, load_model, weights_fingerprint
 from .merge import MergeFormulation
-from .onnx_export import ExportResult, build_metadata, check_output_path, export_onnx, read_metadata
+from .onnx_export import ExportResult, build_metadata, export_onnx, read_metadata
+from .output_files import check_output_path
 from .patch import apply_tome
 from .schedule import RSpec, Schedule
 from .spec import EXPORT_SPEC, ToMeMetadata

@@ -100,17 +100,14 @@ def schedule_for_speedup(
     )
 
 
-def speedup_choice_for_model(model, target: float, *, strict: bool = False, mlp_ratio: float = 4.0) -> SpeedupChoice:
-    """schedule_for_speedup for a supported timm ViT's shapes.
-
-    mlp_ratio defaults to the counting rule's 4 (as the exported metadata's theoretical speedup does), so the
-    predicted ratio is the one the export reports.
-    """
-    from .patch import check_supported, tokens_at_input
+def speedup_choice_for_model(model, target: float, *, strict: bool = False) -> SpeedupChoice:
+    """schedule_for_speedup for a supported timm ViT's shapes, with its real MLP width (as the export's
+    metadata counts it), so the predicted ratio is the one the export reports."""
+    from .patch import check_supported, mlp_ratio, tokens_at_input
 
     check_supported(model)
     r, predicted = schedule_for_speedup(
         tokens_at_input(model), len(model.blocks), int(model.num_prefix_tokens), int(model.embed_dim), target,
-        mlp_ratio, strict=strict,
+        mlp_ratio(model), strict=strict,
     )
     return SpeedupChoice(float(target), r, predicted)

@@ -8,8 +8,6 @@ give the image exactly as the model sees it (timm's eval transform: resize, cent
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -17,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InvalidInputError
+from .output_files import write_atomically
 
 Style = Literal["mean", "overlay"]
 STYLES: tuple[str, ...] = ("mean", "overlay")
@@ -200,25 +199,5 @@ def side_by_side(panels: Sequence[Image.Image], gap: int = 8, background: Sequen
 
 
 def save_png(image: Image.Image, output: str | Path) -> Path:
-    """Write a PNG atomically (temporary file in the same folder, then rename); refuses a missing folder."""
-    path = Path(output).expanduser()
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InvalidInputError(f"output {path} is a directory; pass a file path such as {path / 'merges.png'}")
-    if not folder.is_dir():
-        raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder})")
-    temp_name = None
-    try:
-        handle, temp_name = tempfile.mkstemp(suffix=".png.tmp", dir=folder)
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG", optimize=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp's 0600 would make the picture private
-        os.replace(temp_name, path)
-    except OSError as err:
-        raise InvalidInputError(f"cannot write {path} ({type(err).__name__}: {err.strerror or err}); choose another -o path") from None
-    finally:
-        if temp_name is not None and os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return path
+    """Write a PNG atomically; refuses a missing folder."""
+    return write_atomically(output, lambda stream: image.save(stream, format="PNG", optimize=True))

@@ -77,7 +77,8 @@ def _export(args: argparse.Namespace) -> int:
     )
     meta = outcome.export.metadata
     if not quiet:
-        say(f"\nSchedule ({meta.model}, {outcome.schedule.depth} blocks, {meta.num_prefix_tokens} prefix tokens):")
+        prefix = f"{meta.num_prefix_tokens} prefix token{'' if meta.num_prefix_tokens == 1 else 's'}"
+        say(f"\nSchedule ({meta.model}, {outcome.schedule.depth} blocks, {prefix}):")
         say(outcome.schedule.table())
         say(f"\nTokens {meta.tokens_per_layer[0]} -> {meta.tokens_per_layer[-1]}; theoretical speedup (FLOPs): {meta.theoretical_speedup:.2f}x")
     if outcome.timings:
