@@ -111,7 +111,6 @@ def test_constant_metric_hand_computed(p):
 def test_no_prefix_keeps_unmerged_a_in_score_order():
     """p = 0: unmerged A tokens stay in score order (reference behaviour), not in index order."""
     # A tokens (even positions) with decreasing-then-increasing similarity to the only useful B token.
-    n = 8
     angles = torch.tensor([0.9, 0.0, 0.1, 0.0, 0.5, 0.0, 0.3, 0.0])  # A at 0,2,4,6; B all along angle 0
     metric = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)[None]  # [1, 8, 2]
     match = bipartite_match(metric, 1, 0)
