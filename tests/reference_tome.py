@@ -225,3 +225,25 @@ def reference_tome_forward(model, pixels: torch.Tensor, r_per_layer: Sequence[in
     """Logits of a ToMe forward pass (computed in `dtype`, returned as float32)."""
     out = reference_tome_features(model, pixels, r_per_layer, dtype)
     return out["model"].forward_head(out["tokens"]).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused merge op (tome::TokenMerge) on arbitrary token positions
+# ----------------------------------------------------------------------------------------------
+def reference_token_merge(x, size, kept, source, destination):
+    """x [B, N, C], size [B, N, 1], kept [B, N - r], source/destination [B, r] as token positions.
+
+    float64, one output token at a time: itself plus every source whose destination it is, averaged
+    by size. Returns (tokens [B, N - r, C], sizes [B, N - r, 1]) in float64.
+    """
+    batch, _, channels = x.shape
+    out_x = torch.zeros(batch, kept.shape[1], channels, dtype=torch.float64)
+    out_size = torch.zeros(batch, kept.shape[1], 1, dtype=torch.float64)
+    for b in range(batch):
+        pairs = list(zip(source[b].tolist(), destination[b].tolist()))
+        for i, pos in enumerate(kept[b].tolist()):
+            members = [pos] + [src for src, dst in pairs if dst == pos]
+            total = sum(float(size[b, m, 0]) for m in members)
+            out_x[b, i] = sum(x[b, m].double() * float(size[b, m, 0]) for m in members) / total
+            out_size[b, i, 0] = total
+    return out_x, out_size

@@ -19,6 +19,7 @@ class OutputVerdict:
     top5_agreement: float  # share of rows whose top-5 sets match
     passed: bool
     reason: str
+    runner: str = ""  # the candidate compared with the reference
 
     def to_dict(self) -> dict:
         return asdict(self)

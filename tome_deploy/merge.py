@@ -120,7 +120,8 @@ def _add_at_matmul(x: torch.Tensor, src: torch.Tensor, destination: torch.Tensor
 def merge_sum(x: torch.Tensor, match: Match, formulation: MergeFormulation = "scatter") -> torch.Tensor:
     """Sum every source token into its destination, then keep the output tokens in order.
 
-    x: [B, N, C] -> [B, N - r, C] ordered [prefix tokens, unmerged A, B].
+    x: [B, N, C] -> [B, N - r, C] ordered [prefix tokens, unmerged A, B]. The fused "plugin" op
+    averages rather than sums, so plain sums (source tracking) take the matmul form under it.
     """
     add_at = _add_at_scatter if formulation == "scatter" else _add_at_matmul
     x = add_at(x, gather_tokens(x, match.source), match.destination)  # [B, N, C]
@@ -134,6 +135,10 @@ def merge_weighted(
 
     x: [B, N, C], size: [B, N, 1] fp32 patch counts -> ([B, N - r, C], [B, N - r, 1]).
     """
+    if formulation == "plugin":  # one fused tome::token_merge op (tome_deploy/token_merge/contract.py)
+        from .token_merge.torch_op import token_merge
+
+        return token_merge(x, size, *(index.to(torch.int32) for index in match))
     weighted = merge_sum(x * size, match, formulation)  # [B, N - r, C]
     size = merge_sum(size, match, formulation)  # [B, N - r, 1]
     return (weighted / size).to(x.dtype), size

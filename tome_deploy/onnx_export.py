@@ -20,6 +20,7 @@ from .output_files import check_output_path, write_atomically
 from .patch import mlp_ratio
 from .schedule import Schedule
 from .spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec, ToMeMetadata
+from .token_merge.onnx_translation import custom_translation_table
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def build_metadata(
     opset: int,
     batch: str,
     example_batch: int,
+    precision: str = "fp32",
+    target: str = "onnxruntime",
 ) -> ToMeMetadata:
     return ToMeMetadata(
         tool_version=__version__,
@@ -72,6 +75,8 @@ def build_metadata(
         num_prefix_tokens=schedule.num_prefix,
         theoretical_speedup=round(theoretical_speedup(schedule.tokens, int(model.embed_dim), mlp_ratio(model)), 4),
         extra={"example_batch": example_batch},
+        precision=precision,
+        target=target,
         **data_config(model),
     )
 
@@ -144,6 +149,8 @@ def export_onnx(
                 output_names=[spec.output_name],
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
+                # --merge plugin: the fused op becomes one tome::TokenMerge node per block
+                custom_translation_table=custom_translation_table() if metadata.merge == "plugin" else None,
             )
     except Exception as err:  # the exporter raises many private types
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -12,8 +12,40 @@ from .errors import InvalidInputError
 METADATA_PREFIX = "tome."
 
 # scatter: ScatterElements(add). matmul: a one-hot matmul, no scatter op (runs on TensorRT / TensorRT-RTX).
-MergeFormulation = Literal["scatter", "matmul"]
-MERGE_FORMULATIONS: tuple[str, ...] = ("scatter", "matmul")
+# plugin: one fused tome::TokenMerge node per block (tome_deploy/token_merge; needs the `plugin` extra to run).
+MergeFormulation = Literal["scatter", "matmul", "plugin"]
+MERGE_FORMULATIONS: tuple[str, ...] = ("scatter", "matmul", "plugin")
+
+# Where the export will run. tensorrt: a merge formulation TensorRT and TensorRT-RTX parse natively.
+TARGETS: tuple[str, ...] = ("onnxruntime", "tensorrt")
+TARGET_DEFAULT_MERGE = {"onnxruntime": "scatter", "tensorrt": "matmul"}
+TARGET_REFUSED_MERGES = {"onnxruntime": (), "tensorrt": ("scatter",)}
+# fp16: weights and activations in fp16, inputs/outputs fp32; matching and log(size) stay fp32.
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """One parity budget: |diff| <= atol + rtol * |ref| everywhere and cosine >= min_cosine."""
+
+    atol: float
+    rtol: float
+    min_cosine: float
+
+
+def merge_for_target(merge: str | None, target: str) -> str:
+    """The merge formulation an export for `target` uses; refuses one that `target` cannot run."""
+    if target not in TARGETS:
+        raise InvalidInputError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
+    if merge is None:
+        return TARGET_DEFAULT_MERGE[target]
+    if merge in TARGET_REFUSED_MERGES[target]:
+        raise InvalidInputError(
+            f"--merge {merge} cannot run on {target}: ScatterElements(add) is not a native TensorRT op "
+            "(TensorRT-RTX rejects it, TensorRT sums it with nondeterministic atomics); "
+            f"drop --merge (--target {target} picks {TARGET_DEFAULT_MERGE[target]}) or pass --merge matmul"
+        )
+    return merge
 
 
 @dataclass(frozen=True)
@@ -29,6 +61,13 @@ class ExportSpec:
     atol: float = 1e-4
     rtol: float = 1e-3
     min_cosine: float = 0.99999
+    # fp16 export vs the same model run by PyTorch in fp16: kernels round differently in the last bits.
+    fp16: Tolerance = Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999)
+
+    def tolerance(self, precision: str) -> Tolerance:
+        if precision == "fp16":
+            return self.fp16
+        return Tolerance(self.atol, self.rtol, self.min_cosine)
 
     def check_opset(self, opset: int) -> int:
         if not self.min_opset <= opset <= self.max_opset:
@@ -68,6 +107,7 @@ class ToMeMetadata:
     input_name: str = EXPORT_SPEC.input_name
     output_name: str = EXPORT_SPEC.output_name
     precision: str = "fp32"
+    target: str = "onnxruntime"
     extra: dict = field(default_factory=dict)
 
     def to_props(self) -> dict[str, str]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .compare import VERDICT_HEADER, OutputVerdict, compare_output
 from .probes import PROBE_KINDS, probe_images
-from .runners import OnnxRuntimeRunner, TorchRunner
+from .runners import OnnxRuntimeRunner, Runner, TorchRunner
 from .spec import EXPORT_SPEC, ExportSpec, ToMeMetadata
 
 
@@ -22,7 +22,13 @@ class ValidationReport:
         return bool(self.verdicts) and all(v.passed for v in self.verdicts)
 
     def table(self) -> str:
-        return "\n".join([VERDICT_HEADER] + [v.line() for v in self.verdicts])
+        runners = list(dict.fromkeys(v.runner for v in self.verdicts))
+        if len(runners) <= 1:
+            return "\n".join([VERDICT_HEADER] + [v.line() for v in self.verdicts])
+        sections = []
+        for runner in runners:
+            sections += [f"PyTorch vs {runner}:", VERDICT_HEADER] + [v.line() for v in self.verdicts if v.runner == runner]
+        return "\n".join(sections)
 
     def to_dict(self) -> dict:
         return {"onnx": self.onnx_path, "passed": self.passed, "checks": [v.to_dict() for v in self.verdicts]}
@@ -41,31 +47,45 @@ def validate_onnx(
     onnx_path: str | Path,
     metadata: ToMeMetadata,
     *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    **options,
+) -> ValidationReport:
+    """PyTorch vs ONNX Runtime; `options` as for validate_runners."""
+    return validate_runners(tome_model, [OnnxRuntimeRunner(onnx_path, providers=providers)], metadata, str(onnx_path), **options)
+
+
+def validate_runners(
+    tome_model,
+    candidates: Sequence[Runner],
+    metadata: ToMeMetadata,
+    artifact: str,
+    *,
     batch_sizes: Sequence[int] | None = None,
     probes: Iterable[str] = PROBE_KINDS,
     atol: float | None = None,
     rtol: float | None = None,
     spec: ExportSpec = EXPORT_SPEC,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> ValidationReport:
-    """Run both on each probe kind at each batch size; one verdict per (probe, batch, output)."""
+    """Run the reference and each candidate on each probe kind at each batch size; one verdict per
+    (candidate, probe, batch, output), within the budget of the export's precision."""
     reference = TorchRunner(tome_model, metadata.input_name, metadata.output_name)
-    candidate = OnnxRuntimeRunner(onnx_path, providers=providers)
-    report = ValidationReport(str(onnx_path))
+    report = ValidationReport(artifact)
+    tolerance = spec.tolerance(metadata.precision)
     for kind in probes:
         for batch in batch_sizes or default_batch_sizes(metadata):
             feed = {metadata.input_name: probe_images(kind, batch, metadata)}
-            expected, got = reference.infer(feed), candidate.infer(feed)
-            for name, value in expected.items():
-                report.verdicts.append(
-                    compare_output(
+            expected = reference.infer(feed)
+            for candidate in candidates:
+                got = candidate.infer(feed)
+                for name, value in expected.items():
+                    verdict = compare_output(
                         value,
                         got[name],
                         probe=kind,
                         output=name,
-                        atol=spec.atol if atol is None else atol,
-                        rtol=spec.rtol if rtol is None else rtol,
-                        min_cosine=spec.min_cosine,
+                        atol=tolerance.atol if atol is None else atol,
+                        rtol=tolerance.rtol if rtol is None else rtol,
+                        min_cosine=tolerance.min_cosine,
                     )
-                )
+                    report.verdicts.append(replace(verdict, runner=candidate.name))
     return report

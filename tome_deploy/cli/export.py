@@ -8,7 +8,7 @@ import sys
 from ..errors import InvalidInputError
 from ..schedule import parse_r_arguments
 from ..target import check_target
-from ..spec import EXPORT_SPEC, MERGE_FORMULATIONS
+from ..spec import EXPORT_SPEC, MERGE_FORMULATIONS, PRECISIONS, TARGETS
 from .common import EXIT_CODES_HELP, add_model_arguments, add_report_arguments, check_report_path, emit_report, run_command, say
 
 
@@ -30,8 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--r-inflect", type=float, metavar="F", help="linear ramp (r, F), F in [-1, 1]; -1 is the paper's decreasing schedule")
     schedule.add_argument("--schedule", metavar="R0,R1,...", help="explicit r per layer (missing layers get 0)")
     parser.add_argument("--strict", action="store_true", help="fail instead of warning when r has to be clamped")
-    parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default="scatter",
-                        help="merge formulation: scatter (ScatterElements add) or matmul (one-hot, no scatter op; for TensorRT)")
+    parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default=None,
+                        help="merge formulation: scatter (ScatterElements add), matmul (one-hot, no scatter op; for TensorRT) "
+                             "or plugin (one fused tome::TokenMerge node per block; needs pip install 'tome-deploy[plugin]'); "
+                             "default: the --target's")
+    parser.add_argument("--target", choices=TARGETS, default="onnxruntime",
+                        help="runtime the export is for: onnxruntime (default; --merge scatter) or tensorrt "
+                             "(TensorRT / TensorRT-RTX; --merge matmul, scatter refused)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32, or fp16 weights and activations with fp32 matching and fp32 inputs/outputs "
+                             "(what strongly typed TensorRT builds need for fp16)")
     parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="batch size of the traced example (default 1)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to --batch-size")
@@ -68,7 +76,7 @@ def _export(args: argparse.Namespace) -> int:
     r_spec = parse_r_arguments(parse_r(args.r if args.r is not None else DEFAULT_R), args.r_inflect, args.schedule)
     quiet = args.quiet
     outcome = export_model(
-        args.source, args.output, r=r_spec, merge=args.merge, arch=args.arch, checkpoint=args.checkpoint,
+        args.source, args.output, r=r_spec, merge=args.merge, target=args.target, precision=args.precision, arch=args.arch, checkpoint=args.checkpoint,
         pretrained=args.pretrained, img_size=args.img_size, trust_pickle=args.trust_pickle, seed=args.seed,
         opset=args.opset, batch_size=args.batch_size, static_batch=args.static_batch, strict=args.strict,
         validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure or target is not None,

@@ -11,12 +11,16 @@ from .common import EXIT_CODES_HELP, add_model_arguments, add_report_arguments, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tome-validate",
-        description="Check an exported ToMe ONNX file against PyTorch on random, constant and natural images.",
+        description="Check an exported ToMe ONNX file (ONNX Runtime) or engine (TensorRT, and its ONNX file in "
+                    "ONNX Runtime) against PyTorch on random, constant and natural images.",
         epilog=EXIT_CODES_HELP,
     )
     add_model_arguments(parser)
-    parser.add_argument("onnx", metavar="MODEL.onnx", help="a file written by tome-export")
+    parser.add_argument("onnx", metavar="ARTIFACT", help="an ONNX file written by tome-export or an engine written by tome-build")
     parser.add_argument("--batch-sizes", metavar="B1,B2,...", help="batch sizes to check (default: exported, 1 and 3)")
+    parser.add_argument("--save-reference", metavar="REF.json",
+                        help="also write the PyTorch outputs (and REF_inputs.json) in Polygraphy's format for "
+                             "`polygraphy run ... --load-inputs --load-outputs`")
     add_report_arguments(parser)
     return parser
 
@@ -47,7 +51,7 @@ def _validate(args: argparse.Namespace) -> int:
     metadata, report = validate_model(
         args.source, args.onnx, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
         trust_pickle=args.trust_pickle, seed=args.seed, batch_sizes=_parse_batches(args.batch_sizes),
-        atol=args.atol, rtol=args.rtol, say=(lambda _: None) if args.quiet else say,
+        atol=args.atol, rtol=args.rtol, save_reference=args.save_reference, say=(lambda _: None) if args.quiet else say,
     )
     if not args.quiet:
         say(f"{metadata.model}: r per layer {metadata.r_effective}, merge={metadata.merge}")

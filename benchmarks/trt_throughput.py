@@ -1,0 +1,136 @@
+"""TensorRT engine throughput: ToMe vs the unmerged model of the same weights, side by side in one run.
+
+Needs a CUDA GPU and full TensorRT or TensorRT-RTX. For each model: export r=0 and the ToMe schedule
+(`--target tensorrt`, one-hot merge), build both engines with one batch profile, time them interleaved
+at each batch size on device buffers (CUDA events, no host copies), and report the share of ToMe engine
+time in layers built only from matching/merging nodes (TensorRT's per-layer profiler; layers that
+TensorRT fused with other nodes count as "other", so the share is a lower bound).
+
+    python benchmarks/trt_throughput.py                                   # ViT-S/16 and ViT-B/16, r=16, fp16
+    python benchmarks/trt_throughput.py --models vit_base_patch16_224 --batches 1,8,64 --precision fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from tome_deploy.engine_build import BuildOptions, build_engine
+from tome_deploy.pipeline import export_model
+from tome_deploy.profiling import merger_node_names
+from tome_deploy.runners import TensorRTRunner
+from tome_deploy.tensorrt_backend import local_compute_capability
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=50, help="forward passes per timing round")
+    return parser.parse_args()
+
+
+def bind(runner: TensorRTRunner, batch: int):
+    """Device buffers for one batch size, bound to the runner's execution context."""
+    import torch
+
+    name = runner.sidecar.input_name
+    pixels = torch.randn(batch, *runner.sidecar.input_shape, device="cuda")
+    runner.context.set_input_shape(name, tuple(pixels.shape))
+    runner.context.set_tensor_address(name, pixels.data_ptr())
+    buffers = [pixels]
+    for output in runner.output_names:
+        buffer = torch.empty(tuple(runner.context.get_tensor_shape(output)), device="cuda", dtype=torch.float32)
+        runner.context.set_tensor_address(output, buffer.data_ptr())
+        buffers.append(buffer)
+    return buffers
+
+
+def seconds_per_pass(runner: TensorRTRunner, batch: int, iterations: int) -> float:
+    import torch
+
+    buffers = bind(runner, batch)  # kept alive while the engine uses their addresses
+    stream = torch.cuda.current_stream()
+    for _ in range(5):
+        runner.context.execute_async_v3(stream.cuda_stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(iterations):
+        runner.context.execute_async_v3(stream.cuda_stream)
+    end.record(stream)
+    end.synchronize()
+    del buffers
+    return start.elapsed_time(end) / 1000 / iterations
+
+
+def merge_share(runner: TensorRTRunner, onnx_path: Path, batch: int) -> float:
+    """Share of layer time in layers whose every source node is a matching/merging node."""
+    merger_nodes = merger_node_names(onnx_path)
+    times = {"merge": 0.0, "other": 0.0}
+    trt = runner.trt
+
+    class LayerTimes(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+
+        def report_layer_time(self, layer_name, ms):
+            parts = [p.strip() for p in layer_name.replace("+", ",").split(",") if p.strip()]
+            times["merge" if parts and all(p in merger_nodes for p in parts) else "other"] += ms
+
+    import torch
+
+    buffers = bind(runner, batch)
+    runner.context.profiler = LayerTimes()
+    for _ in range(3):
+        runner.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    del buffers
+    total = times["merge"] + times["other"]
+    return times["merge"] / total if total else float("nan")
+
+
+def main() -> int:
+    args = parse_args()
+    if local_compute_capability() is None:
+        print("error: no CUDA GPU is visible; TensorRT engines can only be timed on a GPU", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in args.batches.split(",")]
+    options = BuildOptions(backend=args.backend, min_batch=1, opt_batch=max(batches), max_batch=max(batches))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for arch in args.models.split(","):
+            engines, onnx_files = {}, {}
+            for label, r in (("unmerged", 0), ("tome", args.r)):
+                onnx_files[label] = Path(folder) / f"{arch}_{label}.onnx"
+                outcome = export_model(arch, onnx_files[label], r=r, target="tensorrt", precision=args.precision, validate=False)
+                plan = build_engine(onnx_files[label], Path(folder) / f"{arch}_{label}.plan", options).plan
+                engines[label] = TensorRTRunner(plan)
+                flops = outcome.export.metadata.theoretical_speedup
+            for batch in batches:
+                samples = {label: [] for label in engines}
+                for _ in range(args.rounds):
+                    for label, runner in engines.items():
+                        samples[label].append(seconds_per_pass(runner, batch, args.iterations))
+                base, tome = (statistics.median(samples[label]) for label in ("unmerged", "tome"))
+                rows.append([arch, batch, batch / base, batch / tome, base / tome, flops, None])
+                print(f"  {arch} batch {batch}: {base / tome:.2f}x", file=sys.stderr, flush=True)
+            for row in rows[-len(batches):]:  # profiled last: an attached profiler slows the engine down
+                row[-1] = merge_share(engines["tome"], onnx_files["tome"], row[1])
+    backend = engines["tome"].sidecar
+    print(f"{backend.backend} {backend.backend_version}, {args.precision}, r={args.r}, GPU compute capability {local_compute_capability()}")
+    print("| model | batch | unmerged img/s | ToMe img/s | measured | FLOPs ratio | measured / FLOPs | merge share |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for arch, batch, base_ips, tome_ips, ratio, flops, share in rows:
+        print(f"| {arch} | {batch} | {base_ips:.0f} | {tome_ips:.0f} | {ratio:.2f}x | {flops:.2f}x | {ratio / flops:.0%} | {share:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""tome-serve: serve a tome-deploy artifact over HTTP (KServe v2 protocol) with dynamic batching."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .common import EXIT_CODES_HELP, run_command, say
+
+DEVICE_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tome-serve",
+        description="Serve a ToMe ONNX export (ONNX Runtime) or engine over HTTP: KServe v2 inference protocol, "
+        "an image endpoint, dynamic batching and Prometheus metrics.",
+        epilog=EXIT_CODES_HELP + ". Needs the serve extra: pip install 'tome-deploy[serve]'",
+    )
+    parser.add_argument("artifact", metavar="ARTIFACT", help="a .onnx file written by tome-export (or a TensorRT engine .plan)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    parser.add_argument("--name", metavar="NAME", help="model name in the URLs (default: the file name without suffix)")
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows per model call (default 8; a fixed-batch export caps it at its batch)")
+    parser.add_argument("--max-delay-ms", type=float, default=5.0, metavar="MS", help="how long a request may wait for others to batch with (default 5)")
+    parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests allowed to wait; more get HTTP 503 (default 64)")
+    parser.add_argument("--timeout-s", type=float, default=30.0, metavar="S", help="per-request limit, queue + compute; later gets HTTP 504 (default 30)")
+    parser.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB", help="largest request body; larger gets HTTP 413 (default 64)")
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--device", choices=sorted(DEVICE_PROVIDERS), default="cpu", help="ONNX Runtime device (default cpu); cuda fails unless the CUDA provider is active")
+    device.add_argument("--providers", metavar="P1,P2", help="explicit ONNX Runtime providers; each must be active")
+    parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--labels", metavar="FILE", help="class names, one per line, for the image endpoint")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes the image endpoint returns by default (default 5)")
+    parser.add_argument("--graceful-timeout-s", type=float, default=30.0, metavar="S", help="at shutdown, how long in-flight requests may take to finish (default 30)")
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default warning)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _serve(args))
+
+
+def default_model_name(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem) or "model"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..errors import InvalidInputError
+    from ..serving.app import ServeSettings, build_app, require_serving_stack
+    from ..serving.artifact import open_runner, read_artifact
+    from ..serving.batcher import BatchPolicy
+    from ..serving.images import read_labels
+    from ..serving.server import bind_socket, run_server
+
+    require_serving_stack()
+    if args.top_k < 1 or args.max_body_mb <= 0 or (args.threads is not None and args.threads < 1):
+        raise InvalidInputError("--top-k and --threads must be >= 1 and --max-body-mb > 0; pass valid values")
+    policy = BatchPolicy(args.max_batch, args.max_delay_ms / 1000, args.max_queue, args.timeout_s)
+    sock = bind_socket(args.host, args.port)  # fail on a taken port before loading anything
+    artifact = read_artifact(args.artifact)
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else DEVICE_PROVIDERS[args.device]
+    runner = open_runner(artifact, providers=providers, threads=args.threads)
+    settings = ServeSettings(
+        model_name=args.name or default_model_name(args.artifact),
+        policy=policy,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        labels=read_labels(args.labels, artifact.num_classes) if args.labels else None,
+        default_top_k=args.top_k,
+    )
+    app = build_app(artifact, runner, settings)
+    host, port = sock.getsockname()[:2]
+    meta = artifact.metadata
+    say(f"serving {settings.model_name} ({meta.model}, r per layer {meta.r_effective}, tokens {meta.tokens_per_layer[0]}->{meta.tokens_per_layer[-1]}) "
+        f"with {', '.join(providers)} on http://{host}:{port}")
+    say(f"  infer: POST /v2/models/{settings.model_name}/infer   images: POST /v2/models/{settings.model_name}/classify   metrics: GET /metrics")
+    run_server(app, sock, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level)
+    say("tome-serve stopped: all in-flight requests answered")
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,226 @@
+"""The HTTP app of `tome-serve` (Starlette): KServe v2 routes, the image endpoint and /metrics.
+
+Routes (model version is always "1"; `/versions/1` may be inserted after the model name):
+  GET  /v2                           server metadata        GET  /v2/health/live, /v2/health/ready
+  GET  /v2/models/M                  model metadata (+ ToMe schedule)
+  GET  /v2/models/M/ready            model readiness
+  POST /v2/models/M/infer            KServe v2 infer, JSON or binary tensor data
+  POST /v2/models/M/classify?top_k=K raw JPEG/PNG bytes -> top-K classes
+  GET  /metrics                      Prometheus text format
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+from .. import __version__
+from ..errors import InvalidInputError, MissingDependencyError, ToMeError
+from ..runners import Runner
+from .artifact import Artifact, run_padded
+from .batcher import BatchPolicy, DynamicBatcher, InferenceFailedError, RequestTimeoutError, ServerBusyError
+from .images import image_to_input, parse_top_k, top_k
+from .kserve import DATATYPES, HEADER_LENGTH, encode_infer_response, parse_infer_request
+from .metrics import ServingMetrics
+
+MODEL_VERSION = "1"
+SERVE_EXTRA_HINT = "pip install 'tome-deploy[serve]'"
+
+
+class UnknownModelError(InvalidInputError):
+    """A model name or version this server does not serve (HTTP 404)."""
+
+
+class BodyTooLargeError(InvalidInputError):
+    """A request body over --max-body-mb (HTTP 413)."""
+
+
+class UnsupportedEncodingError(InvalidInputError):
+    """A compressed request body (HTTP 415)."""
+
+
+# Most specific first: the subclasses of InvalidInputError before it.
+STATUS_OF_ERROR: tuple[tuple[type[ToMeError], int], ...] = (
+    (UnknownModelError, 404),
+    (BodyTooLargeError, 413),
+    (UnsupportedEncodingError, 415),
+    (InvalidInputError, 400),
+    (ServerBusyError, 503),
+    (RequestTimeoutError, 504),
+    (InferenceFailedError, 500),
+)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str
+    policy: BatchPolicy = BatchPolicy()
+    max_body_bytes: int = 64 << 20
+    labels: Optional[tuple[str, ...]] = None  # class names for the image endpoint, by index
+    default_top_k: int = 5
+
+
+def status_of(error: ToMeError) -> int:
+    return next((status for kind, status in STATUS_OF_ERROR if isinstance(error, kind)), 500)
+
+
+def require_serving_stack() -> None:
+    """The HTTP stack is an optional extra; say how to get it instead of an ImportError deep inside."""
+    import importlib
+
+    for name in ("starlette", "uvicorn", "prometheus_client"):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise MissingDependencyError(f"tome-serve needs {name} (not installed): {SERVE_EXTRA_HINT}") from err
+
+
+def settings_for(artifact: Artifact, settings: ServeSettings) -> ServeSettings:
+    """Batches are capped at what the artifact takes: a fixed-batch export's batch (smaller ones are padded)
+    or an engine's profile maximum."""
+    limit = artifact.batch_limit
+    if limit is None or settings.policy.max_batch <= limit:
+        return settings
+    return dataclasses.replace(settings, policy=dataclasses.replace(settings.policy, max_batch=limit))
+
+
+def model_metadata(artifact: Artifact, settings: ServeSettings) -> dict:
+    meta = artifact.metadata
+    return {
+        "name": settings.model_name,
+        "versions": [MODEL_VERSION],
+        "platform": artifact.triton_platform,
+        "inputs": [spec.to_json() for spec in artifact.inputs],
+        "outputs": [spec.to_json() for spec in artifact.outputs],
+        "max_batch_size": settings.policy.max_batch,
+        "tome": {
+            "model": meta.model, "schedule": meta.schedule, "r_effective": meta.r_effective,
+            "tokens_per_layer": meta.tokens_per_layer, "num_prefix_tokens": meta.num_prefix_tokens,
+            "theoretical_speedup": meta.theoretical_speedup, "merge": meta.merge, "precision": meta.precision,
+            "input_size": meta.input_size, "mean": meta.mean, "std": meta.std,
+            "interpolation": meta.interpolation, "crop_pct": meta.crop_pct, "exported_batch": meta.batch,
+        },
+    }
+
+
+def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
+    """A Starlette app serving one artifact; its lifespan starts the batcher and drains it at shutdown."""
+    require_serving_stack()
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    settings = settings_for(artifact, settings)
+    metrics = ServingMetrics(settings.policy.max_batch, lambda: batcher.queued)
+    batcher = DynamicBatcher(lambda feed: run_padded(runner, artifact, feed), settings.policy, on_batch=metrics.record_batch)
+    metadata = model_metadata(artifact, settings)
+    image_input, output_name = artifact.image_input, artifact.outputs[0].name
+
+    def error_response(err: ToMeError) -> Response:
+        return JSONResponse({"error": str(err)}, status_code=status_of(err))
+
+    def check_model(request: Request) -> None:
+        name, version = request.path_params["model"], request.path_params.get("version", MODEL_VERSION)
+        if name != settings.model_name or version != MODEL_VERSION:
+            raise UnknownModelError(f"model {name!r} version {version!r} is not served here; this server serves {settings.model_name!r} version {MODEL_VERSION}")
+
+    async def read_body(request: Request) -> bytes:
+        """The whole body, refused past max_body_bytes. A refused body is still read to its end (and dropped):
+        closing a socket with unread data resets it, and the client would lose the answer."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= settings.max_body_bytes:
+                chunks.append(chunk)
+        if size > settings.max_body_bytes:
+            raise BodyTooLargeError(f"the body has {size} bytes, over the limit of {settings.max_body_bytes}; send fewer rows per request or raise --max-body-mb")
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
+            raise UnsupportedEncodingError(f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed")
+        return b"".join(chunks)
+
+    def counted(endpoint: str, handler: Callable[[Request], Awaitable[Response]]):
+        async def run(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                check_model(request)
+                response = await handler(request)
+            except ToMeError as err:
+                response = error_response(err)
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            return response
+
+        return run
+
+    async def infer(request: Request) -> Response:
+        body = await read_body(request)
+        parsed = await asyncio.to_thread(parse_infer_request, body, request.headers.get(HEADER_LENGTH), artifact.inputs, artifact.outputs, settings.policy.max_batch)
+        results = await batcher.infer(parsed.inputs, parsed.timeout_s)
+        payload, header_length = encode_infer_response(settings.model_name, MODEL_VERSION, parsed, results)
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+    async def classify(request: Request) -> Response:
+        k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k, artifact.num_classes)
+        pixels = await asyncio.to_thread(image_to_input, await read_body(request), artifact.metadata)
+        results = await batcher.infer({image_input.name: pixels.astype(DATATYPES[image_input.datatype])})
+        return JSONResponse({
+            "model_name": settings.model_name, "model_version": MODEL_VERSION,
+            "predictions": top_k(results[output_name][0], k, settings.labels),
+        })
+
+    async def model_info(request: Request) -> Response:
+        try:
+            check_model(request)
+        except UnknownModelError as err:
+            return error_response(err)
+        return JSONResponse(metadata)
+
+    async def model_ready(request: Request) -> Response:
+        try:
+            check_model(request)
+        except UnknownModelError as err:
+            return error_response(err)
+        return Response(status_code=200 if batcher.accepting else 503)
+
+    async def server_ready(_: Request) -> Response:
+        return Response(status_code=200 if batcher.accepting else 503)
+
+    async def server_live(_: Request) -> Response:
+        return Response(status_code=200)
+
+    async def server_metadata(_: Request) -> Response:
+        return JSONResponse({"name": "tome-serve", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def prometheus(_: Request) -> Response:
+        payload, content_type = metrics.render()
+        return Response(payload, media_type=content_type)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        yield
+        await batcher.drain()
+
+    model_routes = []
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        model_routes += [
+            Route(prefix, model_info, methods=["GET"]),
+            Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix + "/infer", counted("infer", infer), methods=["POST"]),
+            Route(prefix + "/classify", counted("classify", classify), methods=["POST"]),
+        ]
+    routes = [
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/health/live", server_live, methods=["GET"]),
+        Route("/v2/health/ready", server_ready, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        *model_routes,
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,138 @@
+"""What a servable file is: its tensors, batch, ToMe metadata, and the runner that executes it.
+
+An artifact is a tome-deploy ONNX export (run by ONNX Runtime) or a TensorRT engine (run by the
+TensorRT runner). Both answer the same `infer(dict of arrays) -> dict of arrays` protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..runners import OnnxRuntimeRunner, Runner
+from ..spec import ToMeMetadata
+from .kserve import TensorSpec, datatype_of
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    kind: str  # "onnx" or "engine"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    metadata: ToMeMetadata
+    max_batch: Optional[int] = None  # most rows one call takes (an engine's profile); None: no limit
+    engine_backend: Optional[str] = None  # engines: "tensorrt" or "tensorrt-rtx", from the sidecar
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch every call must have (a --static-batch export), or None when it is dynamic."""
+        first = self.inputs[0].shape[0]
+        return None if first < 0 else first
+
+    @property
+    def batch_limit(self) -> Optional[int]:
+        """The most rows one model call may have, or None when any batch runs."""
+        return self.fixed_batch or self.max_batch
+
+    @property
+    def triton_platform(self) -> str:
+        return "onnxruntime_onnx" if self.kind == "onnx" else "tensorrt_plan"
+
+    @property
+    def image_input(self) -> TensorSpec:
+        return self.inputs[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.outputs[0].shape[-1]
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidInputError(f"no such artifact: {path}; pass an ONNX file written by tome-export (or an engine)")
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return _read_onnx(path)
+    if suffix in ENGINE_SUFFIXES:
+        return _read_engine(path)
+    raise InvalidInputError(f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output")
+
+
+def open_runner(artifact: Artifact, providers: Sequence[str] = ("CPUExecutionProvider",), threads: Optional[int] = None) -> Runner:
+    """ONNX Runtime with exactly the asked providers active (it raises otherwise), or the TensorRT runner,
+    which raises MissingDependencyError without an importable TensorRT and refuses an engine built for
+    another TensorRT or GPU."""
+    if artifact.kind == "onnx":
+        return OnnxRuntimeRunner(artifact.path, providers=providers, threads=threads)
+    if tuple(providers) != ("CPUExecutionProvider",) or threads:
+        raise InvalidInputError("--device, --providers and --threads apply to ONNX files; an engine runs on the GPU it was built for, drop them")
+    from ..runners import TensorRTRunner
+
+    return TensorRTRunner(artifact.path)
+
+
+def run_padded(runner: Runner, artifact: Artifact, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a batch; a fixed-batch model gets zero rows appended up to its batch, and they are dropped again."""
+    rows = len(next(iter(feed.values())))
+    fixed = artifact.fixed_batch
+    if fixed is None or rows == fixed:
+        return runner.infer(feed)
+    padded = {name: np.concatenate([value, np.zeros((fixed - rows, *value.shape[1:]), value.dtype)]) for name, value in feed.items()}
+    return {name: value[:rows] for name, value in runner.infer(padded).items()}
+
+
+def _read_onnx(path: Path) -> Artifact:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError, OSError, ...
+        raise InvalidInputError(f"{path} is not a readable ONNX file ({type(err).__name__}); pass a tome-export output") from err
+    metadata = ToMeMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    if metadata is None:
+        raise InvalidInputError(f"{path} has no tome-deploy metadata (tome.* properties); export it with tome-export first")
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = tuple(_onnx_tensor(value) for value in proto.graph.input if value.name not in initializers)
+    outputs = tuple(_onnx_tensor(value) for value in proto.graph.output)
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 2:
+        raise InvalidInputError(f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output")
+    return Artifact(path, "onnx", inputs, outputs, metadata)
+
+
+def _onnx_tensor(value) -> TensorSpec:
+    import onnx
+
+    tensor_type = value.type.tensor_type
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    shape = tuple(dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim)
+    return TensorSpec(value.name, datatype_of(dtype), shape)
+
+
+def _read_engine(path: Path) -> Artifact:
+    """An engine is described by its tome-build sidecar, and by the ONNX export it was built from for the
+    output shape (the sidecar does not record it)."""
+    from ..engine_sidecar import file_sha256, read_sidecar
+
+    sidecar = read_sidecar(path)
+    source = Path(sidecar.onnx_path)
+    if not source.is_file() or file_sha256(source) != sidecar.onnx_sha256:
+        raise InvalidInputError(f"{path.name} was built from {source}, which is missing or has changed since; "
+                                "put that ONNX file back at that path (it describes the outputs), or rebuild the engine with tome-build")
+    described = _read_onnx(source)
+    profile = sidecar.profiles[0]
+    if profile.min > 1 and profile.min != profile.max:
+        raise InvalidInputError(f"{path.name}'s profile starts at batch {profile.min}; rebuild with tome-build --min-batch 1 so single requests can run")
+    batch = profile.max if profile.min == profile.max else -1
+    inputs = tuple(dataclasses.replace(spec, shape=(batch, *spec.shape[1:])) for spec in described.inputs)
+    outputs = tuple(dataclasses.replace(spec, datatype="FP32", shape=(batch, *spec.shape[1:])) for spec in described.outputs)  # the runner returns float32
+    return Artifact(path, "engine", inputs, outputs, described.metadata, max_batch=profile.max, engine_backend=sidecar.backend)

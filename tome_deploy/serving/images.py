@@ -1,0 +1,65 @@
+"""The image endpoint's two ends: encoded image bytes -> model input, logits -> top-k classes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InvalidInputError
+from ..preprocess import eval_transform
+from ..spec import ToMeMetadata
+
+# Refuse before decoding: a small compressed file can expand to gigabytes of pixels.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def image_to_input(body: bytes, metadata: ToMeMetadata) -> np.ndarray:
+    """JPEG/PNG/... bytes -> float32 [1, 3, H, W] through timm's eval transform with the export's data config."""
+    try:
+        image = Image.open(io.BytesIO(body))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise InvalidInputError(f"the image has {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS}); send a smaller image")
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InvalidInputError(f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file") from None
+    pixels = eval_transform(image, metadata.input_size, metadata.mean, metadata.std, metadata.crop_pct, metadata.interpolation)
+    return pixels[None]  # [1, 3, H, W]
+
+
+def top_k(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None) -> list[dict]:
+    """logits [C] -> the k most probable classes by softmax, ties to the lower index."""
+    shifted = logits.astype(np.float64) - logits.max()
+    probabilities = np.exp(shifted) / np.exp(shifted).sum()
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [
+        {"index": int(i), "score": float(probabilities[i]), **({"label": labels[i]} if labels else {})}
+        for i in order
+    ]
+
+
+def parse_top_k(text: Optional[str], default: int, num_classes: int) -> int:
+    if text is None:
+        return min(default, num_classes)
+    try:
+        k = int(text)
+    except ValueError:
+        raise InvalidInputError(f"top_k must be an integer, got {text!r}") from None
+    if not 1 <= k <= num_classes:
+        raise InvalidInputError(f"top_k is {k}; pass 1 to {num_classes} (the model's number of classes)")
+    return k
+
+
+def read_labels(path: str | Path, num_classes: int) -> tuple[str, ...]:
+    """One class name per line, in class-index order."""
+    path = Path(path).expanduser()
+    try:
+        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"cannot read labels file {path} ({type(err).__name__}); pass a UTF-8 text file with one class name per line") from None
+    if len(labels) != num_classes:
+        raise InvalidInputError(f"labels file {path} has {len(labels)} names but the model has {num_classes} classes; give one name per class, one per line")
+    return labels

@@ -1,0 +1,165 @@
+"""A Triton Inference Server model repository for one artifact: DIR/<model>/config.pbtxt and DIR/<model>/1/model.*.
+
+The config is written as protobuf text (Triton's `inference.ModelConfig`); its fields come from the
+artifact: platform, tensors, batch (a dynamic-batch export -> max_batch_size + dynamic_batching; a
+fixed-batch export -> max_batch_size 0 with the batch inside dims) and the ToMe schedule as parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import InvalidInputError
+from ..output_files import write_atomically
+from .artifact import Artifact
+from .kserve import TensorSpec
+
+MODEL_FILE = {"onnx": "model.onnx", "engine": "model.plan"}
+VERSION = "1"
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+# The ToMe facts a Triton user may want to see next to the model (Triton parameters are strings).
+TOME_PARAMETERS = ("model", "schedule", "r_effective", "tokens_per_layer", "num_prefix_tokens", "theoretical_speedup", "merge", "precision", "input_size")
+
+
+class Enum(str):
+    """A protobuf enum value: written bare, not quoted."""
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    model_name: str
+    max_batch: Optional[int] = None  # dynamic batch: default 8 for ONNX, the profile maximum for engines
+    max_queue_delay_us: int = 5000
+    instances: int = 1
+    kind: str = "KIND_CPU"
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name) or self.model_name in (".", ".."):
+            raise InvalidInputError(f"model name {self.model_name!r} is not a valid directory name; use letters, digits, '_', '.' and '-'")
+        if (self.max_batch is not None and self.max_batch < 1) or self.instances < 1 or self.max_queue_delay_us < 0:
+            raise InvalidInputError("--max-batch and --instances must be >= 1 and --max-delay-ms >= 0; pass valid values")
+        if self.kind not in INSTANCE_KINDS:
+            raise InvalidInputError(f"instance kind {self.kind!r} is not one of {INSTANCE_KINDS}")
+
+
+@dataclass(frozen=True)
+class TritonRepo:
+    root: Path
+    model_dir: Path
+    config_path: Path
+    model_path: Path
+    command: str
+
+
+def model_config(artifact: Artifact, options: TritonOptions) -> dict[str, Any]:
+    """The ModelConfig message as a dict (field name -> value; lists of dicts are repeated messages)."""
+    check_triton_can_run(artifact)
+    fixed = artifact.fixed_batch
+    config: dict[str, Any] = {
+        "name": options.model_name,
+        "platform": artifact.triton_platform,
+        "max_batch_size": 0 if fixed is not None else triton_max_batch(artifact, options.max_batch),
+        "input": [_tensor(spec, fixed) for spec in artifact.inputs],
+        "output": [_tensor(spec, fixed) for spec in artifact.outputs],
+    }
+    if fixed is None:  # Triton batches only models whose batch axis is free
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
+    kind = "KIND_GPU" if artifact.kind == "engine" else options.kind
+    config["instance_group"] = [{"count": options.instances, "kind": Enum(kind)}]
+    meta = vars(artifact.metadata)
+    config["parameters"] = [{"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS]
+    return config
+
+
+def check_triton_can_run(artifact: Artifact) -> None:
+    """Triton's ONNX Runtime backend has no tome::TokenMerge op, and its TensorRT backend loads full-TensorRT engines only."""
+    if artifact.kind == "onnx" and artifact.metadata.merge == "plugin":
+        raise InvalidInputError(f"{artifact.path.name} uses the tome::TokenMerge op, which Triton's ONNX Runtime backend cannot run; "
+                                "export with --merge scatter or matmul, or build an engine with tome-build")
+    if artifact.kind == "engine" and artifact.engine_backend != "tensorrt":
+        raise InvalidInputError(f"{artifact.path.name} was built by {artifact.engine_backend}, but Triton's TensorRT backend loads "
+                                "engines of full TensorRT only; build with tome-build --backend tensorrt, or give Triton the ONNX file")
+
+
+def triton_max_batch(artifact: Artifact, requested: Optional[int]) -> int:
+    if requested is None:
+        return artifact.max_batch or 8
+    if artifact.max_batch is not None and requested > artifact.max_batch:
+        raise InvalidInputError(f"--max-batch {requested} is over the engine's profile maximum {artifact.max_batch}; pass at most that, or rebuild with a larger --max-batch")
+    return requested
+
+
+def render_pbtxt(message: dict[str, Any], indent: int = 0) -> str:
+    """Protobuf text format of a dict built by `model_config`."""
+    pad, lines = "  " * indent, []
+    for key, value in message.items():
+        if isinstance(value, dict):
+            value = [value]
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for item in value:  # a (repeated) message: one block each
+                lines += [f"{pad}{key} {{", render_pbtxt(item, indent + 1), f"{pad}}}"]
+        elif isinstance(value, list):  # a repeated scalar
+            lines.append(f"{pad}{key}: [{', '.join(_scalar(item) for item in value)}]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return "\n".join(lines)
+
+
+def tritonserver_command(root: Path) -> str:
+    return f"tritonserver --model-repository={shlex.quote(str(root.resolve()))}"
+
+
+def write_triton_repo(artifact: Artifact, root: str | Path, options: TritonOptions, *, overwrite: bool = False) -> TritonRepo:
+    """Copy the artifact (unchanged) and write its config; an existing model folder needs overwrite=True."""
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"{root} is a file; pass a directory for the model repository")
+    if not root.parent.is_dir():
+        raise InvalidInputError(f"the parent of {root} does not exist; create it first (mkdir -p {root.parent})")
+    model_dir = root / options.model_name
+    if model_dir.exists() and not overwrite:
+        raise InvalidInputError(f"{model_dir} already exists; pass --overwrite to replace it or --name for another model name")
+    version_dir = model_dir / VERSION
+    try:
+        version_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidInputError(f"cannot create {version_dir} ({err.strerror}); choose another directory") from err
+    model_path = write_atomically(version_dir / MODEL_FILE[artifact.kind], lambda out: _copy(artifact.path, out))
+    text = render_pbtxt(model_config(artifact, options)) + "\n"
+    config_path = write_atomically(model_dir / "config.pbtxt", lambda out: out.write(text.encode()))
+    command = tritonserver_command(root)
+    readme = f"# {options.model_name}\n\nServe this repository with Triton Inference Server:\n\n    {command}\n"
+    write_atomically(model_dir / "README.md", lambda out: out.write(readme.encode()))
+    return TritonRepo(root, model_dir, config_path, model_path, command)
+
+
+def _tensor(spec: TensorSpec, fixed_batch) -> dict[str, Any]:
+    # With max_batch_size > 0 Triton's dims leave the batch axis out; with 0 they are the full shape.
+    dims = list(spec.shape) if fixed_batch is not None else list(spec.shape[1:])
+    return {"name": spec.name, "data_type": Enum(f"TYPE_{spec.datatype}"), "dims": dims}
+
+
+def _parameter_text(value: Any) -> str:
+    """A string as itself; numbers and lists as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string literal is a valid protobuf text string for these ASCII values
+
+
+def _copy(source: Path, out) -> None:
+    with open(source, "rb") as stream:
+        shutil.copyfileobj(stream, out, 1 << 20)
