@@ -35,7 +35,7 @@ def engine(export_cached, tmp_path_factory):
     return plan, onnx_path
 
 
-def test_engine_is_described_by_its_sidecar_and_source_onnx(engine):
+def test_engine_is_described_by_its_sidecar(engine):
     plan, onnx_path = engine
     artifact = read_artifact(plan)
     graph = onnx.load(str(onnx_path)).graph
@@ -63,14 +63,15 @@ def test_triton_repo_refuses_rtx_engine_and_too_large_batch(engine, tmp_path, ca
         model_config(dataclasses.replace(read_artifact(plan), engine_backend="tensorrt"), TritonOptions("vit", max_batch=8))
 
 
-def test_engine_without_its_source_onnx_is_refused(engine, tmp_path, capsys):
+def test_engine_is_described_without_its_source_onnx(engine, tmp_path):
+    """Moved to another machine without the ONNX file: the sidecar alone describes the engine."""
     plan, onnx_path = engine
     moved = tmp_path / "vit.plan"
     moved.write_bytes(plan.read_bytes())
     sidecar = plan.with_name(plan.name + ".json").read_text()
     (tmp_path / "vit.plan.json").write_text(sidecar.replace(str(onnx_path.resolve()), str(tmp_path / "gone.onnx")))
-    assert deploy_cli.main(["triton-repo", str(moved), str(tmp_path / "repo")]) == 2
-    assert_one_line_error(capsys.readouterr().err, "gone.onnx", "missing or has changed")
+    original, relocated = read_artifact(plan), read_artifact(moved)
+    assert (relocated.inputs, relocated.outputs, relocated.metadata) == (original.inputs, original.outputs, original.metadata)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the engine may run")

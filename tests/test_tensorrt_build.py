@@ -98,6 +98,9 @@ def test_vit_small_r16_builds_with_a_sidecar_from_the_onnx_metadata(vit_small, c
     assert code == 0
     assert "tensorrt-rtx" in err and "compute capability 89" in err and "batch min 1, opt 8, max 8" in err
     assert "[197, 181, 165" in err and "merge=matmul" in err
+    assert read_sidecar(plan).output_shape == [1000] and "logits [batch, 1000]" in err
+    if local_compute_capability() is None:
+        assert "runs here    no: the engine needs a CUDA GPU" in err
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +159,7 @@ def test_foreign_onnx_builds_with_a_note(tmp_path, capsys):
     assert "no ToMe schedule is known" in err
     sidecar = read_sidecar(plan)
     assert sidecar.tome is None and sidecar.input_name == "images" and sidecar.output_name == "pooled"
+    assert sidecar.input_shape == [3, 8, 8] and sidecar.output_shape == [3, 1, 1]
     code, _, err = run_cli(capsys, build_cli, "--inspect", str(plan))
     assert code == 0 and "no ToMe schedule known" in err
 

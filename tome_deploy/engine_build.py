@@ -107,6 +107,15 @@ def _first_line(messages: list[str], fallback: str) -> str:
     return messages[0].strip().splitlines()[0] if messages else fallback
 
 
+def _onnx_output(model_proto) -> tuple[str, list[int]]:
+    """(name, per-image shape) of the graph's first output."""
+    output = model_proto.graph.output[0]
+    dims = output.type.tensor_type.shape.dim[1:]
+    if any(not d.HasField("dim_value") for d in dims):
+        raise InvalidInputError(f"output {output.name} must have static dimensions besides the batch")
+    return output.name, [d.dim_value for d in dims]
+
+
 def _onnx_input(model_proto) -> tuple[str, Optional[int], list[int]]:
     """(name, static batch or None, [C, H, W]) of the graph's one image input."""
     initializers = {t.name for t in model_proto.graph.initializer}
@@ -140,6 +149,7 @@ def build_engine(
     check_output_path(sidecar_path(output), inputs=(onnx_path,))
     metadata = ToMeMetadata.from_props({p.key: p.value for p in model_proto.metadata_props})
     input_name, static_batch, input_shape = _onnx_input(model_proto)
+    output_name, output_shape = _onnx_output(model_proto)
     profile = batch_profile(input_name, static_batch, options)
     backend = load_backend(options.backend)
     graph = check_graph(model_proto, backend)
@@ -167,8 +177,9 @@ def build_engine(
         profiles=[profile],
         precision=metadata.precision if metadata else _graph_precision(model_proto),
         input_name=input_name,
-        output_name=metadata.output_name if metadata else model_proto.graph.output[0].name,
+        output_name=output_name,
         input_shape=input_shape,
+        output_shape=output_shape,
         onnx_path=str(onnx_path.resolve()),
         onnx_sha256=file_sha256(onnx_path),
         plan_sha256=file_sha256(plan),

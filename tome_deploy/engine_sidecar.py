@@ -47,6 +47,7 @@ class EngineSidecar:
     input_name: str
     output_name: str
     input_shape: list[int]  # [C, H, W]
+    output_shape: list[int]  # per image, e.g. [1000]: with the above, the engine's I/O needs no ONNX file
     onnx_path: str
     onnx_sha256: str
     plan_sha256: str
@@ -70,7 +71,8 @@ class EngineSidecar:
             f"backend      {self.backend} {self.backend_version}",
             f"runs on      compute capability {', '.join(self.compute_capabilities)}",
             f"precision    {self.precision}",
-            f"input        {self.input_name} [batch, {', '.join(map(str, self.input_shape))}] -> {self.output_name}",
+            f"input        {self.input_name} [batch, {', '.join(map(str, self.input_shape))}] -> "
+            f"{self.output_name} [batch, {', '.join(map(str, self.output_shape))}]",
         ]
         lines += [f"profile      {p.input_name}: batch min {p.min}, opt {p.opt}, max {p.max}" for p in self.profiles]
         lines.append(f"onnx         {self.onnx_path} (sha256 {self.onnx_sha256[:16]}...)")

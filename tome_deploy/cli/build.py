@@ -42,12 +42,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ..engine_sidecar import read_sidecar
+    from ..engine_sidecar import EngineMismatchError, check_runs_here, read_sidecar
+    from ..errors import MissingDependencyError
+    from ..tensorrt_backend import load_backend, local_compute_capability
 
     if args.onnx or args.output:
         raise InvalidInputError("--inspect takes only the engine: tome-build --inspect model.plan")
     sidecar = read_sidecar(args.inspect)
     say(sidecar.summary())
+    try:
+        backend = load_backend(sidecar.backend)
+        check_runs_here(sidecar, backend.name, backend.version, local_compute_capability())
+        say("runs here    yes")
+    except (EngineMismatchError, MissingDependencyError) as err:
+        say(f"runs here    no: {err}")
     if args.json:
         print(sidecar.to_json(), end="")
     return 0

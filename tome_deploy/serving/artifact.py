@@ -6,7 +6,6 @@ TensorRT runner). Both answer the same `infer(dict of arrays) -> dict of arrays`
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -119,20 +118,20 @@ def _onnx_tensor(value) -> TensorSpec:
 
 
 def _read_engine(path: Path) -> Artifact:
-    """An engine is described by its tome-build sidecar, and by the ONNX export it was built from for the
-    output shape (the sidecar does not record it)."""
-    from ..engine_sidecar import file_sha256, read_sidecar
+    """An engine is described by its tome-build sidecar alone (tensors, profile, ToMe metadata), so it can
+    be served on a machine that does not have the ONNX file it was built from."""
+    from ..engine_sidecar import read_sidecar
 
     sidecar = read_sidecar(path)
-    source = Path(sidecar.onnx_path)
-    if not source.is_file() or file_sha256(source) != sidecar.onnx_sha256:
-        raise InvalidInputError(f"{path.name} was built from {source}, which is missing or has changed since; "
-                                "put that ONNX file back at that path (it describes the outputs), or rebuild the engine with tome-build")
-    described = _read_onnx(source)
+    if sidecar.tome is None:
+        raise InvalidInputError(f"{path.name} was built from an ONNX file without tome-deploy metadata; "
+                                "build the engine from a tome-export output")
     profile = sidecar.profiles[0]
     if profile.min > 1 and profile.min != profile.max:
         raise InvalidInputError(f"{path.name}'s profile starts at batch {profile.min}; rebuild with tome-build --min-batch 1 so single requests can run")
     batch = profile.max if profile.min == profile.max else -1
-    inputs = tuple(dataclasses.replace(spec, shape=(batch, *spec.shape[1:])) for spec in described.inputs)
-    outputs = tuple(dataclasses.replace(spec, datatype="FP32", shape=(batch, *spec.shape[1:])) for spec in described.outputs)  # the runner returns float32
-    return Artifact(path, "engine", inputs, outputs, described.metadata, max_batch=profile.max, engine_backend=sidecar.backend)
+    # Exports take and give float32 (fp16 ones cast inside), and the runner returns float32.
+    inputs = (TensorSpec(sidecar.input_name, "FP32", (batch, *sidecar.input_shape)),)
+    outputs = (TensorSpec(sidecar.output_name, "FP32", (batch, *sidecar.output_shape)),)
+    return Artifact(path, "engine", inputs, outputs, ToMeMetadata(**sidecar.tome), max_batch=profile.max,
+                    engine_backend=sidecar.backend)
