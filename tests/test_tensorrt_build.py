@@ -356,11 +356,16 @@ needs_gpu = pytest.mark.skipif(local_compute_capability() is None, reason="no CU
 
 
 @needs_gpu
-def test_engine_parity_through_tensorrt(tmp_path, capsys):
-    onnx_path = export(capsys, tmp_path, "gpu", "vit_small_patch16_224", "--r", "16", "--target", "tensorrt")
+@pytest.mark.parametrize("flags", [("--r", "16"), ("--r", "16", "--precision", "fp16"), ("--r", "16", "--r-inflect", "-1"),
+                                   ("--r", "8", "--merge", "plugin")], ids=["r16", "r16-fp16", "r16-inflect", "r8-plugin"])
+def test_engine_parity_through_tensorrt(flags, tmp_path, capsys):
+    """PyTorch vs the engine and vs ONNX Runtime, on every probe, at the profile's batch sizes."""
+    if "plugin" in flags:
+        pytest.importorskip("tensorrt", reason="the tome::TokenMerge plugin needs full TensorRT >= 10.9")
+    onnx_path = export(capsys, tmp_path, "gpu", "vit_small_patch16_224", *flags, "--target", "tensorrt")
     plan = tmp_path / "gpu.plan"
     code, _, err = run_cli(capsys, build_cli, str(onnx_path), "-o", str(plan), "--max-batch", "8")
     assert code == 0, err
-    code, _, err = run_cli(capsys, validate_cli, "vit_small_patch16_224", str(plan))
+    code, _, err = run_cli(capsys, validate_cli, "vit_small_patch16_224", str(plan), "--batch-sizes", "1,3,8")
     assert code == 0, err
     assert "PASS" in err and "PyTorch vs onnxruntime" in err
