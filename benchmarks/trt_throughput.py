@@ -37,20 +37,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def bind(runner: TensorRTRunner, batch: int):
-    """Device buffers for one batch size, bound to the runner's execution context."""
+def bind(runner: TensorRTRunner, batch: int) -> list:
+    """Random pixels of `batch` on the GPU, bound with their output buffers; keep the list alive while timing."""
     import torch
 
-    name = runner.sidecar.input_name
     pixels = torch.randn(batch, *runner.sidecar.input_shape, device="cuda")
-    runner.context.set_input_shape(name, tuple(pixels.shape))
-    runner.context.set_tensor_address(name, pixels.data_ptr())
-    buffers = [pixels]
-    for output in runner.output_names:
-        buffer = torch.empty(tuple(runner.context.get_tensor_shape(output)), device="cuda", dtype=torch.float32)
-        runner.context.set_tensor_address(output, buffer.data_ptr())
-        buffers.append(buffer)
-    return buffers
+    return [pixels, *runner.bind(pixels).values()]
 
 
 def seconds_per_pass(runner: TensorRTRunner, batch: int, iterations: int) -> float:
@@ -112,7 +104,7 @@ def main() -> int:
                 outcome = export_model(arch, onnx_files[label], r=r, target="tensorrt", precision=args.precision, validate=False)
                 plan = build_engine(onnx_files[label], Path(folder) / f"{arch}_{label}.plan", options).plan
                 engines[label] = TensorRTRunner(plan)
-                flops = outcome.export.metadata.theoretical_speedup
+            flops = outcome.export.metadata.theoretical_speedup  # the ToMe export's, exported last
             for batch in batches:
                 samples = {label: [] for label in engines}
                 for _ in range(args.rounds):

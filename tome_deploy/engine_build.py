@@ -15,8 +15,8 @@ from typing import Callable, Optional
 from . import __version__
 from .engine_sidecar import BatchProfile, EngineSidecar, file_sha256, sidecar_path
 from .errors import ExportError, InvalidInputError
+from .onnx_export import load_onnx, tome_metadata
 from .output_files import check_output_path, write_atomically
-from .spec import ToMeMetadata
 from .tensorrt_backend import TensorRTBackend, load_backend, local_compute_capability
 from .tensorrt_graph_check import GraphCheck, check_graph
 
@@ -129,25 +129,14 @@ def _onnx_input(model_proto) -> tuple[str, Optional[int], list[int]]:
     return inputs[0].name, batch, [d.dim_value for d in dims[1:]]
 
 
-def _load_onnx(path: Path):
-    import onnx
-
-    if not path.is_file():
-        raise InvalidInputError(f"no such ONNX file: {path}")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise InvalidInputError(f"{path} is not a readable ONNX file; pass a file written by tome-export ({type(err).__name__})") from err
-
-
 def build_engine(
     onnx_path: str | Path, output: str | Path, options: BuildOptions = BuildOptions(), say: Callable[[str], None] = lambda _: None
 ) -> BuildResult:
     onnx_path = Path(onnx_path)
-    model_proto = _load_onnx(onnx_path)
+    model_proto = load_onnx(onnx_path)
     output = check_output_path(output, inputs=(onnx_path,))
     check_output_path(sidecar_path(output), inputs=(onnx_path,))
-    metadata = ToMeMetadata.from_props({p.key: p.value for p in model_proto.metadata_props})
+    metadata = tome_metadata(model_proto)
     input_name, static_batch, input_shape = _onnx_input(model_proto)
     output_name, output_shape = _onnx_output(model_proto)
     profile = batch_profile(input_name, static_batch, options)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from .errors import InvalidInputError
 
 SIDECAR_FORMAT = 1
+ENGINE_SUFFIXES = (".plan", ".engine")
 
 
 class EngineMismatchError(InvalidInputError):
@@ -94,7 +95,7 @@ def sidecar_path(plan: str | Path) -> Path:
 def is_engine_file(path: str | Path) -> bool:
     """A tome-build engine: a .plan/.engine file, or any file with a sidecar next to it."""
     path = Path(path)
-    return path.suffix in (".plan", ".engine") or sidecar_path(path).is_file()
+    return path.suffix.lower() in ENGINE_SUFFIXES or sidecar_path(path).is_file()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -178,15 +178,25 @@ def export_onnx(
     return ExportResult(path, metadata, time.perf_counter() - start)
 
 
-def read_metadata(path: str | Path) -> ToMeMetadata | None:
-    """The ToMe metadata of an ONNX file, or None for a file that is not a tome-deploy export."""
+def load_onnx(path: str | Path):
+    """An ONNX file's graph and metadata (external weights are not loaded); InvalidInputError when unreadable."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"no such ONNX file: {path}")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise InvalidInputError(f"{path} is not a readable ONNX file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
-    return ToMeMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError, OSError, ...
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InvalidInputError(f"{path} is not a readable ONNX file ({detail}); pass a file written by tome-export") from err
+
+
+def tome_metadata(model_proto) -> ToMeMetadata | None:
+    """The ToMe metadata of a loaded ONNX model, or None when tome-export did not write it."""
+    return ToMeMetadata.from_props({p.key: p.value for p in model_proto.metadata_props})
+
+
+def read_metadata(path: str | Path) -> ToMeMetadata | None:
+    """The ToMe metadata of an ONNX file, or None for a file that is not a tome-deploy export."""
+    return tome_metadata(load_onnx(path))

@@ -92,6 +92,19 @@ class TensorRTRunner:
         dtypes = {self.trt.DataType.FLOAT: torch.float32, self.trt.DataType.HALF: torch.float16}
         return dtypes[self.engine.get_tensor_dtype(name)]
 
+    def bind(self, device_input: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Point the engine at `device_input` and at new output buffers for its batch; returns the outputs.
+        The caller keeps every buffer alive while the engine runs on it."""
+        name = self.sidecar.input_name
+        self.context.set_input_shape(name, tuple(device_input.shape))
+        self.context.set_tensor_address(name, device_input.data_ptr())
+        outputs = {}
+        for output in self.output_names:
+            buffer = torch.empty(tuple(self.context.get_tensor_shape(output)), dtype=self._torch_dtype(output), device="cuda")
+            self.context.set_tensor_address(output, buffer.data_ptr())
+            outputs[output] = buffer
+        return outputs
+
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         name = self.sidecar.input_name
         pixels = np.asarray(feed[name])
@@ -99,13 +112,7 @@ class TensorRTRunner:
             raise InvalidInputError(f"{name} must be [batch, {', '.join(map(str, self.sidecar.input_shape))}], got {list(pixels.shape)}")
         self.sidecar.profiles[0].check(pixels.shape[0])
         device_input = torch.from_numpy(np.ascontiguousarray(pixels)).to("cuda", self._torch_dtype(name))
-        self.context.set_input_shape(name, tuple(pixels.shape))
-        self.context.set_tensor_address(name, device_input.data_ptr())
-        outputs = {}
-        for output in self.output_names:
-            buffer = torch.empty(tuple(self.context.get_tensor_shape(output)), dtype=self._torch_dtype(output), device="cuda")
-            self.context.set_tensor_address(output, buffer.data_ptr())
-            outputs[output] = buffer
+        outputs = self.bind(device_input)
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.name} failed to run the engine (see the TensorRT log above)")

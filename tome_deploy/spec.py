@@ -58,16 +58,12 @@ class ExportSpec:
     min_opset: int = 16
     # The exporter only targets opsets the ONNX checker and ONNX Runtime 1.2x both know.
     max_opset: int = 22
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    min_cosine: float = 0.99999
+    fp32: Tolerance = Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999)
     # fp16 export vs the same model run by PyTorch in fp16: kernels round differently in the last bits.
     fp16: Tolerance = Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999)
 
     def tolerance(self, precision: str) -> Tolerance:
-        if precision == "fp16":
-            return self.fp16
-        return Tolerance(self.atol, self.rtol, self.min_cosine)
+        return self.fp16 if precision == "fp16" else self.fp32
 
     def check_opset(self, opset: int) -> int:
         if not self.min_opset <= opset <= self.max_opset:

@@ -12,13 +12,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..engine_sidecar import ENGINE_SUFFIXES
 from ..errors import InvalidInputError
+from ..onnx_export import load_onnx, tome_metadata
 from ..runners import OnnxRuntimeRunner, Runner
 from ..spec import ToMeMetadata
 from .kserve import TensorSpec, datatype_of
 
 ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".plan", ".engine")
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,8 @@ def run_padded(runner: Runner, artifact: Artifact, feed: dict[str, np.ndarray]) 
 
 
 def _read_onnx(path: Path) -> Artifact:
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError, OSError, ...
-        raise InvalidInputError(f"{path} is not a readable ONNX file ({type(err).__name__}); pass a tome-export output") from err
-    metadata = ToMeMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    proto = load_onnx(path)
+    metadata = tome_metadata(proto)
     if metadata is None:
         raise InvalidInputError(f"{path} has no tome-deploy metadata (tome.* properties); export it with tome-export first")
     initializers = {init.name for init in proto.graph.initializer}
