@@ -25,13 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tome_deploy.digits import ARCH, BUNDLED_WEIGHTS_LABEL, digits_test_set, load_digits_vit
-from tome_deploy.loading import weights_fingerprint
-from tome_deploy.onnx_export import build_metadata, export_onnx
-from tome_deploy.patch import apply_tome, tokens_at_input
-from tome_deploy.runners import OnnxRuntimeRunner
-from tome_deploy.schedule import resolve_schedule
-from tome_deploy.throughput import time_interleaved
+from tome_deploy.core.schedule import resolve_schedule
+from tome_deploy.models.digits import (
+    ARCH,
+    BUNDLED_WEIGHTS_LABEL,
+    digits_test_set,
+    load_digits_vit,
+)
+from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.patch import apply_tome
+from tome_deploy.models.timm_vit import tokens_at_input
+from tome_deploy.onnx_export.export import export_onnx
+from tome_deploy.onnx_export.metadata import build_metadata
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.throughput import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 

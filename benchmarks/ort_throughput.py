@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tome_deploy.loading import load_model, weights_fingerprint
-from tome_deploy.onnx_export import build_metadata, export_onnx
-from tome_deploy.pipeline import patch_with_schedule
-from tome_deploy.profiling import profile_merge_share
-from tome_deploy.throughput import time_interleaved
+from tome_deploy.jobs.export import patch_with_schedule
+from tome_deploy.models.loading.dispatch import load_model
+from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.onnx_export.export import export_onnx
+from tome_deploy.onnx_export.metadata import build_metadata
+from tome_deploy.runtime.profiling import profile_merge_share
+from tome_deploy.runtime.throughput import time_interleaved
 
 SCHEDULES = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from tome_deploy.merge import Match, bipartite_match, merge_weighted
-from tome_deploy.runners import OnnxRuntimeRunner
-from tome_deploy.schedule import resolve_schedule
+from tome_deploy.core.merge import Match, bipartite_match, merge_weighted
+from tome_deploy.core.schedule import resolve_schedule
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.token_merge.onnx_translation import custom_translation_table
 
 MODELS = {"ViT-S/16": 384, "ViT-B/16": 768}  # channels

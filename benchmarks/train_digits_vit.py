@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from tome_deploy.digits import ASSET_JSON, ASSET_WEIGHTS, TrainConfig, recorded_accuracy, save_digits_vit, train
-from tome_deploy.loading import weights_fingerprint
+from digits_training import TrainConfig, save_digits_vit, train
+from tome_deploy.models.digits import ASSET_JSON, ASSET_WEIGHTS, recorded_accuracy
+from tome_deploy.models.loading.fingerprint import weights_fingerprint
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tome_deploy.engine_build import BuildOptions, build_engine
-from tome_deploy.pipeline import export_model
-from tome_deploy.profiling import merger_node_names
-from tome_deploy.runners import TensorRTRunner
-from tome_deploy.tensorrt_backend import local_compute_capability
+from tome_deploy.jobs.export import export_model
+from tome_deploy.runtime.profiling import merger_node_names
+from tome_deploy.tensorrt.backend import local_compute_capability
+from tome_deploy.tensorrt.build import BuildOptions, build_engine
+from tome_deploy.tensorrt.runner import TensorRTRunner
 
 
 def parse_args() -> argparse.Namespace:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,13 @@ import pytest
 import timm
 import torch
 
-from tome_deploy.onnx_export import build_metadata, export_onnx
-from tome_deploy.patch import apply_tome
-from tome_deploy.spec import ToMeMetadata
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.models.patch import apply_tome
+from tome_deploy.onnx_export.export import export_onnx
+from tome_deploy.onnx_export.metadata import build_metadata
+
+# The benchmark scripts' shared modules (e.g. digits_training) are imported by name, as the scripts do.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # name -> (timm model, create kwargs, schedule, merge formulation). Small image sizes keep exports fast.
 FAMILIES = {

@@ -11,11 +11,10 @@ import onnx
 import pytest
 import timm
 import torch
+from conftest import assert_one_line_error
 
 from tome_deploy.cli import export as export_cli
 from tome_deploy.cli import validate as validate_cli
-
-from conftest import assert_one_line_error
 
 SMALL = ["test_vit", "--r", "8"]
 

@@ -10,14 +10,24 @@ import pytest
 import torch
 from PIL import Image
 
-from tome_deploy import digits
-from tome_deploy.digits import (
-    ARCH, ASSET_JSON, ASSET_WEIGHTS, BUNDLED_WEIGHTS_LABEL, TrainConfig, digits_test_set, digits_train_set, evaluate,
-    load_digits_vit, pixels_from_digits, recorded_accuracy, train,
+from digits_training import TrainConfig, build_model, train
+from tome_deploy.models import digits
+from tome_deploy.models.digits import (
+    ARCH,
+    ASSET_JSON,
+    ASSET_WEIGHTS,
+    BUNDLED_WEIGHTS_LABEL,
+    digits_test_set,
+    digits_train_set,
+    evaluate,
+    load_digits_vit,
+    pixels_from_digits,
+    recorded_accuracy,
 )
-from tome_deploy.loading import load_model, weights_fingerprint
-from tome_deploy.onnx_export import data_config
-from tome_deploy.patch import apply_tome
+from tome_deploy.models.loading.dispatch import load_model
+from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.patch import apply_tome
+from tome_deploy.models.timm_vit import data_config
 from tome_deploy.preprocess import eval_transform
 
 # A moderate constant r for this model (65 tokens, depth 6; the largest unclamped r is 9): 47 tokens out.
@@ -78,7 +88,7 @@ def test_training_is_deterministic():
     assert weights_fingerprint(model_a) == weights_fingerprint(model_b)
     assert accuracy_a == accuracy_b
     assert weights_fingerprint(model_c) != weights_fingerprint(model_a)
-    assert weights_fingerprint(model_a) != weights_fingerprint(digits.build_model(0))  # it did train
+    assert weights_fingerprint(model_a) != weights_fingerprint(build_model(0))  # it did train
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
 
 

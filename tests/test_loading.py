@@ -19,8 +19,15 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from tome_deploy.errors import InvalidInputError, ModelLoadError, UnsafePickleError, UnsupportedModelError
-from tome_deploy.loading import LoadedModel, allowed_global, load_model, weights_fingerprint
+from tome_deploy.errors import (
+    InvalidInputError,
+    ModelLoadError,
+    UnsafePickleError,
+    UnsupportedModelError,
+)
+from tome_deploy.models.loading.dispatch import LoadedModel, load_model
+from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.loading.safe_pickle import allowed_global
 
 ARCH = "test_vit"  # patch 16, a few hundred thousand parameters
 SIZE = 64

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
-
 from reference_tome import reference_match, reference_merge
-from tome_deploy.merge import (
+
+from tome_deploy.core.merge import (
     Match,
     bipartite_match,
     merge_sum,

@@ -7,14 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from tome_deploy.errors import InvalidInputError
-from tome_deploy.onnx_export import read_metadata
-from tome_deploy.patch import track_sources
-from tome_deploy.probes import constant_images
-from tome_deploy.validation import validate_onnx
-
 from conftest import export_family
+
+from tome_deploy.artifact.onnx_file import read_metadata
+from tome_deploy.errors import InvalidInputError
+from tome_deploy.models.patch import track_sources
+from tome_deploy.validation.parity import validate_onnx
+from tome_deploy.validation.probes import constant_images
 
 
 def _dims(value) -> list:

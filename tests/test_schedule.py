@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 
-from tome_deploy import flops
+from tome_deploy.core import flops
+from tome_deploy.core.schedule import Schedule, requested_r_per_layer, resolve_schedule
 from tome_deploy.errors import ScheduleError, ToMeError
-from tome_deploy.schedule import Schedule, requested_r_per_layer, resolve_schedule
 
 
 def _ramp(r, inflect, depth):

@@ -11,7 +11,9 @@ import sys
 import onnx
 import pytest
 import torch
+from conftest import assert_one_line_error
 from google.protobuf import text_format
+from test_triton_repo import triton_model_config_schema
 
 from tome_deploy.cli import deploy as deploy_cli
 from tome_deploy.cli import serve as serve_cli
@@ -19,15 +21,12 @@ from tome_deploy.errors import InvalidInputError
 from tome_deploy.serving.artifact import read_artifact
 from tome_deploy.serving.triton_repo import TritonOptions, model_config, render_pbtxt
 
-from conftest import assert_one_line_error
-from test_triton_repo import triton_model_config_schema
-
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (the tensorrt-rtx extra) builds the test engine")
 
 
 @pytest.fixture(scope="module")
 def engine(export_cached, tmp_path_factory):
-    from tome_deploy.engine_build import BuildOptions, build_engine
+    from tome_deploy.tensorrt.build import BuildOptions, build_engine
 
     onnx_path = export_cached("vit_class_token", merge="matmul").path
     plan = tmp_path_factory.mktemp("engine") / "vit.plan"

@@ -18,18 +18,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton_http
+from conftest import assert_one_line_error
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tome_deploy.cli import serve as serve_cli
-from tome_deploy.runners import OnnxRuntimeRunner
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.serving.app import ServeSettings, build_app
 from tome_deploy.serving.artifact import read_artifact
 from tome_deploy.serving.batcher import BatchPolicy
 from tome_deploy.serving.server import bind_socket, uvicorn_server
-
-from conftest import assert_one_line_error
 
 MODEL = "vit"
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tome_deploy.cli import export as export_cli
+from tome_deploy.core.speedup import schedule_for_speedup
 from tome_deploy.errors import ScheduleError
-from tome_deploy.target import schedule_for_speedup
 
 
 def plain_flops(tokens: list[int], dim: int) -> int:

@@ -14,16 +14,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_one_line_error
 
+from tome_deploy.artifact.onnx_file import read_metadata
+from tome_deploy.artifact.sidecar import (
+    BatchProfile,
+    EngineMismatchError,
+    check_runs_here,
+    file_sha256,
+    read_sidecar,
+    sidecar_path,
+)
 from tome_deploy.cli import build as build_cli
 from tome_deploy.cli import export as export_cli
 from tome_deploy.cli import validate as validate_cli
-from tome_deploy.engine_sidecar import BatchProfile, EngineMismatchError, check_runs_here, file_sha256, read_sidecar, sidecar_path
-from tome_deploy.onnx_export import read_metadata
-from tome_deploy.runners import TensorRTRunner
-from tome_deploy.tensorrt_backend import local_compute_capability
-
-from conftest import assert_one_line_error
+from tome_deploy.tensorrt.backend import local_compute_capability
+from tome_deploy.tensorrt.runner import TensorRTRunner
 
 trt_rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')")
 CC = "89"
@@ -285,9 +291,9 @@ def _value_types(model_proto) -> dict[str, int]:
 def test_fp16_export_keeps_matching_in_fp32_and_passes_its_budget(fp16_export):
     import torch
 
-    from tome_deploy.loading import load_model
-    from tome_deploy.patch import apply_tome
-    from tome_deploy.probes import probe_images
+    from tome_deploy.models.loading.dispatch import load_model
+    from tome_deploy.models.patch import apply_tome
+    from tome_deploy.validation.probes import probe_images
 
     onnx_path, report = fp16_export
     assert report["validation"]["passed"] and report["metadata"]["precision"] == "fp16"
@@ -311,7 +317,7 @@ def test_fp16_export_keeps_matching_in_fp32_and_passes_its_budget(fp16_export):
     pixels = probe_images("natural", 2, read_metadata(onnx_path))
     with torch.no_grad():
         fp32_logits = tome_fp32(torch.from_numpy(pixels)).numpy()
-    from tome_deploy.runners import OnnxRuntimeRunner
+    from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
     fp16_logits = OnnxRuntimeRunner(onnx_path).infer({"pixel_values": pixels})["logits"]
     cosine = float(np.sum(fp32_logits * fp16_logits) / np.linalg.norm(fp32_logits) / np.linalg.norm(fp16_logits))

@@ -13,12 +13,23 @@ import warnings
 import pytest
 import timm
 import torch
+from reference_tome import (
+    reference_clamp,
+    reference_schedule,
+    reference_tome_features,
+    reference_tome_forward,
+)
+from timm.models.vision_transformer import (
+    Attention,
+    Block,
+    ParallelScalingBlock,
+    ResPostBlock,
+    VisionTransformer,
+)
 from torch import nn
-from timm.models.vision_transformer import Attention, Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
 
-from reference_tome import reference_clamp, reference_schedule, reference_tome_features, reference_tome_forward
 from tome_deploy.errors import ToMeError, UnsupportedModelError
-from tome_deploy.patch import apply_tome, track_sources
+from tome_deploy.models.patch import apply_tome, track_sources
 
 BATCH = 2
 
@@ -162,7 +173,9 @@ def test_reference_at_r0_equals_timm(name):
         want = model(pixels(name))
     got = reference_tome_forward(model, pixels(name), [0] * len(model.blocks))
     assert want.abs().max() > 0.1  # logits are not trivially small
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # timm's fused SDPA and the reference's explicit softmax round differently; on some CPUs (MAP pooling)
+    # the difference reaches 1.03e-5 on logits of ~2, so the budget has a relative part.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

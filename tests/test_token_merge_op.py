@@ -9,20 +9,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import assert_one_line_error
 from onnx import TensorProto, helper
-
 from reference_tome import reference_match, reference_merge, reference_token_merge
+
 from tome_deploy.cli import export as export_cli
+from tome_deploy.core.merge import bipartite_match, merge_weighted
 from tome_deploy.errors import InvalidInputError, MissingDependencyError
-from tome_deploy.merge import bipartite_match, merge_weighted
-from tome_deploy.patch import apply_tome
-from tome_deploy.pipeline import export_model
-from tome_deploy.runners import OnnxRuntimeRunner
+from tome_deploy.jobs.export import export_model
+from tome_deploy.models.patch import apply_tome
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.token_merge import contract
 from tome_deploy.token_merge.torch_op import token_merge_reference
-from tome_deploy.validation import validate_onnx
-
-from conftest import assert_one_line_error
+from tome_deploy.validation.parity import validate_onnx
 
 FORMULATIONS = ["scatter", "matmul", "plugin"]
 SHAPES = [(17, 1, 4), (18, 2, 8), (31, 5, 13), (24, 0, 12), (9, 0, 1)]  # (N, prefix, r), r = 1 to the maximum

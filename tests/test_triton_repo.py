@@ -10,11 +10,10 @@ from pathlib import Path
 import onnx
 import pytest
 import tritonclient
+from conftest import assert_one_line_error
 from google.protobuf import text_format
 
 from tome_deploy.cli import deploy as deploy_cli
-
-from conftest import assert_one_line_error
 
 
 def triton_model_config_schema():

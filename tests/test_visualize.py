@@ -9,14 +9,20 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES, assert_one_line_error, make_model
 from PIL import Image
 
-from conftest import FAMILIES, assert_one_line_error, make_model
 from tome_deploy.cli import visualize as visualize_cli
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.onnx_export import data_config
-from tome_deploy.patch import apply_tome, track_sources
-from tome_deploy.visualize import load_image, merge_groups, model_input, render_merges, save_png
+from tome_deploy.models.patch import apply_tome, track_sources
+from tome_deploy.models.timm_vit import data_config
+from tome_deploy.viz.merges import (
+    load_image,
+    merge_groups,
+    model_input,
+    render_merges,
+    save_png,
+)
 
 
 @pytest.fixture(scope="module")

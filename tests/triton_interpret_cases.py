@@ -15,9 +15,9 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-
 from reference_tome import reference_token_merge  # noqa: E402
-from tome_deploy.merge import bipartite_match  # noqa: E402
+
+from tome_deploy.core.merge import bipartite_match  # noqa: E402
 from tome_deploy.token_merge.torch_op import token_merge_reference  # noqa: E402
 from tome_deploy.token_merge.triton_kernel import launch  # noqa: E402
 

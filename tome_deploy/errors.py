@@ -1,5 +1,10 @@
 """Typed errors. Each message names the problem and the fix; the CLI prints it as one line."""
 
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
 
 class ToMeError(Exception):
     """Base class; `exit_code` is what the command-line tools return for it."""
@@ -43,3 +48,23 @@ class ValidationFailedError(ToMeError):
     """Parity validation ran and at least one check failed."""
 
     exit_code = 1
+
+
+def display_path(path: Path) -> str:
+    """A path as the user should see it in a message (absolute when it resolves)."""
+    try:
+        return str(path.expanduser().resolve())
+    except OSError:
+        return str(path)
+
+
+def error_reason(err: BaseException) -> str:
+    """The first line of an exception message, trimmed: enough to act on, never a traceback."""
+    text = str(err).strip()
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = f"missing key {err.args[0]!r}"
+    first = text.splitlines()[0] if text else ""
+    first = re.sub(r"\x1b\[[0-9;]*m", "", first)
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from .errors import InvalidInputError
+from tome_deploy.errors import InvalidInputError
 
 
 def check_output_path(output: str | Path, inputs: tuple[Optional[str | Path], ...] = ()) -> Path:

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InvalidInputError
-from .common import EXIT_CODES_HELP, run_command, say
+from tome_deploy.cli.common import EXIT_CODES_HELP, run_command, say
+from tome_deploy.errors import InvalidInputError
 
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx")
 
@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ..engine_sidecar import EngineMismatchError, check_runs_here, read_sidecar
-    from ..errors import MissingDependencyError
-    from ..tensorrt_backend import load_backend, local_compute_capability
+    from tome_deploy.artifact.sidecar import (
+        EngineMismatchError,
+        check_runs_here,
+        read_sidecar,
+    )
+    from tome_deploy.errors import MissingDependencyError
+    from tome_deploy.tensorrt.backend import load_backend, local_compute_capability
 
     if args.onnx or args.output:
         raise InvalidInputError("--inspect takes only the engine: tome-build --inspect model.plan")
@@ -64,7 +68,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     if not args.onnx or not args.output:
         raise InvalidInputError("usage: tome-build MODEL.onnx -o MODEL.plan (or tome-build --inspect MODEL.plan)")
-    from ..engine_build import BuildOptions, build_engine
+    from tome_deploy.tensorrt.build import BuildOptions, build_engine
 
     options = BuildOptions(
         backend=args.backend, min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,

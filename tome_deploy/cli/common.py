@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..errors import InvalidInputError, ToMeError
+from tome_deploy.errors import InvalidInputError, ToMeError
 
 EXIT_CODES_HELP = (
     "exit codes: 0 success, 1 parity validation failed, 2 bad input (arguments, model, checkpoint, "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_CODES_HELP, run_command, say
-from .serve import default_model_name
+from tome_deploy.cli.common import EXIT_CODES_HELP, run_command, say
+from tome_deploy.cli.serve import default_model_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _triton_repo(args: argparse.Namespace) -> int:
-    from ..serving.artifact import read_artifact
-    from ..serving.triton_repo import TritonOptions, write_triton_repo
+    from tome_deploy.serving.artifact import read_artifact
+    from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
     options = TritonOptions(
         model_name=args.name or default_model_name(args.artifact),

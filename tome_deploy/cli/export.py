@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import InvalidInputError
-from ..schedule import parse_r_arguments
-from ..target import check_target
-from ..spec import EXPORT_SPEC, MERGE_FORMULATIONS, PRECISIONS, TARGETS
-from .common import EXIT_CODES_HELP, add_model_arguments, add_report_arguments, check_report_path, emit_report, run_command, say
-
+from tome_deploy.artifact.spec import (
+    EXPORT_SPEC,
+    MERGE_FORMULATIONS,
+    PRECISIONS,
+    TARGETS,
+)
+from tome_deploy.cli.common import (
+    EXIT_CODES_HELP,
+    add_model_arguments,
+    add_report_arguments,
+    check_report_path,
+    emit_report,
+    run_command,
+    say,
+)
+from tome_deploy.core.schedule import parse_r_arguments
+from tome_deploy.core.speedup import check_target
+from tome_deploy.errors import InvalidInputError
 
 DEFAULT_R = "16"
 
@@ -71,7 +83,9 @@ def _export(args: argparse.Namespace) -> int:
             raise InvalidInputError("--target-speedup picks r itself; drop --r (or drop --target-speedup to set r by hand)")
         target = check_target(target)
 
-    from ..pipeline import export_model  # heavy imports only once the arguments are good
+    from tome_deploy.jobs.export import (
+        export_model,
+    )
 
     r_spec = parse_r_arguments(parse_r(args.r if args.r is not None else DEFAULT_R), args.r_inflect, args.schedule)
     quiet = args.quiet

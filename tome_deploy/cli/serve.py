@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from .common import EXIT_CODES_HELP, run_command, say
+from tome_deploy.cli.common import EXIT_CODES_HELP, run_command, say
 
 DEVICE_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 
@@ -49,12 +49,12 @@ def default_model_name(path: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..errors import InvalidInputError
-    from ..serving.app import ServeSettings, build_app, require_serving_stack
-    from ..serving.artifact import open_runner, read_artifact
-    from ..serving.batcher import BatchPolicy
-    from ..serving.images import read_labels
-    from ..serving.server import bind_socket, run_server
+    from tome_deploy.errors import InvalidInputError
+    from tome_deploy.serving.app import ServeSettings, build_app, require_serving_stack
+    from tome_deploy.serving.artifact import open_runner, read_artifact
+    from tome_deploy.serving.batcher import BatchPolicy
+    from tome_deploy.serving.images import read_labels
+    from tome_deploy.serving.server import bind_socket, run_server
 
     require_serving_stack()
     if args.top_k < 1 or args.max_body_mb <= 0 or (args.threads is not None and args.threads < 1):

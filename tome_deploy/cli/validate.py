@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_CODES_HELP, add_model_arguments, add_report_arguments, check_report_path, emit_report, run_command, say
+from tome_deploy.cli.common import (
+    EXIT_CODES_HELP,
+    add_model_arguments,
+    add_report_arguments,
+    check_report_path,
+    emit_report,
+    run_command,
+    say,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_batches(text: str | None) -> list[int] | None:
     if text is None:
         return None
-    from ..errors import InvalidInputError
+    from tome_deploy.errors import InvalidInputError
 
     try:
         sizes = [int(v) for v in text.split(",") if v.strip()]
@@ -45,7 +53,7 @@ def _parse_batches(text: str | None) -> list[int] | None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ..pipeline import validate_model
+    from tome_deploy.jobs.validate import validate_model
 
     check_report_path(args)
     metadata, report = validate_model(

@@ -6,9 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InvalidInputError
-from ..schedule import parse_r_arguments
-from .common import EXIT_CODES_HELP, add_model_arguments, run_command, say
+from tome_deploy.cli.common import (
+    EXIT_CODES_HELP,
+    add_model_arguments,
+    run_command,
+    say,
+)
+from tome_deploy.core.schedule import parse_r_arguments
+from tome_deploy.errors import InvalidInputError
 
 STYLES = ("mean", "overlay")  # tome_deploy.visualize.STYLES, repeated here so --help stays import-free
 DEFAULT_WIDTH = 384  # auto --scale upscales small inputs to at least this many pixels per side
@@ -71,10 +76,12 @@ def _visualize(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--scale must be a positive integer, got {args.scale}")
     r_spec = parse_r_arguments(parse_r(args.r), args.r_inflect, args.schedule)
 
-    from .. import visualize as vis  # heavy imports only once the arguments are good
-    from ..loading import load_model
-    from ..onnx_export import data_config
-    from ..pipeline import patch_with_schedule
+    from tome_deploy.jobs.export import patch_with_schedule
+    from tome_deploy.models.loading.dispatch import load_model
+    from tome_deploy.models.timm_vit import data_config
+    from tome_deploy.viz import (
+        merges as vis,
+    )
 
     image = vis.load_image(args.image)  # before the model: a bad image fails fast
     report = (lambda _: None) if args.quiet else say

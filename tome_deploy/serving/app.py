@@ -18,14 +18,25 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
 
-from .. import __version__
-from ..errors import InvalidInputError, MissingDependencyError, ToMeError
-from ..runners import Runner
-from .artifact import Artifact, run_padded
-from .batcher import BatchPolicy, DynamicBatcher, InferenceFailedError, RequestTimeoutError, ServerBusyError
-from .images import image_to_input, parse_top_k, top_k
-from .kserve import DATATYPES, HEADER_LENGTH, encode_infer_response, parse_infer_request
-from .metrics import ServingMetrics
+from tome_deploy import __version__
+from tome_deploy.errors import InvalidInputError, MissingDependencyError, ToMeError
+from tome_deploy.runtime.base import Runner
+from tome_deploy.serving.artifact import Artifact, run_padded
+from tome_deploy.serving.batcher import (
+    BatchPolicy,
+    DynamicBatcher,
+    InferenceFailedError,
+    RequestTimeoutError,
+    ServerBusyError,
+)
+from tome_deploy.serving.images import image_to_input, parse_top_k, top_k
+from tome_deploy.serving.kserve import (
+    DATATYPES,
+    HEADER_LENGTH,
+    encode_infer_response,
+    parse_infer_request,
+)
+from tome_deploy.serving.metrics import ServingMetrics
 
 MODEL_VERSION = "1"
 SERVE_EXTRA_HINT = "pip install 'tome-deploy[serve]'"

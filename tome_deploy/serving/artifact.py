@@ -12,12 +12,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..engine_sidecar import ENGINE_SUFFIXES
-from ..errors import InvalidInputError
-from ..onnx_export import load_onnx, tome_metadata
-from ..runners import OnnxRuntimeRunner, Runner
-from ..spec import ToMeMetadata
-from .kserve import TensorSpec, datatype_of
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
+from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
+from tome_deploy.errors import InvalidInputError
+from tome_deploy.runtime.base import Runner
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.serving.kserve import TensorSpec, datatype_of
 
 ONNX_SUFFIXES = (".onnx",)
 
@@ -76,7 +77,7 @@ def open_runner(artifact: Artifact, providers: Sequence[str] = ("CPUExecutionPro
         return OnnxRuntimeRunner(artifact.path, providers=providers, threads=threads)
     if tuple(providers) != ("CPUExecutionProvider",) or threads:
         raise InvalidInputError("--device, --providers and --threads apply to ONNX files; an engine runs on the GPU it was built for, drop them")
-    from ..runners import TensorRTRunner
+    from tome_deploy.tensorrt.runner import TensorRTRunner
 
     return TensorRTRunner(artifact.path)
 
@@ -116,7 +117,7 @@ def _onnx_tensor(value) -> TensorSpec:
 def _read_engine(path: Path) -> Artifact:
     """An engine is described by its tome-build sidecar alone (tensors, profile, ToMe metadata), so it can
     be served on a machine that does not have the ONNX file it was built from."""
-    from ..engine_sidecar import read_sidecar
+    from tome_deploy.artifact.sidecar import read_sidecar
 
     sidecar = read_sidecar(path)
     if sidecar.tome is None:

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import InvalidInputError, ToMeError
+from tome_deploy.errors import InvalidInputError, ToMeError
 
 Feed = dict[str, np.ndarray]
 RunBatch = Callable[[Feed], Feed]

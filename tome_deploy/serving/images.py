@@ -9,9 +9,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InvalidInputError
-from ..preprocess import eval_transform
-from ..spec import ToMeMetadata
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.errors import InvalidInputError
+from tome_deploy.preprocess import eval_transform
 
 # Refuse before decoding: a small compressed file can expand to gigabytes of pixels.
 MAX_IMAGE_PIXELS = 40_000_000

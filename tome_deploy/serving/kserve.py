@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from tome_deploy.errors import InvalidInputError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .batcher import BatchRecord
+from tome_deploy.serving.batcher import BatchRecord
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 
-from ..errors import InvalidInputError
+from tome_deploy.errors import InvalidInputError
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

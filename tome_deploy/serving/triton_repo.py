@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import InvalidInputError
-from ..output_files import write_atomically
-from .artifact import Artifact
-from .kserve import TensorSpec
+from tome_deploy.errors import InvalidInputError
+from tome_deploy.output_files import write_atomically
+from tome_deploy.serving.artifact import Artifact
+from tome_deploy.serving.kserve import TensorSpec
 
 MODEL_FILE = {"onnx": "model.onnx", "engine": "model.plan"}
 VERSION = "1"

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import InvalidInputError
+from tome_deploy.errors import InvalidInputError
 
 OP_DOMAIN = "tome"
 OP_TYPE = "TokenMerge"

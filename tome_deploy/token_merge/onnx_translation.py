@@ -6,14 +6,14 @@ in domain `tome` with the plugin attributes from contract.py and imports the `to
 
 from __future__ import annotations
 
-from . import contract
+from tome_deploy.token_merge import contract
 
 
 def custom_translation_table() -> dict:
     """{torch op overload: onnxscript translation} for torch.onnx.export."""
     from onnxscript import values
 
-    from .torch_op import TOKEN_MERGE_OVERLOAD
+    from tome_deploy.token_merge.torch_op import TOKEN_MERGE_OVERLOAD
 
     contract.register_onnx_schema()  # onnxscript builds the node from the op's ONNX schema
     tome_opset = values.Opset(contract.OP_DOMAIN, contract.OP_DOMAIN_VERSION)

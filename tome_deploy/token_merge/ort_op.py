@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MissingDependencyError
-from . import contract
+from tome_deploy.errors import MissingDependencyError
+from tome_deploy.token_merge import contract
 
 INSTALL_HINT = "pip install 'tome-deploy[plugin]' (or pip install onnxruntime-extensions)"
 
@@ -34,7 +34,7 @@ def require_extensions():
 def _token_merge_numpy(x, size, kept, source, destination):
     import torch
 
-    from .torch_op import token_merge_reference
+    from tome_deploy.token_merge.torch_op import token_merge_reference
 
     merged_x, merged_size = token_merge_reference(*(torch.as_tensor(a) for a in (x, size, kept, source, destination)))
     return merged_x.numpy(), merged_size.numpy()

@@ -17,8 +17,8 @@ No `from __future__ import annotations` here: tensorrt.plugin reads the registra
 
 from typing import Tuple
 
-from ..errors import MissingDependencyError
-from . import contract
+from tome_deploy.errors import MissingDependencyError
+from tome_deploy.token_merge import contract
 
 _registered = False
 
@@ -32,7 +32,7 @@ def register_tensorrt_plugin() -> None:
         import tensorrt as trt
         import tensorrt.plugin as trtp
 
-        from . import triton_kernel
+        from tome_deploy.token_merge import triton_kernel
     except ImportError as err:
         raise MissingDependencyError(
             f"building engines from --merge plugin graphs registers the TensorRT plugin {contract.PLUGIN_ID}, "

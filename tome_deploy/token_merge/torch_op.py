@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MissingDependencyError
-from . import contract
+from tome_deploy.errors import MissingDependencyError
+from tome_deploy.token_merge import contract
 
 
 @torch.library.custom_op(contract.TORCH_OP, mutates_args=())
@@ -52,7 +52,7 @@ def _token_merge_shapes(x, size, kept, source, destination):
 @token_merge.register_kernel("cuda")
 def _token_merge_cuda(x, size, kept, source, destination):
     try:
-        from .triton_kernel import launch
+        from tome_deploy.token_merge.triton_kernel import launch
     except ImportError as err:
         raise MissingDependencyError(
             f"{contract.TORCH_OP} on CUDA tensors runs a Triton kernel, but triton is not importable ({err}); "

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import contract
+from tome_deploy.token_merge import contract
 
 BLOCK_C = 256  # channels per program; fixed, so one compiled kernel per dtype serves every model
 NUM_WARPS = 4

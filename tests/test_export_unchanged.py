@@ -1,0 +1,37 @@
+"""Exports of today's families stay numerically what the 0.1.0 release (commit 8a3ba33) exported.
+
+tests/data/golden_logits.npz holds the ONNX Runtime logits of that release's exports, made once with its
+own code (random weights, seed 0; inputs: numpy default_rng(0) normal, batch 3, opset 18, dynamic batch).
+The same export made by the current code must give the same logits: a refactor, a model adapter or a
+cheaper graph may change node names, never the numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tome_deploy.jobs.export import export_model
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+
+GOLDEN = Path(__file__).parent / "data" / "golden_logits.npz"
+
+CASES = [
+    ("test_vit", 4, "scatter"),
+    ("test_vit", 4, "matmul"),
+    ("vit_small_patch16_224", 16, "scatter"),
+    ("vit_small_patch16_224", 16, "matmul"),
+]
+
+
+@pytest.mark.parametrize("model, r, merge", CASES)
+def test_export_matches_the_release_numerically(tmp_path, model, r, merge):
+    golden = np.load(GOLDEN)[f"{model}_r{r}_{merge}"]
+    outcome = export_model(model, tmp_path / "m.onnx", r=r, merge=merge, seed=0, validate=False)
+    input_size = outcome.export.metadata.input_size
+    pixels = np.random.default_rng(0).standard_normal((3, *input_size)).astype(np.float32)
+    logits = OnnxRuntimeRunner(outcome.export.path).infer({"pixel_values": pixels})["logits"]
+    assert logits.shape == golden.shape
+    assert np.abs(logits - golden).max() <= 1e-5, f"max abs difference {np.abs(logits - golden).max():.3g}"

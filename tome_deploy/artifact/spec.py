@@ -1,0 +1,75 @@
+"""The one declarative export spec, read by both the exporter and the validator so they cannot disagree:
+tensor names, opsets, merge formulations, targets, precisions and parity tolerances. Imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tome_deploy.errors import InvalidInputError
+
+# scatter: ScatterElements(add). matmul: a one-hot matmul, no scatter op (runs on TensorRT / TensorRT-RTX).
+# plugin: one fused tome::TokenMerge node per block (tome_deploy/token_merge; needs the `plugin` extra to run).
+MergeFormulation = Literal["scatter", "matmul", "plugin"]
+MERGE_FORMULATIONS: tuple[str, ...] = ("scatter", "matmul", "plugin")
+
+# Where the export will run. tensorrt: a merge formulation TensorRT and TensorRT-RTX parse natively.
+TARGETS: tuple[str, ...] = ("onnxruntime", "tensorrt")
+TARGET_DEFAULT_MERGE = {"onnxruntime": "scatter", "tensorrt": "matmul"}
+TARGET_REFUSED_MERGES = {"onnxruntime": (), "tensorrt": ("scatter",)}
+# fp16: weights and activations in fp16, inputs/outputs fp32; matching and log(size) stay fp32.
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """One parity budget: |diff| <= atol + rtol * |ref| everywhere and cosine >= min_cosine."""
+
+    atol: float
+    rtol: float
+    min_cosine: float
+
+
+def merge_for_target(merge: str | None, target: str) -> str:
+    """The merge formulation an export for `target` uses; refuses one that `target` cannot run."""
+    if target not in TARGETS:
+        raise InvalidInputError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
+    if merge is None:
+        return TARGET_DEFAULT_MERGE[target]
+    if merge in TARGET_REFUSED_MERGES[target]:
+        raise InvalidInputError(
+            f"--merge {merge} cannot run on {target}: ScatterElements(add) is not a native TensorRT op "
+            "(TensorRT-RTX rejects it, TensorRT sums it with nondeterministic atomics); "
+            f"drop --merge (--target {target} picks {TARGET_DEFAULT_MERGE[target]}) or pass --merge matmul"
+        )
+    return merge
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    input_name: str = "pixel_values"
+    output_name: str = "logits"
+    batch_axis_name: str = "batch"
+    default_opset: int = 18
+    # ScatterElements(reduction="add") exists from opset 16; below it the sum is silently dropped.
+    min_opset: int = 16
+    # The exporter only targets opsets the ONNX checker and ONNX Runtime 1.2x both know.
+    max_opset: int = 22
+    fp32: Tolerance = Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999)
+    # fp16 export vs the same model run by PyTorch in fp16: kernels round differently in the last bits.
+    fp16: Tolerance = Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999)
+
+    def tolerance(self, precision: str) -> Tolerance:
+        return self.fp16 if precision == "fp16" else self.fp32
+
+    def check_opset(self, opset: int) -> int:
+        if not self.min_opset <= opset <= self.max_opset:
+            raise InvalidInputError(
+                f"opset {opset} is not supported: ToMe's summed merge needs opset >= {self.min_opset} "
+                f"(below it ScatterElements drops the reduction and gives wrong results); "
+                f"pass --opset between {self.min_opset} and {self.max_opset} (default {self.default_opset})"
+            )
+        return opset
+
+
+EXPORT_SPEC = ExportSpec()

@@ -1,0 +1,123 @@
+"""Merge schedules: the requested r per layer, and the effective r and token counts it gives.
+
+Every shape of a ToMe model follows from (tokens at input, depth, schedule, prefix count), which is why
+the exported graph can be fully static apart from the batch dimension."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+from tome_deploy.errors import ScheduleError
+
+# An int r for every layer, (r, inflect) for a linear ramp, or an explicit per-layer list.
+RSpec = Union[int, tuple[int, float], Sequence[int]]
+
+
+def _check_r(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ScheduleError(f"{what} must be a non-negative integer, got {value!r}; pass e.g. 16")
+    if value < 0:
+        raise ScheduleError(f"{what} must be a non-negative integer, got {value}; use 0 to disable merging")
+    return int(value)
+
+
+def requested_r_per_layer(spec: RSpec, depth: int) -> list[int]:
+    """Expand a schedule spec to one requested r per layer (the paper's rules)."""
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise ScheduleError(f"an inflected schedule is (r, inflect), got {spec!r}")
+        r = _check_r(spec[0], "r")
+        inflect = spec[1]
+        if not isinstance(inflect, (int, float)) or isinstance(inflect, bool) or not -1 <= inflect <= 1:
+            raise ScheduleError(f"inflect must be a number in [-1, 1], got {inflect!r}; -1 is the paper's decreasing schedule")
+        first = int(r * (1.0 - inflect))
+        last = 2 * r - first
+        if depth == 1:
+            return [first]
+        step = (last - first) / (depth - 1)
+        return [int(first + step * layer) for layer in range(depth)]
+    if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, (str, bytes))):
+        values = [_check_r(v, f"r of layer {i}") for i, v in enumerate(spec)]
+        if len(values) > depth:
+            raise ScheduleError(
+                f"the schedule lists {len(values)} layers but the model has {depth} blocks; "
+                f"give at most {depth} values (missing layers get r=0)"
+            )
+        return values + [0] * (depth - len(values))
+    return [_check_r(spec, "r")] * depth
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule resolved against one model: what was asked and what will run."""
+
+    requested: tuple[int, ...]  # r asked for each layer
+    effective: tuple[int, ...]  # r each layer really merges
+    tokens: tuple[int, ...]  # tokens entering each layer, plus the final count
+    num_prefix: int
+
+    @property
+    def depth(self) -> int:
+        return len(self.requested)
+
+    @property
+    def clamped_layers(self) -> list[int]:
+        return [i for i, (asked, got) in enumerate(zip(self.requested, self.effective)) if asked != got]
+
+    def table(self) -> str:
+        """Human table: one line per layer."""
+        lines = ["layer  tokens_in  r_requested  r_effective  tokens_out"]
+        for i, (asked, got) in enumerate(zip(self.requested, self.effective)):
+            mark = "  (clamped)" if asked != got else ""
+            lines.append(f"{i:>5}  {self.tokens[i]:>9}  {asked:>11}  {got:>11}  {self.tokens[i + 1]:>10}{mark}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "r_requested": list(self.requested),
+            "r_effective": list(self.effective),
+            "tokens_per_layer": list(self.tokens),
+            "num_prefix_tokens": self.num_prefix,
+        }
+
+
+def resolve_schedule(spec: RSpec, num_tokens: int, depth: int, num_prefix: int, strict: bool = False) -> Schedule:
+    """Clamp each layer's r to (tokens - prefix) // 2. Clamping warns, or raises when strict."""
+    requested = requested_r_per_layer(spec, depth)
+    effective, tokens = [], [num_tokens]
+    for r in requested:
+        r_eff = max(0, min(r, (tokens[-1] - num_prefix) // 2))
+        effective.append(r_eff)
+        tokens.append(tokens[-1] - r_eff)
+    schedule = Schedule(tuple(requested), tuple(effective), tuple(tokens), num_prefix)
+    if schedule.clamped_layers:
+        message = (
+            f"r was clamped in layers {schedule.clamped_layers}: only (tokens - {num_prefix} prefix) // 2 tokens "
+            f"can merge per layer (effective r {list(schedule.effective)}); "
+            "lower r or pass a per-layer schedule"
+        )
+        if strict:
+            raise ScheduleError(message + " (--strict turns clamping into this error)")
+        warnings.warn(message, stacklevel=2)
+    return schedule
+
+
+def parse_r_arguments(r: int, inflect: float | None, layers: str | None) -> RSpec:
+    """The CLI's --r / --r-inflect / --schedule trio -> one RSpec."""
+    if layers is not None:
+        try:
+            return [int(v) for v in layers.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise ScheduleError(f"--schedule must be comma-separated integers, got {layers!r}") from None
+    if inflect is not None:
+        if not math.isfinite(inflect):
+            raise ScheduleError(f"--r-inflect must be a finite number in [-1, 1], got {inflect}")
+        return (r, inflect)
+    return r

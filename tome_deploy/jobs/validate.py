@@ -1,0 +1,106 @@
+"""The validation job: rebuild the PyTorch ToMe model an ONNX file or engine came from and compare them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.onnx_file import read_metadata
+from tome_deploy.artifact.sidecar import (
+    EngineSidecar,
+    file_sha256,
+    is_engine_file,
+    read_sidecar,
+)
+from tome_deploy.artifact.spec import EXPORT_SPEC
+from tome_deploy.errors import InvalidInputError, ScheduleError
+from tome_deploy.jobs.progress import Say, silent
+from tome_deploy.models.loading.dispatch import load_model
+from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.patch import apply_tome
+from tome_deploy.onnx_export.precision import with_precision
+from tome_deploy.output_files import check_output_path
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.tensorrt.runner import TensorRTRunner
+from tome_deploy.validation.parity import (
+    ValidationReport,
+    default_batch_sizes,
+    validate_onnx,
+    validate_runners,
+)
+from tome_deploy.validation.polygraphy_reference import save_polygraphy_reference
+
+
+def validate_model(
+    model: str,
+    artifact: str | Path,
+    *,
+    arch: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    pretrained: bool = False,
+    trust_pickle: bool = False,
+    seed: Optional[int] = None,
+    batch_sizes: Optional[Sequence[int]] = None,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    save_reference: Optional[str | Path] = None,
+    say: Say = silent,
+) -> tuple[ToMeMetadata, ValidationReport]:
+    """Rebuild the PyTorch ToMe model an ONNX file or engine came from and compare them.
+
+    An engine (tome-build output) is compared with PyTorch and, when its ONNX file is still where the
+    sidecar says, with ONNX Runtime too. save_reference: also write the PyTorch outputs in Polygraphy's format.
+    """
+    engine = is_engine_file(artifact)
+    sidecar = read_sidecar(artifact) if engine else None
+    metadata = _artifact_metadata(artifact, sidecar)
+    if save_reference is not None:
+        check_output_path(save_reference, inputs=(artifact,))
+    say(f"Loading {model} ...")
+    loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained,
+                        img_size=metadata.input_size[-1], trust_pickle=trust_pickle,
+                        seed=seed if seed is not None else 0)
+    if weights_fingerprint(loaded.model) != metadata.weights_sha256:
+        raise InvalidInputError(
+            f"the weights of {model} ({loaded.weights}) differ from those {artifact} was exported from "
+            f"({metadata.weights}); pass the same model, --checkpoint and --seed as for tome-export"
+        )
+    try:
+        tome, _ = apply_tome(loaded.model, list(metadata.r_effective), metadata.merge, strict=True)
+        tome = with_precision(tome, metadata.precision)
+    except ScheduleError as err:
+        raise InvalidInputError(f"{artifact} was exported for another architecture: {err}") from err
+    if batch_sizes and metadata.batch != "dynamic" and any(b != int(metadata.batch) for b in batch_sizes):
+        raise InvalidInputError(f"{artifact} has a fixed batch of {metadata.batch}; validate at that batch size only")
+    if save_reference is not None:
+        batch = int(metadata.batch) if metadata.batch != "dynamic" else 1
+        outputs, inputs = save_polygraphy_reference(tome, metadata, save_reference, batch)
+        tolerance = EXPORT_SPEC.tolerance(metadata.precision)
+        onnx_file = sidecar.onnx_path if sidecar else artifact
+        say(f"  wrote the PyTorch reference for Polygraphy: {outputs} (inputs: {inputs}); check with\n"
+            f"    polygraphy run {onnx_file} --trt --load-inputs {inputs} --load-outputs {outputs} "
+            f"--atol {tolerance.atol:g} --rtol {tolerance.rtol:g}")
+    if not engine:
+        say("Validating ONNX Runtime (CPU) against PyTorch ...")
+        return metadata, validate_onnx(tome, artifact, metadata, batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+    candidates = [TensorRTRunner(artifact)]
+    onnx_file = Path(sidecar.onnx_path)
+    if onnx_file.is_file() and file_sha256(onnx_file) == sidecar.onnx_sha256:
+        candidates.append(OnnxRuntimeRunner(onnx_file))
+    else:
+        say(f"  note: the engine's ONNX file {onnx_file} is gone or changed; comparing the engine with PyTorch only")
+    profile = sidecar.profiles[0]
+    batches = batch_sizes or sorted({min(max(b, profile.min), profile.max) for b in default_batch_sizes(metadata)})
+    say(f"Validating {' and '.join(c.name for c in candidates)} against PyTorch ...")
+    return metadata, validate_runners(tome, candidates, metadata, str(artifact), batch_sizes=batches, atol=atol, rtol=rtol)
+
+
+def _artifact_metadata(artifact: str | Path, sidecar: Optional[EngineSidecar]) -> ToMeMetadata:
+    if sidecar is None:
+        metadata = read_metadata(artifact)
+    else:
+        metadata = ToMeMetadata(**sidecar.tome) if sidecar.tome else None
+    if metadata is None:
+        raise InvalidInputError(f"{artifact} carries no tome-deploy metadata; validate files written by tome-export / tome-build")
+    return metadata

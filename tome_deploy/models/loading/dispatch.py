@@ -1,0 +1,322 @@
+"""Model loading: timm model names, state-dict checkpoints and pickled modules, safe by default.
+
+Sources, in the order they are recognised:
+
+* an existing file (or a missing path ending in .pt/.pth/.bin/.ckpt/.safetensors, which is an error):
+  a state dict (raw, or inside a training checkpoint under `state_dict` / `model` / `state_dict_ema`),
+  a safetensors file, or a `torch.save(model)` pickle;
+* anything else is a timm model name, created with random weights (seeded), `--pretrained` weights,
+  or the weights of `--checkpoint PATH`. `tome_digits_vit` (registered with timm by tome_deploy.digits)
+  is the exception: without --checkpoint it loads the trained weights committed in tome_deploy/assets.
+
+Files are only ever read. `torch.load` always runs with `weights_only=True`; a pickled module is
+unpickled only when every global it needs is on the allowlist below (nn.Module and Enum classes
+from torch/timm plus a few plain containers), unless the caller opts out with `trust_pickle=True`."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from tome_deploy.errors import (
+    InvalidInputError,
+    ModelLoadError,
+    ToMeError,
+    display_path,
+    error_reason,
+)
+from tome_deploy.models.loading.checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    HUB_PREFIXES,
+    check_img_size,
+    check_img_size_value,
+    checkpoint_arch,
+    checkpoint_img_size,
+    checkpoint_num_classes,
+    extract_state_dict,
+    is_timm_name,
+    load_weights,
+    read_file,
+    read_safetensors,
+    require_timm_name,
+)
+from tome_deploy.models.timm_vit import check_supported
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # eval mode
+    arch: Optional[str]  # timm architecture name when known
+    weights: str  # one human line: where the weights came from
+    random_weights: bool
+    seed: Optional[int]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load_model(
+    model: str,
+    *,
+    arch: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    pretrained: bool = False,
+    img_size: Optional[int] = None,
+    trust_pickle: bool = False,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load `model` (a timm name, a checkpoint file or a pickled module) as a supported ViT in eval mode.
+
+    Raises ModelLoadError / UnsafePickleError (cannot or may not be loaded), UnsupportedModelError (not a
+    timm VisionTransformer ToMe can rewrite) or InvalidInputError (bad img_size or conflicting arguments).
+    """
+    model = str(model)
+    check_img_size_value(img_size)
+    img_size = None if img_size is None else operator.index(img_size)
+    if pretrained and checkpoint:
+        raise InvalidInputError("pass either --pretrained or --checkpoint PATH, not both")
+    path = _as_file(model)
+    if path is None:
+        if arch and arch != model:
+            raise InvalidInputError(
+                f"--model {arch} names the architecture of a state-dict file, but {model} is a timm model name; "
+                "drop --model"
+            )
+        loaded = _load_named(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
+                             trust_pickle=trust_pickle, seed=seed)
+    else:
+        if pretrained:
+            raise InvalidInputError(f"--pretrained applies to a timm model name; {model} is a file that holds the weights")
+        loaded = _load_file(path, arch=arch, checkpoint=checkpoint, img_size=img_size, trust_pickle=trust_pickle,
+                            seed=seed)
+    loaded.model.eval()
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm model names
+
+
+def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_size: Optional[int],
+                trust_pickle: bool, seed: int) -> LoadedModel:
+    require_timm_name(name)
+    if checkpoint:
+        ckpt_path = _existing_file(checkpoint, what="checkpoint")
+        obj, _ = read_file(ckpt_path, trust_pickle=trust_pickle)
+        module = _as_module(obj)
+        state_dict = module.state_dict() if module is not None else extract_state_dict(obj, ckpt_path)
+        model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
+        load_weights(model, state_dict, source=str(ckpt_path), arch=name)
+        return LoadedModel(model, name, f"checkpoint {display_path(ckpt_path)}", random_weights=False, seed=None)
+    bundled = _bundled_weights(name)
+    if bundled is not None:  # a model tome_deploy ships trained weights for: those, with or without --pretrained
+        weights_path, label = bundled
+        state_dict, _ = read_safetensors(weights_path)
+        model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
+        load_weights(model, state_dict, source=str(weights_path), arch=name)
+        return LoadedModel(model, name, label, random_weights=False, seed=None)
+    if pretrained:
+        model = _build(name, img_size=img_size, seed=seed, pretrained=True)
+        return LoadedModel(model, name, "pretrained (timm hub)", random_weights=False, seed=None)
+    model = _build(name, img_size=img_size, seed=seed)
+    return LoadedModel(model, name, f"random init (seed {seed}) — no pretrained weights", random_weights=True,
+                       seed=seed)
+
+
+def _bundled_weights(name: str) -> Optional[tuple[Path, str]]:
+    """(file, description) of the trained weights tome_deploy ships for `name` (tome_digits_vit); else None."""
+    from tome_deploy.models.digits import bundled_weights
+
+    return bundled_weights(name)
+
+
+
+
+
+
+def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = False,
+           state_dict: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """timm.create_model under a forked, seeded RNG, after a cheap check on the meta device that the
+    architecture is supported and img_size fits it (so nothing is downloaded for a model we reject)."""
+    import timm
+
+    kwargs: dict[str, Any] = {}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if state_dict is not None:
+        num_classes = checkpoint_num_classes(state_dict)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+
+    probe = _probe(name, kwargs)
+    if probe is None and "img_size" in kwargs:
+        # Some embeddings (hybrid CNN stems) assert on a bad size: judge the size on the default build.
+        bare = _probe(name, {key: value for key, value in kwargs.items() if key != "img_size"})
+        if bare is not None:
+            check_supported(bare)
+            check_img_size(bare, img_size, name)
+    if probe is not None:
+        check_supported(probe)
+        check_img_size(probe, img_size, name)
+        if img_size is None and state_dict is not None:
+            native = checkpoint_img_size(probe, state_dict)
+            if native is not None:
+                kwargs["img_size"] = native  # keep the resolution the checkpoint was trained at
+
+    if pretrained and not name.startswith(HUB_PREFIXES):
+        from timm.models import is_model_pretrained
+
+        if not is_model_pretrained(name):
+            raise ModelLoadError(f"timm has no pretrained weights for {name}; pass --checkpoint PATH or drop --pretrained")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except ToMeError:
+            raise
+        except TypeError as err:
+            raise _kwargs_error(name, kwargs, err) from err
+        except Exception as err:  # noqa: BLE001 - anything timm or the hub raises becomes one line
+            if pretrained:
+                raise ModelLoadError(
+                    f"pretrained weights for {name} could not be fetched ({error_reason(err)}); download them where a "
+                    "network is reachable, or pass --checkpoint PATH"
+                ) from err
+            raise ModelLoadError(f"timm could not create {name}: {error_reason(err)}") from err
+    check_supported(model)
+    check_img_size(model, img_size, name)
+    return model
+
+
+def _probe(name: str, kwargs: dict[str, Any]) -> Optional[nn.Module]:
+    """The architecture built on the meta device (no memory, no init cost, no RNG); None when that fails."""
+    import timm
+
+    if name.startswith(HUB_PREFIXES):
+        return None
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise _kwargs_error(name, kwargs, err) from err
+    except Exception:  # noqa: BLE001 - the real build below reports it
+        return None
+
+
+def _kwargs_error(name: str, kwargs: dict[str, Any], err: TypeError) -> ToMeError:
+    """An architecture that does not take img_size / num_classes is, in practice, not a ViT."""
+    import timm
+
+    if any(key in str(err) for key in kwargs):
+        try:
+            with torch.device("meta"):
+                bare = timm.create_model(name, pretrained=False)
+        except Exception:  # noqa: BLE001
+            bare = None
+        if bare is not None:
+            check_supported(bare)  # raises UnsupportedModelError for CNNs and other families
+        return InvalidInputError(f"{name} does not accept {', '.join(kwargs)}: {error_reason(err)}")
+    return ModelLoadError(f"timm could not create {name}: {error_reason(err)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _as_file(model: str) -> Optional[Path]:
+    """The path `model` names when it is a file source; None when it is a timm model name."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if is_timm_name(model):
+            return None
+        raise ModelLoadError(f"{model} is a directory; pass a checkpoint file ({'/'.join(CHECKPOINT_SUFFIXES)}) or a timm model name")
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(f"no such file: {model}")
+    if path.exists():
+        raise ModelLoadError(f"{model} is not a regular file")
+    return None
+
+
+def _existing_file(path_text: str, *, what: str) -> Path:
+    path = Path(path_text).expanduser()
+    if path.is_dir():
+        raise ModelLoadError(f"{what} {path_text} is a directory, not a file")
+    if not path.is_file():
+        raise ModelLoadError(f"no such {what} file: {path_text}")
+    return path
+
+
+def _load_file(path: Path, *, arch: Optional[str], checkpoint: Optional[str], img_size: Optional[int],
+               trust_pickle: bool, seed: int) -> LoadedModel:
+    obj, file_metadata = read_file(path, trust_pickle=trust_pickle)
+    module = _as_module(obj)
+    if module is not None:
+        return _from_module(module, path, checkpoint=checkpoint, img_size=img_size, trust_pickle=trust_pickle)
+    if checkpoint:
+        raise InvalidInputError(
+            f"--checkpoint applies to a timm model name or a pickled module; {display_path(path)} already holds the "
+            "weights (use --model ARCH to name its architecture)"
+        )
+    state_dict = extract_state_dict(obj, path)
+    name = checkpoint_arch(arch, obj, file_metadata, path)
+    model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
+    load_weights(model, state_dict, source=str(path), arch=name)
+    return LoadedModel(model, name, f"checkpoint {display_path(path)}", random_weights=False, seed=None)
+
+
+def _from_module(module: nn.Module, path: Path, *, checkpoint: Optional[str], img_size: Optional[int],
+                 trust_pickle: bool) -> LoadedModel:
+    check_supported(module)
+    arch = _module_arch(module)
+    weights = f"pickled module {display_path(path)}"
+    if img_size is not None and tuple(module.patch_embed.img_size) != (img_size, img_size):
+        check_img_size(module, img_size, arch or type(module).__name__)
+        if not hasattr(module, "set_input_size"):
+            raise InvalidInputError(
+                f"{display_path(path)} was pickled at image size {tuple(module.patch_embed.img_size)} and this timm "
+                f"version cannot resize it to {img_size}; drop --img-size"
+            )
+        try:
+            module.set_input_size(img_size=(img_size, img_size))
+        except Exception as err:  # noqa: BLE001
+            raise InvalidInputError(f"cannot resize {display_path(path)} to image size {img_size}: {error_reason(err)}") from err
+    if checkpoint:
+        ckpt_path = _existing_file(checkpoint, what="checkpoint")
+        obj, _ = read_file(ckpt_path, trust_pickle=trust_pickle)
+        other = _as_module(obj)
+        state_dict = other.state_dict() if other is not None else extract_state_dict(obj, ckpt_path)
+        load_weights(module, state_dict, source=str(ckpt_path), arch=arch or type(module).__name__)
+        weights = f"checkpoint {display_path(ckpt_path)} (into pickled module {display_path(path)})"
+    return LoadedModel(module, arch, weights, random_weights=False, seed=None)
+
+
+def _module_arch(module: nn.Module) -> Optional[str]:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(module, attr, None)
+        if isinstance(cfg, Mapping) and isinstance(cfg.get("architecture"), str):
+            return cfg["architecture"]
+    return None
+
+
+def _as_module(obj: Any) -> Optional[nn.Module]:
+    """The nn.Module a loaded object is or wraps (DataParallel, a checkpoint's `model` entry); else None."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "module", "state_dict"):
+            if isinstance(obj.get(key), nn.Module):
+                obj = obj[key]
+                break
+    if not isinstance(obj, nn.Module):
+        return None
+    while isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        obj = obj.module
+    return obj

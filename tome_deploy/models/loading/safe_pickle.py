@@ -1,0 +1,195 @@
+"""Reading torch.save files safely: weights_only=True, and a pickled module only when every global it
+needs is on the allowlist (nn.Module and Enum classes from torch/timm plus a few plain containers),
+unless the caller opts out with trust_pickle=True."""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from tome_deploy.errors import (
+    ModelLoadError,
+    UnsafePickleError,
+    display_path,
+    error_reason,
+)
+
+# Globals a pickle may name besides torch's own weights-only set. Classes from these packages are
+# allowed when they are nn.Module or Enum subclasses: unpickling one only calls `cls.__new__`,
+# `Module.__setstate__` or an Enum value lookup. Functions are never allowed: the weights-only
+# unpickler lets a pickle *call* any allowlisted global with arguments of its choosing.
+ALLOWED_PACKAGES = ("torch", "timm")
+# Parts of torch whose modules carry code or process state (TorchScript, FX graphs, torch.package,
+# DDP process groups): never allowed, even though their classes subclass nn.Module.
+_DENIED_PREFIXES = (
+    "torch.jit.", "torch.fx.", "torch.package.", "torch._dynamo.", "torch.export.", "torch.distributed.",
+    "torch._C.", "torch.utils.", "torch.hub.", "torch.multiprocessing.", "torch.compiler.",
+)
+# Plain data holders a pickled timm model or a timm train.py checkpoint needs (found empirically by
+# pickling every vision_transformer / deit / hybrid architecture of timm 1.0 and a train.py checkpoint).
+ALLOWED_GLOBALS = frozenset({
+    "collections.OrderedDict",  # nn.Module's _parameters/_buffers/_modules (already safe in torch)
+    "builtins.set",  # (already safe in torch)
+    "functools.partial",  # norm_layer=partial(LayerNorm, eps=...) kept as an attribute by some versions
+    "argparse.Namespace",  # the `args` entry of a timm train.py checkpoint
+    "timm.models._features.FeatureInfo",  # feature_info of hybrid (CNN-backbone) ViTs
+})
+
+
+def allowed_global(name: str) -> Optional[Any]:
+    """The object a pickle global `module.qualname` stands for, when the allowlist admits it; else None."""
+    if name not in ALLOWED_GLOBALS:
+        if name.split(".", 1)[0] not in ALLOWED_PACKAGES or name.startswith(_DENIED_PREFIXES):
+            return None
+    obj = _resolve_global(name)
+    if obj is None:
+        return None
+    if name in ALLOWED_GLOBALS:
+        return obj
+    if isinstance(obj, type) and (issubclass(obj, nn.Module) or issubclass(obj, enum.Enum)):
+        return obj
+    return None
+
+
+def read_torch(path: Path, kind: str, *, trust_pickle: bool) -> Any:
+    if kind == "zip":
+        return _read_torch_zip(path, trust_pickle=trust_pickle)
+    return _read_torch_legacy(path, trust_pickle=trust_pickle)
+
+
+def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
+    shown = display_path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ModelLoadError(f"{shown} is corrupt or truncated: not a readable zip archive ({error_reason(err)})") from err
+    if any("/code/" in name or name.endswith("constants.pkl") for name in names):
+        raise ModelLoadError(
+            f"{shown} is a TorchScript archive (torch.jit.save), which is not supported: pass the eager module "
+            "(torch.save(model)) or its state dict (torch.save(model.state_dict()))"
+        )
+    if not any(name.endswith("data.pkl") for name in names):
+        raise ModelLoadError(f"{shown} is a zip archive but not a PyTorch checkpoint (no data.pkl inside)")
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}") from err
+    allowed, offending = _split_globals(needed)
+    if offending:
+        if not trust_pickle:
+            raise _unsafe_error(shown, offending)
+        return _torch_load_unsafe(path)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if trust_pickle:
+            return _torch_load_unsafe(path)
+        raise UnsafePickleError(
+            f"{shown} cannot be loaded with weights_only=True ({error_reason(err)}); if you trust the file, re-run "
+            "with --trust-pickle"
+        ) from err
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}") from err
+
+
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def _read_torch_legacy(path: Path, *, trust_pickle: bool) -> Any:
+    """Pre-1.6 (non-zip) torch.save files: no up-front scan exists, so allowlisted globals are added
+    one refusal at a time."""
+    shown = display_path(path)
+    allowed: list[Any] = []
+    for _ in range(256):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            match = _GLOBAL_IN_MESSAGE.search(str(err))
+            if match is None and (allowed or "persistent_load" in str(err)):
+                # A legacy pickled module: its records cannot be read by the weights-only unpickler at all.
+                if trust_pickle:
+                    return _torch_load_unsafe(path)
+                raise UnsafePickleError(
+                    f"{shown} is a legacy (pre-zip) torch.save pickle of Python objects, which weights-only loading "
+                    "cannot read; re-save it with a current torch (or save a state dict), or re-run with "
+                    "--trust-pickle only if you trust the file"
+                ) from err
+            if match is None:
+                raise ModelLoadError(
+                    f"{shown} is not a PyTorch checkpoint: neither a zip archive nor a readable pickle "
+                    "(corrupt, truncated, or another format)"
+                ) from err
+            name = match.group(1)
+            name = name if "." in name else f"builtins.{name}"
+            obj = allowed_global(name)
+            if obj is None or obj in allowed:
+                if trust_pickle:
+                    return _torch_load_unsafe(path)
+                raise _unsafe_error(shown, [name]) from err
+            allowed.append(obj)
+        except Exception as err:  # noqa: BLE001 - EOFError, RuntimeError, UnicodeDecodeError, ...
+            raise ModelLoadError(
+                f"{shown} is not a PyTorch checkpoint: neither a zip archive nor a readable pickle ({error_reason(err)})"
+            ) from err
+    raise ModelLoadError(f"{shown} needs too many pickle globals to load safely; re-run with --trust-pickle if you trust it")
+
+
+def _torch_load_unsafe(path: Path) -> Any:
+    shown = display_path(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as err:
+        raise ModelLoadError(
+            f"{shown} needs Python code that is not importable here ({error_reason(err)}); run where the module that "
+            "defined the pickled classes is importable, or save a state dict instead"
+        ) from err
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{shown} could not be unpickled: {error_reason(err)}") from err
+
+
+def _split_globals(names: list[str]) -> tuple[list[Any], list[str]]:
+    allowed, offending = [], []
+    for name in names:
+        obj = allowed_global(name)
+        if obj is None:
+            offending.append(name)
+        else:
+            allowed.append(obj)
+    return allowed, offending
+
+
+def _unsafe_error(shown: str, offending: list[str]) -> UnsafePickleError:
+    return UnsafePickleError(
+        f"{shown} is a pickle that needs globals outside the allowlist (nn.Module/Enum classes of "
+        f"{'/'.join(ALLOWED_PACKAGES)} and a few containers): {', '.join(sorted(offending))}; unpickling it can run "
+        "arbitrary code, so re-run with --trust-pickle only if you trust the file"
+    )
+
+
+def _resolve_global(name: str) -> Optional[Any]:
+    """Import `module.qualname` (longest importable module prefix, then attributes)."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception:  # noqa: BLE001 - ImportError and anything a broken import raises
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None

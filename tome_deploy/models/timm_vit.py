@@ -1,0 +1,96 @@
+"""The timm VisionTransformer family: what ToMe needs to know about it (support check, token count, MLP
+width, attention with proportional attention and the merge metric, preprocessing config)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tome_deploy.core.merge import proportional_attention_bias
+from tome_deploy.errors import UnsupportedModelError
+
+
+def data_config(model: torch.nn.Module) -> dict:
+    """Input size and normalisation, read from the model (timm's pretrained_cfg) as data."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config(model=model)
+    height, width = model.patch_embed.img_size
+    return {
+        "input_size": [int(model.patch_embed.proj.in_channels), int(height), int(width)],
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "interpolation": str(config.get("interpolation", "bicubic")),
+        "crop_pct": float(config.get("crop_pct", 0.875)),
+    }
+
+
+def _timm_vit_classes():
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise UnsupportedModelError unless every block is a pre-norm timm Block with plain Attention."""
+    vit_cls, block_cls, attention_cls = _timm_vit_classes()
+    if not isinstance(model, vit_cls):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer; ToMe export supports ViT, DeiT (incl. "
+            "distilled), DeiT-3, qk-norm, register-token, mean-pool and MAP-pool ViTs built on "
+            "timm.models.vision_transformer.VisionTransformer"
+        )
+    for i, block in enumerate(model.blocks):
+        if type(block) is not block_cls or type(block.attn) is not attention_cls:
+            raise UnsupportedModelError(
+                f"block {i} is {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}; "
+                "ToMe supports only timm's pre-norm Block with the standard Attention (not parallel, "
+                "post-norm, RoPE or relative-position blocks)"
+            )
+
+
+def tokens_at_input(model: nn.Module) -> int:
+    """Patch tokens plus prefix tokens the first block sees."""
+    grid = model.patch_embed.grid_size
+    return int(grid[0] * grid[1]) + int(model.num_prefix_tokens)
+
+
+def mlp_ratio(model: nn.Module) -> float:
+    """The MLP's width as the FLOP rule's ratio: 16 N C^2 FLOPs for a 4x MLP (two C x 4C matmuls)."""
+    mlp = next(m.mlp for m in model.blocks.modules() if isinstance(getattr(m, "mlp", None), nn.Module))  # timm or ToMe blocks
+    weights = sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
+    return weights / (2 * int(model.embed_dim) ** 2)
+
+
+def tome_attention(
+    attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm Attention.forward with proportional attention; also returns the merge metric.
+
+    x: [B, N, C], size: [B, N, 1] or None (all ones) -> (out [B, N, C], keys averaged over heads [B, N, hd]).
+    """
+    batch, tokens, _ = x.shape
+    gate_layer = getattr(attn, "gate", None)  # timm >= 1.0.2x only
+    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # [B, H, N, hd] each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    # Before the first merge every size is 1 and log(1) = 0: skipping the bias keeps r=0 bit-exact.
+    bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+        if bias is not None:
+            logits = logits + bias
+        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, k.mean(dim=1)

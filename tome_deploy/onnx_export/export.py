@@ -1,0 +1,123 @@
+"""ToMe model -> fixed-shape ONNX file with torch's default (torch.export-based) exporter."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
+from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
+from tome_deploy.output_files import check_output_path, write_atomically
+from tome_deploy.token_merge.onnx_translation import custom_translation_table
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    metadata: ToMeMetadata
+    seconds: float
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress and warnings; keep stdout clean for --json and stderr readable."""
+    sink = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _symbolic_dims(model_proto, batch_axis: str) -> list[str]:
+    """Names of every value whose shape has a symbolic dimension other than the batch axis."""
+    values = list(model_proto.graph.input) + list(model_proto.graph.output) + list(model_proto.graph.value_info)
+    offenders = []
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param != batch_axis:
+                offenders.append(f"{value.name}:{dim.dim_param}")
+    return offenders
+
+
+def export_onnx(
+    tome_model: torch.nn.Module,
+    metadata: ToMeMetadata,
+    output: str | Path,
+    *,
+    spec: ExportSpec = EXPORT_SPEC,
+) -> ExportResult:
+    """Trace `tome_model` at metadata.input_size, write a checked ONNX file with the metadata attached."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as err:
+        raise MissingDependencyError(f"ONNX export needs onnx and onnxscript: pip install onnx onnxscript ({err})") from err
+    if metadata.merge not in MERGE_FORMULATIONS:
+        raise InvalidInputError(f"unknown --merge {metadata.merge!r}; choose one of {', '.join(MERGE_FORMULATIONS)}")
+    spec.check_opset(metadata.opset)
+    path = check_output_path(output)
+    example_batch = int(metadata.extra.get("example_batch", 1))
+    if example_batch < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {example_batch}")
+    dynamic = metadata.batch == "dynamic"
+    example = torch.randn(example_batch, *metadata.input_size)
+    # A dynamic dimension traced at size 1 would be specialised away; trace at 2 or more.
+    if dynamic and example_batch == 1:
+        example = torch.randn(2, *metadata.input_size)
+    dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=4096)},) if dynamic else None
+
+    start = time.perf_counter()
+    tome_model = tome_model.eval()
+    try:
+        with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(
+                tome_model,
+                (example,),
+                dynamo=True,
+                opset_version=metadata.opset,
+                input_names=[spec.input_name],
+                output_names=[spec.output_name],
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+                # --merge plugin: the fused op becomes one tome::TokenMerge node per block
+                custom_translation_table=custom_translation_table() if metadata.merge == "plugin" else None,
+            )
+    except Exception as err:  # the exporter raises many private types
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"torch.onnx.export failed: {first_line}") from err
+
+    model_proto = program.model_proto
+    for key, value in metadata.to_props().items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    model_proto.producer_name = "tome-deploy"
+    model_proto.producer_version = metadata.tool_version
+    model_proto.doc_string = f"ToMe {metadata.model}, r per layer {metadata.r_effective}, merge={metadata.merge}"
+    try:
+        onnx.checker.check_model(model_proto, full_check=True)
+        onnx.shape_inference.infer_shapes(model_proto, strict_mode=True)
+    except Exception as err:
+        raise ExportError(f"the exported graph fails the ONNX checker: {str(err).splitlines()[0]}") from err
+    # The exporter annotates every value with its traced shape; ONNX's own re-inference loses some
+    # Reshape targets, so the static-shape promise is checked on the exporter's annotations.
+    offenders = _symbolic_dims(model_proto, spec.batch_axis_name)
+    if offenders:
+        raise ExportError(f"the exported graph has symbolic dimensions besides the batch: {offenders[:5]}")
+
+    path = write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))
+    return ExportResult(path, metadata, time.perf_counter() - start)

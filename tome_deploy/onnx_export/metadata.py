@@ -1,0 +1,47 @@
+"""The metadata an export records about itself, built from the patched model and its schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from tome_deploy import __version__
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.core.flops import theoretical_speedup
+from tome_deploy.core.schedule import Schedule
+from tome_deploy.models.timm_vit import data_config, mlp_ratio
+
+
+def build_metadata(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    schedule_spec,
+    *,
+    arch: str,
+    weights: str,
+    weights_sha256: str,
+    merge: str,
+    opset: int,
+    batch: str,
+    example_batch: int,
+    precision: str = "fp32",
+    target: str = "onnxruntime",
+) -> ToMeMetadata:
+    return ToMeMetadata(
+        tool_version=__version__,
+        model=arch,
+        weights=weights,
+        weights_sha256=weights_sha256,
+        merge=merge,
+        opset=opset,
+        batch=batch,
+        schedule=list(schedule_spec) if isinstance(schedule_spec, (list, tuple)) else schedule_spec,
+        r_requested=list(schedule.requested),
+        r_effective=list(schedule.effective),
+        tokens_per_layer=list(schedule.tokens),
+        num_prefix_tokens=schedule.num_prefix,
+        theoretical_speedup=round(theoretical_speedup(schedule.tokens, int(model.embed_dim), mlp_ratio(model)), 4),
+        extra={"example_batch": example_batch},
+        precision=precision,
+        target=target,
+        **data_config(model),
+    )

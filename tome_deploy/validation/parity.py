@@ -1,0 +1,93 @@
+"""Parity of an exported ONNX file with the patched PyTorch model it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
+from tome_deploy.runtime.base import Runner, TorchRunner
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, compare_output
+from tome_deploy.validation.probes import PROBE_KINDS, probe_images
+
+
+@dataclass
+class ValidationReport:
+    onnx_path: str
+    verdicts: list[OutputVerdict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
+
+    def table(self) -> str:
+        runners = list(dict.fromkeys(v.runner for v in self.verdicts))
+        if len(runners) <= 1:
+            return "\n".join([VERDICT_HEADER] + [v.line() for v in self.verdicts])
+        sections = []
+        for runner in runners:
+            sections += [f"PyTorch vs {runner}:", VERDICT_HEADER] + [v.line() for v in self.verdicts if v.runner == runner]
+        return "\n".join(sections)
+
+    def to_dict(self) -> dict:
+        return {"onnx": self.onnx_path, "passed": self.passed, "checks": [v.to_dict() for v in self.verdicts]}
+
+
+def default_batch_sizes(metadata: ToMeMetadata) -> list[int]:
+    """The exported batch, and for a dynamic batch also 1 and one more that was never traced."""
+    if metadata.batch != "dynamic":
+        return [int(metadata.batch)]
+    example = int(metadata.extra.get("example_batch", 2))
+    return sorted({example, 1, 3})
+
+
+def validate_onnx(
+    tome_model,
+    onnx_path: str | Path,
+    metadata: ToMeMetadata,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    **options,
+) -> ValidationReport:
+    """PyTorch vs ONNX Runtime; `options` as for validate_runners."""
+    return validate_runners(tome_model, [OnnxRuntimeRunner(onnx_path, providers=providers)], metadata, str(onnx_path), **options)
+
+
+def validate_runners(
+    tome_model,
+    candidates: Sequence[Runner],
+    metadata: ToMeMetadata,
+    artifact: str,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    probes: Iterable[str] = PROBE_KINDS,
+    atol: float | None = None,
+    rtol: float | None = None,
+    spec: ExportSpec = EXPORT_SPEC,
+) -> ValidationReport:
+    """Run the reference and each candidate on each probe kind at each batch size; one verdict per
+    (candidate, probe, batch, output), within the budget of the export's precision."""
+    reference = TorchRunner(tome_model, metadata.input_name, metadata.output_name)
+    report = ValidationReport(artifact)
+    tolerance = spec.tolerance(metadata.precision)
+    for kind in probes:
+        for batch in batch_sizes or default_batch_sizes(metadata):
+            feed = {metadata.input_name: probe_images(kind, batch, metadata)}
+            expected = reference.infer(feed)
+            for candidate in candidates:
+                got = candidate.infer(feed)
+                for name, value in expected.items():
+                    verdict = compare_output(
+                        value,
+                        got[name],
+                        probe=kind,
+                        output=name,
+                        atol=tolerance.atol if atol is None else atol,
+                        rtol=tolerance.rtol if rtol is None else rtol,
+                        min_cosine=tolerance.min_cosine,
+                    )
+                    report.verdicts.append(replace(verdict, runner=candidate.name))
+    return report
