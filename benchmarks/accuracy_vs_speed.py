@@ -26,17 +26,11 @@ import numpy as np
 import torch
 
 from tome_deploy.core.schedule import resolve_schedule
-from tome_deploy.models.digits import (
-    ARCH,
-    BUNDLED_WEIGHTS_LABEL,
-    digits_test_set,
-    load_digits_vit,
-)
+from tome_deploy.jobs.export import export_model
+from tome_deploy.models.digits import ARCH, digits_test_set, load_digits_vit
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.models.timm_vit import tokens_at_input
-from tome_deploy.onnx_export.export import export_onnx
-from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.runtime.throughput import time_interleaved
 
@@ -105,11 +99,11 @@ def main() -> int:
             tome, schedule = apply_tome(model, spec, args.merge, strict=True)
             with torch.inference_mode():
                 torch_logits = tome(pixels).numpy()
-            meta = build_metadata(tome, schedule, spec, arch=ARCH, weights=BUNDLED_WEIGHTS_LABEL,
-                                  weights_sha256=fingerprint, merge=args.merge, opset=18, batch="dynamic",
-                                  example_batch=2)
             start = time.perf_counter()
-            paths[label] = export_onnx(tome, meta, Path(folder) / f"{label}.onnx").path
+            export = export_model(ARCH, Path(folder) / f"{label}.onnx", r=spec, merge=args.merge, strict=True, validate=False).export
+            meta, paths[label] = export.metadata, export.path
+            if meta.weights_sha256 != fingerprint:
+                raise SystemExit(f"the export of {label} did not use the bundled weights ({meta.weights})")
             ort_logits = OnnxRuntimeRunner(paths[label], threads=args.threads).infer(
                 {meta.input_name: feed_pixels})[meta.output_name]
             torch_pred, ort_pred = torch_logits.argmax(-1), ort_logits.argmax(-1)

@@ -14,7 +14,6 @@ latencies pooled over the rounds; "mean batch" is what the server's batcher form
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.http as triton_http
 
-from ort_throughput import export_variants  # same weights for both models, as in the ONNX Runtime benchmark
+from common import BASELINE, SCHEDULES, export_variants, markdown_table, whole_numbers, write_json
 
 MODEL_NAME = "vit"
 
@@ -34,7 +33,7 @@ MODEL_NAME = "vit"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--schedule", default="r=16", choices=("r=8", "r=16", "r=(16,-1)"))
+    parser.add_argument("--schedule", default="r=16", choices=list(SCHEDULES))
     parser.add_argument("--concurrency", default="1,4,16", help="client counts, comma-separated")
     parser.add_argument("--requests", type=int, default=0, help="requests per measurement (default: 8 x concurrency, at least 16, at most 64)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -112,11 +111,12 @@ def drive(url: str, images: np.ndarray, concurrency: int, requests: int) -> tupl
 
 def main() -> None:
     args = parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = whole_numbers(args.concurrency)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths, metas = export_variants(args.model, [args.schedule], "scatter", Path(tmp))
-        input_size = metas["unmerged"].input_size
+        outcomes = export_variants(args.model, {args.schedule: SCHEDULES[args.schedule]}, Path(tmp), merge="scatter")
+        paths = {label: outcome.export.path for label, outcome in outcomes.items()}
+        input_size = outcomes[BASELINE].export.metadata.input_size
         images = np.random.default_rng(0).standard_normal((64, *input_size)).astype(np.float32)
         configs = {(label, mode): (path, 1 if mode == "batch-1" else args.max_batch)
                    for label, path in paths.items() for mode in ("batch-1", "dynamic")}
@@ -139,7 +139,7 @@ def main() -> None:
                     label, mode = key
                     throughput = requests / statistics.median(seconds[key])
                     rows.append({
-                        "model": args.model, "schedule": "unmerged" if label == "unmerged" else label, "serving": mode,
+                        "model": args.model, "schedule": label, "serving": mode,
                         "concurrency": concurrency, "requests": requests, "rounds": args.rounds,
                         "img_s": throughput,
                         "p50_ms": 1000 * float(np.percentile(latencies[key], 50)),
@@ -151,16 +151,16 @@ def main() -> None:
             for server in servers.values():
                 server.stop()
 
-    baseline = {r["concurrency"]: r["img_s"] for r in rows if r["schedule"] == "unmerged" and r["serving"] == "batch-1"}
+    baseline = {r["concurrency"]: r["img_s"] for r in rows if r["schedule"] == BASELINE and r["serving"] == "batch-1"}
     for row in rows:
         row["vs_unmerged_batch1"] = row["img_s"] / baseline[row["concurrency"]]
-    print(f"{'clients':>7} {'model':<9} {'serving':<12} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'mean batch':>10} {'vs unmerged batch-1':>19}")
-    for row in sorted(rows, key=lambda r: (r["concurrency"], r["schedule"] != "unmerged", r["serving"])):
-        serving = "batch-1" if row["serving"] == "batch-1" else f"dynamic<={args.max_batch}"
-        print(f"{row['concurrency']:>7} {row['schedule']:<9} {serving:<12} {row['img_s']:7.1f} {row['p50_ms']:7.0f} {row['p99_ms']:7.0f} "
-              f"{row['mean_batch']:10.1f} {row['vs_unmerged_batch1']:18.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    header = ["clients", "model", "serving", "img/s", "p50 ms", "p99 ms", "mean batch", "vs unmerged batch-1"]
+    ordered = sorted(rows, key=lambda r: (r["concurrency"], r["schedule"] != BASELINE, r["serving"]))
+    print(markdown_table(header, [
+        [r["concurrency"], r["schedule"], "batch-1" if r["serving"] == "batch-1" else f"dynamic<={args.max_batch}",
+         f"{r['img_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch']:.1f}", f"{r['vs_unmerged_batch1']:.2f}x"]
+        for r in ordered]))
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,18 @@ Backends:
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from common import markdown_table, whole_numbers, write_json
 
 from tome_deploy.core.merge import Match, bipartite_match, merge_weighted
 from tome_deploy.core.schedule import resolve_schedule
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.throughput import time_side_by_side
 from tome_deploy.token_merge.onnx_translation import custom_translation_table
 
 MODELS = {"ViT-S/16": 384, "ViT-B/16": 768}  # channels
@@ -80,24 +79,6 @@ def make_inputs(batch: int, channels: int, device: str) -> tuple:
     return x.to(device), size.to(device), tuple(t.to(device) for t in indices)
 
 
-def timed(run, sync) -> float:
-    start = time.perf_counter()
-    run()
-    sync()
-    return time.perf_counter() - start
-
-
-def time_side_by_side(runs: dict, rounds: int, sync, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call; each round calls every entry once, in turn."""
-    samples = {name: [] for name in runs}
-    for round_index in range(warmup + rounds):
-        for name, run in runs.items():
-            elapsed = timed(run, sync)
-            if round_index >= warmup:
-                samples[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def torch_runs(inputs: tuple) -> dict:
     layers = len(inputs[2]) // 3
     modules = {f: MergeSteps(f, layers) for f in FORMULATIONS}
@@ -134,7 +115,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = args.backends.split(",")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models.split(","):
@@ -143,25 +123,23 @@ def main() -> None:
             if "ort" in backends:  # exported once per model, at batch 2, dynamic batch
                 example = make_inputs(2, channels, "cpu")
                 paths = {f: export_merge_steps(f, example, Path(folder) / f"{channels}_{f}.onnx") for f in FORMULATIONS}
-            for batch in [int(b) for b in args.batches.split(",")]:
+            for batch in whole_numbers(args.batches):
                 for backend in backends:
                     on = device if backend == "torch" else "cpu"
                     inputs = make_inputs(batch, channels, on)
                     runs = torch_runs(inputs) if backend == "torch" else ort_runs(paths, inputs, args.threads)
                     rounds = args.rounds if backend == "torch" else args.ort_rounds
-                    medians = time_side_by_side(runs, rounds, sync if on == "cuda" else (lambda: None))
+                    medians = time_side_by_side(runs, rounds=rounds, sync=torch.cuda.synchronize if on == "cuda" else None)
                     label = f"torch-{on}" if backend == "torch" else "ort-cpu"
                     rows.append({"model": model, "batch": batch, "backend": label,
                                  **{f"{f}_ms": 1000 * medians[f] for f in FORMULATIONS}})
                     print(f"  {model} batch {batch} {label}: " + ", ".join(f"{f} {1000 * medians[f]:.2f} ms" for f in FORMULATIONS),
                           file=sys.stderr, flush=True)
-    print("| model | batch | backend | scatter ms | matmul ms | fused ms | fused vs scatter | fused vs matmul |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['model']} | {row['batch']} | {row['backend']} | {row['scatter_ms']:.2f} | {row['matmul_ms']:.2f} | "
-              f"{row['plugin_ms']:.2f} | {row['scatter_ms'] / row['plugin_ms']:.2f}x | {row['matmul_ms'] / row['plugin_ms']:.2f}x |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    header = ["model", "batch", "backend", "scatter ms", "matmul ms", "fused ms", "fused vs scatter", "fused vs matmul"]
+    print(markdown_table(header, [
+        [r["model"], r["batch"], r["backend"], f"{r['scatter_ms']:.2f}", f"{r['matmul_ms']:.2f}", f"{r['plugin_ms']:.2f}",
+         f"{r['scatter_ms'] / r['plugin_ms']:.2f}x", f"{r['matmul_ms'] / r['plugin_ms']:.2f}x"] for r in rows]))
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tome_deploy.jobs.export import export_model
+from common import BASELINE, export_variants, markdown_table, whole_numbers
+
 from tome_deploy.runtime.profiling import merger_node_names
 from tome_deploy.tensorrt.backend import local_compute_capability
 from tome_deploy.tensorrt.build import BuildOptions, build_engine
@@ -93,34 +94,32 @@ def main() -> int:
     if local_compute_capability() is None:
         print("error: no CUDA GPU is visible; TensorRT engines can only be timed on a GPU", file=sys.stderr)
         return 2
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = whole_numbers(args.batches)
     options = BuildOptions(backend=args.backend, min_batch=1, opt_batch=max(batches), max_batch=max(batches))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for arch in args.models.split(","):
-            engines, onnx_files = {}, {}
-            for label, r in (("unmerged", 0), ("tome", args.r)):
-                onnx_files[label] = Path(folder) / f"{arch}_{label}.onnx"
-                outcome = export_model(arch, onnx_files[label], r=r, target="tensorrt", precision=args.precision, validate=False)
-                plan = build_engine(onnx_files[label], Path(folder) / f"{arch}_{label}.plan", options).plan
-                engines[label] = TensorRTRunner(plan)
-            flops = outcome.export.metadata.theoretical_speedup  # the ToMe export's, exported last
+            outcomes = export_variants(arch, {"tome": args.r}, Path(folder), target="tensorrt", precision=args.precision)
+            onnx_files = {label: outcome.export.path for label, outcome in outcomes.items()}
+            engines = {label: TensorRTRunner(build_engine(path, path.with_suffix(".plan"), options).plan)
+                       for label, path in onnx_files.items()}
+            flops = outcomes["tome"].export.metadata.theoretical_speedup
             for batch in batches:
                 samples = {label: [] for label in engines}
                 for _ in range(args.rounds):
                     for label, runner in engines.items():
                         samples[label].append(seconds_per_pass(runner, batch, args.iterations))
-                base, tome = (statistics.median(samples[label]) for label in ("unmerged", "tome"))
+                base, tome = (statistics.median(samples[label]) for label in (BASELINE, "tome"))
                 rows.append([arch, batch, batch / base, batch / tome, base / tome, flops, None])
                 print(f"  {arch} batch {batch}: {base / tome:.2f}x", file=sys.stderr, flush=True)
             for row in rows[-len(batches):]:  # profiled last: an attached profiler slows the engine down
                 row[-1] = merge_share(engines["tome"], onnx_files["tome"], row[1])
     backend = engines["tome"].sidecar
     print(f"{backend.backend} {backend.backend_version}, {args.precision}, r={args.r}, GPU compute capability {local_compute_capability()}")
-    print("| model | batch | unmerged img/s | ToMe img/s | measured | FLOPs ratio | measured / FLOPs | merge share |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for arch, batch, base_ips, tome_ips, ratio, flops, share in rows:
-        print(f"| {arch} | {batch} | {base_ips:.0f} | {tome_ips:.0f} | {ratio:.2f}x | {flops:.2f}x | {ratio / flops:.0%} | {share:.1%} |")
+    header = ["model", "batch", "unmerged img/s", "ToMe img/s", "measured", "FLOPs ratio", "measured / FLOPs", "merge share"]
+    print(markdown_table(header, [[arch, batch, f"{base_ips:.0f}", f"{tome_ips:.0f}", f"{ratio:.2f}x", f"{flops:.2f}x",
+                                   f"{ratio / flops:.0%}", f"{share:.1%}"]
+                                  for arch, batch, base_ips, tome_ips, ratio, flops, share in rows]))
     return 0
 
 

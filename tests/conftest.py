@@ -48,10 +48,10 @@ class Exported:
     path: Path
 
 
-def export_family(family: str, folder: Path, *, merge: str | None = None, batch: str = "dynamic") -> Exported:
-    """batch: "dynamic" (traced at 2) or a fixed size such as "2"."""
+def export_family(family: str, folder: Path, *, merge: str | None = None, batch: int | None = None) -> Exported:
+    """batch: None for a dynamic batch (traced at 2) or a fixed size such as 2."""
     name, kwargs, r, default_merge = FAMILIES[family]
-    example_batch = 2 if batch == "dynamic" else int(batch)
+    example_batch = batch or 2
     merge = merge or default_merge
     model = make_model(name, kwargs)
     with warnings.catch_warnings():
@@ -59,7 +59,7 @@ def export_family(family: str, folder: Path, *, merge: str | None = None, batch:
         tome, schedule = apply_tome(model, r, merge)
     metadata = build_metadata(tome, schedule, r, arch=name, weights="random init (test)", weights_sha256="test",
                               merge=merge, opset=18, batch=batch, example_batch=example_batch)
-    path = export_onnx(tome, metadata, folder / f"{family}_{merge}_{batch}.onnx").path
+    path = export_onnx(tome, metadata, folder / f"{family}_{merge}_{batch or 'dynamic'}.onnx").path
     return Exported(family, model, tome, metadata, path)
 
 
@@ -68,7 +68,7 @@ def export_cached(tmp_path_factory):
     """Exports take seconds each: every (family, merge, batch) is exported once per session."""
     cache: dict[tuple, Exported] = {}
 
-    def get(family: str, merge: str | None = None, batch: str = "dynamic") -> Exported:
+    def get(family: str, merge: str | None = None, batch: int | None = None) -> Exported:
         key = (family, merge or FAMILIES[family][3], batch)
         if key not in cache:
             cache[key] = export_family(family, tmp_path_factory.mktemp("onnx"), merge=key[1], batch=batch)

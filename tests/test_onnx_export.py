@@ -82,7 +82,7 @@ def test_scatter_and_matmul_exports_agree(export_cached):
 
 
 def test_static_batch_export_has_no_symbolic_dimension(export_cached):
-    exported = export_cached("vit_class_token", batch="2")
+    exported = export_cached("vit_class_token", batch=2)
     model = onnx.load(str(exported.path))
     assert _dims(model.graph.input[0]) == [2, *exported.metadata.input_size]
     assert not {d for v in model.graph.value_info for d in _dims(v) if isinstance(d, str)}

@@ -364,7 +364,7 @@ def test_graceful_shutdown_answers_in_flight_requests(artifact, session):
 
 
 def test_fixed_batch_export_serves_fewer_rows_by_padding(export_cached):
-    exported = export_cached("vit_class_token", batch="2")
+    exported = export_cached("vit_class_token", batch=2)
     artifact = read_artifact(exported.path)
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     with serving(artifact, OnnxRuntimeRunner(artifact.path), policy=BatchPolicy(max_batch=8)) as served:

@@ -72,7 +72,7 @@ def test_dynamic_batch_export_gives_batched_onnxruntime_config(export_cached, tm
 
 
 def test_fixed_batch_export_gives_unbatched_config_with_full_dims(export_cached, tmp_path, schema):
-    exported = export_cached("vit_class_token", batch="2")
+    exported = export_cached("vit_class_token", batch=2)
     assert deploy_cli.main(["triton-repo", str(exported.path), str(tmp_path), "--gpu"]) == 0
     name = exported.path.stem
     config = parse_config(tmp_path / name / "config.pbtxt", schema)

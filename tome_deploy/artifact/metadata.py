@@ -1,56 +1,198 @@
-"""The ToMe metadata every tome-deploy ONNX file carries in `metadata_props` (keys `tome.*`). Imports no torch."""
+"""The ToMe metadata every tome-deploy ONNX file carries in `metadata_props` (keys `tome.*`). Imports no torch.
+
+Each key holds one JSON value. `tome.schema_version` says how to read them:
+  1  files of tome-deploy 0.1.0 (no `tome.schema_version` key): the batch is the text "dynamic" or a
+     number as text, and the example batch sits in `tome.extra` = {"example_batch": N}.
+  2  this version: `tome.batch` is a number or null (dynamic), `tome.example_batch` a number.
+A reader refuses a newer version (NewerSchemaError: upgrade tome-deploy) and damaged values
+(MetadataError: one line naming the file and the key; re-export with tome-export)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Mapping, Optional, Union
 
-from tome_deploy.artifact.spec import EXPORT_SPEC
+from tome_deploy.artifact import checks
+from tome_deploy.artifact.checks import FieldError
+from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, PRECISIONS, TARGETS
+from tome_deploy.errors import InvalidInputError
 
 METADATA_PREFIX = "tome."
+SCHEMA_VERSION = 2
+SCHEMA_VERSION_KEY = METADATA_PREFIX + "schema_version"
+
+# Bounds on what a file may declare: above any real ViT, below what would make a reader allocate much.
+MAX_CHANNELS = 16
+MAX_IMAGE_SIDE = 2048
+MAX_DEPTH = 1024
+MAX_TOKENS = 1 << 20
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
+# The schedule as requested: an int r, [r, inflect], or one r per layer.
+ScheduleSpec = Union[int, list]
 
 
-@dataclass(frozen=True)
+class MetadataError(InvalidInputError):
+    """`tome.*` metadata that is damaged: not JSON, a wrong type, out of bounds, or a required key missing."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ToMeMetadata:
     """What an export records about itself; enough to rebuild the same PyTorch model for validation."""
 
     tool_version: str
     model: str  # timm architecture name
-    weights: str  # human description of where the weights came from
+    weights: str  # human description of where the weights came from (a file name, never a local path)
     weights_sha256: str
-    input_size: list[int]  # [3, H, W]
-    mean: list[float]
-    std: list[float]
+    input_size: list[int]  # [C, H, W]
+    mean: list[float]  # C entries
+    std: list[float]  # C entries
     interpolation: str
     crop_pct: float
     merge: str
     opset: int
-    batch: str  # "dynamic" or the fixed batch size
-    schedule: Any  # the schedule as requested: int, [r, inflect] or per-layer list
-    r_requested: list[int]
-    r_effective: list[int]
-    tokens_per_layer: list[int]
+    schedule: ScheduleSpec
+    r_requested: list[int]  # depth entries
+    r_effective: list[int]  # depth entries
+    tokens_per_layer: list[int]  # depth + 1 entries: tokens entering each block, then the final count
     num_prefix_tokens: int
     theoretical_speedup: float
+    batch: Optional[int] = None  # the fixed batch of a --static-batch export; None: dynamic
+    example_batch: int = 1  # the batch the export was made (and is timed) at
     input_name: str = EXPORT_SPEC.input_name
     output_name: str = EXPORT_SPEC.output_name
     precision: str = "fp32"
     target: str = "onnxruntime"
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return len(self.r_effective)
+
+    def check_input(self, name: str, shape: list[int], source: str) -> None:
+        """Refuse metadata that disagrees with the graph's (or engine's) image input [C, H, W] it describes."""
+        if (name, list(shape)) != (self.input_name, self.input_size):
+            raise MetadataError(f"{source}: tome.input_name/tome.input_size say {self.input_name} {self.input_size} but the "
+                                f"model's input is {name} {list(shape)}; re-export with tome-export")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values, with the schema version first."""
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
 
     def to_props(self) -> dict[str, str]:
-        return {METADATA_PREFIX + key: json.dumps(value) for key, value in asdict(self).items()}
+        return {METADATA_PREFIX + key: json.dumps(value) for key, value in self.to_dict().items()}
 
     @classmethod
-    def from_props(cls, props: dict[str, str]) -> "ToMeMetadata | None":
-        """None when the props are not a tome-deploy export's."""
+    def from_dict(cls, values: Mapping[str, Any], source: str) -> "ToMeMetadata":
+        """Typed and checked metadata from JSON values (version 1 or 2). Raises FieldError ("tome.KEY ...")
+        for a damaged value and NewerSchemaError for a newer schema; `source` names the file in the latter."""
+        version = 1
+        if "schema_version" in values:
+            version = checks.checked(SCHEMA_VERSION_KEY, lambda v: checks.schema_version(v, SCHEMA_VERSION, "ToMe metadata", source),
+                                    values["schema_version"])
+        values = _upgrade_v1(values) if version == 1 else dict(values)
+        missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING]
+        if missing:
+            raise FieldError(f"tome.{missing[0]} is missing ({len(missing)} required key{'s' if len(missing) > 1 else ''} missing)")
+        typed = {name: checks.checked(METADATA_PREFIX + name, reader, values[name]) for name, reader in _READERS.items() if name in values}
+        metadata = cls(**typed)
+        _check_consistent(metadata)
+        return metadata
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str = "the ONNX file") -> "ToMeMetadata | None":
+        """None when the props hold no `tome.*` key (not a tome-deploy export)."""
         values = {}
-        for f in fields(cls):
-            raw = props.get(METADATA_PREFIX + f.name)
-            if raw is not None:
-                values[f.name] = json.loads(raw)
-        try:
-            return cls(**values)
-        except TypeError:
+        for key, raw in props.items():
+            if key.startswith(METADATA_PREFIX):
+                try:
+                    values[key[len(METADATA_PREFIX):]] = json.loads(raw)
+                except ValueError as err:
+                    raise MetadataError(f"{source}: {key} is not valid JSON ({err}); re-export with tome-export") from None
+        if not values:
             return None
+        try:
+            return cls.from_dict(values, source)
+        except FieldError as err:
+            raise MetadataError(f"{source}: {err}; re-export with tome-export") from None
+
+
+def _upgrade_v1(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 1 (tome-deploy 0.1.0) -> version 2 values: batch as text -> int or None, example batch out of `extra`."""
+    values = dict(values)
+    batch = values.get("batch")
+    if batch == "dynamic":
+        values["batch"] = None
+    elif isinstance(batch, str):
+        if not batch.isdigit():
+            raise FieldError(f'tome.batch must be "dynamic" or a whole number, got {batch!r}')
+        values["batch"] = int(batch)
+    extra = values.pop("extra", {})
+    if not isinstance(extra, dict):
+        raise FieldError(f"tome.extra must be a JSON object, got {extra!r}")
+    if "example_batch" in extra:
+        values["example_batch"] = extra["example_batch"]
+    return values
+
+
+def _schedule(value: Any) -> ScheduleSpec:
+    if isinstance(value, list):
+        return checks.each(checks.real, value, -MAX_TOKENS, MAX_TOKENS)
+    return checks.whole(value, 0, MAX_TOKENS)
+
+
+def _batch(value: Any) -> Optional[int]:
+    return None if value is None else checks.whole(value, 1, EXPORT_SPEC.max_batch)
+
+
+# key -> reader of its JSON value. Lengths that depend on other keys are checked in _check_consistent.
+_READERS = {
+    "tool_version": checks.text,
+    "model": checks.text,
+    "weights": lambda v: checks.text(v, empty=True),
+    "weights_sha256": checks.text,
+    "input_size": lambda v: checks.each(checks.whole, v, 1, MAX_IMAGE_SIDE, length=3),
+    "mean": lambda v: checks.each(checks.real, v, -1e3, 1e3),
+    "std": lambda v: checks.each(checks.real, v, 1e-6, 1e3),
+    "interpolation": lambda v: checks.one_of(v, INTERPOLATIONS),
+    "crop_pct": lambda v: checks.real(v, 0.25, 1.0),
+    "merge": lambda v: checks.one_of(v, MERGE_FORMULATIONS),
+    "opset": lambda v: checks.whole(v, 1, 99),
+    "schedule": _schedule,
+    "r_requested": lambda v: checks.each(checks.whole, v, 0, MAX_TOKENS),
+    "r_effective": lambda v: checks.each(checks.whole, v, 0, MAX_TOKENS),
+    "tokens_per_layer": lambda v: checks.each(checks.whole, v, 1, MAX_TOKENS),
+    "num_prefix_tokens": lambda v: checks.whole(v, 0, MAX_TOKENS),
+    "theoretical_speedup": lambda v: checks.real(v, 1e-3, 1e4),
+    "batch": _batch,
+    "example_batch": lambda v: checks.whole(v, 1, EXPORT_SPEC.max_batch),
+    "input_name": checks.text,
+    "output_name": checks.text,
+    "precision": lambda v: checks.one_of(v, PRECISIONS),
+    "target": lambda v: checks.one_of(v, TARGETS),
+}
+
+
+def _check_consistent(meta: ToMeMetadata) -> None:
+    """The keys agree: channels with mean/std, the schedule's lists with the depth and with each other."""
+    channels, depth = meta.input_size[0], meta.depth
+    if channels > MAX_CHANNELS:
+        raise FieldError(f"tome.input_size has {channels} channels; at most {MAX_CHANNELS}")
+    for name in ("mean", "std"):
+        if len(getattr(meta, name)) != channels:
+            raise FieldError(f"tome.{name} must have {channels} entries (one per channel of tome.input_size), got {len(getattr(meta, name))}")
+    if not 1 <= depth <= MAX_DEPTH:
+        raise FieldError(f"tome.r_effective must have 1 to {MAX_DEPTH} entries (one per block), got {depth}")
+    if len(meta.r_requested) != depth:
+        raise FieldError(f"tome.r_requested must have {depth} entries (as tome.r_effective), got {len(meta.r_requested)}")
+    if len(meta.tokens_per_layer) != depth + 1:
+        raise FieldError(f"tome.tokens_per_layer must have {depth + 1} entries (blocks + 1), got {len(meta.tokens_per_layer)}")
+    if isinstance(meta.schedule, list) and len(meta.schedule) > max(depth, 2):
+        raise FieldError(f"tome.schedule has {len(meta.schedule)} entries for {depth} blocks")
+    tokens, prefix = meta.tokens_per_layer, meta.num_prefix_tokens
+    if prefix > tokens[0]:
+        raise FieldError(f"tome.num_prefix_tokens is {prefix}, more than the {tokens[0]} tokens at the input")
+    for layer, (asked, r) in enumerate(zip(meta.r_requested, meta.r_effective)):
+        if r > asked or r > (tokens[layer] - prefix) // 2 or tokens[layer + 1] != tokens[layer] - r:
+            raise FieldError(f"tome.r_effective and tome.tokens_per_layer disagree at block {layer} "
+                             f"({tokens[layer]} tokens, r {r} of {asked} asked, {tokens[layer + 1]} out)")

@@ -22,11 +22,13 @@ def load_onnx(path: str | Path):
         raise InvalidInputError(f"{path} is not a readable ONNX file ({detail}); pass a file written by tome-export") from err
 
 
-def tome_metadata(model_proto) -> ToMeMetadata | None:
-    """The ToMe metadata of a loaded ONNX model, or None when tome-export did not write it."""
-    return ToMeMetadata.from_props({p.key: p.value for p in model_proto.metadata_props})
+def tome_metadata(model_proto, source: str | Path = "the ONNX file") -> ToMeMetadata | None:
+    """The ToMe metadata of a loaded ONNX model, or None when tome-export did not write it.
+
+    Raises MetadataError (damaged values) or NewerSchemaError (a newer tome-deploy wrote it), naming `source`."""
+    return ToMeMetadata.from_props({p.key: p.value for p in model_proto.metadata_props}, str(source))
 
 
 def read_metadata(path: str | Path) -> ToMeMetadata | None:
     """The ToMe metadata of an ONNX file, or None for a file that is not a tome-deploy export."""
-    return tome_metadata(load_onnx(path))
+    return tome_metadata(load_onnx(path), path)

@@ -50,6 +50,7 @@ class ExportSpec:
     input_name: str = "pixel_values"
     output_name: str = "logits"
     batch_axis_name: str = "batch"
+    max_batch: int = 4096  # the dynamic batch axis' upper bound
     default_opset: int = 18
     # ScatterElements(reduction="add") exists from opset 16; below it the sum is silently dropped.
     min_opset: int = 16

@@ -122,7 +122,7 @@ def _export(args: argparse.Namespace) -> int:
     emit_report(
         {
             "onnx": str(outcome.export.path),
-            "metadata": meta.__dict__,
+            "metadata": meta.to_dict(),
             "clamp_warnings": outcome.clamp_warnings,
             "validation": outcome.validation.to_dict() if outcome.validation else None,
             "measured_speedup": outcome.measured_speedup,

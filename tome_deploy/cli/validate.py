@@ -66,7 +66,7 @@ def _validate(args: argparse.Namespace) -> int:
         say(report.table())
     failed = sum(not v.passed for v in report.verdicts)
     say(f"{'PASS' if report.passed else 'FAIL'}: {len(report.verdicts) - failed}/{len(report.verdicts)} parity checks passed")
-    emit_report({"metadata": metadata.__dict__, "validation": report.to_dict()}, args)
+    emit_report({"metadata": metadata.to_dict(), "validation": report.to_dict()}, args)
     return 0 if report.passed else 1
 
 

@@ -110,13 +110,13 @@ def export_model(
         weights_sha256=weights_fingerprint(loaded.model),
         merge=merge,
         opset=opset,
-        batch=str(batch_size) if static_batch else "dynamic",
+        batch=batch_size if static_batch else None,
         example_batch=batch_size,
         precision=precision,
         target=target,
     )
     tome = with_precision(tome, precision)
-    say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch}) ...")
+    say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
     result = export_onnx(tome, metadata, output)
     say(f"  wrote {result.path} in {result.seconds:.1f} s")
     outcome = ExportOutcome(loaded, schedule, result, clamp_warnings, target=choice)
@@ -130,7 +130,7 @@ def export_model(
 
 def measure_against_unmerged(loaded: LoadedModel, tome_path: Path, metadata: ToMeMetadata, say: Say) -> dict[str, Timing]:
     """Export the same weights without merging and time both in ONNX Runtime, interleaved."""
-    batch = int(metadata.extra.get("example_batch", 1))
+    batch = metadata.example_batch
     with tempfile.TemporaryDirectory() as folder:
         baseline, schedule, _ = patch_with_schedule(loaded.model, 0, metadata.merge, strict=False)
         base_meta = build_metadata(baseline, schedule, 0, arch=metadata.model, weights=metadata.weights,

@@ -71,10 +71,10 @@ def validate_model(
         tome = with_precision(tome, metadata.precision)
     except ScheduleError as err:
         raise InvalidInputError(f"{artifact} was exported for another architecture: {err}") from err
-    if batch_sizes and metadata.batch != "dynamic" and any(b != int(metadata.batch) for b in batch_sizes):
+    if batch_sizes and metadata.batch is not None and any(b != metadata.batch for b in batch_sizes):
         raise InvalidInputError(f"{artifact} has a fixed batch of {metadata.batch}; validate at that batch size only")
     if save_reference is not None:
-        batch = int(metadata.batch) if metadata.batch != "dynamic" else 1
+        batch = metadata.batch or 1
         outputs, inputs = save_polygraphy_reference(tome, metadata, save_reference, batch)
         tolerance = EXPORT_SPEC.tolerance(metadata.precision)
         onnx_file = sidecar.onnx_path if sidecar else artifact
@@ -100,7 +100,7 @@ def _artifact_metadata(artifact: str | Path, sidecar: Optional[EngineSidecar]) -
     if sidecar is None:
         metadata = read_metadata(artifact)
     else:
-        metadata = ToMeMetadata(**sidecar.tome) if sidecar.tome else None
+        metadata = sidecar.tome
     if metadata is None:
         raise InvalidInputError(f"{artifact} carries no tome-deploy metadata; validate files written by tome-export / tome-build")
     return metadata

@@ -71,15 +71,15 @@ def export_onnx(
         raise InvalidInputError(f"unknown --merge {metadata.merge!r}; choose one of {', '.join(MERGE_FORMULATIONS)}")
     spec.check_opset(metadata.opset)
     path = check_output_path(output)
-    example_batch = int(metadata.extra.get("example_batch", 1))
+    example_batch = metadata.example_batch
     if example_batch < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {example_batch}")
-    dynamic = metadata.batch == "dynamic"
+    dynamic = metadata.batch is None
     example = torch.randn(example_batch, *metadata.input_size)
     # A dynamic dimension traced at size 1 would be specialised away; trace at 2 or more.
     if dynamic and example_batch == 1:
         example = torch.randn(2, *metadata.input_size)
-    dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=4096)},) if dynamic else None
+    dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=spec.max_batch)},) if dynamic else None
 
     start = time.perf_counter()
     tome_model = tome_model.eval()

@@ -1,6 +1,11 @@
-"""The metadata an export records about itself, built from the patched model and its schedule."""
+"""The metadata an export records about itself, built from the patched model and its schedule.
+
+batch: the fixed batch of a static-batch export, None for a dynamic batch axis. weights: the loader's
+description, which names checkpoint files by their file name only (artifacts carry no local paths)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -21,7 +26,7 @@ def build_metadata(
     weights_sha256: str,
     merge: str,
     opset: int,
-    batch: str,
+    batch: Optional[int],
     example_batch: int,
     precision: str = "fp32",
     target: str = "onnxruntime",
@@ -40,7 +45,7 @@ def build_metadata(
         tokens_per_layer=list(schedule.tokens),
         num_prefix_tokens=schedule.num_prefix,
         theoretical_speedup=round(theoretical_speedup(schedule.tokens, int(model.embed_dim), mlp_ratio(model)), 4),
-        extra={"example_batch": example_batch},
+        example_batch=example_batch,
         precision=precision,
         target=target,
         **data_config(model),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tome_deploy.artifact.onnx_file import load_onnx
+
 
 @dataclass(frozen=True)
 class TimeShare:
@@ -26,9 +28,7 @@ class TimeShare:
 
 
 def merger_node_names(onnx_path: str | Path) -> set[str]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path)
     names = set()
     for node in model.graph.node:
         scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")

@@ -1,4 +1,4 @@
-"""Side-by-side ONNX Runtime timing: runs alternate between models so machine noise hits both alike."""
+"""Side-by-side timing: runs alternate between models so machine noise hits all alike (ONNX Runtime files, or any calls)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -34,14 +34,26 @@ def time_interleaved(
     warmup: int = 2,
     threads: int | None = None,
 ) -> dict[str, Timing]:
-    """Median latency per model over `rounds`, each round running every model once in turn."""
+    """Median latency per ONNX model over `rounds`, each round running every model once in turn."""
     runners = {name: OnnxRuntimeRunner(path, threads=threads) for name, path in models.items()}
     feed = {input_name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
-    samples: dict[str, list[float]] = {name: [] for name in runners}
+    medians = time_side_by_side({name: (lambda r=runner: r.infer(feed)) for name, runner in runners.items()},
+                                rounds=rounds, warmup=warmup)
+    return {name: Timing(name, batch, median) for name, median in medians.items()}
+
+
+def time_side_by_side(
+    runs: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1, sync: Optional[Callable[[], None]] = None,
+) -> dict[str, float]:
+    """Median seconds per call of each entry; each round calls every entry once, in turn, so machine noise
+    hits all alike. sync: called before the clock stops (e.g. torch.cuda.synchronize for GPU work)."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(warmup + rounds):
-        for name, runner in runners.items():
+        for name, run in runs.items():
             start = time.perf_counter()
-            runner.infer(feed)
+            run()
+            if sync is not None:
+                sync()
             if round_index >= warmup:
                 samples[name].append(time.perf_counter() - start)
-    return {name: Timing(name, batch, statistics.median(values)) for name, values in samples.items()}
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -94,7 +94,7 @@ def run_padded(runner: Runner, artifact: Artifact, feed: dict[str, np.ndarray]) 
 
 def _read_onnx(path: Path) -> Artifact:
     proto = load_onnx(path)
-    metadata = tome_metadata(proto)
+    metadata = tome_metadata(proto, path)
     if metadata is None:
         raise InvalidInputError(f"{path} has no tome-deploy metadata (tome.* properties); export it with tome-export first")
     initializers = {init.name for init in proto.graph.initializer}
@@ -102,6 +102,7 @@ def _read_onnx(path: Path) -> Artifact:
     outputs = tuple(_onnx_tensor(value) for value in proto.graph.output)
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 2:
         raise InvalidInputError(f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output")
+    metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
     return Artifact(path, "onnx", inputs, outputs, metadata)
 
 
@@ -123,6 +124,7 @@ def _read_engine(path: Path) -> Artifact:
     if sidecar.tome is None:
         raise InvalidInputError(f"{path.name} was built from an ONNX file without tome-deploy metadata; "
                                 "build the engine from a tome-export output")
+    sidecar.tome.check_input(sidecar.input_name, sidecar.input_shape, str(path))
     profile = sidecar.profiles[0]
     if profile.min > 1 and profile.min != profile.max:
         raise InvalidInputError(f"{path.name}'s profile starts at batch {profile.min}; rebuild with tome-build --min-batch 1 so single requests can run")
@@ -130,5 +132,5 @@ def _read_engine(path: Path) -> Artifact:
     # Exports take and give float32 (fp16 ones cast inside), and the runner returns float32.
     inputs = (TensorSpec(sidecar.input_name, "FP32", (batch, *sidecar.input_shape)),)
     outputs = (TensorSpec(sidecar.output_name, "FP32", (batch, *sidecar.output_shape)),)
-    return Artifact(path, "engine", inputs, outputs, ToMeMetadata(**sidecar.tome), max_batch=profile.max,
+    return Artifact(path, "engine", inputs, outputs, sidecar.tome, max_batch=profile.max,
                     engine_backend=sidecar.backend)

@@ -72,7 +72,7 @@ def model_config(artifact: Artifact, options: TritonOptions) -> dict[str, Any]:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
     kind = "KIND_GPU" if artifact.kind == "engine" else options.kind
     config["instance_group"] = [{"count": options.instances, "kind": Enum(kind)}]
-    meta = vars(artifact.metadata)
+    meta = artifact.metadata.to_dict()
     config["parameters"] = [{"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS]
     return config
 

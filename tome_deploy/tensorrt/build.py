@@ -144,9 +144,11 @@ def build_engine(
     model_proto = load_onnx(onnx_path)
     output = check_output_path(output, inputs=(onnx_path,))
     check_output_path(sidecar_path(output), inputs=(onnx_path,))
-    metadata = tome_metadata(model_proto)
+    metadata = tome_metadata(model_proto, onnx_path)
     input_name, static_batch, input_shape = _onnx_input(model_proto)
     output_name, output_shape = _onnx_output(model_proto)
+    if metadata is not None:
+        metadata.check_input(input_name, input_shape, str(onnx_path))
     profile = batch_profile(input_name, static_batch, options)
     backend = load_backend(options.backend)
     graph = check_graph(model_proto, backend)
@@ -182,7 +184,7 @@ def build_engine(
         plan_sha256=file_sha256(plan),
         plan_bytes=plan.stat().st_size,
         tool_version=__version__,
-        tome=metadata.__dict__ if metadata else None,
+        tome=metadata,
         warnings=notes,
     )
     write_atomically(sidecar_path(plan), lambda stream: stream.write(sidecar.to_json().encode()))

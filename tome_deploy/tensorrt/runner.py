@@ -29,7 +29,7 @@ class TensorRTRunner:
         backend = load_backend(self.sidecar.backend)
         check_runs_here(self.sidecar, backend.name, backend.version, local_compute_capability())
         self.trt, self.name = backend.trt, backend.name
-        if (self.sidecar.tome or {}).get("merge") == "plugin":
+        if self.sidecar.tome is not None and self.sidecar.tome.merge == "plugin":
             from tome_deploy.token_merge.tensorrt_plugin import register_tensorrt_plugin
 
             register_tensorrt_plugin()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tome_deploy.artifact.onnx_file import load_onnx
 from tome_deploy.errors import MissingDependencyError
 from tome_deploy.token_merge import contract
 
@@ -97,7 +98,7 @@ def session_model(path: str | Path, options) -> str | bytes:
     otherwise the rewritten graph as bytes, with the Python op's library registered in `options`."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx(path)
     if not contract.graph_has_token_merge(model):
         return str(path)
     options.register_custom_ops_library(register_python_op())

@@ -8,7 +8,8 @@ from typing import Iterable, Sequence
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
-from tome_deploy.runtime.base import Runner, TorchRunner
+from tome_deploy.runtime.base import Runner
+from tome_deploy.runtime.pytorch import TorchRunner
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, compare_output
 from tome_deploy.validation.probes import PROBE_KINDS, probe_images
@@ -38,10 +39,9 @@ class ValidationReport:
 
 def default_batch_sizes(metadata: ToMeMetadata) -> list[int]:
     """The exported batch, and for a dynamic batch also 1 and one more that was never traced."""
-    if metadata.batch != "dynamic":
-        return [int(metadata.batch)]
-    example = int(metadata.extra.get("example_batch", 2))
-    return sorted({example, 1, 3})
+    if metadata.batch is not None:
+        return [metadata.batch]
+    return sorted({metadata.example_batch, 1, 3})
 
 
 def validate_onnx(

@@ -12,7 +12,7 @@ from pathlib import Path
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.errors import MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
-from tome_deploy.runtime.base import TorchRunner
+from tome_deploy.runtime.pytorch import TorchRunner
 from tome_deploy.validation.probes import PROBE_KINDS, probe_images
 
 

@@ -53,7 +53,7 @@ from tome_deploy.models.timm_vit import check_supported
 class LoadedModel:
     model: nn.Module  # eval mode
     arch: Optional[str]  # timm architecture name when known
-    weights: str  # one human line: where the weights came from
+    weights: str  # one human line: where the weights came from; files by name only (it goes into artifacts)
     random_weights: bool
     seed: Optional[int]
 
@@ -114,7 +114,7 @@ def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_s
         state_dict = module.state_dict() if module is not None else extract_state_dict(obj, ckpt_path)
         model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
         load_weights(model, state_dict, source=str(ckpt_path), arch=name)
-        return LoadedModel(model, name, f"checkpoint {display_path(ckpt_path)}", random_weights=False, seed=None)
+        return LoadedModel(model, name, f"checkpoint {ckpt_path.name}", random_weights=False, seed=None)
     bundled = _bundled_weights(name)
     if bundled is not None:  # a model tome_deploy ships trained weights for: those, with or without --pretrained
         weights_path, label = bundled
@@ -271,14 +271,14 @@ def _load_file(path: Path, *, arch: Optional[str], checkpoint: Optional[str], im
     name = checkpoint_arch(arch, obj, file_metadata, path)
     model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
     load_weights(model, state_dict, source=str(path), arch=name)
-    return LoadedModel(model, name, f"checkpoint {display_path(path)}", random_weights=False, seed=None)
+    return LoadedModel(model, name, f"checkpoint {path.name}", random_weights=False, seed=None)
 
 
 def _from_module(module: nn.Module, path: Path, *, checkpoint: Optional[str], img_size: Optional[int],
                  trust_pickle: bool) -> LoadedModel:
     check_supported(module)
     arch = _module_arch(module)
-    weights = f"pickled module {display_path(path)}"
+    weights = f"pickled module {path.name}"
     if img_size is not None and tuple(module.patch_embed.img_size) != (img_size, img_size):
         check_img_size(module, img_size, arch or type(module).__name__)
         if not hasattr(module, "set_input_size"):
@@ -296,7 +296,7 @@ def _from_module(module: nn.Module, path: Path, *, checkpoint: Optional[str], im
         other = _as_module(obj)
         state_dict = other.state_dict() if other is not None else extract_state_dict(obj, ckpt_path)
         load_weights(module, state_dict, source=str(ckpt_path), arch=arch or type(module).__name__)
-        weights = f"checkpoint {display_path(ckpt_path)} (into pickled module {display_path(path)})"
+        weights = f"checkpoint {ckpt_path.name} (into pickled module {path.name})"
     return LoadedModel(module, arch, weights, random_weights=False, seed=None)
 
 
