@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inflected", default="mid,max",
                         help="(r, -1) schedules: comma list of r values, or mid/max of the constant range")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out", help="plot and JSON folder")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "accuracy_vs_speed.png",
+    parser.add_argument("--docs", type=lambda text: Path(text) if text else None, default=ROOT / "docs" / "accuracy_vs_speed.png",
                         help="where the plot is copied for the README ('' to skip)")
     return parser.parse_args()
 
@@ -140,7 +140,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "accuracy_vs_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_path = plot(rows, args.out / "accuracy_vs_speed.png", args)
-    if plot_path is not None and str(args.docs):
+    if plot_path is not None and args.docs is not None:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot_path, args.docs)
         say(f"wrote {plot_path} and {args.docs}")
