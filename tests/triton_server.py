@@ -79,7 +79,7 @@ def start_tritonserver(repository: Path, log: Path, timeout_s: float = 60.0) -> 
         str(binary), f"--model-repository={repository}", f"--backend-directory={binary.parent.parent / 'backends'}",
         "--http-address=127.0.0.1", f"--http-port={http_port}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
         "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false", f"--metrics-port={metrics_port}",
-        "--exit-on-error=true", "--strict-readiness=true",
+        "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
     ]
     stream = open(log, "wb")
     process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=server_environment())
