@@ -4,6 +4,7 @@ concurrent clients are batched by Triton (its own metrics say so) and each gets 
 
 from __future__ import annotations
 
+import json
 import threading
 import urllib.request
 
@@ -57,8 +58,8 @@ def test_generated_repository_loads_as_a_python_backend_model(triton):
     config = http.get_model_config(MODEL)
     assert config["backend"] == "python" and config["max_batch_size"] == 8
     assert "dynamic_batching" in config
-    assert config["parameters"]["tome.tokens_per_layer"]["string_value"] == str([101 - 8 * i for i in range(7)]).replace(" ", "") \
-        or config["parameters"]["tome.tokens_per_layer"]["string_value"] == str([101 - 8 * i for i in range(7)])
+    assert json.loads(config["parameters"]["tome.tokens_per_layer"]["string_value"]) == [101 - 8 * i for i in range(7)]
+    assert config["parameters"]["tome.threads"]["string_value"] == "1"
     grpc = client(triton, "grpc")
     assert grpc.is_server_ready() and grpc.is_model_ready(MODEL)
 
