@@ -20,15 +20,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from ort_throughput import export_variants
 from serve_throughput import MODEL_NAME, ServerProcess, drive
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from triton_server import start_tritonserver, stop_tritonserver  # noqa: E402  (the tests' way to find and start tritonserver)
+from triton_server import start_tritonserver, stop_tritonserver
 
-from tome_deploy.serving.artifact import read_artifact  # noqa: E402
-from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo  # noqa: E402
+from tome_deploy.serving.artifact import read_artifact
+from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
 
 def parse_args() -> argparse.Namespace:

@@ -80,7 +80,7 @@ CASES = {
     "binary-size-lies": (INFER, {"inputs": [tensor() | {"data": None, "parameters": {"binary_data_size": 12}}]}, {}, 400, "binary_data_size 12"),
     "shared-memory-input": (INFER, {"inputs": [tensor() | {"parameters": {"shared_memory_region": "r"}}]}, {}, 400, "shared memory"),
     "gzip-body": (INFER, b"\x1f\x8b", {"Content-Encoding": "gzip"}, 415, "uncompressed"),
-    "unknown-model": (f"/v2/models/other/infer", {"inputs": [tensor()]}, {}, 404, "serves 'vit'"),
+    "unknown-model": ("/v2/models/other/infer", {"inputs": [tensor()]}, {}, 404, "serves 'vit'"),
     "image-bomb-header": (CLASSIFY, png_header_only(30_000, 1_000), {}, 400, "over --max-image-pixels 1000000"),
     "image-truncated": (CLASSIFY, encoded(Image.new("RGB", (64, 64)))[:60], {}, 400, "not a decodable image"),
     "top-k-not-a-number": (CLASSIFY + "?top_k=abc", encoded(Image.new("RGB", (32, 32))), {}, 400, "top_k must be an integer"),

@@ -81,9 +81,8 @@ def start_tritonserver(repository: Path, log: Path, timeout_s: float = 60.0) -> 
         "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false", f"--metrics-port={metrics_port}",
         "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
     ]
-    stream = open(log, "wb")
-    process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=server_environment())
-    stream.close()
+    with open(log, "wb") as stream:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=server_environment())
     server = TritonServer(process, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{metrics_port}", log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
