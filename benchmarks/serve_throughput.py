@@ -46,10 +46,10 @@ def parse_args() -> argparse.Namespace:
 class ServerProcess:
     """One `tome-serve` on a free loopback port."""
 
-    def __init__(self, path: Path, max_batch: int, max_delay_ms: float):
+    def __init__(self, path: Path, max_batch: int, max_delay_ms: float, extra_args: tuple[str, ...] = ()):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tome_deploy.cli.serve", str(path), "--port", "0", "--name", MODEL_NAME,
-             "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--max-queue", "1024", "--timeout-s", "600"],
+             "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--max-queue", "1024", "--timeout-s", "600", *extra_args],
             stderr=subprocess.PIPE, text=True,
         )
         line = self.process.stderr.readline()

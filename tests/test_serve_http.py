@@ -28,7 +28,7 @@ from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.serving.app import ServeSettings, build_app
 from tome_deploy.serving.artifact import read_artifact
 from tome_deploy.serving.batcher import BatchPolicy
-from tome_deploy.serving.server import bind_socket, uvicorn_server
+from tome_deploy.serving.server import ConnectionLimits, bind_socket, uvicorn_server
 
 MODEL = "vit"
 
@@ -70,11 +70,11 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(artifact, runner, **settings):
+def serving(artifact, runner, limits: ConnectionLimits = ConnectionLimits(), **settings):
     """The app under uvicorn in a thread on a free loopback port; always shut down, even on failure."""
     app = build_app(artifact, runner, ServeSettings(model_name=MODEL, **settings))
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn_server(app, graceful_timeout_s=20)
+    server = uvicorn_server(app, graceful_timeout_s=20, limits=limits)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

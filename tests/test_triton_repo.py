@@ -116,3 +116,23 @@ def test_bad_input_is_a_one_line_error(export_cached, tmp_path, capsys, args, co
               "repo": str(tmp_path / "repo"), "deep": str(tmp_path / "a" / "b")}
     assert deploy_cli.main(["triton-repo", *[a.format(**values) for a in args]]) == code
     assert_one_line_error(capsys.readouterr().err, *fragments)
+
+
+def test_python_backend_repository_runs_our_runner_next_to_the_onnx_file(export_cached, tmp_path, schema):
+    exported = export_cached("vit_class_token")
+    assert deploy_cli.main(["triton-repo", str(exported.path), str(tmp_path), "--name", "vit", "--backend", "python", "--threads", "2"]) == 0
+    config = parse_config(tmp_path / "vit" / "config.pbtxt", schema)
+    assert config.backend == "python" and config.platform == ""
+    assert config.max_batch_size == 8 and config.HasField("dynamic_batching")
+    assert config.parameters["tome.threads"].string_value == "2"
+    assert (tmp_path / "vit" / "1" / "model.onnx").read_bytes() == exported.path.read_bytes()
+    model_py = (tmp_path / "vit" / "1" / "model.py").read_text()
+    assert "from tome_deploy.serving.triton_python import TritonPythonModel" in model_py
+    compile(model_py, "model.py", "exec")
+    assert "TOME_DEPLOY_PYTHONPATH" in (tmp_path / "vit" / "README.md").read_text()
+
+
+def test_threads_without_the_python_backend_is_a_one_line_error(export_cached, tmp_path, capsys):
+    exported = export_cached("vit_class_token")
+    assert deploy_cli.main(["triton-repo", str(exported.path), str(tmp_path), "--threads", "2"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--threads applies to --backend python")

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--max-delay-ms", type=float, default=5.0, metavar="MS", help="dynamic_batching max queue delay (default 5)")
     triton.add_argument("--instances", type=int, default=1, metavar="N", help="model instances (instance_group count, default 1)")
     triton.add_argument("--gpu", action="store_true", help="run ONNX models on the GPU (instance_group KIND_GPU; default KIND_CPU)")
+    triton.add_argument("--backend", choices=["platform", "python"], default="platform",
+                        help="platform (default): Triton's onnxruntime_onnx / tensorrt_plan backends (GPU Triton images); "
+                        "python: runs the ONNX file through tome-deploy's ONNX Runtime runner in Triton's Python backend")
+    triton.add_argument("--threads", type=int, metavar="N", help="--backend python: ONNX Runtime intra-op threads per instance (default: all cores)")
     triton.add_argument("--overwrite", action="store_true", help="replace DIR/<name> if it exists")
     return parser
 
@@ -45,6 +49,8 @@ def _triton_repo(args: argparse.Namespace) -> int:
         max_queue_delay_us=round(args.max_delay_ms * 1000),
         instances=args.instances,
         kind="KIND_GPU" if args.gpu else "KIND_CPU",
+        backend=args.backend,
+        threads=args.threads,
     )
     repo = write_triton_repo(read_artifact(args.artifact), args.repo, options, overwrite=args.overwrite)
     say(f"wrote {repo.config_path} and {repo.model_path}")

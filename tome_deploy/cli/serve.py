@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: all cores)")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line, for the image endpoint")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes the image endpoint returns by default (default 5)")
+    parser.add_argument("--max-image-pixels", type=int, default=16_000_000, metavar="N",
+                        help="image endpoint: largest width x height, read from the image header before decoding; larger gets HTTP 400 (default 16000000)")
+    parser.add_argument("--max-connections", type=int, default=256, metavar="N", help="connections and requests at once; more get HTTP 503 (default 256)")
+    parser.add_argument("--header-timeout-s", type=float, default=10.0, metavar="S", help="request headers must arrive within this, or the connection closes (default 10)")
+    parser.add_argument("--body-timeout-s", type=float, default=30.0, metavar="S", help="a request body must arrive within this; later gets HTTP 408 (default 30)")
     parser.add_argument("--graceful-timeout-s", type=float, default=30.0, metavar="S", help="at shutdown, how long in-flight requests may take to finish (default 30)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default warning)")
     return parser
@@ -48,17 +54,34 @@ def default_model_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem) or "model"
 
 
+def check_limits(args: argparse.Namespace) -> None:
+    """Refuse every numeric flag that no server could honour (NaN and inf included) before anything starts."""
+    from tome_deploy.errors import InvalidInputError
+
+    positive_counts = {"--top-k": args.top_k, "--max-image-pixels": args.max_image_pixels, "--max-connections": args.max_connections,
+                       "--threads": 1 if args.threads is None else args.threads}
+    positive_numbers = {"--max-body-mb": args.max_body_mb, "--timeout-s": args.timeout_s, "--header-timeout-s": args.header_timeout_s,
+                        "--body-timeout-s": args.body_timeout_s, "--graceful-timeout-s": args.graceful_timeout_s}
+    for flag, value in positive_counts.items():
+        if value < 1:
+            raise InvalidInputError(f"{flag} is {value}; pass an integer >= 1")
+    for flag, value in positive_numbers.items():
+        if not math.isfinite(value) or value <= 0:
+            raise InvalidInputError(f"{flag} is {value}; pass a finite number > 0")
+    if not math.isfinite(args.max_delay_ms) or args.max_delay_ms < 0:
+        raise InvalidInputError(f"--max-delay-ms is {args.max_delay_ms}; pass a finite number >= 0")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tome_deploy.errors import InvalidInputError
     from tome_deploy.serving.app import ServeSettings, build_app, require_serving_stack
     from tome_deploy.serving.artifact import open_runner, read_artifact
     from tome_deploy.serving.batcher import BatchPolicy
     from tome_deploy.serving.images import read_labels
-    from tome_deploy.serving.server import bind_socket, run_server
+    from tome_deploy.serving.server import ConnectionLimits, bind_socket, run_server
 
     require_serving_stack()
-    if args.top_k < 1 or args.max_body_mb <= 0 or (args.threads is not None and args.threads < 1):
-        raise InvalidInputError("--top-k and --threads must be >= 1 and --max-body-mb > 0; pass valid values")
+    check_limits(args)
     policy = BatchPolicy(args.max_batch, args.max_delay_ms / 1000, args.max_queue, args.timeout_s)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading anything
     artifact = read_artifact(args.artifact)
@@ -70,6 +93,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         labels=read_labels(args.labels, artifact.num_classes) if args.labels else None,
         default_top_k=args.top_k,
+        body_timeout_s=args.body_timeout_s,
+        max_image_pixels=args.max_image_pixels,
     )
     app = build_app(artifact, runner, settings)
     host, port = sock.getsockname()[:2]
@@ -77,7 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     say(f"serving {settings.model_name} ({meta.model}, r per layer {meta.r_effective}, tokens {meta.tokens_per_layer[0]}->{meta.tokens_per_layer[-1]}) "
         f"with {', '.join(providers)} on http://{host}:{port}")
     say(f"  infer: POST /v2/models/{settings.model_name}/infer   images: POST /v2/models/{settings.model_name}/classify   metrics: GET /metrics")
-    run_server(app, sock, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level)
+    limits = ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout_s)
+    run_server(app, sock, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level, limits=limits)
     say("tome-serve stopped: all in-flight requests answered")
     return 0
 

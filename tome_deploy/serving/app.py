@@ -33,6 +33,8 @@ from tome_deploy.serving.images import image_to_input, parse_top_k, top_k
 from tome_deploy.serving.kserve import (
     DATATYPES,
     HEADER_LENGTH,
+    NonFiniteOutputError,
+    check_finite_output,
     encode_infer_response,
     parse_infer_request,
 )
@@ -54,15 +56,21 @@ class UnsupportedEncodingError(InvalidInputError):
     """A compressed request body (HTTP 415)."""
 
 
+class BodyTimeoutError(InvalidInputError):
+    """A request body that did not arrive within --body-timeout-s (HTTP 408)."""
+
+
 # Most specific first: the subclasses of InvalidInputError before it.
 STATUS_OF_ERROR: tuple[tuple[type[ToMeError], int], ...] = (
     (UnknownModelError, 404),
     (BodyTooLargeError, 413),
     (UnsupportedEncodingError, 415),
+    (BodyTimeoutError, 408),
     (InvalidInputError, 400),
     (ServerBusyError, 503),
     (RequestTimeoutError, 504),
     (InferenceFailedError, 500),
+    (NonFiniteOutputError, 500),
 )
 
 
@@ -73,6 +81,8 @@ class ServeSettings:
     max_body_bytes: int = 64 << 20
     labels: Optional[tuple[str, ...]] = None  # class names for the image endpoint, by index
     default_top_k: int = 5
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (a slow upload gets 408)
+    max_image_pixels: int = 16_000_000  # image endpoint: width x height, read from the header before decoding
 
 
 def status_of(error: ToMeError) -> int:
@@ -144,10 +154,14 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
         """The whole body, refused past max_body_bytes. A refused body is still read to its end (and dropped):
         closing a socket with unread data resets it, and the client would lose the answer."""
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= settings.max_body_bytes:
-                chunks.append(chunk)
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size <= settings.max_body_bytes:
+                        chunks.append(chunk)
+        except TimeoutError:
+            raise BodyTimeoutError(f"the body did not arrive within {settings.body_timeout_s:g}s ({size} bytes so far); send it at once, or raise --body-timeout-s") from None
         if size > settings.max_body_bytes:
             raise BodyTooLargeError(f"the body has {size} bytes, over the limit of {settings.max_body_bytes}; send fewer rows per request or raise --max-body-mb")
         if request.headers.get("content-encoding", "identity").lower() != "identity":
@@ -179,8 +193,9 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
 
     async def classify(request: Request) -> Response:
         k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k, artifact.num_classes)
-        pixels = await asyncio.to_thread(image_to_input, await read_body(request), artifact.metadata)
+        pixels = await asyncio.to_thread(image_to_input, await read_body(request), artifact.metadata, settings.max_image_pixels)
         results = await batcher.infer({image_input.name: pixels.astype(DATATYPES[image_input.datatype])})
+        check_finite_output(output_name, results[output_name])
         return JSONResponse({
             "model_name": settings.model_name, "model_version": MODEL_VERSION,
             "predictions": top_k(results[output_name][0], k, settings.labels),

@@ -63,9 +63,9 @@ def read_artifact(path: str | Path) -> Artifact:
         raise InvalidInputError(f"no such artifact: {path}; pass an ONNX file written by tome-export (or an engine)")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return _read_onnx(path)
+        return _checked_input_size(_read_onnx(path))
     if suffix in ENGINE_SUFFIXES:
-        return _read_engine(path)
+        return _checked_input_size(_read_engine(path))
     raise InvalidInputError(f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output")
 
 
@@ -104,6 +104,16 @@ def _read_onnx(path: Path) -> Artifact:
         raise InvalidInputError(f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output")
     metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
     return Artifact(path, "onnx", inputs, outputs, metadata)
+
+
+def _checked_input_size(artifact: Artifact) -> Artifact:
+    """tome.input_size decides what the image endpoint resizes to; it must be the graph's own [3, H, W], so a
+    damaged or crafted value cannot choose what a request allocates."""
+    graph_size = list(artifact.image_input.shape[1:])
+    if artifact.metadata.input_size != graph_size:
+        raise InvalidInputError(f"{artifact.path.name}: tome.input_size {artifact.metadata.input_size!r} disagrees with the model input {graph_size}; "
+                                "the metadata is damaged: re-export the model with tome-export")
+    return artifact
 
 
 def _onnx_tensor(value) -> TensorSpec:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class BatchPolicy:
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1:
             raise InvalidInputError(f"max batch ({self.max_batch}) and max queue ({self.max_queue}) must be >= 1; pass positive values")
-        if self.max_delay_s < 0 or self.timeout_s <= 0:
+        if not (math.isfinite(self.max_delay_s) and math.isfinite(self.timeout_s)) or self.max_delay_s < 0 or self.timeout_s <= 0:
             raise InvalidInputError(f"max delay ({self.max_delay_s}s) must be >= 0 and timeout ({self.timeout_s}s) > 0; pass valid values")
 
 

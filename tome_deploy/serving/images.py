@@ -13,16 +13,17 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.preprocess import eval_transform
 
-# Refuse before decoding: a small compressed file can expand to gigabytes of pixels.
-MAX_IMAGE_PIXELS = 40_000_000
-
-
-def image_to_input(body: bytes, metadata: ToMeMetadata) -> np.ndarray:
-    """JPEG/PNG/... bytes -> float32 [1, 3, H, W] through timm's eval transform with the export's data config."""
+def image_to_input(body: bytes, metadata: ToMeMetadata, max_pixels: int) -> np.ndarray:
+    """JPEG/PNG/... bytes -> float32 [1, 3, H, W] through timm's eval transform with the export's data config.
+    The pixel count is read from the header and refused before anything is decoded: a small compressed file
+    can expand to gigabytes of pixels."""
     try:
         image = Image.open(io.BytesIO(body))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise InvalidInputError(f"the image has {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS}); send a smaller image")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InvalidInputError(f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file") from None
+    if image.width * image.height > max_pixels:
+        raise InvalidInputError(f"the image has {image.width}x{image.height} pixels, over --max-image-pixels {max_pixels}; send a smaller image (the model sees {metadata.input_size[1]}x{metadata.input_size[2]})")
+    try:
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise InvalidInputError(f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file") from None

@@ -15,9 +15,21 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from tome_deploy.errors import InvalidInputError
+from tome_deploy.errors import InvalidInputError, ToMeError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# The JSON part of a request may hold at most this many bytes per value the model takes in one request
+# (a float64 in shortest form is at most 24 characters, "-2.2250738585072014e-308"), plus JSON_OVERHEAD_BYTES
+# for names and parameters. Checked before parsing: Python's parser needs ~8-10x the text (a float object
+# and a list slot per value), so this bounds what one JSON request can allocate.
+JSON_BYTES_PER_VALUE = 25
+JSON_OVERHEAD_BYTES = 64 << 10
+
+
+class NonFiniteOutputError(ToMeError):
+    """The model produced NaN or inf, which JSON cannot carry and no client should get as scores (HTTP 500)."""
+
+    exit_code = 3
 
 # KServe v2 datatype -> little-endian numpy dtype (BYTES and BF16 are not tensor types these models use).
 DATATYPES: dict[str, np.dtype] = {
@@ -69,7 +81,8 @@ def parse_infer_request(
     max_batch: int,
 ) -> InferRequest:
     """Decode and check one infer request against the model's tensors; axis 0 is the batch (1..max_batch)."""
-    header, binary = _split_body(body, header_length)
+    json_limit = JSON_OVERHEAD_BYTES + JSON_BYTES_PER_VALUE * max_batch * sum(math.prod(spec.shape[1:]) for spec in inputs)
+    header, binary = _split_body(body, header_length, json_limit)
     request = _object(header, "the request")
     parameters = _object(request.get("parameters", {}), "'parameters'")
     by_name = {spec.name: spec for spec in inputs}
@@ -81,7 +94,7 @@ def parse_infer_request(
     for raw in raw_inputs:
         raw = _object(raw, "each entry of 'inputs'")
         name = raw.get("name")
-        if name not in by_name:
+        if not isinstance(name, str) or name not in by_name:
             raise InvalidInputError(f"unknown input {name!r}; this model takes {_names(inputs)}")
         if name in arrays:
             raise InvalidInputError(f"input {name!r} appears twice; send each input once")
@@ -108,6 +121,8 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest, 
     outputs, blobs = [], []
     for wanted in request.outputs:
         value = results[wanted.name]
+        if not wanted.binary:
+            check_finite_output(wanted.name, value)
         entry: dict[str, Any] = {"name": wanted.name, "datatype": datatype_of(value.dtype), "shape": list(value.shape)}
         if wanted.binary:
             blob = np.ascontiguousarray(value, dtype=DATATYPES[entry["datatype"]]).tobytes()
@@ -119,11 +134,18 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest, 
     response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": outputs}
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response).encode()
+    header = json.dumps(response, allow_nan=False).encode()
     return (header + b"".join(blobs), len(header)) if blobs else (header, None)
 
 
-def _split_body(body: bytes, header_length: Optional[str]) -> tuple[Any, bytes]:
+def check_finite_output(name: str, value: np.ndarray) -> None:
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        bad = int(value.size - np.isfinite(value).sum())
+        raise NonFiniteOutputError(f"the model's output {name!r} has {bad} non-finite values (NaN or inf); the artifact is broken: "
+                                   "check it with tome-validate and re-export (binary_data outputs carry the raw values)")
+
+
+def _split_body(body: bytes, header_length: Optional[str], json_limit: int) -> tuple[Any, bytes]:
     if header_length is None:
         json_part, binary = body, b""
     else:
@@ -134,8 +156,13 @@ def _split_body(body: bytes, header_length: Optional[str]) -> tuple[Any, bytes]:
         if not 0 < length <= len(body):
             raise InvalidInputError(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes; send the JSON header's byte length")
         json_part, binary = body[:length], body[length:]
+    if len(json_part) > json_limit:
+        raise InvalidInputError(f"the JSON part of the request has {len(json_part)} bytes, more than this model's largest request can need ({json_limit}); "
+                                "send fewer rows, or the tensors as binary data (Inference-Header-Content-Length)")
     try:
         return json.loads(json_part), binary
+    except RecursionError:
+        raise InvalidInputError("the request JSON is nested too deeply; send a KServe v2 infer request (tensors as flat 'data' lists)") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise InvalidInputError(f"the request is not valid JSON ({err}); send a KServe v2 infer request") from None
 
@@ -194,7 +221,7 @@ def _requested_outputs(raw: Any, outputs: Sequence[TensorSpec], binary_default: 
     for entry in raw:
         entry = _object(entry, "each entry of 'outputs'")
         parameters = _object(entry.get("parameters", {}), "output 'parameters'")
-        if entry.get("name") not in known:
+        if not isinstance(entry.get("name"), str) or entry.get("name") not in known:
             raise InvalidInputError(f"unknown output {entry.get('name')!r}; this model returns {sorted(known)}")
         if parameters.get("class_count", 0) or "shared_memory_region" in parameters:
             raise InvalidInputError("class_count and shared-memory outputs are not offered; ask for raw outputs, or POST an image to the classify endpoint for top-k")

@@ -3,6 +3,9 @@
 The config is written as protobuf text (Triton's `inference.ModelConfig`); its fields come from the
 artifact: platform, tensors, batch (a dynamic-batch export -> max_batch_size + dynamic_batching; a
 fixed-batch export -> max_batch_size 0 with the batch inside dims) and the ToMe schedule as parameters.
+Two model kinds: Triton's own backends (`platform: onnxruntime_onnx` / `tensorrt_plan`, the default, for
+GPU Triton images) or `backend: "python"`, which runs the ONNX file through tome-deploy's ONNX Runtime
+runner inside Triton's Python backend (`serving/triton_python.py`; model.py is written next to the file).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from tome_deploy.errors import InvalidInputError
 from tome_deploy.output_files import write_atomically
 from tome_deploy.serving.artifact import Artifact
 from tome_deploy.serving.kserve import TensorSpec
+from tome_deploy.serving.triton_python import MODEL_PY, THREADS_PARAMETER
 
 MODEL_FILE = {"onnx": "model.onnx", "engine": "model.plan"}
 VERSION = "1"
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+BACKENDS = ("platform", "python")  # Triton's ONNX Runtime / TensorRT backend, or ours inside its Python backend
 # The ToMe facts a Triton user may want to see next to the model (Triton parameters are strings).
 TOME_PARAMETERS = ("model", "schedule", "r_effective", "tokens_per_layer", "num_prefix_tokens", "theoretical_speedup", "merge", "precision", "input_size")
 
@@ -38,6 +43,8 @@ class TritonOptions:
     max_queue_delay_us: int = 5000
     instances: int = 1
     kind: str = "KIND_CPU"
+    backend: str = "platform"
+    threads: Optional[int] = None  # python backend: ONNX Runtime intra-op threads per instance (None: all cores)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name) or self.model_name in (".", ".."):
@@ -46,6 +53,10 @@ class TritonOptions:
             raise InvalidInputError("--max-batch and --instances must be >= 1 and --max-delay-ms >= 0; pass valid values")
         if self.kind not in INSTANCE_KINDS:
             raise InvalidInputError(f"instance kind {self.kind!r} is not one of {INSTANCE_KINDS}")
+        if self.backend not in BACKENDS:
+            raise InvalidInputError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.threads is not None and (self.backend != "python" or self.threads < 1):
+            raise InvalidInputError("--threads applies to --backend python and must be >= 1; drop it or pass --backend python")
 
 
 @dataclass(frozen=True)
@@ -59,11 +70,12 @@ class TritonRepo:
 
 def model_config(artifact: Artifact, options: TritonOptions) -> dict[str, Any]:
     """The ModelConfig message as a dict (field name -> value; lists of dicts are repeated messages)."""
-    check_triton_can_run(artifact)
+    check_triton_can_run(artifact, options.backend)
     fixed = artifact.fixed_batch
+    runs_on = {"backend": "python"} if options.backend == "python" else {"platform": artifact.triton_platform}
     config: dict[str, Any] = {
         "name": options.model_name,
-        "platform": artifact.triton_platform,
+        **runs_on,
         "max_batch_size": 0 if fixed is not None else triton_max_batch(artifact, options.max_batch),
         "input": [_tensor(spec, fixed) for spec in artifact.inputs],
         "output": [_tensor(spec, fixed) for spec in artifact.outputs],
@@ -74,11 +86,19 @@ def model_config(artifact: Artifact, options: TritonOptions) -> dict[str, Any]:
     config["instance_group"] = [{"count": options.instances, "kind": Enum(kind)}]
     meta = artifact.metadata.to_dict()
     config["parameters"] = [{"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS]
+    if options.threads is not None:
+        config["parameters"].append({"key": THREADS_PARAMETER, "value": {"string_value": str(options.threads)}})
     return config
 
 
-def check_triton_can_run(artifact: Artifact) -> None:
-    """Triton's ONNX Runtime backend has no tome::TokenMerge op, and its TensorRT backend loads full-TensorRT engines only."""
+def check_triton_can_run(artifact: Artifact, backend: str = "platform") -> None:
+    """Triton's ONNX Runtime backend has no tome::TokenMerge op, and its TensorRT backend loads full-TensorRT engines only.
+    The Python backend runs our ONNX Runtime runner (which has the op), on ONNX files."""
+    if backend == "python":
+        if artifact.kind != "onnx":
+            raise InvalidInputError(f"{artifact.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
+                                    "or drop --backend python to give the engine to Triton's TensorRT backend")
+        return
     if artifact.kind == "onnx" and artifact.metadata.merge == "plugin":
         raise InvalidInputError(f"{artifact.path.name} uses the tome::TokenMerge op, which Triton's ONNX Runtime backend cannot run; "
                                 "export with --merge scatter or matmul, or build an engine with tome-build")
@@ -131,12 +151,28 @@ def write_triton_repo(artifact: Artifact, root: str | Path, options: TritonOptio
     except OSError as err:
         raise InvalidInputError(f"cannot create {version_dir} ({err.strerror}); choose another directory") from err
     model_path = write_atomically(version_dir / MODEL_FILE[artifact.kind], lambda out: _copy(artifact.path, out))
+    if options.backend == "python":
+        write_atomically(version_dir / "model.py", lambda out: out.write(MODEL_PY.encode()))
     text = render_pbtxt(model_config(artifact, options)) + "\n"
     config_path = write_atomically(model_dir / "config.pbtxt", lambda out: out.write(text.encode()))
     command = tritonserver_command(root)
-    readme = f"# {options.model_name}\n\nServe this repository with Triton Inference Server:\n\n    {command}\n"
+    readme = f"# {options.model_name}\n\nServe this repository with Triton Inference Server:\n\n    {command}\n" + (PYTHON_README if options.backend == "python" else "")
     write_atomically(model_dir / "README.md", lambda out: out.write(readme.encode()))
     return TritonRepo(root, model_dir, config_path, model_path, command)
+
+
+PYTHON_README = """
+This model runs in Triton's Python backend: `1/model.py` imports `tome_deploy` and runs `1/model.onnx`
+through tome-deploy's ONNX Runtime runner. The backend's stub runs the Python whose `libpython` it loads
+and ignores PYTHONPATH, so make `tome_deploy` importable there in one of three ways:
+
+- install it into that Python: `pip install tome-deploy` (numpy, onnx and onnxruntime come with it);
+- or point the server at a checkout: `TOME_DEPLOY_PYTHONPATH=/path/to/tome-deploy tritonserver ...`
+  (model.py puts those folders on sys.path first);
+- or pack an environment (`conda-pack`) and name it in config.pbtxt's `EXECUTION_ENV_PATH` parameter.
+
+The stub must match that Python's version (`triton_python_backend_stub` of the same 3.X).
+"""
 
 
 def _tensor(spec: TensorSpec, fixed_batch) -> dict[str, Any]:
