@@ -19,6 +19,16 @@ from tome_deploy.output_files import check_output_path, write_atomically
 from tome_deploy.token_merge.onnx_translation import custom_translation_table
 
 
+# The largest batch an export traces or accepts: the bound of the dynamic batch dimension, and the most
+# images a --static-batch trace and its validation allocate at once.
+MAX_BATCH = 4096
+
+
+def check_batch_size(batch: int, flag: str = "--batch-size") -> None:
+    if not 1 <= batch <= MAX_BATCH:
+        raise InvalidInputError(f"{flag} must be from 1 to {MAX_BATCH}, got {batch}; pass a batch size in that range")
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
@@ -72,14 +82,13 @@ def export_onnx(
     spec.check_opset(metadata.opset)
     path = check_output_path(output)
     example_batch = int(metadata.extra.get("example_batch", 1))
-    if example_batch < 1:
-        raise InvalidInputError(f"--batch-size must be at least 1, got {example_batch}")
+    check_batch_size(example_batch)
     dynamic = metadata.batch == "dynamic"
     example = torch.randn(example_batch, *metadata.input_size)
     # A dynamic dimension traced at size 1 would be specialised away; trace at 2 or more.
     if dynamic and example_batch == 1:
         example = torch.randn(2, *metadata.input_size)
-    dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=4096)},) if dynamic else None
+    dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=MAX_BATCH)},) if dynamic else None
 
     start = time.perf_counter()
     tome_model = tome_model.eval()
