@@ -37,8 +37,11 @@ def _check_folder(path: Path, flag: str) -> None:
         raise InvalidInputError(f"{flag} {path} is a directory; pass a file path inside it")
     if not folder.is_dir():
         raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder}) or choose another {flag} path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"output directory {folder} is not writable; choose another {flag} path")
+    try:  # a real probe: os.access says yes to root on read-only mounts and ignores ACLs
+        os.unlink(_temp_next_to(folder / path.name))
+    except OSError as err:
+        raise InvalidInputError(f"output directory {folder} is not writable ({err.strerror or err}); choose another "
+                                f"{flag} path") from err
 
 
 def check_output_path(output: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, flag: str = "-o") -> Path:
@@ -90,16 +93,27 @@ def _install(temp: Path, path: Path) -> None:
 def write_atomically(output: PathLike, write: Callable[[BinaryIO], None], *, flag: str = "-o") -> Path:
     """Write through a temporary file in the same folder, then rename over `output`."""
     path = check_output_path(output, flag=flag)
-    temp = _temp_next_to(path)
+    temp = _writable_temp(path, flag)
     try:
         with open(temp, "wb") as stream:
             write(stream)
         _install(temp, path)
     except OSError as err:
-        raise InvalidInputError(f"cannot write {path} ({err.strerror or err}); choose another {flag} path") from err
+        raise _write_error(path, flag, err) from err
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+def _writable_temp(path: Path, flag: str) -> Path:
+    try:
+        return _temp_next_to(path)
+    except OSError as err:
+        raise _write_error(path, flag, err) from err
+
+
+def _write_error(path: Path, flag: str, err: OSError) -> InvalidInputError:
+    return InvalidInputError(f"cannot write {path} ({err.strerror or err}); choose another {flag} path")
 
 
 class StagedOutput:
@@ -111,13 +125,13 @@ class StagedOutput:
     def __init__(self, target: PathLike, *, flag: str = "-o"):
         self.target = check_output_path(target, flag=flag)
         self.flag = flag
-        self.temp = _temp_next_to(self.target)
+        self.temp = _writable_temp(self.target, flag)
 
     def commit(self) -> Path:
         try:
             _install(self.temp, self.target)
         except OSError as err:
-            raise InvalidInputError(f"cannot write {self.target} ({err.strerror or err}); choose another {self.flag} path") from err
+            raise _write_error(self.target, self.flag, err) from err
         return self.target
 
     def discard(self) -> None:

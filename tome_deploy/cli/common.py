@@ -79,12 +79,12 @@ def run_command(main: Callable[[], int], debug: Optional[bool] = False) -> int:
     try:
         return main()
     except ToMeError as err:
-        code, line = err.exit_code, f"error: {err}"
-    except KeyboardInterrupt:
-        code, line = 130, "error: interrupted"
+        code, line, caught = err.exit_code, f"error: {err}", err
+    except KeyboardInterrupt as err:
+        code, line, caught = 130, "error: interrupted", err
     except Exception as err:  # noqa: BLE001 - the last guard: a bug, reported as one line
-        code, line = 3, f"error: {error_reason(err)} ({UNEXPECTED})"
+        code, line, caught = 3, f"error: {error_reason(err)} ({UNEXPECTED})", err
     if debug_enabled(bool(debug)):
-        traceback.print_exc(file=sys.stderr)
+        traceback.print_exception(caught, file=sys.stderr)
     print(" ".join(line.splitlines()), file=sys.stderr, flush=True)
     return code

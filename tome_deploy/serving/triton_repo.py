@@ -152,8 +152,10 @@ def _check_repo(artifact: Artifact, root: Path, model_name: str, overwrite: bool
     if not root.parent.is_dir():
         raise InvalidInputError(f"the parent of {root} does not exist; create it first (mkdir -p {root.parent})")
     writable = root if root.is_dir() else root.parent
-    if not os.access(writable, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"{writable} is not writable; choose another directory for the model repository")
+    try:  # a real probe: os.access says yes to root on read-only mounts
+        tempfile.TemporaryFile(dir=writable).close()
+    except OSError as err:
+        raise InvalidInputError(f"{writable} is not writable ({err.strerror}); choose another directory for the model repository") from err
     model_dir = root / model_name
     if model_dir.exists() and not overwrite:
         raise InvalidInputError(f"{model_dir} already exists; pass --overwrite to replace it or --name for another model name")
