@@ -6,7 +6,8 @@ measure top-1 in ONNX Runtime (the predictions must be identical; every mismatch
 all exports interleaved in one ONNX Runtime run against r = 0. Prints a markdown table and writes a plot.
 
     pip install -e ".[viz]"
-    python benchmarks/accuracy_vs_speed.py            # table to stdout, plot to benchmarks/out/ and docs/
+    python benchmarks/accuracy_vs_speed.py            # table to stdout, plot and JSON to benchmarks/out/
+    python benchmarks/accuracy_vs_speed.py --docs docs/accuracy_vs_speed.png   # also replace the README's plot
     python benchmarks/accuracy_vs_speed.py --batch 64 --rounds 20 --threads 2
 """
 
@@ -47,8 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inflected", default="mid,max",
                         help="(r, -1) schedules: comma list of r values, or mid/max of the constant range")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out", help="plot and JSON folder")
-    parser.add_argument("--docs", type=lambda text: Path(text) if text else None, default=ROOT / "docs" / "accuracy_vs_speed.png",
-                        help="where the plot is copied for the README ('' to skip)")
+    parser.add_argument("--docs", type=Path, default=None, metavar="PNG",
+                        help="also copy the plot there, e.g. docs/accuracy_vs_speed.png to update the tracked README "
+                             "image (default: benchmarks/out/ only)")
     return parser.parse_args()
 
 
@@ -144,6 +146,8 @@ def main() -> int:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot_path, args.docs)
         say(f"wrote {plot_path} and {args.docs}")
+    elif plot_path is not None:
+        say(f"wrote {plot_path} (pass --docs docs/accuracy_vs_speed.png to update the README's plot)")
     if mismatches_total:
         say(f"FAIL: {mismatches_total} PyTorch vs ONNX Runtime prediction mismatches")
         return 1

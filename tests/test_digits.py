@@ -80,8 +80,9 @@ def test_pixels_match_the_exported_data_config(trained):
 
 
 def test_training_is_deterministic():
-    """Same seed, same weights; another seed, other weights (3 epochs on 240 images, with augmentation)."""
-    config = dataclasses.replace(TINY, max_shift=1)
+    """Same seed, same weights; another seed, other weights. Three steps (48 images, batches of 16, with
+    augmentation) exercise every seeded part (init, shuffling, shifts, drop-path RNG) at a fraction of the cost."""
+    config = dataclasses.replace(TINY, epochs=1, train_limit=48, max_shift=1)
     model_a, accuracy_a = train(seed=0, config=config)
     model_b, accuracy_b = train(seed=0, config=config)
     model_c, _ = train(seed=1, config=config)

@@ -25,6 +25,7 @@ from tome_deploy.errors import (
     UnsafePickleError,
     UnsupportedModelError,
 )
+from tome_deploy.models.loading import dispatch
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.loading.safe_pickle import allowed_global
@@ -148,6 +149,7 @@ def test_pretrained_fetch_failure_points_at_checkpoint(monkeypatch):
         return real_create(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline_create)
+    monkeypatch.setattr(dispatch, "_hub_unreachable", lambda: False)  # the hub resolves, the fetch fails
     with pytest.raises(ModelLoadError) as info:
         load_model(ARCH, pretrained=True, img_size=SIZE)
     assert "could not be fetched" in str(info.value) and "--checkpoint" in str(info.value)

@@ -1,45 +1,144 @@
-"""Writing results safely: the target folder is checked up front and files appear whole or not at all."""
+"""The one policy for every file a command writes.
+
+Checked before any work starts (`check_outputs`): an output is not a directory, its folder exists and is
+writable, it is not one of the command's inputs (same resolved path, symlink or hard link) and not another
+of its outputs. Written atomically (`write_atomically`, `StagedOutput`): through a temporary file in the
+same folder renamed over the target, so a failure or Ctrl-C leaves the old file intact and no partial file.
+A result that still has to pass a check (an ONNX export before its parity validation) is staged: written
+next to the target and renamed over it only once it passed.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
 from tome_deploy.errors import InvalidInputError
 
+PathLike = str | Path
 
-def check_output_path(output: str | Path, inputs: tuple[Optional[str | Path], ...] = ()) -> Path:
-    """The output's folder must exist and be writable, and the output must not overwrite an input."""
-    path = Path(output).expanduser()
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file on disk (resolved symlinks, hard links), or the same resolved path when one does not exist yet."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _check_folder(path: Path, flag: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise InvalidInputError(f"output {path} is a directory; pass a file path inside it")
+        raise InvalidInputError(f"{flag} {path} is a directory; pass a file path inside it")
     if not folder.is_dir():
-        raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder})")
-    if not os.access(folder, os.W_OK):
-        raise InvalidInputError(f"output directory {folder} is not writable; choose another -o path")
-    for given in inputs:
-        if given is not None and Path(given).exists() and path.exists() and path.resolve() == Path(given).resolve():
-            raise InvalidInputError(f"output {path} is also an input; choose another -o path so nothing is overwritten")
-    return path
-
-
-def write_atomically(output: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename over `output`."""
-    path = check_output_path(output)
-    handle, temp_name = tempfile.mkstemp(suffix=".tmp", prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temp_name, path)
+        raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder}) or choose another {flag} path")
+    try:  # a real probe: os.access says yes to root on read-only mounts and ignores ACLs
+        os.unlink(_temp_next_to(folder / path.name))
     except OSError as err:
-        raise InvalidInputError(f"cannot write {path} ({err.strerror or err}); choose another -o path") from err
+        raise InvalidInputError(f"output directory {folder} is not writable ({err.strerror or err}); choose another "
+                                f"{flag} path") from err
+
+
+def check_output_path(output: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, flag: str = "-o") -> Path:
+    """One output: not a directory, in a writable folder that exists, and not one of `inputs`."""
+    return check_outputs({flag: output}, inputs)[flag]
+
+
+def check_outputs(outputs: Mapping[str, Optional[PathLike]], inputs: Iterable[Optional[PathLike]] = ()) -> dict[str, Path]:
+    """Every output of one command (flag -> path; None: not written) against the policy above.
+
+    `inputs` are the files the command reads (model, checkpoint, artifact...); entries that are not existing
+    files (a timm model name, None) are ignored. A file that is both read and updated (a timing cache) is
+    passed as an output only."""
+    existing_inputs = [Path(p).expanduser() for p in inputs if p is not None and Path(p).expanduser().is_file()]
+    checked: dict[str, Path] = {}
+    for flag, output in outputs.items():
+        if output is None:
+            continue
+        path = Path(output).expanduser()
+        _check_folder(path, flag)
+        for given in existing_inputs:
+            if _same_file(path, given):
+                raise InvalidInputError(f"{flag} {path} is also an input of this command ({given}); choose another "
+                                        f"{flag} path so nothing you passed in is overwritten")
+        for other_flag, other in checked.items():
+            if _same_file(path, other):
+                raise InvalidInputError(f"{flag} {path} is also the {other_flag} output; give each output its own path")
+        checked[flag] = path
+    return checked
+
+
+def _temp_next_to(path: Path) -> Path:
+    handle, name = tempfile.mkstemp(suffix=".tmp", prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _install(temp: Path, path: Path) -> None:
+    os.chmod(temp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
+    os.replace(temp, path)
+
+
+def write_atomically(output: PathLike, write: Callable[[BinaryIO], None], *, flag: str = "-o") -> Path:
+    """Write through a temporary file in the same folder, then rename over `output`."""
+    path = check_output_path(output, flag=flag)
+    temp = _writable_temp(path, flag)
+    try:
+        with open(temp, "wb") as stream:
+            write(stream)
+        _install(temp, path)
+    except OSError as err:
+        raise _write_error(path, flag, err) from err
     finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+        temp.unlink(missing_ok=True)
     return path
+
+
+def _writable_temp(path: Path, flag: str) -> Path:
+    try:
+        return _temp_next_to(path)
+    except OSError as err:
+        raise _write_error(path, flag, err) from err
+
+
+def _write_error(path: Path, flag: str, err: OSError) -> InvalidInputError:
+    return InvalidInputError(f"cannot write {path} ({err.strerror or err}); choose another {flag} path")
+
+
+class StagedOutput:
+    """A file written at `temp` (next to `target`) and moved onto `target` only by `commit()`.
+
+    Used as a context manager: leaving the block without a commit (a failed check, an exception, Ctrl-C)
+    deletes the staged file, and `target` keeps whatever it held before."""
+
+    def __init__(self, target: PathLike, *, flag: str = "-o"):
+        self.target = check_output_path(target, flag=flag)
+        self.flag = flag
+        self.temp = _writable_temp(self.target, flag)
+
+    def commit(self) -> Path:
+        try:
+            _install(self.temp, self.target)
+        except OSError as err:
+            raise _write_error(self.target, self.flag, err) from err
+        return self.target
+
+    def discard(self) -> None:
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()

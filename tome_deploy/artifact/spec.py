@@ -50,7 +50,9 @@ class ExportSpec:
     input_name: str = "pixel_values"
     output_name: str = "logits"
     batch_axis_name: str = "batch"
-    max_batch: int = 4096  # the dynamic batch axis' upper bound
+    # The largest batch an export traces or accepts: the bound of the dynamic batch axis, and the most
+    # images a --static-batch trace and its validation allocate at once.
+    max_batch: int = 4096
     default_opset: int = 18
     # ScatterElements(reduction="add") exists from opset 16; below it the sum is silently dropped.
     min_opset: int = 16
@@ -62,6 +64,11 @@ class ExportSpec:
 
     def tolerance(self, precision: str) -> Tolerance:
         return self.fp16 if precision == "fp16" else self.fp32
+
+    def check_batch(self, batch: int, flag: str = "--batch-size") -> int:
+        if not 1 <= batch <= self.max_batch:
+            raise InvalidInputError(f"{flag} must be from 1 to {self.max_batch}, got {batch}; pass a batch size in that range")
+        return batch
 
     def check_opset(self, opset: int) -> int:
         if not self.min_opset <= opset <= self.max_opset:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tome_deploy.cli.common import EXIT_CODES_HELP, run_command, say
+from tome_deploy.cli.common import add_debug_argument, exit_codes_help, run_command, say
 from tome_deploy.errors import InvalidInputError
 
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx")
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tome-build",
         description="Build a TensorRT (or TensorRT-RTX) engine from an ONNX file written by tome-export; "
                     "writes MODEL.plan and MODEL.plan.json (backend, GPU, profile, precision, ToMe schedule).",
-        epilog=EXIT_CODES_HELP.replace("3 export failed", "3 parse/build failed"),
+        epilog=exit_codes_help(4, c3="parse/build failed or unexpected error (please report it)"),
     )
     parser.add_argument("onnx", nargs="?", metavar="MODEL.onnx", help="ONNX file to build")
     parser.add_argument("-o", "--output", metavar="PATH", help="engine file to write (e.g. model.plan)")
@@ -33,12 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compute-capability", metavar="CC",
                         help="build ahead of time for this GPU (e.g. 89; TensorRT-RTX, no GPU needed)")
     parser.add_argument("--json", action="store_true", help="print the sidecar JSON on stdout")
+    add_debug_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _inspect(args) if args.inspect else _build(args))
+    return run_command(lambda: _inspect(args) if args.inspect else _build(args), args.debug)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -1,23 +1,39 @@
 """What every tome-* command shares: model-loading flags, streams, one-line errors and exit codes.
 
-Exit codes: 0 success; 1 parity validation failed; 2 bad input (arguments, model, checkpoint, schedule,
-paths); 3 export failed; 4 an optional dependency is missing; 130 interrupted.
+Exit codes (each command's --help lists the ones it can return): 0 success; 1 parity validation failed;
+2 bad input (arguments, model, checkpoint, schedule, paths, damaged artifacts); 3 export/build failed, or an
+unexpected error (a bug: one line asking for a report; the traceback with --debug or TOME_DEBUG=1);
+4 an optional dependency is missing; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
-from typing import Callable
+import traceback
+from typing import Callable, Optional
 
-from tome_deploy.errors import InvalidInputError, ToMeError
+from tome_deploy.errors import ToMeError, error_reason
+from tome_deploy.output_files import write_atomically
 
-EXIT_CODES_HELP = (
-    "exit codes: 0 success, 1 parity validation failed, 2 bad input (arguments, model, checkpoint, "
-    "schedule, paths), 3 export failed, 4 missing optional dependency, 130 interrupted"
-)
+EXIT_CODES = {
+    0: "success",
+    1: "parity validation failed",
+    2: "bad input (arguments, model, checkpoint, schedule, paths, damaged artifacts)",
+    3: "unexpected error (please report it)",
+    4: "missing optional dependency",
+    130: "interrupted",
+}
+DEBUG_VARIABLE = "TOME_DEBUG"  # TOME_DEBUG=1: print the traceback of any error, as --debug does
+UNEXPECTED = "unexpected; please report it, with the output of --debug, to the tome-deploy issue tracker"
+
+
+def exit_codes_help(*codes: int, **meanings: str) -> str:
+    """The epilog line of the codes one command can return; `meanings` (e.g. c3=...) reword a code for it."""
+    parts = [f"{code} {meanings.get(f'c{code}', EXIT_CODES[code])}" for code in sorted({0, 2, 3, 130, *codes})]
+    return "exit codes: " + ", ".join(parts) + f"; {DEBUG_VARIABLE}=1 or --debug prints tracebacks"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,29 +57,34 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an error (or set {DEBUG_VARIABLE}=1)")
+
+
 def emit_report(report: dict, args: argparse.Namespace) -> None:
     text = json.dumps(report, indent=2, default=str)
     if args.report:
-        Path(args.report).write_text(text + "\n")
+        write_atomically(args.report, lambda stream: stream.write((text + "\n").encode()), flag="--report")
     if args.json:
         print(text, flush=True)
 
 
-def check_report_path(args: argparse.Namespace) -> None:
-    """Fail before the long work starts, not after it."""
-    if args.report:
-        folder = Path(args.report).expanduser().parent
-        if not folder.is_dir():
-            raise InvalidInputError(f"--report directory {folder} does not exist; create it first")
+def debug_enabled(flag: bool = False) -> bool:
+    return flag or os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def run_command(main: Callable[[], int]) -> int:
-    """Turn typed errors into one line on stderr and their exit code."""
+def run_command(main: Callable[[], int], debug: Optional[bool] = False) -> int:
+    """Turn typed errors into one line on stderr and their exit code, and anything else into one
+    'unexpected' line and exit 3; tracebacks only with --debug / TOME_DEBUG=1."""
     try:
         return main()
     except ToMeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        code, line, caught = err.exit_code, f"error: {err}", err
+    except KeyboardInterrupt as err:
+        code, line, caught = 130, "error: interrupted", err
+    except Exception as err:  # noqa: BLE001 - the last guard: a bug, reported as one line
+        code, line, caught = 3, f"error: {error_reason(err)} ({UNEXPECTED})", err
+    if debug_enabled(bool(debug)):
+        traceback.print_exception(caught, file=sys.stderr)
+    print(" ".join(line.splitlines()), file=sys.stderr, flush=True)
+    return code

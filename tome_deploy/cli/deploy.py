@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tome_deploy.cli.common import EXIT_CODES_HELP, run_command, say
+from tome_deploy.cli.common import add_debug_argument, exit_codes_help, run_command, say
 from tome_deploy.cli.serve import default_model_name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tome-deploy", description="Package a ToMe artifact for a serving system.", epilog=EXIT_CODES_HELP)
+    parser = argparse.ArgumentParser(prog="tome-deploy", description="Package a ToMe artifact for a serving system.", epilog=exit_codes_help())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     triton = commands.add_parser(
         "triton-repo",
         help="write a Triton Inference Server model repository for an artifact",
         description="Write DIR/<name>/config.pbtxt and DIR/<name>/1/model.onnx or model.plan (the artifact, copied unchanged) "
         "for NVIDIA Triton Inference Server, and print the tritonserver command.",
-        epilog=EXIT_CODES_HELP,
+        epilog=exit_codes_help(),
     )
     triton.add_argument("artifact", metavar="ARTIFACT", help="a .onnx file written by tome-export, or a .plan engine written by tome-build")
     triton.add_argument("repo", metavar="DIR", help="model repository folder (created if missing; other models in it are kept)")
@@ -30,19 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="platform (default): Triton's onnxruntime_onnx / tensorrt_plan backends (GPU Triton images); "
                         "python: runs the ONNX file through tome-deploy's ONNX Runtime runner in Triton's Python backend")
     triton.add_argument("--threads", type=int, metavar="N", help="--backend python: ONNX Runtime intra-op threads per instance (default: all cores)")
-    triton.add_argument("--overwrite", action="store_true", help="replace DIR/<name> if it exists")
+    triton.add_argument("--overwrite", action="store_true", help="replace DIR/<name> (every version in it) if it exists")
+    add_debug_argument(triton)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _triton_repo(args))
+    return run_command(lambda: _triton_repo(args), args.debug)
 
 
 def _triton_repo(args: argparse.Namespace) -> int:
+    from tome_deploy.errors import InvalidInputError
     from tome_deploy.serving.artifact import read_artifact
     from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
+    if not 0 <= args.max_delay_ms <= 60_000:  # also refuses nan
+        raise InvalidInputError(f"--max-delay-ms must be from 0 to 60000, got {args.max_delay_ms}; pass a delay in milliseconds")
     options = TritonOptions(
         model_name=args.name or default_model_name(args.artifact),
         max_batch=args.max_batch,

@@ -12,11 +12,11 @@ from tome_deploy.artifact.spec import (
     TARGETS,
 )
 from tome_deploy.cli.common import (
-    EXIT_CODES_HELP,
+    add_debug_argument,
     add_model_arguments,
     add_report_arguments,
-    check_report_path,
     emit_report,
+    exit_codes_help,
     run_command,
     say,
 )
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tome-export",
         description="Rewrite a timm Vision Transformer with Token Merging and export it to a fixed-shape ONNX file.",
-        epilog=EXIT_CODES_HELP,
+        epilog=exit_codes_help(1, 4, c3="export failed or unexpected error (please report it)"),
     )
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="ONNX file to write")
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime parity check")
     parser.add_argument("--measure", action="store_true", help="also export the unmerged model and time both in ONNX Runtime")
     add_report_arguments(parser)
+    add_debug_argument(parser)
     return parser
 
 
@@ -72,11 +73,13 @@ def parse_r(text: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _export(args))
+    return run_command(lambda: _export(args), args.debug)
 
 
 def _export(args: argparse.Namespace) -> int:
-    check_report_path(args)
+    from tome_deploy.output_files import check_outputs
+
+    check_outputs({"-o": args.output, "--report": args.report}, inputs=(args.source, args.checkpoint))
     target = args.target_speedup
     if target is not None:
         if args.r is not None:
@@ -117,11 +120,13 @@ def _export(args: argparse.Namespace) -> int:
         checks = len(outcome.validation.verdicts)
         failed = sum(not v.passed for v in outcome.validation.verdicts)
         say(f"{'PASS' if outcome.validation.passed else 'FAIL'}: {checks - failed}/{checks} parity checks passed")
+    if not outcome.written:
+        say(f"{args.output} was not written (an existing file there is unchanged); fix the cause, or pass --no-validate to keep a failing export")
     if outcome.loaded.random_weights:
         say(f"note: {meta.model} has random weights (seed {outcome.loaded.seed}); pass --pretrained or --checkpoint for a useful model")
     emit_report(
         {
-            "onnx": str(outcome.export.path),
+            "onnx": str(outcome.export.path) if outcome.written else None,
             "metadata": meta.to_dict(),
             "clamp_warnings": outcome.clamp_warnings,
             "validation": outcome.validation.to_dict() if outcome.validation else None,

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from tome_deploy.cli.common import EXIT_CODES_HELP, run_command, say
+from tome_deploy.cli.common import add_debug_argument, exit_codes_help, run_command, say
 
 DEVICE_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tome-serve",
         description="Serve a ToMe ONNX export (ONNX Runtime) or engine over HTTP: KServe v2 inference protocol, "
         "an image endpoint, dynamic batching and Prometheus metrics.",
-        epilog=EXIT_CODES_HELP + ". Needs the serve extra: pip install 'tome-deploy[serve]'",
+        epilog=exit_codes_help(4) + ". Needs the serve extra: pip install 'tome-deploy[serve]'",
     )
     parser.add_argument("artifact", metavar="ARTIFACT", help="a .onnx file written by tome-export (or a TensorRT engine .plan)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -42,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--body-timeout-s", type=float, default=30.0, metavar="S", help="a request body must arrive within this; later gets HTTP 408 (default 30)")
     parser.add_argument("--graceful-timeout-s", type=float, default=30.0, metavar="S", help="at shutdown, how long in-flight requests may take to finish (default 30)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default warning)")
+    add_debug_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _serve(args))
+    return run_command(lambda: _serve(args), args.debug)
 
 
 def default_model_name(path: str) -> str:
@@ -73,7 +74,6 @@ def check_limits(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tome_deploy.errors import InvalidInputError
     from tome_deploy.serving.app import ServeSettings, build_app, require_serving_stack
     from tome_deploy.serving.artifact import open_runner, read_artifact
     from tome_deploy.serving.batcher import BatchPolicy

@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from tome_deploy.cli.common import (
-    EXIT_CODES_HELP,
+    add_debug_argument,
     add_model_arguments,
     add_report_arguments,
-    check_report_path,
     emit_report,
+    exit_codes_help,
     run_command,
     say,
 )
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tome-validate",
         description="Check an exported ToMe ONNX file (ONNX Runtime) or engine (TensorRT, and its ONNX file in "
                     "ONNX Runtime) against PyTorch on random, constant and natural images.",
-        epilog=EXIT_CODES_HELP,
+        epilog=exit_codes_help(1, 4),
     )
     add_model_arguments(parser)
     parser.add_argument("onnx", metavar="ARTIFACT", help="an ONNX file written by tome-export or an engine written by tome-build")
@@ -30,32 +30,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the PyTorch outputs (and REF_inputs.json) in Polygraphy's format for "
                              "`polygraphy run ... --load-inputs --load-outputs`")
     add_report_arguments(parser)
+    add_debug_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _validate(args))
+    return run_command(lambda: _validate(args), args.debug)
 
 
 def _parse_batches(text: str | None) -> list[int] | None:
     if text is None:
         return None
     from tome_deploy.errors import InvalidInputError
+    from tome_deploy.artifact.spec import EXPORT_SPEC
 
     try:
         sizes = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InvalidInputError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
+    if not sizes:
         raise InvalidInputError(f"--batch-sizes must be positive integers, got {text!r}")
+    for size in sizes:
+        EXPORT_SPEC.check_batch(size, "--batch-sizes")
     return sizes
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tome_deploy.jobs.validate import validate_model
+    from tome_deploy.jobs.validate import validate_model, validation_inputs
+    from tome_deploy.output_files import check_outputs
+    from tome_deploy.validation.polygraphy_reference import inputs_path_for
 
-    check_report_path(args)
+    reference = args.save_reference
+    check_outputs(
+        {"--report": args.report, "--save-reference": reference,
+         "--save-reference inputs": inputs_path_for(reference) if reference else None},
+        inputs=(args.source, args.checkpoint, *validation_inputs(args.onnx)),
+    )
     metadata, report = validate_model(
         args.source, args.onnx, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
         trust_pickle=args.trust_pickle, seed=args.seed, batch_sizes=_parse_batches(args.batch_sizes),

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from tome_deploy.cli.common import (
-    EXIT_CODES_HELP,
+    add_debug_argument,
     add_model_arguments,
+    exit_codes_help,
     run_command,
     say,
 )
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tome-visualize",
         description="Run a ToMe ViT on an image and draw which patches were merged into the same token.",
-        epilog=EXIT_CODES_HELP,
+        epilog=exit_codes_help(),
     )
     add_model_arguments(parser)
     parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...); it goes through the model's eval transform")
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"upscale the drawing K times (default: enough for {DEFAULT_WIDTH} px)")
     parser.add_argument("--merges-only", action="store_true", help="write only the merge drawing, not the input next to it")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
+    add_debug_argument(parser)
     return parser
 
 
@@ -53,25 +55,19 @@ def parse_r(text: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _visualize(args))
+    return run_command(lambda: _visualize(args), args.debug)
 
 
-def _check_output(output: str, image: str) -> Path:
-    path = Path(output).expanduser()
-    if path.suffix.lower() != ".png":
-        raise InvalidInputError(f"-o {output} must name a .png file (tome-visualize writes PNG); e.g. -o merges.png")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder})")
-    if path.is_dir():
-        raise InvalidInputError(f"output {path} is a directory; pass a file path such as {path / 'merges.png'}")
-    if path.exists() and Path(image).expanduser().exists() and path.resolve() == Path(image).expanduser().resolve():
-        raise InvalidInputError(f"output {path} is the input image; choose another -o path so it is not overwritten")
-    return path
+def _check_output(args: argparse.Namespace) -> Path:
+    from tome_deploy.output_files import check_outputs
+
+    if Path(args.output).suffix.lower() != ".png":
+        raise InvalidInputError(f"-o {args.output} must name a .png file (tome-visualize writes PNG); e.g. -o merges.png")
+    return check_outputs({"-o": args.output}, inputs=(args.image, args.source, args.checkpoint))["-o"]
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    output = _check_output(args.output, args.image)
+    output = _check_output(args)
     if args.scale is not None and args.scale < 1:
         raise InvalidInputError(f"--scale must be a positive integer, got {args.scale}")
     r_spec = parse_r_arguments(parse_r(args.r), args.r_inflect, args.schedule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MergeFormulation, merge_for_target
 from tome_deploy.core.schedule import RSpec, Schedule
 from tome_deploy.core.speedup import SpeedupChoice
-from tome_deploy.errors import InvalidInputError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
@@ -20,10 +20,11 @@ from tome_deploy.models.patch import apply_tome, speedup_choice_for_model
 from tome_deploy.onnx_export.export import ExportResult, export_onnx
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import check_precision, with_precision
-from tome_deploy.output_files import check_output_path
+from tome_deploy.output_files import StagedOutput, check_outputs
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.runtime.throughput import Timing, time_interleaved
 from tome_deploy.token_merge.ort_op import require_extensions
-from tome_deploy.validation.parity import ValidationReport, validate_onnx
+from tome_deploy.validation.parity import ValidationReport, validate_runners
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ExportOutcome:
     validation: Optional[ValidationReport] = None
     timings: Optional[dict[str, Timing]] = None
     target: Optional[SpeedupChoice] = None  # set when the schedule came from a speedup target
+    written: bool = True  # False when validation failed: the output path keeps what it held before
 
     @property
     def measured_speedup(self) -> Optional[float]:
@@ -82,13 +84,14 @@ def export_model(
     it (`target.schedule_for_speedup`); raises ScheduleError when no schedule can.
     merge: the formulation; None picks the one `target` runs best (scatter for ONNX Runtime, matmul for TensorRT).
     precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
+    The file is written next to `output` and moved onto it only when validation passes (or is skipped), so a
+    failing export never replaces an existing file; `outcome.written` says whether it was installed.
     """
     EXPORT_SPEC.check_opset(opset)
     merge = merge_for_target(merge, target)
     check_precision(precision)
-    if batch_size < 1:
-        raise InvalidInputError(f"--batch-size must be at least 1, got {batch_size}")
-    output = check_output_path(output, inputs=(model, checkpoint))
+    EXPORT_SPEC.check_batch(batch_size)
+    output = check_outputs({"-o": output}, inputs=(model, checkpoint))["-o"]
     if merge == "plugin" and (validate or measure):
         require_extensions()  # ONNX Runtime runs tome::TokenMerge only through it: fail before the export
     say(f"Loading {model} ...")
@@ -117,14 +120,21 @@ def export_model(
     )
     tome = with_precision(tome, precision)
     say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
-    result = export_onnx(tome, metadata, output)
-    say(f"  wrote {result.path} in {result.seconds:.1f} s")
-    outcome = ExportOutcome(loaded, schedule, result, clamp_warnings, target=choice)
-    if validate:
-        say("Validating ONNX Runtime (CPU) against PyTorch ...")
-        outcome.validation = validate_onnx(tome, result.path, metadata, atol=atol, rtol=rtol)
+    with StagedOutput(output) as staged:
+        result = export_onnx(tome, metadata, staged.temp)
+        outcome = ExportOutcome(loaded, schedule, dataclasses.replace(result, path=output), clamp_warnings, target=choice)
+        if validate:
+            say("Validating ONNX Runtime (CPU) against PyTorch ...")
+            outcome.validation = validate_runners(tome, [OnnxRuntimeRunner(staged.temp)], metadata, str(output),
+                                                  atol=atol, rtol=rtol)
+        outcome.written = outcome.validation is None or outcome.validation.passed
+        if not outcome.written:
+            say(f"  the export failed validation and was not written to {output} (an existing file there is kept)")
+            return outcome
+        staged.commit()
+    say(f"  wrote {output} in {result.seconds:.1f} s")
     if measure:
-        outcome.timings = measure_against_unmerged(loaded, result.path, metadata, say)
+        outcome.timings = measure_against_unmerged(loaded, outcome.export.path, metadata, say)
     return outcome
 
 

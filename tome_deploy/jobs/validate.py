@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -12,6 +13,7 @@ from tome_deploy.artifact.sidecar import (
     file_sha256,
     is_engine_file,
     read_sidecar,
+    sidecar_path,
 )
 from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.errors import InvalidInputError, ScheduleError
@@ -20,7 +22,7 @@ from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.precision import with_precision
-from tome_deploy.output_files import check_output_path
+from tome_deploy.output_files import check_outputs
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.tensorrt.runner import TensorRTRunner
 from tome_deploy.validation.parity import (
@@ -29,7 +31,7 @@ from tome_deploy.validation.parity import (
     validate_onnx,
     validate_runners,
 )
-from tome_deploy.validation.polygraphy_reference import save_polygraphy_reference
+from tome_deploy.validation.polygraphy_reference import inputs_path_for, save_polygraphy_reference
 
 
 def validate_model(
@@ -56,7 +58,8 @@ def validate_model(
     sidecar = read_sidecar(artifact) if engine else None
     metadata = _artifact_metadata(artifact, sidecar)
     if save_reference is not None:
-        check_output_path(save_reference, inputs=(artifact,))
+        check_outputs({"--save-reference": save_reference, "--save-reference inputs": inputs_path_for(save_reference)},
+                      inputs=(model, checkpoint, *validation_inputs(artifact)))
     say(f"Loading {model} ...")
     loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained,
                         img_size=metadata.input_size[-1], trust_pickle=trust_pickle,
@@ -94,6 +97,19 @@ def validate_model(
     batches = batch_sizes or sorted({min(max(b, profile.min), profile.max) for b in default_batch_sizes(metadata)})
     say(f"Validating {' and '.join(c.name for c in candidates)} against PyTorch ...")
     return metadata, validate_runners(tome, candidates, metadata, str(artifact), batch_sizes=batches, atol=atol, rtol=rtol)
+
+
+def validation_inputs(artifact: str | Path) -> tuple[Path, ...]:
+    """The files validating `artifact` reads: the artifact and, for an engine, its sidecar and the ONNX file
+    the sidecar names (when it can be read; a damaged sidecar is refused later by read_sidecar)."""
+    files = [Path(artifact)]
+    if is_engine_file(artifact):
+        files.append(sidecar_path(artifact))
+        try:
+            files.append(Path(json.loads(sidecar_path(artifact).read_text())["onnx_path"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return tuple(files)
 
 
 def _artifact_metadata(artifact: str | Path, sidecar: Optional[EngineSidecar]) -> ToMeMetadata:

@@ -72,8 +72,7 @@ def export_onnx(
     spec.check_opset(metadata.opset)
     path = check_output_path(output)
     example_batch = metadata.example_batch
-    if example_batch < 1:
-        raise InvalidInputError(f"--batch-size must be at least 1, got {example_batch}")
+    spec.check_batch(example_batch)
     dynamic = metadata.batch is None
     example = torch.randn(example_batch, *metadata.input_size)
     # A dynamic dimension traced at size 1 would be specialised away; trace at 2 or more.

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tome_deploy.errors import InvalidInputError, MissingDependencyError
+from tome_deploy.errors import InvalidInputError, MissingDependencyError, ToMeError, error_reason
 from tome_deploy.token_merge.ort_op import session_model
 
 
@@ -25,7 +25,13 @@ class OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
         # Graphs with tome::TokenMerge nodes (--merge plugin) get the op registered (onnxruntime-extensions).
-        self.session = ort.InferenceSession(session_model(path, options), options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(session_model(path, options), options, providers=list(providers))
+        except Exception as err:  # noqa: BLE001 - InvalidGraph, Fail, NoSuchFile, ... from the C++ side
+            if isinstance(err, ToMeError):
+                raise
+            raise InvalidInputError(f"ONNX Runtime cannot load {path} ({error_reason(err)}); re-export it with "
+                                    "tome-export") from err
         active = self.session.get_providers()
         missing = [p for p in providers if p not in active]
         if missing:

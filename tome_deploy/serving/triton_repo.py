@@ -11,15 +11,17 @@ runner inside Triton's Python backend (`serving/triton_python.py`; model.py is w
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.output_files import write_atomically
+from tome_deploy.output_files import current_umask, write_atomically
 from tome_deploy.serving.artifact import Artifact
 from tome_deploy.serving.kserve import TensorSpec
 from tome_deploy.serving.triton_python import MODEL_PY, THREADS_PARAMETER
@@ -136,29 +138,74 @@ def tritonserver_command(root: Path) -> str:
 
 
 def write_triton_repo(artifact: Artifact, root: str | Path, options: TritonOptions, *, overwrite: bool = False) -> TritonRepo:
-    """Copy the artifact (unchanged) and write its config; an existing model folder needs overwrite=True."""
+    """Copy the artifact (unchanged) and write its config; an existing model folder needs overwrite=True.
+
+    The model folder is assembled in a temporary folder inside `root` and renamed into place, so a refused
+    artifact or a failed copy leaves nothing behind, and --overwrite replaces the whole folder (no stale
+    version such as `2/` survives to be served instead of the new one)."""
     root = Path(root).expanduser()
+    model_dir = _check_repo(artifact, root, options.model_name, overwrite)
+    text = render_pbtxt(model_config(artifact, options)) + "\n"  # refuses an artifact before anything is written
+    command = tritonserver_command(root)
+    readme = f"# {options.model_name}\n\nServe this repository with Triton Inference Server:\n\n    {command}\n"
+    if options.backend == "python":
+        readme += PYTHON_README
+    try:
+        root.mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{options.model_name}.", suffix=".tmp", dir=root))
+    except OSError as err:
+        raise InvalidInputError(f"cannot create the model repository {root} ({err.strerror}); choose another directory") from err
+    try:
+        (staging / VERSION).mkdir()
+        write_atomically(staging / VERSION / MODEL_FILE[artifact.kind], lambda out: _copy(artifact.path, out))
+        if options.backend == "python":
+            write_atomically(staging / VERSION / "model.py", lambda out: out.write(MODEL_PY.encode()))
+        write_atomically(staging / "config.pbtxt", lambda out: out.write(text.encode()))
+        write_atomically(staging / "README.md", lambda out: out.write(readme.encode()))
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp creates 0700; Triton may run as another user
+        _swap_in(staging, model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TritonRepo(root, model_dir, model_dir / "config.pbtxt", model_dir / VERSION / MODEL_FILE[artifact.kind], command)
+
+
+def _check_repo(artifact: Artifact, root: Path, model_name: str, overwrite: bool) -> Path:
+    """The model folder to write, after every check that can be made before writing."""
     if root.exists() and not root.is_dir():
         raise InvalidInputError(f"{root} is a file; pass a directory for the model repository")
     if not root.parent.is_dir():
         raise InvalidInputError(f"the parent of {root} does not exist; create it first (mkdir -p {root.parent})")
-    model_dir = root / options.model_name
+    writable = root if root.is_dir() else root.parent
+    try:  # a real probe: os.access says yes to root on read-only mounts
+        tempfile.TemporaryFile(dir=writable).close()
+    except OSError as err:
+        raise InvalidInputError(f"{writable} is not writable ({err.strerror}); choose another directory for the model repository") from err
+    model_dir = root / model_name
     if model_dir.exists() and not overwrite:
         raise InvalidInputError(f"{model_dir} already exists; pass --overwrite to replace it or --name for another model name")
-    version_dir = model_dir / VERSION
+    if model_dir.exists() and not model_dir.is_dir():
+        raise InvalidInputError(f"{model_dir} is a file; remove it or pass --name for another model name")
+    if model_dir.is_dir() and artifact.path.resolve().is_relative_to(model_dir.resolve()):
+        raise InvalidInputError(f"{artifact.path} is inside {model_dir}, which --overwrite would replace; copy the "
+                                "artifact elsewhere first or pass --name for another model name")
+    return model_dir
+
+
+def _swap_in(staging: Path, model_dir: Path) -> None:
+    """Rename the assembled folder onto `model_dir`; the old folder is moved aside first and removed after."""
+    old = None
+    if model_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.old.", dir=model_dir.parent))
+        os.replace(model_dir, old / model_dir.name)
     try:
-        version_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, model_dir)
     except OSError as err:
-        raise InvalidInputError(f"cannot create {version_dir} ({err.strerror}); choose another directory") from err
-    model_path = write_atomically(version_dir / MODEL_FILE[artifact.kind], lambda out: _copy(artifact.path, out))
-    if options.backend == "python":
-        write_atomically(version_dir / "model.py", lambda out: out.write(MODEL_PY.encode()))
-    text = render_pbtxt(model_config(artifact, options)) + "\n"
-    config_path = write_atomically(model_dir / "config.pbtxt", lambda out: out.write(text.encode()))
-    command = tritonserver_command(root)
-    readme = f"# {options.model_name}\n\nServe this repository with Triton Inference Server:\n\n    {command}\n" + (PYTHON_README if options.backend == "python" else "")
-    write_atomically(model_dir / "README.md", lambda out: out.write(readme.encode()))
-    return TritonRepo(root, model_dir, config_path, model_path, command)
+        if old is not None:
+            os.replace(old / model_dir.name, model_dir)  # put the previous model back
+        raise InvalidInputError(f"cannot write {model_dir} ({err.strerror}); choose another directory") from err
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 PYTHON_README = """

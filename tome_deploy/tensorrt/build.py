@@ -7,6 +7,7 @@ merge matching in fp32 where the export put it (a builder-wide FP16 flag could l
 from __future__ import annotations
 
 import time
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +21,7 @@ from tome_deploy.artifact.sidecar import (
     sidecar_path,
 )
 from tome_deploy.errors import ExportError, InvalidInputError
-from tome_deploy.output_files import check_output_path, write_atomically
+from tome_deploy.output_files import check_outputs, write_atomically
 from tome_deploy.tensorrt.backend import (
     TensorRTBackend,
     load_backend,
@@ -142,8 +143,9 @@ def build_engine(
 ) -> BuildResult:
     onnx_path = Path(onnx_path)
     model_proto = load_onnx(onnx_path)
-    output = check_output_path(output, inputs=(onnx_path,))
-    check_output_path(sidecar_path(output), inputs=(onnx_path,))
+    # The timing cache is read and updated: an output, checked against the ONNX file and the engine.
+    output = check_outputs({"-o": output, "sidecar": sidecar_path(output), "--timing-cache": options.timing_cache},
+                           inputs=(onnx_path,))["-o"]
     metadata = tome_metadata(model_proto, onnx_path)
     input_name, static_batch, input_shape = _onnx_input(model_proto)
     output_name, output_shape = _onnx_output(model_proto)
@@ -166,9 +168,8 @@ def build_engine(
     start = time.perf_counter()
     plan_bytes, timing_cache = _build_serialized(backend, onnx_path, profile, capability, options, graph)
     seconds = time.perf_counter() - start
-    plan = write_atomically(output, lambda stream: stream.write(plan_bytes))
     if timing_cache is not None:
-        write_atomically(options.timing_cache, lambda stream: stream.write(timing_cache))
+        write_atomically(options.timing_cache, lambda stream: stream.write(timing_cache), flag="--timing-cache")
     sidecar = EngineSidecar(
         backend=backend.name,
         backend_version=backend.version,
@@ -181,13 +182,15 @@ def build_engine(
         output_shape=output_shape,
         onnx_path=str(onnx_path.resolve()),
         onnx_sha256=file_sha256(onnx_path),
-        plan_sha256=file_sha256(plan),
-        plan_bytes=plan.stat().st_size,
+        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+        plan_bytes=len(plan_bytes),
         tool_version=__version__,
         tome=metadata,
         warnings=notes,
     )
-    write_atomically(sidecar_path(plan), lambda stream: stream.write(sidecar.to_json().encode()))
+    # The sidecar first: an engine file never sits next to a sidecar that describes another build.
+    write_atomically(sidecar_path(output), lambda stream: stream.write(sidecar.to_json().encode()), flag="sidecar")
+    plan = write_atomically(output, lambda stream: stream.write(plan_bytes))
     return BuildResult(plan, sidecar, seconds, notes)
 
 

@@ -15,7 +15,10 @@ from torch/timm plus a few plain containers), unless the caller opts out with `t
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +81,7 @@ def load_model(
     timm VisionTransformer ToMe can rewrite) or InvalidInputError (bad img_size or conflicting arguments).
     """
     model = str(model)
+    check_seed(seed)
     check_img_size_value(img_size)
     img_size = None if img_size is None else operator.index(img_size)
     if pretrained and checkpoint:
@@ -98,6 +102,14 @@ def load_model(
                             seed=seed)
     loaded.model.eval()
     return loaded
+
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"--seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {seed!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,7 +188,8 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
         if not is_model_pretrained(name):
             raise ModelLoadError(f"timm has no pretrained weights for {name}; pass --checkpoint PATH or drop --pretrained")
 
-    with torch.random.fork_rng(devices=[]):
+    offline = pretrained and _hub_unreachable()
+    with torch.random.fork_rng(devices=[]), _hub_offline(offline):
         torch.manual_seed(seed)
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -185,6 +198,11 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
         except TypeError as err:
             raise _kwargs_error(name, kwargs, err) from err
         except Exception as err:  # noqa: BLE001 - anything timm or the hub raises becomes one line
+            if offline:
+                raise ModelLoadError(
+                    f"pretrained weights for {name} are not in the local cache and the hub ({_hub_host()}) cannot be "
+                    "reached; download them where a network is reachable, or pass --checkpoint PATH"
+                ) from err
             if pretrained:
                 raise ModelLoadError(
                     f"pretrained weights for {name} could not be fetched ({error_reason(err)}); download them where a "
@@ -194,6 +212,51 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
     check_supported(model)
     check_img_size(model, img_size, name)
     return model
+
+
+HUB_RESOLVE_TIMEOUT_S = 3.0
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def _hub_unreachable() -> bool:
+    """True when the hub's host name does not resolve within a few seconds (no network, no DNS)."""
+    resolved: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(_hub_host(), 443)
+            resolved.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(HUB_RESOLVE_TIMEOUT_S)
+    return not resolved
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Hugging Face Hub offline mode (HF_HUB_OFFLINE) for this call: weights come from the local cache, or
+    the call fails at once instead of retrying an unreachable host for a minute."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _probe(name: str, kwargs: dict[str, Any]) -> Optional[nn.Module]:

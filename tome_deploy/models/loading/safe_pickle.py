@@ -1,14 +1,22 @@
 """Reading torch.save files safely: weights_only=True, and a pickled module only when every global it
 needs is on the allowlist (nn.Module and Enum classes from torch/timm plus a few plain containers),
-unless the caller opts out with trust_pickle=True."""
+unless the caller opts out with trust_pickle=True.
+
+Before anything is unpickled, a zip checkpoint's CRCs are checked (one read of the file, so flipped bytes are
+refused instead of becoming silently wrong weights) and the pickle is scanned for calls of module classes:
+a real `torch.save(model)` rebuilds modules with `cls.__new__` and their saved state, never by calling the
+constructor, so a pickle that calls one (`torch.nn.Linear(100000, 100000)` would allocate 40 GB before any
+check) is refused. What a weights-only load can then allocate is bounded by the tensors stored in the file."""
 
 from __future__ import annotations
 
 import enum
 import importlib
 import pickle
+import pickletools
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,6 +67,103 @@ def allowed_global(name: str) -> Optional[Any]:
     return None
 
 
+_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"})
+_MARK = object()
+
+
+def module_constructor_calls(stream) -> list[str]:
+    """Names of the nn.Module classes one pickle (read from `stream` up to its STOP) calls with REDUCE.
+
+    A symbolic run of the opcode stack: only where globals, strings and memo entries go is tracked; the
+    cost is one pass over the pickle's opcodes, and nothing is constructed."""
+    stack: list[Any] = []
+    memo: dict[Any, Any] = {}
+    calls: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            name = opcode.name
+            if name in ("GLOBAL", "INST"):
+                stack.append(("global", str(arg).replace(" ", ".")))
+            elif name == "STACK_GLOBAL":
+                qualname, module = stack.pop(), stack.pop()
+                stack.append(("global", f"{module[1]}.{qualname[1]}") if module and qualname else None)
+            elif name in _STRING_OPS:
+                stack.append(("str", arg))
+            elif name == "REDUCE":
+                stack.pop()
+                func = stack.pop()
+                if func and func[0] == "global" and _is_module_class(func[1]):
+                    calls.append(func[1])
+                stack.append(None)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg))
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "MARK":
+                stack.append(_MARK)
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                count = int(name[-1])
+                items = tuple(stack[-count:])
+                del stack[-count:]
+                stack.append(("tuple", items))
+            elif name in ("BINPERSID", "PERSID"):
+                # legacy files name a module class as the persistent id ("module", cls, source)
+                pid = stack.pop() if name == "BINPERSID" else None
+                stack.append(pid[1][1] if pid and pid[0] == "tuple" and len(pid[1]) > 1 else None)
+            else:
+                _generic_stack_effect(stack, opcode)
+    except (ValueError, IndexError, TypeError, EOFError):
+        pass  # a malformed pickle: the unpickler refuses it with its own message
+    return calls
+
+
+def _generic_stack_effect(stack: list[Any], opcode) -> None:
+    before = opcode.stack_before
+    items: list[Any] = []
+    if pickletools.markobject in before:
+        while (item := stack.pop()) is not _MARK:
+            items.insert(0, item)
+        below = before.index(pickletools.markobject)
+    else:
+        below = len(before)
+    for _ in range(below):
+        stack.pop()
+    if opcode.name == "TUPLE":
+        stack.append(("tuple", tuple(items)))
+    else:
+        stack.extend([None] * len(opcode.stack_after))
+
+
+def _is_module_class(name: str) -> bool:
+    obj = allowed_global(name)
+    return isinstance(obj, type) and issubclass(obj, nn.Module)
+
+
+def _refuse_constructor_calls(shown: str, calls: list[str]) -> None:
+    if calls:
+        raise UnsafePickleError(
+            f"{shown} calls module constructors while unpickling ({', '.join(sorted(set(calls))[:3])}), which "
+            "torch.save never writes and which can allocate without bound; save the model with torch.save(model) "
+            "or its state dict, or re-run with --trust-pickle only if you trust the file"
+        )
+
+
+def _check_zip_crcs(archive: zipfile.ZipFile, shown: str) -> None:
+    """Read every member once against its CRC-32 (torch.load does not check them)."""
+    try:
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, NotImplementedError) as err:
+        raise ModelLoadError(f"{shown} is corrupt: its zip archive cannot be read ({error_reason(err)}); "
+                             "re-download or re-save the checkpoint") from err
+    if bad is not None:
+        raise ModelLoadError(f"{shown} is corrupt: {bad} inside the zip archive fails its CRC check (flipped or "
+                             "damaged bytes); re-download or re-save the checkpoint")
+
+
 def read_torch(path: Path, kind: str, *, trust_pickle: bool) -> Any:
     if kind == "zip":
         return _read_torch_zip(path, trust_pickle=trust_pickle)
@@ -68,17 +173,22 @@ def read_torch(path: Path, kind: str, *, trust_pickle: bool) -> Any:
 def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
     shown = display_path(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise ModelLoadError(f"{shown} is corrupt or truncated: not a readable zip archive ({error_reason(err)})") from err
+    with archive:
+        names = archive.namelist()
+        _check_zip_crcs(archive, shown)
+        pickles = [name for name in names if name.endswith("data.pkl")]
+        calls = [] if trust_pickle or not pickles else module_constructor_calls(archive.open(pickles[0]))
     if any("/code/" in name or name.endswith("constants.pkl") for name in names):
         raise ModelLoadError(
             f"{shown} is a TorchScript archive (torch.jit.save), which is not supported: pass the eager module "
             "(torch.save(model)) or its state dict (torch.save(model.state_dict()))"
         )
-    if not any(name.endswith("data.pkl") for name in names):
+    if not pickles:
         raise ModelLoadError(f"{shown} is a zip archive but not a PyTorch checkpoint (no data.pkl inside)")
+    _refuse_constructor_calls(shown, calls)
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as err:  # noqa: BLE001
@@ -109,6 +219,8 @@ def _read_torch_legacy(path: Path, *, trust_pickle: bool) -> Any:
     """Pre-1.6 (non-zip) torch.save files: no up-front scan exists, so allowlisted globals are added
     one refusal at a time."""
     shown = display_path(path)
+    if not trust_pickle:
+        _refuse_constructor_calls(shown, _legacy_constructor_calls(path))
     allowed: list[Any] = []
     for _ in range(256):
         try:
@@ -143,6 +255,15 @@ def _read_torch_legacy(path: Path, *, trust_pickle: bool) -> Any:
                 f"{shown} is not a PyTorch checkpoint: neither a zip archive nor a readable pickle ({error_reason(err)})"
             ) from err
     raise ModelLoadError(f"{shown} needs too many pickle globals to load safely; re-run with --trust-pickle if you trust it")
+
+
+def _legacy_constructor_calls(path: Path) -> list[str]:
+    """The legacy format is four pickles (magic number, protocol, system info, the object) and raw storages."""
+    calls: list[str] = []
+    with open(path, "rb") as stream:
+        for _ in range(4):
+            calls += module_constructor_calls(stream)
+    return calls
 
 
 def _torch_load_unsafe(path: Path) -> Any:
