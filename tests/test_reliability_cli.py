@@ -96,8 +96,8 @@ def engine_sidecar(plan: Path, backend: str, tome: dict | None, plan_bytes: byte
     """A tome-build sidecar for `plan` (see artifact/sidecar.py), written independently here."""
     return {
         "backend": backend, "backend_version": "10.0", "compute_capabilities": ["89"],
-        "profiles": [{"input_name": "pixels", "min": 1, "opt": 4, "max": 8}], "precision": "fp32",
-        "input_name": "pixels", "output_name": "logits", "input_shape": [3, 160, 160], "output_shape": [1000],
+        "profiles": [{"input_name": "pixel_values", "min": 1, "opt": 4, "max": 8}], "precision": "fp32",
+        "input_name": "pixel_values", "output_name": "logits", "input_shape": [3, 160, 160], "output_shape": [1000],
         "onnx_path": str(plan.with_suffix(".onnx")), "onnx_sha256": "0" * 64,
         "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), "plan_bytes": len(plan_bytes),
         "tool_version": "0.1.0", "tome": tome, "warnings": [], "format": 1,
