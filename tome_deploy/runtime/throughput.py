@@ -1,4 +1,4 @@
-"""Side-by-side ONNX Runtime timing: runs alternate between models so machine noise hits both alike."""
+"""Side-by-side CPU timing (ONNX Runtime or OpenVINO): runs alternate between models so machine noise hits both alike."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.choice import cpu_runner
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,10 @@ def time_interleaved(
     rounds: int = 10,
     warmup: int = 2,
     threads: int | None = None,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Timing]:
     """Median latency per model over `rounds`, each round running every model once in turn."""
-    runners = {name: OnnxRuntimeRunner(path, threads=threads) for name, path in models.items()}
+    runners = {name: cpu_runner(runtime, path, threads=threads) for name, path in models.items()}
     feed = {input_name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for round_index in range(warmup + rounds):
