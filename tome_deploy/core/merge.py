@@ -43,9 +43,9 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Match:
     metric = metric / metric.norm(dim=-1, keepdim=True)  # [B, N, c]
     a, b = metric[:, 0::2], metric[:, 1::2]  # [B, Na, c], [B, Nb, c]
     scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
-    # A constant mask through torch.where exports as a plain Where, not a ScatterElements.
+    # A constant mask and a scalar export as one plain Where (no ScatterElements, no Expand of -inf).
     mask = protected_mask(num_tokens, num_prefix).to(scores.device)  # [Na, Nb]
-    scores = torch.where(mask, torch.full_like(scores, -torch.inf), scores)
+    scores = scores.masked_fill(mask, -torch.inf)
 
     best_score, best_b = scores.max(dim=-1)  # [B, Na], [B, Na]; ties -> lowest B index
     rank = stable_descending_rank(best_score)  # [B, Na]
