@@ -24,16 +24,14 @@ import json
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tome_deploy.jobs.export import patch_with_schedule
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
-from tome_deploy.onnx_export.export import export_onnx
+from tome_deploy.onnx_export.export import export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
 from tome_deploy.runtime.profiling import fusions_fired, profile_merge_share, profile_op_types
@@ -70,18 +68,6 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def export_plain(model: torch.nn.Module, input_size: list[int], path: Path) -> Path:
-    """The user's baseline: torch.onnx.export of the timm model itself, dynamic batch."""
-    example = torch.randn(2, *input_size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=18, verbose=False,
-                                    input_names=["pixel_values"], output_names=["logits"], dynamic_shapes=({0: batch},))
-    program.save(str(path))
-    return path
-
-
 def export_variants(arch: str, schedules: list, merge: str, folder: Path, *, plain: bool = False) -> tuple[dict, dict]:
     """{label: ONNX path}, {label: metadata}; "unmerged" is the r=0 ToMe export, or with plain=True the
     plain torch.onnx.export of the same weights (metadata of the r=0 model either way)."""
@@ -96,7 +82,7 @@ def export_variants(arch: str, schedules: list, merge: str, folder: Path, *, pla
         start = time.perf_counter()
         path = folder / f"{arch}_{merge}_{label}.onnx"
         if spec == 0 and plain:
-            paths[label] = export_plain(loaded.model, meta.input_size, path)
+            paths[label] = export_plain(loaded.model, meta, path)
         else:
             paths[label] = export_onnx(tome, meta, path).path
         metas[label] = meta

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU runtime that validates and times the export: onnxruntime (default) or openvino "
                              "(needs pip install 'tome-deploy[openvino]'; no --merge plugin)")
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check in --runtime")
-    parser.add_argument("--measure", action="store_true", help="also export the unmerged model and time both in --runtime")
+    parser.add_argument("--measure", action="store_true", help="also export the plain model (torch.onnx.export of the same weights) and time both in --runtime")
     add_report_arguments(parser)
     return parser
 

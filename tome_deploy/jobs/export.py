@@ -18,7 +18,7 @@ from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome, speedup_choice_for_model
 from tome_deploy.models.timm_vit import tokens_at_input
-from tome_deploy.onnx_export.export import ExportResult, export_onnx
+from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import check_precision, with_precision
 from tome_deploy.output_files import check_output_path
@@ -168,12 +168,13 @@ def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge, strict, opset, bat
 
 
 def unmerged_export(loaded: LoadedModel, folder: Path, say: Say, **options) -> Path:
-    """The same weights exported without merging (r=0), once per folder: the baseline of every timing."""
+    """The baseline of every timing, once per folder: a plain torch.onnx.export of the same weights
+    (what a user without ToMe runs), at the export's precision, batch and opset."""
     path = folder / "unmerged.onnx"
     if not path.exists():
-        say("Exporting the unmerged model for a side-by-side timing ...")
-        baseline, _, _, metadata = patch_for_export(loaded, 0, **options)
-        export_onnx(baseline, metadata, path)
+        say("Exporting the plain (unmerged) model for a side-by-side timing ...")
+        _, _, _, metadata = patch_for_export(loaded, 0, **options)
+        export_plain(with_precision(loaded.model, options["precision"]), metadata, path)
     return path
 
 

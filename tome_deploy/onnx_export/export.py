@@ -153,3 +153,20 @@ def export_onnx(
 
     path = write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))
     return ExportResult(path, metadata, time.perf_counter() - start)
+
+
+def export_plain(model: torch.nn.Module, metadata: ToMeMetadata, output: str | Path, *, spec: ExportSpec = EXPORT_SPEC) -> Path:
+    """The baseline a user has without ToMe: torch.onnx.export of the unpatched model as it is (its own
+    attention kernels, no tome-deploy rewriting), same input size, batch and opset as `metadata`."""
+    dynamic = metadata.batch == "dynamic"
+    example = torch.randn(max(2 if dynamic else 1, int(metadata.extra.get("example_batch", 1))), *metadata.input_size)
+    dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=4096)},) if dynamic else None
+    try:
+        with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=metadata.opset, verbose=False,
+                                        input_names=[spec.input_name], output_names=[spec.output_name],
+                                        dynamic_shapes=dynamic_shapes)
+    except Exception as err:  # the exporter raises many private types
+        raise ExportError(f"torch.onnx.export of the plain model failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
+    path = check_output_path(output)
+    return write_atomically(path, lambda stream: stream.write(program.model_proto.SerializeToString()))
