@@ -79,3 +79,17 @@ def test_without_openvino_the_cli_names_the_extra(tmp_path):
     assert done.returncode == 4, done.stderr
     assert_one_line_error(done.stderr, "tome-deploy[openvino]")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_openvino_ir_keeps_the_tome_metadata_and_the_numbers(export_cached, tmp_path):
+    from tome_deploy.artifact.metadata import ToMeMetadata
+    from tome_deploy.runtime.openvino import read_ir_metadata, save_ir
+
+    exported = export_cached("vit_class_token", "scatter")
+    xml = save_ir(exported.path, tmp_path / "model.xml")
+    assert xml.with_suffix(".bin").is_file()
+    assert ToMeMetadata.from_props(read_ir_metadata(xml)) == exported.metadata
+    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
+    from_onnx = OpenVINORunner(exported.path).infer({"pixel_values": pixels})["logits"]
+    from_ir = OpenVINORunner(xml).infer({"pixel_values": pixels})["logits"]
+    assert np.abs(from_onnx - from_ir).max() <= 1e-6

@@ -54,3 +54,33 @@ class OpenVINORunner:
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer({name: np.ascontiguousarray(feed[name]) for name in self.input_names})
         return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+
+
+RT_INFO_SECTION = "tome_deploy"  # the IR's rt_info section that holds the ONNX file's tome.* metadata
+
+
+def save_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
+    """Convert a tome-deploy ONNX file to OpenVINO IR (xml_path and its .bin), fp32 weights, with the
+    ToMe metadata (the ONNX file's tome.* properties, JSON values) under rt_info[RT_INFO_SECTION]."""
+    from tome_deploy.artifact.onnx_file import load_onnx
+
+    check_runs_in_openvino(onnx_path)
+    ov = import_openvino()
+    xml_path = Path(xml_path)
+    if xml_path.suffix != ".xml":
+        raise InvalidInputError(f"an OpenVINO IR path ends in .xml (the weights go next to it as .bin), got {xml_path}")
+    model = ov.Core().read_model(str(onnx_path))
+    for prop in load_onnx(onnx_path).metadata_props:
+        model.set_rt_info(prop.value, [RT_INFO_SECTION, prop.key])
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    return xml_path
+
+
+def read_ir_metadata(xml_path: str | Path) -> dict[str, str]:
+    """The tome.* properties save_ir stored in an IR's rt_info ({} when there are none)."""
+    ov = import_openvino()
+    model = ov.Core().read_model(str(xml_path))
+    if not model.has_rt_info([RT_INFO_SECTION]):
+        return {}
+    section = model.get_rt_info()[RT_INFO_SECTION]
+    return {key: section[key].astype(str) for key in section}
