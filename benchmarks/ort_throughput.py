@@ -1,66 +1,194 @@
-"""ONNX Runtime CPU throughput of ToMe exports vs the unmerged export of the same weights.
+"""CPU throughput of ToMe exports vs a plain export of the same weights, in ONNX Runtime and OpenVINO.
 
-For each model: export the unmerged model and one ToMe model per schedule (same random weights), then
-time them interleaved at each batch size and print the measured speedup next to the theoretical FLOP
-ratio, plus the share of ToMe model time spent in matching + merging (ONNX Runtime profiler).
+The baseline is what a user would have without tome-deploy: `torch.onnx.export` (dynamo, opset 18,
+dynamic batch) of the timm model itself. For each model: export the plain model and one ToMe model per
+(schedule, merge formulation), same random weights; time them interleaved in each runtime at each batch
+size; print the measured speedup next to the FLOP ratio, the ratio to it, the share of ToMe time spent in
+matching + merging (ONNX Runtime profiler; `TokenMerger` scopes) and the ONNX Runtime fusions that fired
+in the plain and in the ToMe graph (fused op types in the graph ORT runs, ORT_ENABLE_ALL).
 
-    python benchmarks/ort_throughput.py                       # ViT-S/16 and ViT-B/16 at 224, batch 1 and 8
-    python benchmarks/ort_throughput.py --models vit_small_patch16_224 --batches 8 --schedules r=16 --rounds 5
+    python benchmarks/ort_throughput.py                 # ViT-S/16 and ViT-B/16 r=16, batch 1 and 8, both runtimes
+    python benchmarks/ort_throughput.py --models vit_base_patch16_224 --batches 32          # scaling: batch 32
+    python benchmarks/ort_throughput.py --models vit_large_patch16_384 --schedules 23 --batches 1   # 577 tokens
+    python benchmarks/ort_throughput.py --models vit_small_patch16_224 --batches 8 --sweep 0,4,8,12,16,20 \\
+        --plot docs/speedup_vs_flops.png              # measured speedup vs FLOP ratio over r
+    python benchmarks/ort_throughput.py --models test_vit --batches 1 --rounds 2          # smoke run (~1 min)
+
+Add --profile to print ONNX Runtime kernel time per op type, plain vs ToMe, for the first batch size.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
-from common import BASELINE, SCHEDULES, export_variants, markdown_table, whole_numbers, write_json
 
-from tome_deploy.runtime.profiling import profile_merge_share
+from tome_deploy.jobs.export import patch_with_schedule
+from tome_deploy.models.loading.dispatch import load_model
+from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.onnx_export.export import export_onnx, export_plain
+from tome_deploy.onnx_export.metadata import build_metadata
+from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
+from tome_deploy.runtime.profiling import fusions_fired, profile_merge_share, profile_op_types
 from tome_deploy.runtime.throughput import time_interleaved
+
+SCHEDULES = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
+
+
+def parse_schedule(text: str):
+    """'16' -> 16, '16,-1' -> (16, -1.0), or a name of SCHEDULES."""
+    if text in SCHEDULES:
+        return SCHEDULES[text]
+    parts = text.strip("r=()").split(",")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), float(parts[1]))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
-    parser.add_argument("--merge", default="scatter", choices=("scatter", "matmul"))
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per batch size")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--schedules", nargs="+", default=["16"], help="r values, '16,-1' ramps, or r=8 / r=16 / r=(16,-1)")
+    parser.add_argument("--merges", default="scatter,matmul", help="merge formulations (scatter, matmul)")
+    parser.add_argument("--runtimes", default=",".join(CPU_RUNTIMES), help="onnxruntime, openvino")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per batch size")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    parser.add_argument("--sweep", metavar="R0,R1,...", help="instead of --schedules: every r listed, first --merges only")
+    parser.add_argument("--plot", metavar="PNG", help="with --sweep: plot measured speedup vs FLOP ratio")
+    parser.add_argument("--profile", action="store_true", help="print ORT kernel time per op type, plain vs ToMe")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return parser.parse_args()
 
 
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def export_variants(arch: str, schedules: list, merge: str, folder: Path, *, plain: bool = False) -> tuple[dict, dict]:
+    """{label: ONNX path}, {label: metadata}; "unmerged" is the r=0 ToMe export, or with plain=True the
+    plain torch.onnx.export of the same weights (metadata of the r=0 model either way)."""
+    loaded = load_model(arch)
+    fingerprint = weights_fingerprint(loaded.model)
+    paths, metas = {}, {}
+    for spec in [0] + list(schedules):
+        label = "unmerged" if spec == 0 else (spec if isinstance(spec, str) else f"r={spec}")
+        tome, schedule, _ = patch_with_schedule(loaded.model, SCHEDULES.get(spec, spec), merge, strict=False)
+        meta = build_metadata(tome, schedule, SCHEDULES.get(spec, spec), arch=arch, weights=loaded.weights,
+                              weights_sha256=fingerprint, merge=merge, opset=18, batch=None, example_batch=2)
+        start = time.perf_counter()
+        path = folder / f"{arch}_{merge}_{label}.onnx"
+        if spec == 0 and plain:
+            paths[label] = export_plain(loaded.model, meta, path)
+        else:
+            paths[label] = export_onnx(tome, meta, path).path
+        metas[label] = meta
+        say(f"  exported {arch} {merge} {label} in {time.perf_counter() - start:.0f} s")
+    return paths, metas
+
+
+def fusion_text(found: dict[str, int]) -> str:
+    return " ".join(f"{op}:{n}" for op, n in sorted(found.items())) or "-"
+
+
+def measure_model(arch: str, schedules: list, merges: list[str], runtimes: list[str], batches: list[int], args, folder: Path) -> list[dict]:
+    rows = []
+    plain_paths = None
+    for merge in merges:
+        paths, metas = export_variants(arch, schedules, merge, folder, plain=True)
+        if plain_paths is None:
+            plain_paths = paths["unmerged"]
+        paths["unmerged"] = plain_paths  # one baseline for every formulation
+        labels = [label for label in paths if label != "unmerged"]
+        fusions = {label: fusions_fired(path) for label, path in paths.items()}
+        input_size = metas["unmerged"].input_size
+        for batch in batches:
+            feed = np.random.default_rng(1).standard_normal((batch, *input_size)).astype(np.float32)
+            shares = {label: profile_merge_share(paths[label], "pixel_values", feed, runs=3, threads=args.threads).merge_share
+                      for label in labels}
+            if args.profile and batch == batches[0]:
+                print_profile(arch, merge, batch, paths, labels[-1], feed, args.threads)
+            for runtime in runtimes:
+                timings = time_interleaved(paths, "pixel_values", input_size, batch, rounds=args.rounds,
+                                           threads=args.threads, runtime=runtime)
+                for label in labels:
+                    measured = timings["unmerged"].median_s / timings[label].median_s
+                    flops = metas[label].theoretical_speedup
+                    rows.append({
+                        "model": arch, "tokens": metas[label].tokens_per_layer[0], "schedule": label, "merge": merge,
+                        "runtime": runtime, "batch": batch,
+                        "plain_img_s": timings["unmerged"].images_per_s, "tome_img_s": timings[label].images_per_s,
+                        "measured_speedup": measured, "flops_speedup": flops, "ratio_to_flops": measured / flops,
+                        "merge_share_ort": shares[label],
+                        "ort_fusions_plain": fusion_text(fusions["unmerged"]), "ort_fusions_tome": fusion_text(fusions[label]),
+                    })
+                    say(f"  {arch} {label} {merge} {runtime} batch {batch}: {measured:.2f}x (FLOPs {flops:.2f}x)")
+    return rows
+
+
+def print_profile(arch, merge, batch, paths, label, feed, threads) -> None:
+    plain = profile_op_types(paths["unmerged"], "pixel_values", feed, threads=threads)
+    tome = profile_op_types(paths[label], "pixel_values", feed, threads=threads)
+    print(f"\nONNX Runtime kernel time per pass by op type, {arch} batch {batch}, plain vs ToMe {label} ({merge}), microseconds")
+    print(f"{'op type':<28} {'plain':>10} {'ToMe':>10}")
+    for op in sorted(set(plain) | set(tome), key=lambda o: -(tome.get(o, 0) + plain.get(o, 0)))[:18]:
+        print(f"{op:<28} {plain.get(op, 0):>10.0f} {tome.get(op, 0):>10.0f}")
+    print(f"{'total':<28} {sum(plain.values()):>10.0f} {sum(tome.values()):>10.0f}\n")
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'model':<22} {'tokens':>6} {'schedule':<10} {'merge':<8} {'runtime':<12} {'batch':>5} {'plain img/s':>11} "
+          f"{'ToMe img/s':>10} {'measured':>8} {'FLOPs':>6} {'meas/FLOPs':>10} {'merge share':>11}  ORT fusions (plain | ToMe)")
+    for row in rows:
+        print(f"{row['model']:<22} {row['tokens']:>6} {row['schedule']:<10} {row['merge']:<8} {RUNTIME_LABELS[row['runtime']]:<12} "
+              f"{row['batch']:>5} {row['plain_img_s']:>11.1f} {row['tome_img_s']:>10.1f} {row['measured_speedup']:>7.2f}x "
+              f"{row['flops_speedup']:>5.2f}x {row['ratio_to_flops']:>9.0%} {row['merge_share_ort']:>10.1%}  "
+              f"{row['ort_fusions_plain']} | {row['ort_fusions_tome']}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4.2))
+    for (runtime, batch) in sorted({(r["runtime"], r["batch"]) for r in rows}):
+        points = sorted((r["flops_speedup"], r["measured_speedup"]) for r in rows if (r["runtime"], r["batch"]) == (runtime, batch))
+        axis.plot(*zip(*points), marker="o", label=f"{RUNTIME_LABELS[runtime]}, batch {batch}")
+    top = max(max(r["flops_speedup"], r["measured_speedup"]) for r in rows)
+    axis.plot([1, top], [1, top], color="grey", linestyle="--", label="measured = FLOP ratio")
+    axis.set_xlabel("FLOP ratio (theoretical speedup)")
+    axis.set_ylabel("measured speedup vs plain export")
+    axis.set_title(f"{rows[0]['model']}, ToMe r sweep ({rows[0]['merge']})")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    say(f"wrote {path}")
+
+
 def main() -> None:
     args = parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    merges = [m for m in args.merges.split(",") if m]
+    schedules = [int(r) for r in args.sweep.split(",") if int(r) > 0] if args.sweep else [parse_schedule(s) for s in args.schedules]
+    if args.sweep:
+        merges = merges[:1]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
-            outcomes = export_variants(arch, {name: SCHEDULES[name] for name in args.schedules}, Path(tmp), merge=args.merge)
-            paths = {label: outcome.export.path for label, outcome in outcomes.items()}
-            meta = outcomes[BASELINE].export.metadata
-            for batch in whole_numbers(args.batches):
-                timings = time_interleaved(paths, meta.input_name, meta.input_size, batch, rounds=args.rounds, threads=args.threads)
-                feed = np.random.default_rng(1).standard_normal((batch, *meta.input_size)).astype(np.float32)
-                for label in args.schedules:
-                    share = profile_merge_share(paths[label], meta.input_name, feed, runs=3, threads=args.threads)
-                    measured = timings[BASELINE].median_s / timings[label].median_s
-                    flops = outcomes[label].export.metadata.theoretical_speedup
-                    rows.append({
-                        "model": arch, "schedule": label, "batch": batch,
-                        "unmerged_img_s": timings[BASELINE].images_per_s, "tome_img_s": timings[label].images_per_s,
-                        "measured_speedup": measured, "flops_speedup": flops, "ratio_to_flops": measured / flops,
-                        "merge_share": share.merge_share,
-                    })
-                    print(f"  {arch} {label} batch {batch}: {measured:.2f}x (FLOPs {flops:.2f}x)", file=sys.stderr, flush=True)
-    header = ["model", "schedule", "batch", "unmerged img/s", "ToMe img/s", "measured", "FLOPs ratio", "measured / FLOPs", "merge share"]
-    print(markdown_table(header, [
-        [r["model"], r["schedule"], r["batch"], f"{r['unmerged_img_s']:.1f}", f"{r['tome_img_s']:.1f}", f"{r['measured_speedup']:.2f}x",
-         f"{r['flops_speedup']:.2f}x", f"{r['ratio_to_flops']:.0%}", f"{r['merge_share']:.1%}"] for r in rows]))
-    write_json(rows, args.json)
+            rows += measure_model(arch, schedules, merges, runtimes, batches, args, Path(tmp))
+    print_rows(rows)
+    print("\nmerge share: ONNX Runtime profiler kernel time of the TokenMerger nodes / ToMe total; "
+          "matching is the [B, N/2, N/2] score matmul plus the counting rank's (N/2)^2 comparisons per layer")
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

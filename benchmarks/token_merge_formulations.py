@@ -29,9 +29,9 @@ from common import markdown_table, whole_numbers, write_json
 
 from tome_deploy.core.merge import Match, bipartite_match, merge_weighted
 from tome_deploy.core.schedule import resolve_schedule
+from tome_deploy.onnx_export.export import translation_table
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.runtime.throughput import time_side_by_side
-from tome_deploy.token_merge.onnx_translation import custom_translation_table
 
 MODELS = {"ViT-S/16": 384, "ViT-B/16": 768}  # channels
 TOKENS, DEPTH, PREFIX, R = 197, 12, 1, 16  # 224x224, patch 16, class token
@@ -96,7 +96,7 @@ def export_merge_steps(formulation: str, inputs: tuple, path: Path) -> Path:
     program = torch.onnx.export(
         MergeSteps(formulation, layers).eval(), inputs, dynamo=True, opset_version=18, verbose=False,
         dynamic_shapes=({0: batch}, {0: batch}, tuple({0: batch} for _ in inputs[2])),
-        custom_translation_table=custom_translation_table() if formulation == "plugin" else None,
+        custom_translation_table=translation_table(formulation),
     )
     program.save(str(path))
     return path

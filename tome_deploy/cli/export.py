@@ -23,6 +23,7 @@ from tome_deploy.cli.common import (
 from tome_deploy.core.schedule import parse_r_arguments
 from tome_deploy.core.speedup import check_target
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
 
 DEFAULT_R = "16"
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--r", default=None, help=f"tokens merged per layer (default {DEFAULT_R})")
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--target-speedup", type=float, metavar="X",
-                          help="pick the smallest constant r whose theoretical (FLOPs) speedup reaches X; implies --measure")
+                          help="pick the smallest r whose speedup, measured in --runtime at --batch-size against the "
+                               "unmerged export, reaches X (the search starts where the FLOPs reach X); implies --measure")
     schedule.add_argument("--r-inflect", type=float, metavar="F", help="linear ramp (r, F), F in [-1, 1]; -1 is the paper's decreasing schedule")
     schedule.add_argument("--schedule", metavar="R0,R1,...", help="explicit r per layer (missing layers get 0)")
     parser.add_argument("--strict", action="store_true", help="fail instead of warning when r has to be clamped")
@@ -56,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="batch size of the traced example (default 1)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to --batch-size")
     parser.add_argument("--opset", type=int, default=EXPORT_SPEC.default_opset, help=f"ONNX opset (default {EXPORT_SPEC.default_opset}, at least {EXPORT_SPEC.min_opset})")
-    parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime parity check")
-    parser.add_argument("--measure", action="store_true", help="also export the unmerged model and time both in ONNX Runtime")
+    parser.add_argument("--runtime", choices=CPU_RUNTIMES, default="onnxruntime",
+                        help="CPU runtime that validates and times the export: onnxruntime (default) or openvino "
+                             "(needs pip install 'tome-deploy[openvino]'; no --merge plugin)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the parity check in --runtime")
+    parser.add_argument("--measure", action="store_true", help="also export the plain model (torch.onnx.export of the same weights) and time both in --runtime")
     add_report_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -97,7 +102,7 @@ def _export(args: argparse.Namespace) -> int:
         pretrained=args.pretrained, img_size=args.img_size, trust_pickle=args.trust_pickle, seed=args.seed,
         opset=args.opset, batch_size=args.batch_size, static_batch=args.static_batch, strict=args.strict,
         validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure or target is not None,
-        target_speedup=target,
+        target_speedup=target, runtime=args.runtime,
         say=(lambda _: None) if quiet else say,
     )
     meta = outcome.export.metadata
@@ -106,16 +111,16 @@ def _export(args: argparse.Namespace) -> int:
         say(f"\nSchedule ({meta.model}, {outcome.schedule.depth} blocks, {prefix}):")
         say(outcome.schedule.table())
         say(f"\nTokens {meta.tokens_per_layer[0]} -> {meta.tokens_per_layer[-1]}; theoretical speedup (FLOPs): {meta.theoretical_speedup:.2f}x")
+    runtime = RUNTIME_LABELS[outcome.runtime]
     if outcome.timings:
         base, tome = outcome.timings["unmerged"], outcome.timings["tome"]
-        say(f"Measured in ONNX Runtime (CPU, batch {tome.batch}): unmerged {base.images_per_s:.1f} img/s, "
+        say(f"Measured in {runtime} (CPU, batch {tome.batch}): unmerged {base.images_per_s:.1f} img/s, "
             f"ToMe {tome.images_per_s:.1f} img/s -> {outcome.measured_speedup:.2f}x")
-    if outcome.target is not None and not quiet:
-        measured = "" if outcome.measured_speedup is None else f", measured {outcome.measured_speedup:.2f}x (ONNX Runtime, CPU)"
-        say(f"{outcome.target.line()}{measured}")
+    if outcome.search is not None and not quiet:
+        say(outcome.search.line(f"{runtime} (CPU)"))
     if outcome.validation is not None:
         if not quiet:
-            say("\nParity, PyTorch vs ONNX Runtime:")
+            say(f"\nParity, PyTorch vs {runtime}:")
             say(outcome.validation.table())
         checks = len(outcome.validation.verdicts)
         failed = sum(not v.passed for v in outcome.validation.verdicts)
@@ -132,6 +137,8 @@ def _export(args: argparse.Namespace) -> int:
             "validation": outcome.validation.to_dict() if outcome.validation else None,
             "measured_speedup": outcome.measured_speedup,
             "target_speedup": outcome.target.to_dict() if outcome.target else None,
+            "measured_search": outcome.search.to_dict() if outcome.search else None,
+            "runtime": outcome.runtime,
         },
         args,
     )

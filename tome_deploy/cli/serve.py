@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tome_deploy.cli.common import add_debug_argument, exit_codes_help, run_command, say
+from tome_deploy.runtime.choice import CPU_RUNTIMES
 
 DEVICE_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--device", choices=sorted(DEVICE_PROVIDERS), default="cpu", help="ONNX Runtime device (default cpu); cuda fails unless the CUDA provider is active")
     device.add_argument("--providers", metavar="P1,P2", help="explicit ONNX Runtime providers; each must be active")
-    parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime / OpenVINO intra-op threads (default: all cores)")
+    parser.add_argument("--runtime", choices=CPU_RUNTIMES, default="onnxruntime",
+                        help="what runs an ONNX file: onnxruntime (default) or openvino on CPU (pip install 'tome-deploy[openvino]')")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line, for the image endpoint")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes the image endpoint returns by default (default 5)")
     parser.add_argument("--max-image-pixels", type=int, default=16_000_000, metavar="N",
@@ -86,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading anything
     artifact = read_artifact(args.artifact)
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else DEVICE_PROVIDERS[args.device]
-    runner = open_runner(artifact, providers=providers, threads=args.threads)
+    runner = open_runner(artifact, providers=providers, threads=args.threads, runtime=args.runtime)
     settings = ServeSettings(
         model_name=args.name or default_model_name(args.artifact),
         policy=policy,
@@ -100,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     meta = artifact.metadata
     say(f"serving {settings.model_name} ({meta.model}, r per layer {meta.r_effective}, tokens {meta.tokens_per_layer[0]}->{meta.tokens_per_layer[-1]}) "
-        f"with {', '.join(providers)} on http://{host}:{port}")
+        f"with {'OpenVINO (CPU)' if args.runtime == 'openvino' else ', '.join(providers)} on http://{host}:{port}")
     say(f"  infer: POST /v2/models/{settings.model_name}/infer   images: POST /v2/models/{settings.model_name}/classify   metrics: GET /metrics")
     limits = ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout_s)
     run_server(app, sock, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level, limits=limits)

@@ -14,12 +14,13 @@ from tome_deploy.cli.common import (
     run_command,
     say,
 )
+from tome_deploy.runtime.choice import CPU_RUNTIMES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tome-validate",
-        description="Check an exported ToMe ONNX file (ONNX Runtime) or engine (TensorRT, and its ONNX file in "
+        description="Check an exported ToMe ONNX file (ONNX Runtime or OpenVINO) or engine (TensorRT, and its ONNX file in "
                     "ONNX Runtime) against PyTorch on random, constant and natural images.",
         epilog=exit_codes_help(1, 4),
     )
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-reference", metavar="REF.json",
                         help="also write the PyTorch outputs (and REF_inputs.json) in Polygraphy's format for "
                              "`polygraphy run ... --load-inputs --load-outputs`")
+    parser.add_argument("--runtime", choices=CPU_RUNTIMES, default="onnxruntime",
+                        help="what runs an ONNX file: onnxruntime (default) or openvino (pip install 'tome-deploy[openvino]')")
     add_report_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -70,7 +73,7 @@ def _validate(args: argparse.Namespace) -> int:
     metadata, report = validate_model(
         args.source, args.onnx, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
         trust_pickle=args.trust_pickle, seed=args.seed, batch_sizes=_parse_batches(args.batch_sizes),
-        atol=args.atol, rtol=args.rtol, save_reference=args.save_reference, say=(lambda _: None) if args.quiet else say,
+        atol=args.atol, rtol=args.rtol, save_reference=args.save_reference, runtime=args.runtime, say=(lambda _: None) if args.quiet else say,
     )
     if not args.quiet:
         say(f"{metadata.model}: r per layer {metadata.r_effective}, merge={metadata.merge}")

@@ -43,15 +43,15 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Match:
     metric = metric / metric.norm(dim=-1, keepdim=True)  # [B, N, c]
     a, b = metric[:, 0::2], metric[:, 1::2]  # [B, Na, c], [B, Nb, c]
     scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
-    # A constant mask through torch.where exports as a plain Where, not a ScatterElements.
+    # A constant mask and a scalar export as one plain Where (no ScatterElements, no Expand of -inf).
     mask = protected_mask(num_tokens, num_prefix).to(scores.device)  # [Na, Nb]
-    scores = torch.where(mask, torch.full_like(scores, -torch.inf), scores)
+    scores = scores.masked_fill(mask, -torch.inf)
 
     best_score, best_b = scores.max(dim=-1)  # [B, Na], [B, Na]; ties -> lowest B index
     rank = stable_descending_rank(best_score)  # [B, Na]
     if num_prefix > 0:
         # Unmerged tokens go in ascending A index, which keeps the prefix tokens at the front.
-        unmerged = (rank >= r).long()  # [B, Na]
+        unmerged = (rank >= r).float()  # [B, Na]
         rank = torch.where(unmerged.bool(), r + unmerged.cumsum(dim=-1) - 1, rank)
     order = permutation_from_rank(rank)  # [B, Na]: sources in score order, then unmerged
     source_a, unmerged_a = order[:, :r], order[:, r:]  # [B, r], [B, Na - r]
@@ -61,47 +61,62 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Match:
 
 def kept_positions(unmerged_a: torch.Tensor, num_tokens: int, num_prefix: int) -> torch.Tensor:
     """[B, Na - r] unmerged A indices -> [B, N - r] positions ordered [prefix, unmerged A, B]."""
-    batch = unmerged_a.shape[0]
     prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens that fall in A and in B
     device = unmerged_a.device
+    # Constant positions broadcast over the batch by an add (a shape ONNX can infer, unlike an Expand
+    # to a batch-sized shape tensor).
+    zeros = unmerged_a.sum(dim=1, keepdim=True) * 0  # [B, 1], also when no A token stays unmerged
     parts = [
         2 * unmerged_a[:, prefix_a:],  # unmerged non-prefix A tokens
-        torch.arange(2 * prefix_b + 1, num_tokens, 2, device=device).expand(batch, -1),  # non-prefix B tokens
+        zeros + torch.arange(2 * prefix_b + 1, num_tokens, 2, device=device),  # non-prefix B tokens
     ]
     if num_prefix > 0:
-        parts.insert(0, torch.arange(num_prefix, device=device).expand(batch, -1))
+        parts.insert(0, zeros + torch.arange(num_prefix, device=device))
     return torch.cat(parts, dim=1)
 
 
 def stable_descending_rank(score: torch.Tensor) -> torch.Tensor:
-    """score: [B, M] -> [B, M] int64, each entry's position in a stable descending sort.
+    """score: [B, M] -> [B, M] float32 counts, each entry's position in a stable descending sort.
 
     Ties go to the lower index. Counting instead of sorting gives every runtime the same tie rule
     (ONNX has no stable sort; TensorRT documents no TopK tie order) for M^2 comparisons, tiny next
-    to attention's N^2 C.
+    to attention's N^2 C. Counts up to M are exact in float32.
     """
     m = score.shape[-1]
     index = torch.arange(m, device=score.device)
     earlier = index[None, :] < index[:, None]  # [M(i), M(j)]: j < i
     other, this = score[:, None, :], score[:, :, None]  # [B, 1, M(j)], [B, M(i), 1]
     ahead = (other > this) | ((other == this) & earlier)  # [B, M(i), M(j)]: j sorts before i
-    return ahead.long().sum(dim=-1)
+    return ahead.float().sum(dim=-1)
 
 
 def permutation_from_rank(rank: torch.Tensor) -> torch.Tensor:
-    """rank: [B, M], a permutation of 0..M-1 -> order [B, M] with rank[order[k]] == k."""
-    slots = torch.arange(rank.shape[-1], device=rank.device)  # [M]
-    return (rank[:, None, :] == slots[:, None]).float().argmax(dim=-1)  # [B, M(k), M(i)] -> [B, M]
+    """rank: [B, M], a permutation of 0..M-1 -> order [B, M] with rank[order[k]] == k.
 
-
-def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, C], positions: [B, K] -> [B, K, C].
-
-    Whole rows (one GatherND): ~7x faster in ONNX Runtime than GatherElements, whose index would
-    have to be expanded over C.
+    The ranks are distinct, so an ascending TopK has no ties to break and is exact on every runtime.
     """
-    batch_index = torch.arange(x.shape[0], device=x.device)[:, None]  # [B, 1]
-    return x[batch_index, positions]
+    return rank.float().topk(rank.shape[-1], dim=-1, largest=False, sorted=True).indices
+
+
+@torch.library.custom_op("tome_deploy::gather_tokens", mutates_args=())
+def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, C], positions: [B, K] int64 -> [B, K, C], whole rows per image.
+
+    A custom op so that the ONNX export writes one GatherND with batch_dims=1 (onnx_export/export.py):
+    static output shapes and ~7x faster in ONNX Runtime than GatherElements, whose index would have to
+    be expanded over C. Advanced indexing would export an Expand to a computed shape that ONNX shape
+    inference cannot see through.
+    """
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
+
+
+@gather_tokens.register_fake
+def _gather_tokens_shape(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], positions.shape[1], *x.shape[2:]))
+
+
+# The overload torch.export records and onnx_export translates.
+GATHER_TOKENS_OVERLOAD = torch.ops.tome_deploy.gather_tokens.default
 
 
 def _add_at_scatter(x: torch.Tensor, src: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
@@ -138,8 +153,9 @@ def merge_weighted(
         from tome_deploy.token_merge.torch_op import token_merge
 
         return token_merge(x, size, *(index.to(torch.int32) for index in match))
-    weighted = merge_sum(x * size, match, formulation)  # [B, N - r, C]
-    size = merge_sum(size, match, formulation)  # [B, N - r, 1]
+    # Sizes ride along as one more channel: one gather/add/gather chain instead of two.
+    merged = merge_sum(torch.cat([x * size, size], dim=-1), match, formulation)  # [B, N - r, C + 1]
+    weighted, size = merged[..., :-1], merged[..., -1:]  # [B, N - r, C], [B, N - r, 1]
     return (weighted / size).to(x.dtype), size
 
 

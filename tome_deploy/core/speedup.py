@@ -37,6 +37,18 @@ def max_useful_r(num_tokens: int, num_prefix: int) -> int:
     return max(0, (num_tokens - num_prefix) // 2)
 
 
+def largest_r(num_tokens: int, depth: int, num_prefix: int, strict: bool = False) -> int:
+    """The largest constant r worth trying: max_useful_r, or under strict the largest that needs no clamping."""
+    r = max_useful_r(num_tokens, num_prefix)
+    while strict and r > 0:
+        try:
+            resolve_schedule(r, num_tokens, depth, num_prefix, strict=True)
+            break
+        except ScheduleError:
+            r -= 1
+    return r
+
+
 def _speedup(r: int, num_tokens: int, depth: int, num_prefix: int, dim: int, mlp_ratio: float, strict: bool) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clamping is part of the search, not news
@@ -95,3 +107,60 @@ def schedule_for_speedup(
         f"layers: merging the most any schedule can (r={best_r}, half the patch tokens per layer) gives {best:.2f}x; "
         f"ask for at most {math.floor(best * 100) / 100:.2f}x (no constant, inflected or per-layer schedule merges more)"
     )
+
+
+@dataclass(frozen=True)
+class MeasuredChoice:
+    """What a speedup target turned into once measured: the r chosen and every r tried on the way."""
+
+    target: float
+    r: int
+    reached: bool  # False: no r up to the largest useful one measured the target; r is the best measured
+    measured: dict[int, float]  # r -> measured speedup, in the order tried
+
+    @property
+    def speedup(self) -> float:
+        return self.measured[self.r]
+
+    def line(self, where: str) -> str:
+        tried = ", ".join(f"r={r}: {s:.2f}x" for r, s in self.measured.items())
+        if self.reached:
+            return f"target {self.target:.2f}x -> r={self.r}, measured {self.speedup:.2f}x in {where} (tried {tried})"
+        return (f"target {self.target:.2f}x not reached in {where}: the best measured is r={self.r} at "
+                f"{self.speedup:.2f}x (tried {tried})")
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "r": self.r, "reached": self.reached,
+                "measured": {str(r): round(s, 4) for r, s in self.measured.items()}}
+
+
+def search_measured_r(target: float, r_first: int, r_last: int, measure) -> MeasuredChoice:
+    """The smallest r in [r_first, r_last] whose measured speedup reaches `target`, by bisection.
+
+    measure(r) -> measured speedup (ToMe vs unmerged, on the runtime and batch that matter). r_first is
+    where the FLOPs say the target starts to be possible (the measured ratio rarely beats the FLOP ratio);
+    r_last is the most merging there is. Bisection assumes the measured speedup grows with r, as the
+    FLOPs do; it measures at most ~log2(r_last - r_first) + 2 schedules. When even r_last falls short,
+    the result is not `reached` and names the best r measured.
+    """
+    target = check_target(target)
+    measured: dict[int, float] = {}
+
+    def at(r: int) -> float:
+        if r not in measured:
+            measured[r] = float(measure(r))
+        return measured[r]
+
+    if at(r_first) >= target:
+        return MeasuredChoice(target, r_first, True, measured)
+    if r_last <= r_first or at(r_last) < target:
+        best = max(measured, key=measured.get)
+        return MeasuredChoice(target, best, False, measured)
+    low, high = r_first, r_last  # at(low) < target <= at(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if at(middle) >= target:
+            high = middle
+        else:
+            low = middle
+    return MeasuredChoice(target, high, True, measured)

@@ -12,16 +12,18 @@ from typing import Optional
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MergeFormulation, merge_for_target
 from tome_deploy.core.schedule import RSpec, Schedule
-from tome_deploy.core.speedup import SpeedupChoice
+from tome_deploy.core.speedup import MeasuredChoice, SpeedupChoice, largest_r, search_measured_r
+from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome, speedup_choice_for_model
-from tome_deploy.onnx_export.export import ExportResult, export_onnx
+from tome_deploy.models.timm_vit import tokens_at_input
+from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import check_precision, with_precision
 from tome_deploy.output_files import StagedOutput, check_outputs
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.choice import RUNTIME_LABELS, check_runtime, cpu_runner
 from tome_deploy.runtime.throughput import Timing, time_interleaved
 from tome_deploy.token_merge.ort_op import require_extensions
 from tome_deploy.validation.parity import ValidationReport, validate_runners
@@ -36,6 +38,8 @@ class ExportOutcome:
     validation: Optional[ValidationReport] = None
     timings: Optional[dict[str, Timing]] = None
     target: Optional[SpeedupChoice] = None  # set when the schedule came from a speedup target
+    search: Optional[MeasuredChoice] = None  # the measured search that target started
+    runtime: str = "onnxruntime"  # where validation and timing ran
     written: bool = True  # False when validation failed: the output path keeps what it held before
 
     @property
@@ -76,36 +80,86 @@ def export_model(
     rtol: Optional[float] = None,
     measure: bool = False,
     target_speedup: Optional[float] = None,
+    runtime: str = "onnxruntime",
     say: Say = silent,
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
 
     target_speedup: instead of `r`, use the smallest constant r whose theoretical (FLOPs) speedup reaches
-    it (`target.schedule_for_speedup`); raises ScheduleError when no schedule can.
+    it (`target.schedule_for_speedup`), then measure from that r upwards in `runtime` at `batch_size` until
+    the measured speedup reaches the target (`speedup.search_measured_r`); raises ScheduleError when the
+    FLOPs cannot reach it or when no measured r does (naming the best measured ratio).
+    runtime: the CPU runtime that validates and times the export (onnxruntime or openvino).
     merge: the formulation; None picks the one `target` runs best (scatter for ONNX Runtime, matmul for TensorRT).
     precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
-    The file is written next to `output` and moved onto it only when validation passes (or is skipped), so a
-    failing export never replaces an existing file; `outcome.written` says whether it was installed.
     """
     EXPORT_SPEC.check_opset(opset)
     merge = merge_for_target(merge, target)
     check_precision(precision)
     EXPORT_SPEC.check_batch(batch_size)
     output = check_outputs({"-o": output}, inputs=(model, checkpoint))["-o"]
-    if merge == "plugin" and (validate or measure):
+    check_runtime(runtime)
+    runs = validate or measure or target_speedup is not None
+    if merge == "plugin" and runs:
+        if runtime == "openvino":
+            raise InvalidInputError("OpenVINO has no tome::TokenMerge op, so --merge plugin cannot run in it; "
+                                    "use --merge scatter or matmul with --runtime openvino")
         require_extensions()  # ONNX Runtime runs tome::TokenMerge only through it: fail before the export
+    if runtime == "openvino" and runs:
+        from tome_deploy.runtime.openvino import import_openvino
+
+        import_openvino()  # fail before the export, naming the extra
     say(f"Loading {model} ...")
     loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
                         trust_pickle=trust_pickle, seed=seed)
     say(f"  weights: {loaded.weights}")
-    choice = None
-    if target_speedup is not None:
-        choice = speedup_choice_for_model(loaded.model, target_speedup, strict=strict)
-        r = choice.r
-        say(f"  {choice.line()}")
+    options = dict(merge=merge, strict=strict, opset=opset, batch_size=batch_size, static_batch=static_batch,
+                   precision=precision, target=target)
+    choice = search = None
+    with tempfile.TemporaryDirectory() as folder:
+        if target_speedup is not None:
+            choice = speedup_choice_for_model(loaded.model, target_speedup, strict=strict)
+            say(f"  {choice.line()}; measuring from there in {RUNTIME_LABELS[runtime]} (batch {batch_size}) ...")
+            search, timings_by_r = measured_search(loaded, choice, runtime, Path(folder), say, **options)
+            say(f"  {search.line(RUNTIME_LABELS[runtime])}")
+            if not search.reached:
+                raise ScheduleError(
+                    f"no schedule reaches a measured {search.target:.2f}x in {RUNTIME_LABELS[runtime]} at batch "
+                    f"{batch_size}: the best is r={search.r} at {search.speedup:.2f}x (FLOPs promised "
+                    f"{choice.predicted:.2f}x from r={choice.r}); ask for at most {search.speedup:.2f}x, or export "
+                    f"--r {search.r} --measure"
+                )
+            r = search.r
+        tome, schedule, clamp_warnings, metadata = patch_for_export(loaded, r, **options)
+        for message in clamp_warnings:
+            say(f"  warning: {message}")
+        say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
+        with StagedOutput(output) as staged:
+            result = export_onnx(tome, metadata, staged.temp)
+            outcome = ExportOutcome(loaded, schedule, dataclasses.replace(result, path=output), clamp_warnings,
+                                    target=choice, search=search, runtime=runtime)
+            if validate:
+                say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
+                outcome.validation = validate_runners(tome, [cpu_runner(runtime, staged.temp)], metadata, str(output),
+                                                      atol=atol, rtol=rtol)
+            outcome.written = outcome.validation is None or outcome.validation.passed
+            if not outcome.written:
+                say(f"  the export failed validation and was not written to {output} (an existing file there is kept)")
+                return outcome
+            staged.commit()
+        say(f"  wrote {output} in {result.seconds:.1f} s")
+        if search is not None:
+            outcome.timings = timings_by_r[search.r]
+        elif measure:
+            base_path = unmerged_export(loaded, Path(folder), say, **options)
+            say(f"Timing both in {RUNTIME_LABELS[runtime]} (CPU, batch {batch_size}, interleaved) ...")
+            outcome.timings = time_against(base_path, output, metadata, runtime)
+    return outcome
+
+
+def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge, strict, opset, batch_size, static_batch, precision, target):
+    """(ToMe model at the export's precision, schedule, clamping warnings, its metadata)."""
     tome, schedule, clamp_warnings = patch_with_schedule(loaded.model, r, merge, strict)
-    for message in clamp_warnings:
-        say(f"  warning: {message}")
     metadata = build_metadata(
         tome, schedule, r,
         arch=loaded.arch or type(loaded.model).__name__,
@@ -118,38 +172,42 @@ def export_model(
         precision=precision,
         target=target,
     )
-    tome = with_precision(tome, precision)
-    say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
-    with StagedOutput(output) as staged:
-        result = export_onnx(tome, metadata, staged.temp)
-        outcome = ExportOutcome(loaded, schedule, dataclasses.replace(result, path=output), clamp_warnings, target=choice)
-        if validate:
-            say("Validating ONNX Runtime (CPU) against PyTorch ...")
-            outcome.validation = validate_runners(tome, [OnnxRuntimeRunner(staged.temp)], metadata, str(output),
-                                                  atol=atol, rtol=rtol)
-        outcome.written = outcome.validation is None or outcome.validation.passed
-        if not outcome.written:
-            say(f"  the export failed validation and was not written to {output} (an existing file there is kept)")
-            return outcome
-        staged.commit()
-    say(f"  wrote {output} in {result.seconds:.1f} s")
-    if measure:
-        outcome.timings = measure_against_unmerged(loaded, outcome.export.path, metadata, say)
-    return outcome
+    return with_precision(tome, precision), schedule, clamp_warnings, metadata
 
 
-def measure_against_unmerged(loaded: LoadedModel, tome_path: Path, metadata: ToMeMetadata, say: Say) -> dict[str, Timing]:
-    """Export the same weights without merging and time both in ONNX Runtime, interleaved."""
-    batch = metadata.example_batch
-    with tempfile.TemporaryDirectory() as folder:
-        baseline, schedule, _ = patch_with_schedule(loaded.model, 0, metadata.merge, strict=False)
-        base_meta = build_metadata(baseline, schedule, 0, arch=metadata.model, weights=metadata.weights,
-                                   weights_sha256=metadata.weights_sha256, merge=metadata.merge, opset=metadata.opset,
-                                   batch=metadata.batch, example_batch=batch, precision=metadata.precision,
-                                   target=metadata.target)
-        baseline = with_precision(baseline, metadata.precision)
-        say("Exporting the unmerged model for a side-by-side timing ...")
-        base_path = export_onnx(baseline, base_meta, Path(folder) / "unmerged.onnx").path
-        say(f"Timing both in ONNX Runtime (CPU, batch {batch}, interleaved) ...")
-        return time_interleaved({"unmerged": base_path, "tome": tome_path}, metadata.input_name,
-                                metadata.input_size, batch)
+def unmerged_export(loaded: LoadedModel, folder: Path, say: Say, **options) -> Path:
+    """The baseline of every timing, once per folder: a plain torch.onnx.export of the same weights
+    (what a user without ToMe runs), at the export's precision, batch and opset."""
+    path = folder / "unmerged.onnx"
+    if not path.exists():
+        say("Exporting the plain (unmerged) model for a side-by-side timing ...")
+        _, _, _, metadata = patch_for_export(loaded, 0, **options)
+        export_plain(with_precision(loaded.model, options["precision"]), metadata, path)
+    return path
+
+
+def time_against(base_path: Path, tome_path: Path, metadata: ToMeMetadata, runtime: str, rounds: int = 10) -> dict[str, Timing]:
+    """Unmerged and ToMe timed in `runtime`, interleaved, at the export's batch."""
+    return time_interleaved({"unmerged": base_path, "tome": tome_path}, metadata.input_name, metadata.input_size,
+                            metadata.example_batch, rounds=rounds, runtime=runtime)
+
+
+def measured_search(
+    loaded: LoadedModel, choice: SpeedupChoice, runtime: str, folder: Path, say: Say, **options
+) -> tuple[MeasuredChoice, dict[int, dict[str, Timing]]]:
+    """Export and time r from the FLOPs choice upwards until the measured speedup reaches the target;
+    also returns the timings of every r measured."""
+    model = loaded.model
+    base_path = unmerged_export(loaded, folder, say, **options)
+    timings_by_r: dict[int, dict[str, Timing]] = {}
+
+    def measure(r: int) -> float:
+        tome, _, _, metadata = patch_for_export(loaded, r, **options)
+        path = export_onnx(tome, metadata, folder / f"tome_r{r}.onnx").path
+        timings = timings_by_r[r] = time_against(base_path, path, metadata, runtime)
+        speedup = timings["unmerged"].median_s / timings["tome"].median_s
+        say(f"  r={r}: measured {speedup:.2f}x")
+        return speedup
+
+    r_last = largest_r(tokens_at_input(model), len(model.blocks), int(model.num_prefix_tokens), options["strict"])
+    return search_measured_r(choice.target, choice.r, max(choice.r, r_last), measure), timings_by_r

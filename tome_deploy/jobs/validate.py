@@ -23,12 +23,12 @@ from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.precision import with_precision
 from tome_deploy.output_files import check_outputs
+from tome_deploy.runtime.choice import RUNTIME_LABELS, check_runtime, cpu_runner
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.tensorrt.runner import TensorRTRunner
 from tome_deploy.validation.parity import (
     ValidationReport,
     default_batch_sizes,
-    validate_onnx,
     validate_runners,
 )
 from tome_deploy.validation.polygraphy_reference import inputs_path_for, save_polygraphy_reference
@@ -47,14 +47,18 @@ def validate_model(
     atol: Optional[float] = None,
     rtol: Optional[float] = None,
     save_reference: Optional[str | Path] = None,
+    runtime: str = "onnxruntime",
     say: Say = silent,
 ) -> tuple[ToMeMetadata, ValidationReport]:
     """Rebuild the PyTorch ToMe model an ONNX file or engine came from and compare them.
 
     An engine (tome-build output) is compared with PyTorch and, when its ONNX file is still where the
-    sidecar says, with ONNX Runtime too. save_reference: also write the PyTorch outputs in Polygraphy's format.
+    sidecar says, with ONNX Runtime too. runtime: what runs an ONNX file (onnxruntime or openvino).
+    save_reference: also write the PyTorch outputs in Polygraphy's format.
     """
     engine = is_engine_file(artifact)
+    if engine and check_runtime(runtime) != "onnxruntime":
+        raise InvalidInputError(f"--runtime {runtime} runs ONNX files; an engine runs in TensorRT: drop --runtime")
     sidecar = read_sidecar(artifact) if engine else None
     metadata = _artifact_metadata(artifact, sidecar)
     if save_reference is not None:
@@ -85,8 +89,9 @@ def validate_model(
             f"    polygraphy run {onnx_file} --trt --load-inputs {inputs} --load-outputs {outputs} "
             f"--atol {tolerance.atol:g} --rtol {tolerance.rtol:g}")
     if not engine:
-        say("Validating ONNX Runtime (CPU) against PyTorch ...")
-        return metadata, validate_onnx(tome, artifact, metadata, batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+        say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
+        runner = cpu_runner(runtime, artifact)
+        return metadata, validate_runners(tome, [runner], metadata, str(artifact), batch_sizes=batch_sizes, atol=atol, rtol=rtol)
     candidates = [TensorRTRunner(artifact)]
     onnx_file = Path(sidecar.onnx_path)
     if onnx_file.is_file() and file_sha256(onnx_file) == sidecar.onnx_sha256:

@@ -81,7 +81,7 @@ def tome_attention(
     # Before the first merge every size is 1 and log(1) = 0: skipping the bias keeps r=0 bit-exact.
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if attn.fused_attn:
+    if attn.fused_attn:  # export_onnx turns it off: see onnx_export.export.explicit_attention
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]

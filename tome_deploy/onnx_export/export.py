@@ -16,6 +16,7 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
 from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
+from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD
 from tome_deploy.token_merge.onnx_translation import custom_translation_table
 
 
@@ -41,6 +42,38 @@ def _quiet_exporter():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def explicit_attention(model: torch.nn.Module):
+    """Trace attention as MatMul/Softmax (timm's own non-fused path), in ToMe blocks and pooling heads.
+
+    The exporter's SDPA decomposition reshapes the keys to a computed shape, which leaves ONNX shape
+    inference with unknown dims along the whole attention path. Restores the modules' setting after.
+    """
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    try:
+        for module in fused:
+            module.fused_attn = False
+        yield
+    finally:
+        for module in fused:
+            module.fused_attn = True
+
+
+def _gather_tokens_node(x, positions):
+    """tome_deploy::gather_tokens as GatherND(batch_dims=1): [B, N, C], [B, K] -> [B, K, C], shapes inferable."""
+    from onnxscript import opset18 as op
+
+    return op.GatherND(x, op.Unsqueeze(positions, [-1]), batch_dims=1)
+
+
+def translation_table(merge: str) -> dict:
+    """{torch op overload: onnxscript translation} for every custom op a ToMe model traces to."""
+    table = {GATHER_TOKENS_OVERLOAD: _gather_tokens_node}
+    if merge == "plugin":  # the fused op becomes one tome::TokenMerge node per block
+        table.update(custom_translation_table())
+    return table
 
 
 def _symbolic_dims(model_proto, batch_axis: str) -> list[str]:
@@ -83,7 +116,7 @@ def export_onnx(
     start = time.perf_counter()
     tome_model = tome_model.eval()
     try:
-        with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+        with _quiet_exporter(), explicit_attention(tome_model), torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 tome_model,
                 (example,),
@@ -93,8 +126,7 @@ def export_onnx(
                 output_names=[spec.output_name],
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
-                # --merge plugin: the fused op becomes one tome::TokenMerge node per block
-                custom_translation_table=custom_translation_table() if metadata.merge == "plugin" else None,
+                custom_translation_table=translation_table(metadata.merge),
             )
     except Exception as err:  # the exporter raises many private types
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -120,3 +152,20 @@ def export_onnx(
 
     path = write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))
     return ExportResult(path, metadata, time.perf_counter() - start)
+
+
+def export_plain(model: torch.nn.Module, metadata: ToMeMetadata, output: str | Path, *, spec: ExportSpec = EXPORT_SPEC) -> Path:
+    """The baseline a user has without ToMe: torch.onnx.export of the unpatched model as it is (its own
+    attention kernels, no tome-deploy rewriting), same input size, batch and opset as `metadata`."""
+    dynamic = metadata.batch is None
+    example = torch.randn(max(2 if dynamic else 1, metadata.example_batch), *metadata.input_size)
+    dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=spec.max_batch)},) if dynamic else None
+    try:
+        with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=metadata.opset, verbose=False,
+                                        input_names=[spec.input_name], output_names=[spec.output_name],
+                                        dynamic_shapes=dynamic_shapes)
+    except Exception as err:  # the exporter raises many private types
+        raise ExportError(f"torch.onnx.export of the plain model failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
+    path = check_output_path(output)
+    return write_atomically(path, lambda stream: stream.write(program.model_proto.SerializeToString()))

@@ -39,17 +39,9 @@ def merger_node_names(onnx_path: str | Path) -> set[str]:
 
 def profile_merge_share(onnx_path: str | Path, input_name: str, batch_input: np.ndarray, runs: int = 5, threads: int | None = None) -> TimeShare:
     """Profile `runs` passes at full graph optimisation, as deployed; merge nodes keep their export names."""
-    import onnxruntime as ort
-
     merger_nodes = merger_node_names(onnx_path)
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "tome_deploy_profile")
     # Fusions (attention, LayerNorm, GELU) rename the nodes they absorb: those count as "other".
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = _profiled_session(onnx_path, threads)
     session.run(None, {input_name: batch_input})  # warm-up, still profiled but averaged away below
     for _ in range(runs):
         session.run(None, {input_name: batch_input})
@@ -68,3 +60,64 @@ def profile_merge_share(onnx_path: str | Path, input_name: str, batch_input: np.
         else:
             other_us += event["dur"]
     return TimeShare(merge_us, other_us)
+
+
+def _profiled_session(onnx_path: str | Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "tome_deploy_profile")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def profile_op_types(onnx_path: str | Path, input_name: str, batch_input: np.ndarray, runs: int = 5,
+                     threads: int | None = None) -> dict[str, float]:
+    """Kernel microseconds per pass by ONNX Runtime op type (after its fusions), largest first."""
+    session = _profiled_session(onnx_path, threads)
+    for _ in range(runs + 1):
+        session.run(None, {input_name: batch_input})
+    trace = session.end_profiling()
+    try:
+        events = json.loads(Path(trace).read_text())
+    finally:
+        os.unlink(trace)
+    per_type: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            per_type[op] = per_type.get(op, 0.0) + event["dur"] / (runs + 1)
+    return dict(sorted(per_type.items(), key=lambda kv: -kv[1]))
+
+
+# Op types that only exist after a fusion (ONNX Runtime's com.microsoft contrib ops and fused kernels).
+FUSED_OP_TYPES = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "SimplifiedLayerNormalization",
+                  "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "FusedMatMul", "FusedGemm", "FusedConv", "MatMulNBits",
+                  "BiasSoftmax", "NhwcConv")
+
+
+def fusions_fired(onnx_path: str | Path) -> dict[str, int]:
+    """{fused op type: nodes} in the graph ONNX Runtime actually runs (ORT_ENABLE_ALL, CPU), minus those the
+    file already had: which of its fusions applied."""
+    import onnx
+    import onnxruntime as ort
+
+    def counts(model) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for node in model.graph.node:
+            if node.op_type in FUSED_OP_TYPES:
+                found[node.op_type] = found.get(node.op_type, 0) + 1
+        return found
+
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = os.path.join(folder, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = optimized
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        after = counts(onnx.load(optimized))
+    before = counts(onnx.load(str(onnx_path), load_external_data=False))
+    return {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}

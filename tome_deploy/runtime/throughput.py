@@ -1,4 +1,4 @@
-"""Side-by-side timing: runs alternate between models so machine noise hits all alike (ONNX Runtime files, or any calls)."""
+"""Side-by-side timing: runs alternate between models so machine noise hits all alike (ONNX Runtime or OpenVINO files, or any calls)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.choice import cpu_runner
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,10 @@ def time_interleaved(
     rounds: int = 10,
     warmup: int = 2,
     threads: int | None = None,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Timing]:
-    """Median latency per ONNX model over `rounds`, each round running every model once in turn."""
-    runners = {name: OnnxRuntimeRunner(path, threads=threads) for name, path in models.items()}
+    """Median latency per model over `rounds`, each round running every model once in turn."""
+    runners = {name: cpu_runner(runtime, path, threads=threads) for name, path in models.items()}
     feed = {input_name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
     medians = time_side_by_side({name: (lambda r=runner: r.infer(feed)) for name, runner in runners.items()},
                                 rounds=rounds, warmup=warmup)

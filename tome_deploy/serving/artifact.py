@@ -17,6 +17,7 @@ from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.runtime.base import Runner
+from tome_deploy.runtime.choice import cpu_runner
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.serving.kserve import TensorSpec, datatype_of
 
@@ -69,10 +70,15 @@ def read_artifact(path: str | Path) -> Artifact:
     raise InvalidInputError(f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output")
 
 
-def open_runner(artifact: Artifact, providers: Sequence[str] = ("CPUExecutionProvider",), threads: Optional[int] = None) -> Runner:
-    """ONNX Runtime with exactly the asked providers active (it raises otherwise), or the TensorRT runner,
-    which raises MissingDependencyError without an importable TensorRT and refuses an engine built for
-    another TensorRT or GPU."""
+def open_runner(artifact: Artifact, providers: Sequence[str] = ("CPUExecutionProvider",), threads: Optional[int] = None,
+                runtime: str = "onnxruntime") -> Runner:
+    """ONNX Runtime with exactly the asked providers active (it raises otherwise), OpenVINO on CPU
+    (runtime="openvino"), or the TensorRT runner, which raises MissingDependencyError without an
+    importable TensorRT and refuses an engine built for another TensorRT or GPU."""
+    if runtime != "onnxruntime":
+        if artifact.kind != "onnx" or tuple(providers) != ("CPUExecutionProvider",):
+            raise InvalidInputError(f"--runtime {runtime} runs ONNX files on the CPU; drop --device/--providers (or --runtime for an engine)")
+        return cpu_runner(runtime, artifact.path, threads=threads)
     if artifact.kind == "onnx":
         return OnnxRuntimeRunner(artifact.path, providers=providers, threads=threads)
     if tuple(providers) != ("CPUExecutionProvider",) or threads:

@@ -1,0 +1,86 @@
+"""OpenVINO (CPU) behind the runner protocol: reads the ONNX file directly, or an IR (.xml) written from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tome_deploy.errors import InvalidInputError, MissingDependencyError
+from tome_deploy.token_merge.contract import OP_DOMAIN, OP_TYPE, graph_has_token_merge
+
+OPENVINO_EXTRA = "pip install 'tome-deploy[openvino]' (or pip install openvino)"
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as err:
+        raise MissingDependencyError(f"--runtime openvino needs OpenVINO, which is not installed: {OPENVINO_EXTRA}") from err
+    return openvino
+
+
+def check_runs_in_openvino(path: str | Path) -> None:
+    """OpenVINO has no tome::TokenMerge kernel: refuse --merge plugin graphs with the fix."""
+    if Path(path).suffix.lower() != ".onnx":
+        return
+    import onnx
+
+    if graph_has_token_merge(onnx.load(str(path), load_external_data=False)):
+        raise InvalidInputError(
+            f"{path} holds {OP_DOMAIN}::{OP_TYPE} nodes (--merge plugin), which OpenVINO cannot run (no such op); "
+            "export with --merge scatter or --merge matmul for OpenVINO"
+        )
+
+
+class OpenVINORunner:
+    """OpenVINO on CPU in fp32 (inference_precision f32: its CPU plugin would otherwise pick bf16 on
+    CPUs with AMX/AVX512-BF16, which changes merge choices; FACTS section 5)."""
+
+    name = "openvino"
+
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "CPU"):
+        check_runs_in_openvino(path)
+        ov = import_openvino()
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), device, config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer({name: np.ascontiguousarray(feed[name]) for name in self.input_names})
+        return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+
+
+RT_INFO_SECTION = "tome_deploy"  # the IR's rt_info section that holds the ONNX file's tome.* metadata
+
+
+def save_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
+    """Convert a tome-deploy ONNX file to OpenVINO IR (xml_path and its .bin), fp32 weights, with the
+    ToMe metadata (the ONNX file's tome.* properties, JSON values) under rt_info[RT_INFO_SECTION]."""
+    from tome_deploy.artifact.onnx_file import load_onnx
+
+    check_runs_in_openvino(onnx_path)
+    ov = import_openvino()
+    xml_path = Path(xml_path)
+    if xml_path.suffix != ".xml":
+        raise InvalidInputError(f"an OpenVINO IR path ends in .xml (the weights go next to it as .bin), got {xml_path}")
+    model = ov.Core().read_model(str(onnx_path))
+    for prop in load_onnx(onnx_path).metadata_props:
+        model.set_rt_info(prop.value, [RT_INFO_SECTION, prop.key])
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    return xml_path
+
+
+def read_ir_metadata(xml_path: str | Path) -> dict[str, str]:
+    """The tome.* properties save_ir stored in an IR's rt_info ({} when there are none)."""
+    ov = import_openvino()
+    model = ov.Core().read_model(str(xml_path))
+    if not model.has_rt_info([RT_INFO_SECTION]):
+        return {}
+    section = model.get_rt_info()[RT_INFO_SECTION]
+    return {key: section[key].astype(str) for key in section}
