@@ -28,7 +28,7 @@ import torch
 from tome_deploy.core.schedule import resolve_schedule
 from tome_deploy.models.digits import (
     ARCH,
-    BUNDLED_WEIGHTS_LABEL,
+    ASSET_WEIGHTS,
     digits_test_set,
     load_digits_vit,
 )
@@ -105,7 +105,7 @@ def main() -> int:
             tome, schedule = apply_tome(model, spec, args.merge, strict=True)
             with torch.inference_mode():
                 torch_logits = tome(pixels).numpy()
-            meta = build_metadata(tome, schedule, spec, arch=ARCH, weights=BUNDLED_WEIGHTS_LABEL,
+            meta = build_metadata(tome, schedule, spec, arch=ARCH, weights=f"trained digits weights {ASSET_WEIGHTS.name}",
                                   weights_sha256=fingerprint, merge=args.merge, opset=18, batch="dynamic",
                                   example_batch=2)
             start = time.perf_counter()

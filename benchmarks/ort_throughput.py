@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tome_deploy.jobs.export import patch_with_schedule
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import export_onnx
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.runtime.profiling import profile_merge_share
@@ -47,7 +47,7 @@ def export_variants(arch: str, schedules: list[str], merge: str, folder: Path) -
     fingerprint = weights_fingerprint(loaded.model)
     paths, metas = {}, {}
     for label, spec in [("unmerged", 0)] + [(name, SCHEDULES[name]) for name in schedules]:
-        tome, schedule, _ = patch_with_schedule(loaded.model, spec, merge, strict=False)
+        tome, schedule = apply_tome(loaded.model, spec, merge)
         meta = build_metadata(tome, schedule, spec, arch=arch, weights=loaded.weights, weights_sha256=fingerprint,
                               merge=merge, opset=18, batch="dynamic", example_batch=2)
         start = time.perf_counter()

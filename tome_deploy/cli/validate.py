@@ -11,6 +11,7 @@ from tome_deploy.cli.common import (
     add_report_arguments,
     check_report_path,
     emit_report,
+    model_source,
     run_command,
     say,
 )
@@ -57,8 +58,7 @@ def _validate(args: argparse.Namespace) -> int:
 
     check_report_path(args)
     metadata, report = validate_model(
-        args.source, args.onnx, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        trust_pickle=args.trust_pickle, seed=args.seed, batch_sizes=_parse_batches(args.batch_sizes),
+        model_source(args), args.onnx, batch_sizes=_parse_batches(args.batch_sizes),
         atol=args.atol, rtol=args.rtol, save_reference=args.save_reference, say=(lambda _: None) if args.quiet else say,
     )
     if not args.quiet:

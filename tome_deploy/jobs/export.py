@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ from tome_deploy.core.speedup import SpeedupChoice
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome, speedup_choice_for_model
 from tome_deploy.onnx_export.export import ExportResult, export_onnx
@@ -31,7 +31,6 @@ class ExportOutcome:
     loaded: LoadedModel
     schedule: Schedule
     export: ExportResult
-    clamp_warnings: list[str]
     validation: Optional[ValidationReport] = None
     timings: Optional[dict[str, Timing]] = None
     target: Optional[SpeedupChoice] = None  # set when the schedule came from a speedup target
@@ -43,28 +42,14 @@ class ExportOutcome:
         return self.timings["unmerged"].median_s / self.timings["tome"].median_s
 
 
-def patch_with_schedule(model, r: RSpec, merge: MergeFormulation, strict: bool) -> tuple[object, Schedule, list[str]]:
-    """apply_tome, with clamping warnings collected so that the caller can show them."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tome, schedule = apply_tome(model, r, merge, strict=strict)
-    return tome, schedule, [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "clamped" in str(w.message)]
-
-
 def export_model(
-    model: str,
+    source: ModelSource | str,
     output: str | Path,
     *,
     r: RSpec = 16,
     merge: Optional[MergeFormulation] = None,
     target: str = "onnxruntime",
     precision: str = "fp32",
-    arch: Optional[str] = None,
-    checkpoint: Optional[str] = None,
-    pretrained: bool = False,
-    img_size: Optional[int] = None,
-    trust_pickle: bool = False,
-    seed: int = 0,
     opset: int = EXPORT_SPEC.default_opset,
     batch_size: int = 1,
     static_batch: bool = False,
@@ -78,6 +63,9 @@ def export_model(
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
 
+    source: where the model comes from (a ModelSource; a plain name or path means its defaults).
+    Clamping of r is reported as data: `outcome.schedule.clamp_note()` (strict=True raises instead).
+
     target_speedup: instead of `r`, use the smallest constant r whose theoretical (FLOPs) speedup reaches
     it (`target.schedule_for_speedup`); raises ScheduleError when no schedule can.
     merge: the formulation; None picks the one `target` runs best (scatter for ONNX Runtime, matmul for TensorRT).
@@ -88,21 +76,20 @@ def export_model(
     check_precision(precision)
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {batch_size}")
-    output = check_output_path(output, inputs=(model, checkpoint))
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source)
+    output = check_output_path(output, inputs=(source.name, source.checkpoint))
     if merge == "plugin" and (validate or measure):
         require_extensions()  # ONNX Runtime runs tome::TokenMerge only through it: fail before the export
-    say(f"Loading {model} ...")
-    loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
-                        trust_pickle=trust_pickle, seed=seed)
+    say(f"Loading {source.name} ...")
+    loaded = load_model(source)
     say(f"  weights: {loaded.weights}")
     choice = None
     if target_speedup is not None:
         choice = speedup_choice_for_model(loaded.model, target_speedup, strict=strict)
         r = choice.r
         say(f"  {choice.line()}")
-    tome, schedule, clamp_warnings = patch_with_schedule(loaded.model, r, merge, strict)
-    for message in clamp_warnings:
-        say(f"  warning: {message}")
+    tome, schedule = apply_tome(loaded.model, r, merge, strict=strict)
     metadata = build_metadata(
         tome, schedule, r,
         arch=loaded.arch or type(loaded.model).__name__,
@@ -119,7 +106,7 @@ def export_model(
     say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch}) ...")
     result = export_onnx(tome, metadata, output)
     say(f"  wrote {result.path} in {result.seconds:.1f} s")
-    outcome = ExportOutcome(loaded, schedule, result, clamp_warnings, target=choice)
+    outcome = ExportOutcome(loaded, schedule, result, target=choice)
     if validate:
         say("Validating ONNX Runtime (CPU) against PyTorch ...")
         outcome.validation = validate_onnx(tome, result.path, metadata, atol=atol, rtol=rtol)
@@ -132,7 +119,7 @@ def measure_against_unmerged(loaded: LoadedModel, tome_path: Path, metadata: ToM
     """Export the same weights without merging and time both in ONNX Runtime, interleaved."""
     batch = int(metadata.extra.get("example_batch", 1))
     with tempfile.TemporaryDirectory() as folder:
-        baseline, schedule, _ = patch_with_schedule(loaded.model, 0, metadata.merge, strict=False)
+        baseline, schedule = apply_tome(loaded.model, 0, metadata.merge)
         base_meta = build_metadata(baseline, schedule, 0, arch=metadata.model, weights=metadata.weights,
                                    weights_sha256=metadata.weights_sha256, merge=metadata.merge, opset=metadata.opset,
                                    batch=metadata.batch, example_batch=batch, precision=metadata.precision,

@@ -17,6 +17,7 @@ from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.loading.dispatch import load_model
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.precision import with_precision
@@ -33,14 +34,9 @@ from tome_deploy.validation.polygraphy_reference import save_polygraphy_referenc
 
 
 def validate_model(
-    model: str,
+    source: ModelSource | str,
     artifact: str | Path,
     *,
-    arch: Optional[str] = None,
-    checkpoint: Optional[str] = None,
-    pretrained: bool = False,
-    trust_pickle: bool = False,
-    seed: Optional[int] = None,
     batch_sizes: Optional[Sequence[int]] = None,
     atol: Optional[float] = None,
     rtol: Optional[float] = None,
@@ -51,19 +47,20 @@ def validate_model(
 
     An engine (tome-build output) is compared with PyTorch and, when its ONNX file is still where the
     sidecar says, with ONNX Runtime too. save_reference: also write the PyTorch outputs in Polygraphy's format.
+    source: the model as given to tome-export; its img_size is taken from the artifact.
     """
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source)
     engine = is_engine_file(artifact)
     sidecar = read_sidecar(artifact) if engine else None
     metadata = _artifact_metadata(artifact, sidecar)
     if save_reference is not None:
         check_output_path(save_reference, inputs=(artifact,))
-    say(f"Loading {model} ...")
-    loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained,
-                        img_size=metadata.input_size[-1], trust_pickle=trust_pickle,
-                        seed=seed if seed is not None else 0)
+    say(f"Loading {source.name} ...")
+    loaded = load_model(source.at_img_size(metadata.input_size[-1]))
     if weights_fingerprint(loaded.model) != metadata.weights_sha256:
         raise InvalidInputError(
-            f"the weights of {model} ({loaded.weights}) differ from those {artifact} was exported from "
+            f"the weights of {source.name} ({loaded.weights}) differ from those {artifact} was exported from "
             f"({metadata.weights}); pass the same model, --checkpoint and --seed as for tome-export"
         )
     try:

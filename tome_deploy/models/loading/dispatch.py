@@ -6,8 +6,9 @@ Sources, in the order they are recognised:
   a state dict (raw, or inside a training checkpoint under `state_dict` / `model` / `state_dict_ema`),
   a safetensors file, or a `torch.save(model)` pickle;
 * anything else is a timm model name, created with random weights (seeded), `--pretrained` weights,
-  or the weights of `--checkpoint PATH`. `tome_digits_vit` (registered with timm by tome_deploy.digits)
-  is the exception: without --checkpoint it loads the trained weights committed in tome_deploy/assets.
+  or the weights of `--checkpoint PATH`. A name whose timm pretrained config points at a local `file`
+  that exists loads those weights without --pretrained (nothing to download): that is how
+  `tome_digits_vit` (tome_deploy/models/digits.py) gets the trained weights committed in tome_deploy/assets.
 
 Files are only ever read. `torch.load` always runs with `weights_only=True`; a pickled module is
 unpickled only when every global it needs is on the allowlist below (nn.Module and Enum classes
@@ -15,7 +16,6 @@ from torch/timm plus a few plain containers), unless the caller opts out with `t
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,6 @@ from tome_deploy.models.loading.checkpoint import (
     CHECKPOINT_SUFFIXES,
     HUB_PREFIXES,
     check_img_size,
-    check_img_size_value,
     checkpoint_arch,
     checkpoint_img_size,
     checkpoint_num_classes,
@@ -43,9 +42,9 @@ from tome_deploy.models.loading.checkpoint import (
     is_timm_name,
     load_weights,
     read_file,
-    read_safetensors,
     require_timm_name,
 )
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.timm_vit import check_supported
 
 
@@ -62,26 +61,18 @@ class LoadedModel:
 # Public entry points
 
 
-def load_model(
-    model: str,
-    *,
-    arch: Optional[str] = None,
-    checkpoint: Optional[str] = None,
-    pretrained: bool = False,
-    img_size: Optional[int] = None,
-    trust_pickle: bool = False,
-    seed: int = 0,
-) -> LoadedModel:
-    """Load `model` (a timm name, a checkpoint file or a pickled module) as a supported ViT in eval mode.
+def load_model(source: ModelSource | str, **options) -> LoadedModel:
+    """Load `source` (a ModelSource, or a name/path with ModelSource's fields as keywords) as a supported
+    model in eval mode.
 
     Raises ModelLoadError / UnsafePickleError (cannot or may not be loaded), UnsupportedModelError (not a
-    timm VisionTransformer ToMe can rewrite) or InvalidInputError (bad img_size or conflicting arguments).
+    model ToMe can rewrite) or InvalidInputError (bad img_size or conflicting arguments).
     """
-    model = str(model)
-    check_img_size_value(img_size)
-    img_size = None if img_size is None else operator.index(img_size)
-    if pretrained and checkpoint:
-        raise InvalidInputError("pass either --pretrained or --checkpoint PATH, not both")
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source, **options)
+    elif options:
+        raise TypeError("pass a ModelSource or keyword options, not both")
+    model, arch, checkpoint, img_size = source.name, source.arch, source.checkpoint, source.img_size
     path = _as_file(model)
     if path is None:
         if arch and arch != model:
@@ -89,13 +80,13 @@ def load_model(
                 f"--model {arch} names the architecture of a state-dict file, but {model} is a timm model name; "
                 "drop --model"
             )
-        loaded = _load_named(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
-                             trust_pickle=trust_pickle, seed=seed)
+        loaded = _load_named(model, checkpoint=checkpoint, pretrained=source.pretrained, img_size=img_size,
+                             trust_pickle=source.trust_pickle, seed=source.seed)
     else:
-        if pretrained:
+        if source.pretrained:
             raise InvalidInputError(f"--pretrained applies to a timm model name; {model} is a file that holds the weights")
-        loaded = _load_file(path, arch=arch, checkpoint=checkpoint, img_size=img_size, trust_pickle=trust_pickle,
-                            seed=seed)
+        loaded = _load_file(path, arch=arch, checkpoint=checkpoint, img_size=img_size, trust_pickle=source.trust_pickle,
+                            seed=source.seed)
     loaded.model.eval()
     return loaded
 
@@ -115,13 +106,11 @@ def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_s
         model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
         load_weights(model, state_dict, source=str(ckpt_path), arch=name)
         return LoadedModel(model, name, f"checkpoint {display_path(ckpt_path)}", random_weights=False, seed=None)
-    bundled = _bundled_weights(name)
-    if bundled is not None:  # a model tome_deploy ships trained weights for: those, with or without --pretrained
-        weights_path, label = bundled
-        state_dict, _ = read_safetensors(weights_path)
-        model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
-        load_weights(model, state_dict, source=str(weights_path), arch=name)
-        return LoadedModel(model, name, label, random_weights=False, seed=None)
+    local = _local_pretrained_file(name)
+    if local is not None:  # the pretrained config names a file on disk: those weights, nothing to fetch
+        model = _build(name, img_size=img_size, seed=seed, pretrained=True)
+        return LoadedModel(model, name, f"local pretrained weights {display_path(local)} (timm pretrained_cfg)",
+                           random_weights=False, seed=None)
     if pretrained:
         model = _build(name, img_size=img_size, seed=seed, pretrained=True)
         return LoadedModel(model, name, "pretrained (timm hub)", random_weights=False, seed=None)
@@ -130,15 +119,15 @@ def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_s
                        seed=seed)
 
 
-def _bundled_weights(name: str) -> Optional[tuple[Path, str]]:
-    """(file, description) of the trained weights tome_deploy ships for `name` (tome_digits_vit); else None."""
-    from tome_deploy.models.digits import bundled_weights
+def _local_pretrained_file(name: str) -> Optional[Path]:
+    """The existing local file timm's pretrained config of `name` loads its weights from; else None."""
+    if name.startswith(HUB_PREFIXES):
+        return None
+    from timm.models import get_pretrained_cfg
 
-    return bundled_weights(name)
-
-
-
-
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    file = getattr(cfg, "file", None)
+    return Path(file) if file and Path(file).is_file() else None
 
 
 def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = False,
