@@ -66,7 +66,12 @@ class ModelAdapter(Protocol):
         """input_size [3, H, W], mean, std, interpolation, crop_pct: the preprocessing the export records."""
 
 
-_FAMILY_MODULES = ("tome_deploy.models.timm_vit",)
+_FAMILY_MODULES = (
+    "tome_deploy.models.timm_vit",
+    "tome_deploy.models.timm_eva",
+    "tome_deploy.models.hf_transformers",
+    "tome_deploy.models.open_clip_visual",
+)
 
 
 def family_adapters() -> list[ModelAdapter]:

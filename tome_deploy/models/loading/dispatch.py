@@ -45,7 +45,7 @@ from tome_deploy.models.loading.checkpoint import (
     require_timm_name,
 )
 from tome_deploy.models.loading.source import ModelSource
-from tome_deploy.models.timm_vit import check_supported
+from tome_deploy.models.adapter import adapter_for
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ def load_model(source: ModelSource | str, **options) -> LoadedModel:
     elif options:
         raise TypeError("pass a ModelSource or keyword options, not both")
     model, arch, checkpoint, img_size = source.name, source.arch, source.checkpoint, source.img_size
+    family_loaded = _load_other_family(source)
+    if family_loaded is not None:
+        return family_loaded
     path = _as_file(model)
     if path is None:
         if arch and arch != model:
@@ -89,6 +92,41 @@ def load_model(source: ModelSource | str, **options) -> LoadedModel:
                             seed=source.seed)
     loaded.model.eval()
     return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face folders / hf:<id> and open_clip:<arch>
+
+
+def _load_other_family(source: ModelSource) -> Optional[LoadedModel]:
+    """The model when `source` names a Hugging Face or OpenCLIP model; None for timm names and files."""
+    from tome_deploy.models.hf_transformers import HUB_PREFIX, is_hf_folder, load_hf
+    from tome_deploy.models.open_clip_visual import PREFIX as OPEN_CLIP_PREFIX
+    from tome_deploy.models.open_clip_visual import load_open_clip
+
+    name = source.name
+    if name.startswith(OPEN_CLIP_PREFIX):
+        if source.pretrained:
+            raise InvalidInputError(f"{name}: OpenCLIP weights are given with --checkpoint PATH (no hub is used)")
+        state = None
+        if source.checkpoint:
+            ckpt_path = _existing_file(source.checkpoint, what="checkpoint")
+            obj, _ = read_file(ckpt_path, trust_pickle=source.trust_pickle)
+            state = extract_state_dict(obj, ckpt_path)
+        visual = load_open_clip(name, checkpoint_state=state, img_size=source.img_size, seed=source.seed)
+        adapter_for(visual)
+        if state is not None:
+            return LoadedModel(visual, name, f"checkpoint {display_path(Path(source.checkpoint))}", random_weights=False, seed=None)
+        return LoadedModel(visual, name, f"random init (seed {source.seed}) — no pretrained weights", random_weights=True,
+                           seed=source.seed)
+    if name.startswith(HUB_PREFIX) or is_hf_folder(Path(name).expanduser()):
+        if source.checkpoint or source.img_size is not None or source.arch:
+            raise InvalidInputError(f"{name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint, --model and --img-size")
+        model, weights = load_hf(str(Path(name).expanduser()) if not name.startswith(HUB_PREFIX) else name,
+                                 pretrained=source.pretrained)
+        adapter_for(model)
+        return LoadedModel(model, type(model.hf).__name__, weights, random_weights=False, seed=None)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,10 +187,10 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
         # Some embeddings (hybrid CNN stems) assert on a bad size: judge the size on the default build.
         bare = _probe(name, {key: value for key, value in kwargs.items() if key != "img_size"})
         if bare is not None:
-            check_supported(bare)
+            adapter_for(bare)
             check_img_size(bare, img_size, name)
     if probe is not None:
-        check_supported(probe)
+        adapter_for(probe)
         check_img_size(probe, img_size, name)
         if img_size is None and state_dict is not None:
             native = checkpoint_img_size(probe, state_dict)
@@ -180,7 +218,7 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
                     "network is reachable, or pass --checkpoint PATH"
                 ) from err
             raise ModelLoadError(f"timm could not create {name}: {error_reason(err)}") from err
-    check_supported(model)
+    adapter_for(model)
     check_img_size(model, img_size, name)
     return model
 
@@ -211,7 +249,7 @@ def _kwargs_error(name: str, kwargs: dict[str, Any], err: TypeError) -> ToMeErro
         except Exception:  # noqa: BLE001
             bare = None
         if bare is not None:
-            check_supported(bare)  # raises UnsupportedModelError for CNNs and other families
+            adapter_for(bare)  # raises UnsupportedModelError for CNNs and other families
         return InvalidInputError(f"{name} does not accept {', '.join(kwargs)}: {error_reason(err)}")
     return ModelLoadError(f"timm could not create {name}: {error_reason(err)}")
 
@@ -265,7 +303,7 @@ def _load_file(path: Path, *, arch: Optional[str], checkpoint: Optional[str], im
 
 def _from_module(module: nn.Module, path: Path, *, checkpoint: Optional[str], img_size: Optional[int],
                  trust_pickle: bool) -> LoadedModel:
-    check_supported(module)
+    adapter_for(module)
     arch = _module_arch(module)
     weights = f"pickled module {display_path(path)}"
     if img_size is not None and tuple(module.patch_embed.img_size) != (img_size, img_size):
