@@ -236,3 +236,81 @@ def test_unsupported_classes_are_refused_in_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(UnsupportedModelError, match="BasicBlock|ResNet") as err:
         apply_tome(timm.create_model("resnet10t"), 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The other transformers classes: r=0 is the plain model, r>0 merges and leaves the prefix tokens alone
+
+
+def _hf_small(name: str):
+    from tome_deploy.models.hf_transformers import HFImageModel
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4)
+    configs = {
+        "DeiTForImageClassificationWithTeacher": transformers.DeiTConfig(intermediate_size=64, num_labels=5, **common),
+        "CLIPVisionModelWithProjection": transformers.CLIPVisionConfig(intermediate_size=64, projection_dim=8, **common),
+        "SiglipVisionModel": transformers.SiglipVisionConfig(intermediate_size=64, **common),
+        "Dinov2WithRegistersModel": transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common),
+    }
+    torch.manual_seed(0)
+    return HFImageModel(_randomise_norms(getattr(transformers, name)(configs[name])))
+
+
+@pytest.mark.parametrize("name, prefix", [("DeiTForImageClassificationWithTeacher", 2), ("CLIPVisionModelWithProjection", 1),
+                                          ("SiglipVisionModel", 0), ("Dinov2WithRegistersModel", 3)])
+def test_other_transformers_classes(name, prefix):
+    model = _hf_small(name)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tome0, _ = apply_tome(model, 0)
+    tome, schedule = apply_tome(model, 12)
+    with torch.inference_mode():
+        plain, same, merged = model(x), tome0(x), tome(x)
+    assert (same - plain).abs().max() <= 1e-5
+    assert schedule.num_prefix == prefix and schedule.tokens[0] == 64 + prefix and schedule.tokens[-1] == 64 + prefix - 24
+    assert merged.shape == plain.shape and (merged - plain).abs().max() > 1e-4
+    source, _ = track_sources(tome, x[:1])
+    assert torch.equal(source[0, :prefix, :prefix], torch.eye(prefix))  # prefix tokens never merged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The commands on a Hugging Face folder: export, validate (parity table), visualize
+
+
+def test_cli_export_validate_visualize_a_save_pretrained_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from tome_deploy.cli import export as export_cli
+    from tome_deploy.cli import validate as validate_cli
+    from tome_deploy.cli import visualize as visualize_cli
+
+    folder = tmp_path / "hf_vit"
+    family_model("hf_vit").hf.save_pretrained(folder)
+    onnx_path = tmp_path / "x.onnx"
+    assert export_cli.main([str(folder), "--r", "8", "-o", str(onnx_path), "--no-validate", "--quiet"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert meta["tome.model"] == '"ViTForImageClassification"' and meta["tome.input_size"] == "[3, 32, 32]"
+    capsys.readouterr()
+    assert validate_cli.main([str(folder), str(onnx_path)]) == 0
+    err = capsys.readouterr().err
+    assert "FAIL" not in err and "PASS" in err and "constant" in err
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "merges.png"
+    assert visualize_cli.main([str(folder), str(image), "--r", "8", "-o", str(out)]) == 0
+    assert Image.open(out).size[0] > 0 and "patches ->" in capsys.readouterr().err
+
+
+def test_open_clip_checkpoint_loads_the_given_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from tome_deploy.models.loading.dispatch import load_model
+    from tome_deploy.models.loading.fingerprint import weights_fingerprint
+
+    seeded = load_model("open_clip:ViT-B-32", seed=3)
+    assert seeded.random_weights and seeded.model.output_dim == 512
+    path = tmp_path / "clip.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in seeded.model.state_dict().items()}, str(path))
+    loaded = load_model("open_clip:ViT-B-32", checkpoint=str(path))  # seed 0 init, then the file's weights
+    assert not loaded.random_weights and "clip.safetensors" in loaded.weights
+    assert weights_fingerprint(loaded.model) == weights_fingerprint(seeded.model)
+    assert weights_fingerprint(load_model("open_clip:ViT-B-32").model) != weights_fingerprint(seeded.model)

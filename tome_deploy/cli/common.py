@@ -21,9 +21,9 @@ EXIT_CODES_HELP = (
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="MODEL", help="timm model name, a .pt/.pth/.safetensors state dict, or a torch.save()d module")
+    parser.add_argument("source", metavar="MODEL", help="timm model name (ViT, Eva), a .pt/.pth/.safetensors state dict, a torch.save()d module, a Hugging Face save_pretrained folder, hf:<id> (with --pretrained), or open_clip:<arch> (e.g. open_clip:ViT-B-32)")
     parser.add_argument("--model", dest="arch", metavar="ARCH", help="timm architecture for a state-dict file without an 'arch' key")
-    parser.add_argument("--checkpoint", metavar="PATH", help="weights for a timm model name (.pt/.pth/.safetensors)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights for a timm model name or open_clip:<arch> (.pt/.pth/.safetensors)")
     parser.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (needs a reachable hub or cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init when no weights are given (default 0)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow pickled modules that need globals outside torch/timm (runs their code: only for files you trust)")

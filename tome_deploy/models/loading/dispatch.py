@@ -120,11 +120,14 @@ def _load_other_family(source: ModelSource) -> Optional[LoadedModel]:
         return LoadedModel(visual, name, f"random init (seed {source.seed}) — no pretrained weights", random_weights=True,
                            seed=source.seed)
     if name.startswith(HUB_PREFIX) or is_hf_folder(Path(name).expanduser()):
-        if source.checkpoint or source.img_size is not None or source.arch:
-            raise InvalidInputError(f"{name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint, --model and --img-size")
+        if source.checkpoint or source.arch:
+            raise InvalidInputError(f"{name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint and --model")
         model, weights = load_hf(str(Path(name).expanduser()) if not name.startswith(HUB_PREFIX) else name,
                                  pretrained=source.pretrained)
-        adapter_for(model)
+        native = adapter_for(model).data_config(model)["input_size"][-1]
+        if source.img_size is not None and source.img_size != native:
+            raise InvalidInputError(f"{name} is configured for {native} px images; drop --img-size {source.img_size} "
+                                    "(change image_size in its config.json to export another size)")
         return LoadedModel(model, type(model.hf).__name__, weights, random_weights=False, seed=None)
     return None
 
@@ -266,7 +269,8 @@ def _as_file(model: str) -> Optional[Path]:
     if path.is_dir():
         if is_timm_name(model):
             return None
-        raise ModelLoadError(f"{model} is a directory; pass a checkpoint file ({'/'.join(CHECKPOINT_SUFFIXES)}) or a timm model name")
+        raise ModelLoadError(f"{model} is a directory without config.json; pass a checkpoint file ({'/'.join(CHECKPOINT_SUFFIXES)}), "
+                             "a timm model name, or a Hugging Face save_pretrained folder")
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise ModelLoadError(f"no such file: {model}")
     if path.exists():
