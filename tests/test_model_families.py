@@ -314,3 +314,34 @@ def test_open_clip_checkpoint_loads_the_given_weights(tmp_path):
     assert not loaded.random_weights and "clip.safetensors" in loaded.weights
     assert weights_fingerprint(loaded.model) == weights_fingerprint(seeded.model)
     assert weights_fingerprint(load_model("open_clip:ViT-B-32").model) != weights_fingerprint(seeded.model)
+
+
+def test_serving_and_triton_repository_take_every_family(exported, tmp_path):
+    from tome_deploy.serving.artifact import open_runner, read_artifact, run_padded
+    from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
+
+    family, tome, metadata, path = exported
+    artifact = read_artifact(path)
+    x = pixels(family, batch=2, seed=7)
+    served = run_padded(open_runner(artifact), artifact, {artifact.image_input.name: x.numpy()})[metadata.output_name]
+    with torch.inference_mode():
+        assert np.abs(served - tome(x).numpy()).max() <= 1e-4
+    repo = write_triton_repo(artifact, tmp_path / "repo", TritonOptions(model_name=family))
+    config = repo.config_path.read_text()
+    assert "onnxruntime_onnx" in config and str(artifact.num_classes) in config and repo.model_path.is_file()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_target_speedup_plans_for_every_family(family):
+    from tome_deploy.models.patch import speedup_choice_for_model
+
+    model = family_model(family)
+    choice = speedup_choice_for_model(model, 1.3)
+    tome, schedule = apply_tome(model, choice.r)
+    meta = build_metadata(tome, schedule, choice.r, arch=family, weights="-", weights_sha256="-", merge="scatter",
+                          opset=18, batch="dynamic", example_batch=2)
+    assert meta.theoretical_speedup >= 1.3 and meta.theoretical_speedup == pytest.approx(choice.predicted, abs=1e-4)
+    if choice.r > 1:  # the smallest such r: one less falls short
+        smaller, smaller_schedule = apply_tome(model, choice.r - 1)
+        assert build_metadata(smaller, smaller_schedule, choice.r - 1, arch=family, weights="-", weights_sha256="-",
+                              merge="scatter", opset=18, batch="dynamic", example_batch=2).theoretical_speedup < 1.3
