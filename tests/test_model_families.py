@@ -123,9 +123,11 @@ def exported(request, tmp_path_factory):
     family = request.param
     model = family_model(family)
     r = FAMILIES[family][3]
-    tome, schedule = apply_tome(model, r)
+    # matmul: the formulation every runtime takes (TensorRT too); scatter = matmul is checked above, and
+    # the CLI test below exports with scatter
+    tome, schedule = apply_tome(model, r, "matmul")
     metadata = build_metadata(tome, schedule, r, arch=family, weights="random (test)", weights_sha256="test",
-                              merge="scatter", opset=18, batch="dynamic", example_batch=2)
+                              merge="matmul", opset=18, batch="dynamic", example_batch=2)
     path = export_onnx(tome, metadata, tmp_path_factory.mktemp(family) / "m.onnx").path
     return family, tome, metadata, path
 
@@ -345,3 +347,18 @@ def test_target_speedup_plans_for_every_family(family):
         smaller, smaller_schedule = apply_tome(model, choice.r - 1)
         assert build_metadata(smaller, smaller_schedule, choice.r - 1, arch=family, weights="-", weights_sha256="-",
                               merge="scatter", opset=18, batch="dynamic", example_batch=2).theoretical_speedup < 1.3
+
+
+def test_tensorrt_rtx_builds_every_family_ahead_of_time(exported, capsys):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')")
+    from tome_deploy.artifact.sidecar import read_sidecar
+    from tome_deploy.cli import build as build_cli
+
+    _, _, metadata, path = exported
+    plan = path.with_suffix(".plan")
+    code = build_cli.main([str(path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89",
+                           "--max-batch", "4"])
+    assert code == 0, capsys.readouterr().err
+    sidecar = read_sidecar(plan)
+    assert sidecar.tome["r_effective"] == metadata.r_effective and sidecar.input_shape == metadata.input_size
+    assert plan.stat().st_size > 100_000
