@@ -28,13 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tome_deploy.jobs.export import patch_with_schedule
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
-from tome_deploy.runtime.profiling import fusions_fired, profile_merge_share, profile_op_types
+from tome_deploy.runtime.profiling import (
+    fusions_fired,
+    profile_merge_share,
+    profile_op_types,
+)
 from tome_deploy.runtime.throughput import time_interleaved
 
 SCHEDULES = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
@@ -76,7 +80,7 @@ def export_variants(arch: str, schedules: list, merge: str, folder: Path, *, pla
     paths, metas = {}, {}
     for spec in [0] + list(schedules):
         label = "unmerged" if spec == 0 else (spec if isinstance(spec, str) else f"r={spec}")
-        tome, schedule, _ = patch_with_schedule(loaded.model, SCHEDULES.get(spec, spec), merge, strict=False)
+        tome, schedule = apply_tome(loaded.model, SCHEDULES.get(spec, spec), merge)
         meta = build_metadata(tome, schedule, SCHEDULES.get(spec, spec), arch=arch, weights=loaded.weights,
                               weights_sha256=fingerprint, merge=merge, opset=18, batch=None, example_batch=2)
         start = time.perf_counter()

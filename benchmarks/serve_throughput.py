@@ -24,8 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.http as triton_http
-
-from common import BASELINE, SCHEDULES, export_variants, markdown_table, whole_numbers, write_json
+from common import (
+    BASELINE,
+    SCHEDULES,
+    export_variants,
+    markdown_table,
+    whole_numbers,
+    write_json,
+)
 
 MODEL_NAME = "vit"
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from digits_training import TrainConfig, save_digits_vit, train
+
 from tome_deploy.models.digits import ASSET_JSON, ASSET_WEIGHTS, recorded_accuracy
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 

@@ -176,9 +176,9 @@ def test_serving_reads_the_release_file_and_refuses_metadata_that_disagrees_with
 
 def test_metadata_carries_no_local_path(tmp_path):
     """The loader's description of a checkpoint, which export_model records as tome.weights, names the file only."""
+    from conftest import make_model
     from safetensors.torch import save_file
 
-    from conftest import make_model
     from tome_deploy.models.loading.dispatch import load_model
     from tome_deploy.models.patch import apply_tome
     from tome_deploy.onnx_export.metadata import build_metadata

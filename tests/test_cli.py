@@ -54,7 +54,9 @@ def test_export_prints_schedule_and_parity_table_on_stderr_json_on_stdout(capsys
     code, out, err = run_export(capsys, "test_vit", "--r", "40", "-o", str(tmp_path / "m.onnx"), "--json")
     assert code == 0
     report = json.loads(out)  # stdout is JSON and nothing else
-    assert report["clamp_warnings"]  # r=40 cannot hold over 6 layers of 101 tokens
+    assert report["clamped_layers"] == [1, 2, 3, 4, 5]  # r=40 cannot hold over 6 layers of 101 tokens
+    assert report["clamp_note"] and f"note: {report['clamp_note']}" in err  # one explained line
+    assert "warning" not in err.lower()
     assert "r_effective" in err and "(clamped)" in err and "PASS" in err and "random init" in err
     assert "theoretical speedup" in err.lower()
 

@@ -8,15 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from digits_training import TrainConfig, build_model, train
 from PIL import Image
 
-from digits_training import TrainConfig, build_model, train
 from tome_deploy.models import digits
 from tome_deploy.models.digits import (
     ARCH,
     ASSET_JSON,
     ASSET_WEIGHTS,
-    BUNDLED_WEIGHTS_LABEL,
     digits_test_set,
     digits_train_set,
     evaluate,
@@ -121,7 +120,8 @@ def test_safetensors_metadata():
 def test_loader_uses_committed_weights(trained):
     fingerprint = weights_fingerprint(trained)
     by_name = load_model(ARCH)  # no --checkpoint: the committed trained weights
-    assert by_name.weights == BUNDLED_WEIGHTS_LABEL and not by_name.random_weights and by_name.arch == ARCH
+    assert by_name.weights.startswith("local pretrained weights") and ASSET_WEIGHTS.name in by_name.weights
+    assert not by_name.random_weights and by_name.arch == ARCH
     assert weights_fingerprint(by_name.model) == fingerprint
     by_checkpoint = load_model(ARCH, checkpoint=str(ASSET_WEIGHTS))
     by_file = load_model(str(ASSET_WEIGHTS))  # arch from the safetensors metadata

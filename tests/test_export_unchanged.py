@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tome_deploy.jobs.export import export_model
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
 GOLDEN = Path(__file__).parent / "data" / "golden_logits.npz"
@@ -29,7 +30,7 @@ CASES = [
 @pytest.mark.parametrize("model, r, merge", CASES)
 def test_export_matches_the_release_numerically(tmp_path, model, r, merge):
     golden = np.load(GOLDEN)[f"{model}_r{r}_{merge}"]
-    outcome = export_model(model, tmp_path / "m.onnx", r=r, merge=merge, seed=0, validate=False)
+    outcome = export_model(ModelSource(model, seed=0), tmp_path / "m.onnx", r=r, merge=merge, validate=False)
     input_size = outcome.export.metadata.input_size
     pixels = np.random.default_rng(0).standard_normal((3, *input_size)).astype(np.float32)
     logits = OnnxRuntimeRunner(outcome.export.path).infer({"pixel_values": pixels})["logits"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_one_line_error
+
 from tome_deploy.cli import validate as validate_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.jobs.export import export_model

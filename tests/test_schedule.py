@@ -125,8 +125,9 @@ def test_resolve_without_clamping_does_not_warn():
     "spec,num_tokens,depth,num_prefix",
     [(16, 197, 12, 1), ((16, -1), 50, 12, 1), (10, 17, 4, 1), ([9, 9, 9], 18, 3, 2), (5, 20, 4, 5), (30, 50, 3, 0)],
 )
-def test_clamping_warns_and_matches_plain_rule(spec, num_tokens, depth, num_prefix):
-    with pytest.warns(UserWarning, match="clamped"):
+def test_clamping_is_data_and_matches_plain_rule(spec, num_tokens, depth, num_prefix):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # clamping is reported in the schedule, never as a warning
         schedule = resolve_schedule(spec, num_tokens, depth, num_prefix)
     requested = requested_r_per_layer(spec, depth)
     tokens = _clamped_tokens(requested, num_tokens, num_prefix)
@@ -136,10 +137,16 @@ def test_clamping_warns_and_matches_plain_rule(spec, num_tokens, depth, num_pref
         assert got <= (n_in - num_prefix) // 2
         assert (i in schedule.clamped_layers) == (asked != got)
     assert schedule.clamped_layers  # at least one layer was clamped
+    note = schedule.clamp_note()
+    assert str(schedule.clamped_layers) in note and str(list(schedule.effective)) in note and "\n" not in note
+
+
+def test_no_clamp_note_without_clamping():
+    assert resolve_schedule(8, 197, 12, 1).clamp_note() == ""
 
 
 def test_clamping_strict_raises():
-    with pytest.raises(ScheduleError):
+    with pytest.raises(ScheduleError, match=r"clamped in layers \[11\].*--strict"):
         resolve_schedule(16, 197, 12, 1, strict=True)
     with pytest.raises(ScheduleError):
         resolve_schedule(9, 17, 2, 1, strict=True)  # (17 - 1) // 2 = 8 < 9
@@ -149,16 +156,13 @@ def test_clamping_strict_raises():
 def test_clamp_never_merges_prefix_room():
     """With p prefix tokens at least p tokens (and never fewer than p + 1 when N > p) survive."""
     for num_prefix in range(0, 6):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            schedule = resolve_schedule(100, 37, 12, num_prefix)
+        schedule = resolve_schedule(100, 37, 12, num_prefix)
         assert schedule.tokens[-1] == num_prefix + 1 or (schedule.tokens[-1] == num_prefix and 37 == num_prefix)
         assert all(t > num_prefix for t in schedule.tokens)
 
 
 def test_schedule_dict_and_table():
-    with pytest.warns(UserWarning):
-        schedule = resolve_schedule((4, -1), 17, 4, 1)
+    schedule = resolve_schedule((4, -1), 17, 4, 1)
     data = schedule.to_dict()
     assert data["r_requested"] == _ramp(4, -1, 4) == [8, 5, 2, 0]
     assert data["tokens_per_layer"] == _clamped_tokens([8, 5, 2, 0], 17, 1) == [17, 9, 5, 3, 3]
@@ -173,9 +177,7 @@ def test_schedule_dict_and_table():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dim,r,published", [(768, 16, 2.02), (768, 8, 1.34), (384, 16, 2.03), (384, 8, 1.35)])
 def test_theoretical_speedup_anchors(dim, r, published):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # r=16 clamps the last layer (21 tokens -> only 10 merge)
-        schedule = resolve_schedule(r, 197, 12, 1)
+    schedule = resolve_schedule(r, 197, 12, 1)  # r=16 clamps the last layer (21 tokens -> only 10 merge)
     tokens = _clamped_tokens([r] * 12, 197, 1)
     expected = _flops([197] * 13, dim) / _flops(tokens, dim)
     assert expected == pytest.approx(published, abs=0.005)  # our plain formula reproduces FACTS

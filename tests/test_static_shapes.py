@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import onnx
 import pytest
-
 from conftest import FAMILIES
+
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS
 from tome_deploy.token_merge import contract
 

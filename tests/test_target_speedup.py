@@ -113,7 +113,7 @@ def test_cli_searches_measured_speedup_from_the_flops_choice(capsys, tmp_path):
     assert search["reached"] is True and chosen >= r
     assert search["measured"][str(chosen)] >= 1.3
     assert report["measured_speedup"] == pytest.approx(search["measured"][str(chosen)], abs=1e-3)
-    assert report["metadata"]["r_effective"] == [min(chosen, 50)] * 6 or report["clamp_warnings"]
+    assert report["metadata"]["r_effective"] == [min(chosen, 50)] * 6 or report["clamped_layers"]
     assert report["validation"]["passed"] is True
 
 

@@ -176,8 +176,8 @@ def test_vit_small_r16_plugin_export_passes_validation_and_formulations_agree(tm
     metadata = outcome.export.metadata
     nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == contract.OP_TYPE]
     assert len(nodes) == sum(r > 0 for r in metadata.r_effective) == 12
-    with pytest.warns(UserWarning, match="clamped"):  # 197 tokens hold r=16 for 11 of the 12 blocks
-        tomes = {f: apply_tome(outcome.loaded.model, 16, f)[0] for f in FORMULATIONS}
+    assert outcome.schedule.clamped_layers == [11]  # 197 tokens hold r=16 for 11 of the 12 blocks
+    tomes = {f: apply_tome(outcome.loaded.model, 16, f)[0] for f in FORMULATIONS}
     report = validate_onnx(tomes["plugin"], path, metadata, batch_sizes=[2])
     assert report.passed, report.table()
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,12 @@ from typing import Any, Mapping, Optional, Union
 
 from tome_deploy.artifact import checks
 from tome_deploy.artifact.checks import FieldError
-from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, PRECISIONS, TARGETS
+from tome_deploy.artifact.spec import (
+    EXPORT_SPEC,
+    MERGE_FORMULATIONS,
+    PRECISIONS,
+    TARGETS,
+)
 from tome_deploy.errors import InvalidInputError
 
 METADATA_PREFIX = "tome."

@@ -15,12 +15,15 @@ from tome_deploy.cli.common import (
     add_debug_argument,
     add_model_arguments,
     add_report_arguments,
+    add_schedule_arguments,
     emit_report,
     exit_codes_help,
+    model_source,
     run_command,
     say,
+    say_clamp_note,
+    schedule_spec,
 )
-from tome_deploy.core.schedule import parse_r_arguments
 from tome_deploy.core.speedup import check_target
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
@@ -36,14 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="ONNX file to write")
-    parser.add_argument("--r", default=None, help=f"tokens merged per layer (default {DEFAULT_R})")
-    schedule = parser.add_mutually_exclusive_group()
+    schedule = add_schedule_arguments(parser, DEFAULT_R)
     schedule.add_argument("--target-speedup", type=float, metavar="X",
                           help="pick the smallest r whose speedup, measured in --runtime at --batch-size against the "
                                "unmerged export, reaches X (the search starts where the FLOPs reach X); implies --measure")
-    schedule.add_argument("--r-inflect", type=float, metavar="F", help="linear ramp (r, F), F in [-1, 1]; -1 is the paper's decreasing schedule")
-    schedule.add_argument("--schedule", metavar="R0,R1,...", help="explicit r per layer (missing layers get 0)")
-    parser.add_argument("--strict", action="store_true", help="fail instead of warning when r has to be clamped")
     parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default=None,
                         help="merge formulation: scatter (ScatterElements add), matmul (one-hot, no scatter op; for TensorRT) "
                              "or plugin (one fused tome::TokenMerge node per block; needs pip install 'tome-deploy[plugin]'); "
@@ -68,14 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_r(text: str):
-    try:
-        value = float(text)
-    except ValueError:
-        return text  # ScheduleError below names it
-    return int(value) if value.is_integer() else value
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: _export(args), args.debug)
@@ -95,11 +86,10 @@ def _export(args: argparse.Namespace) -> int:
         export_model,
     )
 
-    r_spec = parse_r_arguments(parse_r(args.r if args.r is not None else DEFAULT_R), args.r_inflect, args.schedule)
+    r_spec = schedule_spec(args, DEFAULT_R)
     quiet = args.quiet
     outcome = export_model(
-        args.source, args.output, r=r_spec, merge=args.merge, target=args.target, precision=args.precision, arch=args.arch, checkpoint=args.checkpoint,
-        pretrained=args.pretrained, img_size=args.img_size, trust_pickle=args.trust_pickle, seed=args.seed,
+        model_source(args), args.output, r=r_spec, merge=args.merge, target=args.target, precision=args.precision,
         opset=args.opset, batch_size=args.batch_size, static_batch=args.static_batch, strict=args.strict,
         validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure or target is not None,
         target_speedup=target, runtime=args.runtime,
@@ -110,6 +100,7 @@ def _export(args: argparse.Namespace) -> int:
         prefix = f"{meta.num_prefix_tokens} prefix token{'' if meta.num_prefix_tokens == 1 else 's'}"
         say(f"\nSchedule ({meta.model}, {outcome.schedule.depth} blocks, {prefix}):")
         say(outcome.schedule.table())
+        say_clamp_note(outcome.schedule, say)
         say(f"\nTokens {meta.tokens_per_layer[0]} -> {meta.tokens_per_layer[-1]}; theoretical speedup (FLOPs): {meta.theoretical_speedup:.2f}x")
     runtime = RUNTIME_LABELS[outcome.runtime]
     if outcome.timings:
@@ -133,7 +124,8 @@ def _export(args: argparse.Namespace) -> int:
         {
             "onnx": str(outcome.export.path) if outcome.written else None,
             "metadata": meta.to_dict(),
-            "clamp_warnings": outcome.clamp_warnings,
+            "clamped_layers": outcome.schedule.clamped_layers,
+            "clamp_note": outcome.schedule.clamp_note() or None,
             "validation": outcome.validation.to_dict() if outcome.validation else None,
             "measured_speedup": outcome.measured_speedup,
             "target_speedup": outcome.target.to_dict() if outcome.target else None,

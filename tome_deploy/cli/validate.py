@@ -11,6 +11,7 @@ from tome_deploy.cli.common import (
     add_report_arguments,
     emit_report,
     exit_codes_help,
+    model_source,
     run_command,
     say,
 )
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_batches(text: str | None) -> list[int] | None:
     if text is None:
         return None
-    from tome_deploy.errors import InvalidInputError
     from tome_deploy.artifact.spec import EXPORT_SPEC
+    from tome_deploy.errors import InvalidInputError
 
     try:
         sizes = [int(v) for v in text.split(",") if v.strip()]
@@ -71,9 +72,9 @@ def _validate(args: argparse.Namespace) -> int:
         inputs=(args.source, args.checkpoint, *validation_inputs(args.onnx)),
     )
     metadata, report = validate_model(
-        args.source, args.onnx, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        trust_pickle=args.trust_pickle, seed=args.seed, batch_sizes=_parse_batches(args.batch_sizes),
-        atol=args.atol, rtol=args.rtol, save_reference=args.save_reference, runtime=args.runtime, say=(lambda _: None) if args.quiet else say,
+        model_source(args), args.onnx, batch_sizes=_parse_batches(args.batch_sizes),
+        atol=args.atol, rtol=args.rtol, save_reference=args.save_reference, runtime=args.runtime,
+        say=(lambda _: None) if args.quiet else say,
     )
     if not args.quiet:
         say(f"{metadata.model}: r per layer {metadata.r_effective}, merge={metadata.merge}")

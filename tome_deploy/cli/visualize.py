@@ -9,14 +9,18 @@ from pathlib import Path
 from tome_deploy.cli.common import (
     add_debug_argument,
     add_model_arguments,
+    add_schedule_arguments,
     exit_codes_help,
+    model_source,
     run_command,
     say,
+    say_clamp_note,
+    schedule_spec,
 )
-from tome_deploy.core.schedule import parse_r_arguments
 from tome_deploy.errors import InvalidInputError
 
 STYLES = ("mean", "overlay")  # tome_deploy.visualize.STYLES, repeated here so --help stays import-free
+DEFAULT_R = "16"
 DEFAULT_WIDTH = 384  # auto --scale upscales small inputs to at least this many pixels per side
 
 
@@ -29,11 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...); it goes through the model's eval transform")
     parser.add_argument("-o", "--output", required=True, metavar="PATH.png", help="PNG file to write")
-    parser.add_argument("--r", default="16", help="tokens merged per layer (default 16)")
-    schedule = parser.add_mutually_exclusive_group()
-    schedule.add_argument("--r-inflect", type=float, metavar="F", help="linear ramp (r, F), F in [-1, 1]; -1 is the paper's decreasing schedule")
-    schedule.add_argument("--schedule", metavar="R0,R1,...", help="explicit r per layer (missing layers get 0)")
-    parser.add_argument("--strict", action="store_true", help="fail instead of warning when r has to be clamped")
+    add_schedule_arguments(parser, DEFAULT_R)
     parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
     parser.add_argument("--style", choices=STYLES, default="mean",
                         help="mean: each group filled with its mean colour (default); overlay: a distinct tint per group")
@@ -43,14 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     add_debug_argument(parser)
     return parser
-
-
-def parse_r(text: str):
-    try:
-        value = float(text)
-    except ValueError:
-        return text  # ScheduleError names it
-    return int(value) if value.is_integer() else value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,11 +62,11 @@ def _visualize(args: argparse.Namespace) -> int:
     output = _check_output(args)
     if args.scale is not None and args.scale < 1:
         raise InvalidInputError(f"--scale must be a positive integer, got {args.scale}")
-    r_spec = parse_r_arguments(parse_r(args.r), args.r_inflect, args.schedule)
+    r_spec = schedule_spec(args, DEFAULT_R)
+    source = model_source(args)
 
-    from tome_deploy.jobs.export import patch_with_schedule
     from tome_deploy.models.loading.dispatch import load_model
-    from tome_deploy.models.timm_vit import data_config
+    from tome_deploy.models.patch import apply_tome
     from tome_deploy.viz import (
         merges as vis,
     )
@@ -82,12 +74,10 @@ def _visualize(args: argparse.Namespace) -> int:
     image = vis.load_image(args.image)  # before the model: a bad image fails fast
     report = (lambda _: None) if args.quiet else say
     report(f"Loading {args.source} ...")
-    loaded = load_model(args.source, arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                        img_size=args.img_size, trust_pickle=args.trust_pickle, seed=args.seed)
-    tome, schedule, clamp_warnings = patch_with_schedule(loaded.model, r_spec, "scatter", args.strict)
-    for message in clamp_warnings:
-        report(f"  warning: {message}")
-    pixels, rgb = vis.model_input(image, data_config(loaded.model))
+    loaded = load_model(source)
+    tome, schedule = apply_tome(loaded.model, r_spec, "scatter", strict=args.strict)
+    say_clamp_note(schedule, report)
+    pixels, rgb = vis.model_input(image, tome.tome_adapter.data_config(loaded.model))
     groups, sizes = vis.merge_groups(tome, pixels)
 
     height, width = rgb.shape[:2]

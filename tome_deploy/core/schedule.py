@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -71,6 +70,16 @@ class Schedule:
     def clamped_layers(self) -> list[int]:
         return [i for i, (asked, got) in enumerate(zip(self.requested, self.effective)) if asked != got]
 
+    def clamp_note(self) -> str:
+        """One line that explains the clamping; empty when no layer was clamped."""
+        if not self.clamped_layers:
+            return ""
+        return (
+            f"r was clamped in layers {self.clamped_layers}: a layer can merge at most half of its non-prefix "
+            f"tokens, (tokens - {self.num_prefix} prefix) // 2, so those layers merge fewer "
+            f"(effective r {list(self.effective)}); lower r or pass a per-layer schedule to choose yourself"
+        )
+
     def table(self) -> str:
         """Human table: one line per layer."""
         lines = ["layer  tokens_in  r_requested  r_effective  tokens_out"]
@@ -89,7 +98,8 @@ class Schedule:
 
 
 def resolve_schedule(spec: RSpec, num_tokens: int, depth: int, num_prefix: int, strict: bool = False) -> Schedule:
-    """Clamp each layer's r to (tokens - prefix) // 2. Clamping warns, or raises when strict."""
+    """Clamp each layer's r to (tokens - prefix) // 2. Clamping is data (`Schedule.clamped_layers`,
+    `Schedule.clamp_note`); strict=True raises ScheduleError instead."""
     requested = requested_r_per_layer(spec, depth)
     effective, tokens = [], [num_tokens]
     for r in requested:
@@ -97,20 +107,24 @@ def resolve_schedule(spec: RSpec, num_tokens: int, depth: int, num_prefix: int, 
         effective.append(r_eff)
         tokens.append(tokens[-1] - r_eff)
     schedule = Schedule(tuple(requested), tuple(effective), tuple(tokens), num_prefix)
-    if schedule.clamped_layers:
-        message = (
-            f"r was clamped in layers {schedule.clamped_layers}: only (tokens - {num_prefix} prefix) // 2 tokens "
-            f"can merge per layer (effective r {list(schedule.effective)}); "
-            "lower r or pass a per-layer schedule"
-        )
-        if strict:
-            raise ScheduleError(message + " (--strict turns clamping into this error)")
-        warnings.warn(message, stacklevel=2)
+    if strict and schedule.clamped_layers:
+        raise ScheduleError(schedule.clamp_note() + " (--strict turns clamping into this error)")
     return schedule
 
 
-def parse_r_arguments(r: int, inflect: float | None, layers: str | None) -> RSpec:
-    """The CLI's --r / --r-inflect / --schedule trio -> one RSpec."""
+def parse_r_text(text: str) -> int | float | str:
+    """--r's text as a number when it is one; anything else is left for requested_r_per_layer to name."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() else value
+
+
+def parse_r_arguments(r: str | int, inflect: float | None, layers: str | None) -> RSpec:
+    """The CLI's --r / --r-inflect / --schedule trio -> one RSpec (--r as text or a number)."""
+    if isinstance(r, str):
+        r = parse_r_text(r)
     if layers is not None:
         try:
             return [int(v) for v in layers.replace(" ", "").split(",") if v != ""]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 
 from tome_deploy.core.flops import theoretical_speedup
@@ -50,9 +49,7 @@ def largest_r(num_tokens: int, depth: int, num_prefix: int, strict: bool = False
 
 
 def _speedup(r: int, num_tokens: int, depth: int, num_prefix: int, dim: int, mlp_ratio: float, strict: bool) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # clamping is part of the search, not news
-        schedule = resolve_schedule(r, num_tokens, depth, num_prefix, strict=strict)
+    schedule = resolve_schedule(r, num_tokens, depth, num_prefix, strict=strict)
     return theoretical_speedup(schedule.tokens, dim, mlp_ratio)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -12,13 +11,19 @@ from typing import Optional
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MergeFormulation, merge_for_target
 from tome_deploy.core.schedule import RSpec, Schedule
-from tome_deploy.core.speedup import MeasuredChoice, SpeedupChoice, largest_r, search_measured_r
+from tome_deploy.core.speedup import (
+    MeasuredChoice,
+    SpeedupChoice,
+    largest_r,
+    search_measured_r,
+)
 from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
+from tome_deploy.models.adapter import adapter_for
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome, speedup_choice_for_model
-from tome_deploy.models.timm_vit import tokens_at_input
 from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import check_precision, with_precision
@@ -34,7 +39,6 @@ class ExportOutcome:
     loaded: LoadedModel
     schedule: Schedule
     export: ExportResult
-    clamp_warnings: list[str]
     validation: Optional[ValidationReport] = None
     timings: Optional[dict[str, Timing]] = None
     target: Optional[SpeedupChoice] = None  # set when the schedule came from a speedup target
@@ -49,28 +53,14 @@ class ExportOutcome:
         return self.timings["unmerged"].median_s / self.timings["tome"].median_s
 
 
-def patch_with_schedule(model, r: RSpec, merge: MergeFormulation, strict: bool) -> tuple[object, Schedule, list[str]]:
-    """apply_tome, with clamping warnings collected so that the caller can show them."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tome, schedule = apply_tome(model, r, merge, strict=strict)
-    return tome, schedule, [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "clamped" in str(w.message)]
-
-
 def export_model(
-    model: str,
+    source: ModelSource | str,
     output: str | Path,
     *,
     r: RSpec = 16,
     merge: Optional[MergeFormulation] = None,
     target: str = "onnxruntime",
     precision: str = "fp32",
-    arch: Optional[str] = None,
-    checkpoint: Optional[str] = None,
-    pretrained: bool = False,
-    img_size: Optional[int] = None,
-    trust_pickle: bool = False,
-    seed: int = 0,
     opset: int = EXPORT_SPEC.default_opset,
     batch_size: int = 1,
     static_batch: bool = False,
@@ -85,6 +75,9 @@ def export_model(
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
 
+    source: where the model comes from (a ModelSource; a plain name or path means its defaults).
+    Clamping of r is reported as data: `outcome.schedule.clamp_note()` (strict=True raises instead).
+
     target_speedup: instead of `r`, use the smallest constant r whose theoretical (FLOPs) speedup reaches
     it (`target.schedule_for_speedup`), then measure from that r upwards in `runtime` at `batch_size` until
     the measured speedup reaches the target (`speedup.search_measured_r`); raises ScheduleError when the
@@ -97,7 +90,9 @@ def export_model(
     merge = merge_for_target(merge, target)
     check_precision(precision)
     EXPORT_SPEC.check_batch(batch_size)
-    output = check_outputs({"-o": output}, inputs=(model, checkpoint))["-o"]
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source)
+    output = check_outputs({"-o": output}, inputs=(source.name, source.checkpoint))["-o"]
     check_runtime(runtime)
     runs = validate or measure or target_speedup is not None
     if merge == "plugin" and runs:
@@ -109,9 +104,8 @@ def export_model(
         from tome_deploy.runtime.openvino import import_openvino
 
         import_openvino()  # fail before the export, naming the extra
-    say(f"Loading {model} ...")
-    loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
-                        trust_pickle=trust_pickle, seed=seed)
+    say(f"Loading {source.name} ...")
+    loaded = load_model(source)
     say(f"  weights: {loaded.weights}")
     options = dict(merge=merge, strict=strict, opset=opset, batch_size=batch_size, static_batch=static_batch,
                    precision=precision, target=target)
@@ -130,13 +124,11 @@ def export_model(
                     f"--r {search.r} --measure"
                 )
             r = search.r
-        tome, schedule, clamp_warnings, metadata = patch_for_export(loaded, r, **options)
-        for message in clamp_warnings:
-            say(f"  warning: {message}")
+        tome, schedule, metadata = patch_for_export(loaded, r, **options)
         say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
         with StagedOutput(output) as staged:
             result = export_onnx(tome, metadata, staged.temp)
-            outcome = ExportOutcome(loaded, schedule, dataclasses.replace(result, path=output), clamp_warnings,
+            outcome = ExportOutcome(loaded, schedule, dataclasses.replace(result, path=output),
                                     target=choice, search=search, runtime=runtime)
             if validate:
                 say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
@@ -158,8 +150,8 @@ def export_model(
 
 
 def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge, strict, opset, batch_size, static_batch, precision, target):
-    """(ToMe model at the export's precision, schedule, clamping warnings, its metadata)."""
-    tome, schedule, clamp_warnings = patch_with_schedule(loaded.model, r, merge, strict)
+    """(ToMe model at the export's precision, its schedule, its metadata)."""
+    tome, schedule = apply_tome(loaded.model, r, merge, strict=strict)
     metadata = build_metadata(
         tome, schedule, r,
         arch=loaded.arch or type(loaded.model).__name__,
@@ -172,7 +164,7 @@ def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge, strict, opset, bat
         precision=precision,
         target=target,
     )
-    return with_precision(tome, precision), schedule, clamp_warnings, metadata
+    return with_precision(tome, precision), schedule, metadata
 
 
 def unmerged_export(loaded: LoadedModel, folder: Path, say: Say, **options) -> Path:
@@ -181,7 +173,7 @@ def unmerged_export(loaded: LoadedModel, folder: Path, say: Say, **options) -> P
     path = folder / "unmerged.onnx"
     if not path.exists():
         say("Exporting the plain (unmerged) model for a side-by-side timing ...")
-        _, _, _, metadata = patch_for_export(loaded, 0, **options)
+        _, _, metadata = patch_for_export(loaded, 0, **options)
         export_plain(with_precision(loaded.model, options["precision"]), metadata, path)
     return path
 
@@ -202,12 +194,13 @@ def measured_search(
     timings_by_r: dict[int, dict[str, Timing]] = {}
 
     def measure(r: int) -> float:
-        tome, _, _, metadata = patch_for_export(loaded, r, **options)
+        tome, _, metadata = patch_for_export(loaded, r, **options)
         path = export_onnx(tome, metadata, folder / f"tome_r{r}.onnx").path
         timings = timings_by_r[r] = time_against(base_path, path, metadata, runtime)
         speedup = timings["unmerged"].median_s / timings["tome"].median_s
         say(f"  r={r}: measured {speedup:.2f}x")
         return speedup
 
-    r_last = largest_r(tokens_at_input(model), len(model.blocks), int(model.num_prefix_tokens), options["strict"])
+    adapter = adapter_for(model)
+    r_last = largest_r(adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model), options["strict"])
     return search_measured_r(choice.target, choice.r, max(choice.r, r_last), measure), timings_by_r

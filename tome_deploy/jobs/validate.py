@@ -20,6 +20,7 @@ from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.precision import with_precision
 from tome_deploy.output_files import check_outputs
@@ -31,18 +32,16 @@ from tome_deploy.validation.parity import (
     default_batch_sizes,
     validate_runners,
 )
-from tome_deploy.validation.polygraphy_reference import inputs_path_for, save_polygraphy_reference
+from tome_deploy.validation.polygraphy_reference import (
+    inputs_path_for,
+    save_polygraphy_reference,
+)
 
 
 def validate_model(
-    model: str,
+    source: ModelSource | str,
     artifact: str | Path,
     *,
-    arch: Optional[str] = None,
-    checkpoint: Optional[str] = None,
-    pretrained: bool = False,
-    trust_pickle: bool = False,
-    seed: Optional[int] = None,
     batch_sizes: Optional[Sequence[int]] = None,
     atol: Optional[float] = None,
     rtol: Optional[float] = None,
@@ -55,7 +54,10 @@ def validate_model(
     An engine (tome-build output) is compared with PyTorch and, when its ONNX file is still where the
     sidecar says, with ONNX Runtime too. runtime: what runs an ONNX file (onnxruntime or openvino).
     save_reference: also write the PyTorch outputs in Polygraphy's format.
+    source: the model as given to tome-export; its img_size is taken from the artifact.
     """
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source)
     engine = is_engine_file(artifact)
     if engine and check_runtime(runtime) != "onnxruntime":
         raise InvalidInputError(f"--runtime {runtime} runs ONNX files; an engine runs in TensorRT: drop --runtime")
@@ -63,14 +65,12 @@ def validate_model(
     metadata = _artifact_metadata(artifact, sidecar)
     if save_reference is not None:
         check_outputs({"--save-reference": save_reference, "--save-reference inputs": inputs_path_for(save_reference)},
-                      inputs=(model, checkpoint, *validation_inputs(artifact)))
-    say(f"Loading {model} ...")
-    loaded = load_model(model, arch=arch, checkpoint=checkpoint, pretrained=pretrained,
-                        img_size=metadata.input_size[-1], trust_pickle=trust_pickle,
-                        seed=seed if seed is not None else 0)
+                      inputs=(source.name, source.checkpoint, *validation_inputs(artifact)))
+    say(f"Loading {source.name} ...")
+    loaded = load_model(source.at_img_size(metadata.input_size[-1]))
     if weights_fingerprint(loaded.model) != metadata.weights_sha256:
         raise InvalidInputError(
-            f"the weights of {model} ({loaded.weights}) differ from those {artifact} was exported from "
+            f"the weights of {source.name} ({loaded.weights}) differ from those {artifact} was exported from "
             f"({metadata.weights}); pass the same model, --checkpoint and --seed as for tome-export"
         )
     try:

@@ -12,14 +12,14 @@ the CPU (a few minutes on 2 cores); `benchmarks/train_digits_vit.py` writes the 
 `tome_deploy/assets/digits_vit.safetensors`, which ships with the package.
 
 The architecture is registered with timm as `tome_digits_vit` (importing this module registers it), so
-`tome-export tome_digits_vit` works; with no `--checkpoint` the loader uses the committed trained weights."""
+`tome-export tome_digits_vit` works. Its pretrained config names the committed weights as a local `file`,
+so the loader (like `timm.create_model(ARCH, pretrained=True)`) uses them when no `--checkpoint` is given."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from timm.models import build_model_with_cfg, register_model
@@ -30,7 +30,6 @@ ARCH = "tome_digits_vit"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ASSET_WEIGHTS = ASSETS / "digits_vit.safetensors"
 ASSET_JSON = ASSETS / "digits_vit.json"
-BUNDLED_WEIGHTS_LABEL = "trained digits weights (committed)"
 
 UPSCALE = 4  # 8x8 digits -> 32x32 images; one original pixel per 4x4 patch
 IMG_SIZE = 8 * UPSCALE
@@ -84,13 +83,6 @@ def tome_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT for 32x32 digit images (8x8 digits enlarged 4x): 64 patches of 4x4, embed 96, depth 6, 3 heads."""
     args = dict(MODEL_ARGS, **kwargs)
     return build_model_with_cfg(VisionTransformer, ARCH, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
-
-
-def bundled_weights(name: str) -> Optional[tuple[Path, str]]:
-    """(weights file, description) for a model name whose trained weights ship with tome_deploy; else None."""
-    if name == ARCH and ASSET_WEIGHTS.is_file():
-        return ASSET_WEIGHTS, BUNDLED_WEIGHTS_LABEL
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

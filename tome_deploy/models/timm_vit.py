@@ -1,16 +1,20 @@
-"""The timm VisionTransformer family: what ToMe needs to know about it (support check, token count, MLP
-width, attention with proportional attention and the merge metric, preprocessing config)."""
+"""The timm VisionTransformer family, the first adapter behind models/adapter.py: support check, token
+counts, MLP width, attention with proportional attention and the merge metric, the ToMe block, where the
+blocks go, preprocessing config."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tome_deploy.artifact.spec import MergeFormulation
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError
+from tome_deploy.models.adapter import mlp_width_ratio
+from tome_deploy.models.blocks import TokenMerger
 
 
 def data_config(model: torch.nn.Module) -> dict:
@@ -61,8 +65,7 @@ def tokens_at_input(model: nn.Module) -> int:
 def mlp_ratio(model: nn.Module) -> float:
     """The MLP's width as the FLOP rule's ratio: 16 N C^2 FLOPs for a 4x MLP (two C x 4C matmuls)."""
     mlp = next(m.mlp for m in model.blocks.modules() if isinstance(getattr(m, "mlp", None), nn.Module))  # timm or ToMe blocks
-    weights = sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
-    return weights / (2 * int(model.embed_dim) ** 2)
+    return mlp_width_ratio(mlp, int(model.embed_dim))
 
 
 def tome_attention(
@@ -94,3 +97,73 @@ def tome_attention(
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     return out, k.mean(dim=1)
+
+
+class ToMeBlock(nn.Module):
+    """A timm pre-norm Block with ToMe between attention and MLP; reuses the block's own layers."""
+
+    def __init__(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation):
+        super().__init__()
+        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        self.merger = TokenMerger(r, num_prefix, formulation) if r > 0 else None
+
+    def forward(
+        self, x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor] = None, context: Any = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Any]:
+        """x: [B, N, C], size: [B, N, 1] or None, source: [B, N, N0] or None -> the same, N - r tokens."""
+        attn_out, metric = tome_attention(self.attn, self.norm1(x), size)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        if self.merger is not None:
+            x, size, source = self.merger(x, size, metric, source)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size, source, context
+
+
+class TimmViTAdapter:
+    """timm.models.vision_transformer.VisionTransformer: the ToMe blocks replace `model.blocks`."""
+
+    family = "timm VisionTransformer (ViT, DeiT, DeiT-3, registers, qk-norm, mean/MAP pooling)"
+
+    def accepts(self, model: nn.Module) -> bool:
+        return isinstance(model, _timm_vit_classes()[0])
+
+    def check_supported(self, model: nn.Module) -> None:
+        check_supported(model)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
+    def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
+        return ToMeBlock(block, r, num_prefix, formulation)
+
+    def install(self, model: nn.Module, blocks: nn.Module) -> None:
+        model.grad_checkpointing = False  # checkpoint_seq would call the blocks without sizes
+        model.blocks = blocks
+
+    def embed(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        x = model.patch_embed(pixels)
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        return model.norm_pre(x), None
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def tokens_at_input(self, model: nn.Module) -> int:
+        return tokens_at_input(model)
+
+    def grid_size(self, model: nn.Module) -> tuple[int, int]:
+        return tuple(int(v) for v in model.patch_embed.grid_size)
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.embed_dim)
+
+    def mlp_ratio(self, model: nn.Module) -> float:
+        return mlp_ratio(model)
+
+    def data_config(self, model: nn.Module) -> dict:
+        return data_config(model)
+
+
+ADAPTER = TimmViTAdapter()

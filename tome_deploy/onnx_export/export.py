@@ -14,9 +14,9 @@ import torch
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
+from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD
 from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
-from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD
 from tome_deploy.token_merge.onnx_translation import custom_translation_table
 
 

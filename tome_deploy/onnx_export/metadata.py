@@ -13,7 +13,6 @@ from tome_deploy import __version__
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.core.flops import theoretical_speedup
 from tome_deploy.core.schedule import Schedule
-from tome_deploy.models.timm_vit import data_config, mlp_ratio
 
 
 def build_metadata(
@@ -31,6 +30,8 @@ def build_metadata(
     precision: str = "fp32",
     target: str = "onnxruntime",
 ) -> ToMeMetadata:
+    """model: the ToMe model apply_tome returned (its family adapter gives width, MLP width and preprocessing)."""
+    adapter = model.tome_adapter
     return ToMeMetadata(
         tool_version=__version__,
         model=arch,
@@ -44,9 +45,9 @@ def build_metadata(
         r_effective=list(schedule.effective),
         tokens_per_layer=list(schedule.tokens),
         num_prefix_tokens=schedule.num_prefix,
-        theoretical_speedup=round(theoretical_speedup(schedule.tokens, int(model.embed_dim), mlp_ratio(model)), 4),
+        theoretical_speedup=round(theoretical_speedup(schedule.tokens, adapter.embed_dim(model), adapter.mlp_ratio(model)), 4),
         example_batch=example_batch,
         precision=precision,
         target=target,
-        **data_config(model),
+        **adapter.data_config(model),
     )

@@ -7,7 +7,12 @@ from typing import Sequence
 
 import numpy as np
 
-from tome_deploy.errors import InvalidInputError, MissingDependencyError, ToMeError, error_reason
+from tome_deploy.errors import (
+    InvalidInputError,
+    MissingDependencyError,
+    ToMeError,
+    error_reason,
+)
 from tome_deploy.token_merge.ort_op import session_model
 
 

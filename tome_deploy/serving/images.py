@@ -13,6 +13,7 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.preprocess import eval_transform
 
+
 def image_to_input(body: bytes, metadata: ToMeMetadata, max_pixels: int) -> np.ndarray:
     """JPEG/PNG/... bytes -> float32 [1, 3, H, W] through timm's eval transform with the export's data config.
     The pixel count is read from the header and refused before anything is decoded: a small compressed file

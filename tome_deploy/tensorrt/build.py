@@ -6,8 +6,8 @@ merge matching in fp32 where the export put it (a builder-wide FP16 flag could l
 
 from __future__ import annotations
 
-import time
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional

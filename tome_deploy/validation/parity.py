@@ -9,8 +9,8 @@ from typing import Iterable, Sequence
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
 from tome_deploy.runtime.base import Runner
-from tome_deploy.runtime.pytorch import TorchRunner
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.pytorch import TorchRunner
 from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, compare_output
 from tome_deploy.validation.probes import PROBE_KINDS, probe_images
 

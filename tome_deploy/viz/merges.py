@@ -70,8 +70,8 @@ def merge_groups(tome_model, pixels) -> tuple[np.ndarray, np.ndarray]:
         pixels = pixels[None]
     if pixels.ndim != 4 or pixels.shape[0] != 1:
         raise InvalidInputError(f"merge_groups takes one image [3, H, W] or [1, 3, H, W], got shape {tuple(pixels.shape)}")
-    prefix = int(tome_model.num_prefix_tokens)
-    grid_h, grid_w = (int(v) for v in tome_model.patch_embed.grid_size)
+    prefix = tome_model.tome_schedule.num_prefix
+    grid_h, grid_w = tome_model.tome_adapter.grid_size(tome_model)
     was_training = tome_model.training
     try:
         with torch.no_grad():

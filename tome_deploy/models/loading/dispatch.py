@@ -6,8 +6,9 @@ Sources, in the order they are recognised:
   a state dict (raw, or inside a training checkpoint under `state_dict` / `model` / `state_dict_ema`),
   a safetensors file, or a `torch.save(model)` pickle;
 * anything else is a timm model name, created with random weights (seeded), `--pretrained` weights,
-  or the weights of `--checkpoint PATH`. `tome_digits_vit` (registered with timm by tome_deploy.digits)
-  is the exception: without --checkpoint it loads the trained weights committed in tome_deploy/assets.
+  or the weights of `--checkpoint PATH`. A name whose timm pretrained config points at a local `file`
+  that exists loads those weights without --pretrained (nothing to download): that is how
+  `tome_digits_vit` (tome_deploy/models/digits.py) gets the trained weights committed in tome_deploy/assets.
 
 Files are only ever read. `torch.load` always runs with `weights_only=True`; a pickled module is
 unpickled only when every global it needs is on the allowlist below (nn.Module and Enum classes
@@ -38,7 +39,6 @@ from tome_deploy.models.loading.checkpoint import (
     CHECKPOINT_SUFFIXES,
     HUB_PREFIXES,
     check_img_size,
-    check_img_size_value,
     checkpoint_arch,
     checkpoint_img_size,
     checkpoint_num_classes,
@@ -46,10 +46,10 @@ from tome_deploy.models.loading.checkpoint import (
     is_timm_name,
     load_weights,
     read_file,
-    read_safetensors,
     require_timm_name,
 )
-from tome_deploy.models.timm_vit import check_supported
+from tome_deploy.models.loading.source import ModelSource
+from tome_deploy.models.adapter import adapter_for
 
 
 @dataclass(frozen=True)
@@ -65,27 +65,21 @@ class LoadedModel:
 # Public entry points
 
 
-def load_model(
-    model: str,
-    *,
-    arch: Optional[str] = None,
-    checkpoint: Optional[str] = None,
-    pretrained: bool = False,
-    img_size: Optional[int] = None,
-    trust_pickle: bool = False,
-    seed: int = 0,
-) -> LoadedModel:
-    """Load `model` (a timm name, a checkpoint file or a pickled module) as a supported ViT in eval mode.
+def load_model(source: ModelSource | str, **options) -> LoadedModel:
+    """Load `source` (a ModelSource, or a name/path with ModelSource's fields as keywords) as a supported
+    model in eval mode.
 
     Raises ModelLoadError / UnsafePickleError (cannot or may not be loaded), UnsupportedModelError (not a
-    timm VisionTransformer ToMe can rewrite) or InvalidInputError (bad img_size or conflicting arguments).
+    model ToMe can rewrite) or InvalidInputError (bad img_size or conflicting arguments).
     """
-    model = str(model)
-    check_seed(seed)
-    check_img_size_value(img_size)
-    img_size = None if img_size is None else operator.index(img_size)
-    if pretrained and checkpoint:
-        raise InvalidInputError("pass either --pretrained or --checkpoint PATH, not both")
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source, **options)
+    elif options:
+        raise TypeError("pass a ModelSource or keyword options, not both")
+    model, arch, checkpoint, img_size = source.name, source.arch, source.checkpoint, source.img_size
+    family_loaded = _load_other_family(source)
+    if family_loaded is not None:
+        return family_loaded
     path = _as_file(model)
     if path is None:
         if arch and arch != model:
@@ -93,23 +87,57 @@ def load_model(
                 f"--model {arch} names the architecture of a state-dict file, but {model} is a timm model name; "
                 "drop --model"
             )
-        loaded = _load_named(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
-                             trust_pickle=trust_pickle, seed=seed)
+        loaded = _load_named(model, checkpoint=checkpoint, pretrained=source.pretrained, img_size=img_size,
+                             trust_pickle=source.trust_pickle, seed=source.seed)
     else:
-        if pretrained:
+        if source.pretrained:
             raise InvalidInputError(f"--pretrained applies to a timm model name; {model} is a file that holds the weights")
-        loaded = _load_file(path, arch=arch, checkpoint=checkpoint, img_size=img_size, trust_pickle=trust_pickle,
-                            seed=seed)
+        loaded = _load_file(path, arch=arch, checkpoint=checkpoint, img_size=img_size, trust_pickle=source.trust_pickle,
+                            seed=source.seed)
     loaded.model.eval()
     return loaded
 
 
-MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
 
 
-def check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInputError(f"--seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {seed!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face folders / hf:<id> and open_clip:<arch>
+
+
+def _load_other_family(source: ModelSource) -> Optional[LoadedModel]:
+    """The model when `source` names a Hugging Face or OpenCLIP model; None for timm names and files."""
+    from tome_deploy.models.hf_transformers import HUB_PREFIX, is_hf_folder, load_hf
+    from tome_deploy.models.open_clip_visual import PREFIX as OPEN_CLIP_PREFIX
+    from tome_deploy.models.open_clip_visual import load_open_clip
+
+    name = source.name
+    if name.startswith(OPEN_CLIP_PREFIX):
+        if source.pretrained:
+            raise InvalidInputError(f"{name}: OpenCLIP weights are given with --checkpoint PATH (no hub is used)")
+        state = None
+        if source.checkpoint:
+            ckpt_path = _existing_file(source.checkpoint, what="checkpoint")
+            obj, _ = read_file(ckpt_path, trust_pickle=source.trust_pickle)
+            state = extract_state_dict(obj, ckpt_path)
+        visual = load_open_clip(name, checkpoint_state=state, img_size=source.img_size, seed=source.seed)
+        adapter_for(visual)
+        if state is not None:
+            return LoadedModel(visual, name, f"checkpoint {Path(source.checkpoint).name}", random_weights=False, seed=None)
+        return LoadedModel(visual, name, f"random init (seed {source.seed}) — no pretrained weights", random_weights=True,
+                           seed=source.seed)
+    if name.startswith(HUB_PREFIX) or is_hf_folder(Path(name).expanduser()):
+        if source.checkpoint or source.arch:
+            raise InvalidInputError(f"{name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint and --model")
+        model, weights = load_hf(str(Path(name).expanduser()) if not name.startswith(HUB_PREFIX) else name,
+                                 pretrained=source.pretrained)
+        native = adapter_for(model).data_config(model)["input_size"][-1]
+        if source.img_size is not None and source.img_size != native:
+            raise InvalidInputError(f"{name} is configured for {native} px images; drop --img-size {source.img_size} "
+                                    "(change image_size in its config.json to export another size)")
+        return LoadedModel(model, type(model.hf).__name__, weights, random_weights=False, seed=None)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,13 +155,11 @@ def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_s
         model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
         load_weights(model, state_dict, source=str(ckpt_path), arch=name)
         return LoadedModel(model, name, f"checkpoint {ckpt_path.name}", random_weights=False, seed=None)
-    bundled = _bundled_weights(name)
-    if bundled is not None:  # a model tome_deploy ships trained weights for: those, with or without --pretrained
-        weights_path, label = bundled
-        state_dict, _ = read_safetensors(weights_path)
-        model = _build(name, img_size=img_size, seed=seed, state_dict=state_dict)
-        load_weights(model, state_dict, source=str(weights_path), arch=name)
-        return LoadedModel(model, name, label, random_weights=False, seed=None)
+    local = _local_pretrained_file(name)
+    if local is not None:  # the pretrained config names a file on disk: those weights, nothing to fetch
+        model = _build(name, img_size=img_size, seed=seed, pretrained=True)
+        return LoadedModel(model, name, f"local pretrained weights {local.name} (timm pretrained_cfg)",
+                           random_weights=False, seed=None)
     if pretrained:
         model = _build(name, img_size=img_size, seed=seed, pretrained=True)
         return LoadedModel(model, name, "pretrained (timm hub)", random_weights=False, seed=None)
@@ -142,15 +168,15 @@ def _load_named(name: str, *, checkpoint: Optional[str], pretrained: bool, img_s
                        seed=seed)
 
 
-def _bundled_weights(name: str) -> Optional[tuple[Path, str]]:
-    """(file, description) of the trained weights tome_deploy ships for `name` (tome_digits_vit); else None."""
-    from tome_deploy.models.digits import bundled_weights
+def _local_pretrained_file(name: str) -> Optional[Path]:
+    """The existing local file timm's pretrained config of `name` loads its weights from; else None."""
+    if name.startswith(HUB_PREFIXES):
+        return None
+    from timm.models import get_pretrained_cfg
 
-    return bundled_weights(name)
-
-
-
-
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    file = getattr(cfg, "file", None)
+    return Path(file) if file and Path(file).is_file() else None
 
 
 def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = False,
@@ -172,10 +198,10 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
         # Some embeddings (hybrid CNN stems) assert on a bad size: judge the size on the default build.
         bare = _probe(name, {key: value for key, value in kwargs.items() if key != "img_size"})
         if bare is not None:
-            check_supported(bare)
+            adapter_for(bare)
             check_img_size(bare, img_size, name)
     if probe is not None:
-        check_supported(probe)
+        adapter_for(probe)
         check_img_size(probe, img_size, name)
         if img_size is None and state_dict is not None:
             native = checkpoint_img_size(probe, state_dict)
@@ -209,7 +235,7 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
                     "network is reachable, or pass --checkpoint PATH"
                 ) from err
             raise ModelLoadError(f"timm could not create {name}: {error_reason(err)}") from err
-    check_supported(model)
+    adapter_for(model)
     check_img_size(model, img_size, name)
     return model
 
@@ -285,7 +311,7 @@ def _kwargs_error(name: str, kwargs: dict[str, Any], err: TypeError) -> ToMeErro
         except Exception:  # noqa: BLE001
             bare = None
         if bare is not None:
-            check_supported(bare)  # raises UnsupportedModelError for CNNs and other families
+            adapter_for(bare)  # raises UnsupportedModelError for CNNs and other families
         return InvalidInputError(f"{name} does not accept {', '.join(kwargs)}: {error_reason(err)}")
     return ModelLoadError(f"timm could not create {name}: {error_reason(err)}")
 
@@ -302,7 +328,8 @@ def _as_file(model: str) -> Optional[Path]:
     if path.is_dir():
         if is_timm_name(model):
             return None
-        raise ModelLoadError(f"{model} is a directory; pass a checkpoint file ({'/'.join(CHECKPOINT_SUFFIXES)}) or a timm model name")
+        raise ModelLoadError(f"{model} is a directory without config.json; pass a checkpoint file ({'/'.join(CHECKPOINT_SUFFIXES)}), "
+                             "a timm model name, or a Hugging Face save_pretrained folder")
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise ModelLoadError(f"no such file: {model}")
     if path.exists():
@@ -339,7 +366,7 @@ def _load_file(path: Path, *, arch: Optional[str], checkpoint: Optional[str], im
 
 def _from_module(module: nn.Module, path: Path, *, checkpoint: Optional[str], img_size: Optional[int],
                  trust_pickle: bool) -> LoadedModel:
-    check_supported(module)
+    adapter_for(module)
     arch = _module_arch(module)
     weights = f"pickled module {path.name}"
     if img_size is not None and tuple(module.patch_embed.img_size) != (img_size, img_size):

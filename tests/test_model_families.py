@@ -1,0 +1,364 @@
+"""ToMe for the families beyond timm's VisionTransformer: timm Eva (RoPE), Hugging Face transformers and
+OpenCLIP image towers. Tiny random models; every r>0 check compares with tests/reference_families.py (a
+plain float64 reference that does not import tome_deploy), and the cross-family checks compare with timm
+VisionTransformer copies of the same weights."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from reference_families import reference_eva, reference_hf_vit, reference_open_clip
+from torch import nn
+
+from tome_deploy.errors import UnsupportedModelError
+from tome_deploy.models.patch import apply_tome, track_sources
+from tome_deploy.onnx_export.export import export_onnx
+from tome_deploy.onnx_export.metadata import build_metadata
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.validation.parity import validate_onnx
+
+transformers = pytest.importorskip("transformers")
+open_clip = pytest.importorskip("open_clip")
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    """LayerNorms start at (1, 0); random affine parameters make the checks sensitive to them."""
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            module.weight.data = 0.5 + torch.rand_like(module.weight)
+            module.bias.data = 0.1 * torch.randn_like(module.bias)
+    return model.eval()
+
+
+def make_eva() -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=84, depth=3, num_classes=7)  # 36 patches + cls
+    for block in model.blocks:
+        block.attn.q_bias.data.normal_(0, 0.1)
+        block.attn.v_bias.data.normal_(0, 0.1)
+    model.head.weight.data.normal_(0, 1.0)  # timm's head starts near zero: logits of order 1 make the checks bite
+    return _randomise_norms(model)
+
+
+def make_hf_vit():
+    from tome_deploy.models.hf_transformers import HFImageModel
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=4, num_labels=10)
+    return HFImageModel(_randomise_norms(transformers.ViTForImageClassification(config))).eval()
+
+
+def make_open_clip() -> nn.Module:
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    visual = VisionTransformer(image_size=32, patch_size=4, width=64, layers=3, heads=2, mlp_ratio=4.0, output_dim=16)
+    return _randomise_norms(visual)
+
+
+# family -> (model factory, reference, input size, r)
+FAMILIES = {
+    "timm_eva": (make_eva, reference_eva, 84, 6),
+    "hf_vit": (make_hf_vit, lambda m, x, r: reference_hf_vit(m.hf, x, r), 32, 8),
+    "open_clip": (make_open_clip, reference_open_clip, 32, 8),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def family_model(family: str) -> nn.Module:
+    return FAMILIES[family][0]()
+
+
+def pixels(family: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size = FAMILIES[family][2]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_r0_equals_the_unpatched_model(family):
+    model = family_model(family)
+    tome, schedule = apply_tome(model, 0)
+    x = pixels(family)
+    with torch.inference_mode():
+        expected, got = model(x), tome(x)
+    assert schedule.effective == (0,) * schedule.depth
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tome_equals_the_plain_reference(family):
+    model = family_model(family)
+    _, reference, _, r = FAMILIES[family]
+    x = pixels(family)
+    tome, schedule = apply_tome(model, r)
+    assert schedule.tokens[-1] < schedule.tokens[0]  # it really merges
+    with torch.inference_mode():
+        got = tome(x)
+    expected = reference(model, x, list(schedule.effective))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-4, (got - expected).abs().max()
+    with torch.inference_mode():
+        unmerged = model(x)
+    assert (unmerged - expected).abs().max() > 1e-3  # the reference is not just the plain model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_scatter_and_matmul_agree(family):
+    model = family_model(family)
+    r = FAMILIES[family][3]
+    x = pixels(family)
+    with torch.inference_mode():
+        scatter, matmul = (apply_tome(model, r, f)[0](x) for f in ("scatter", "matmul"))
+    assert (scatter - matmul).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def exported(request, tmp_path_factory):
+    family = request.param
+    model = family_model(family)
+    r = FAMILIES[family][3]
+    # matmul: the formulation every runtime takes (TensorRT too); scatter = matmul is checked above, and
+    # the CLI test below exports with scatter
+    tome, schedule = apply_tome(model, r, "matmul")
+    metadata = build_metadata(tome, schedule, r, arch=family, weights="random (test)", weights_sha256="test",
+                              merge="matmul", opset=18, batch=None, example_batch=2)
+    path = export_onnx(tome, metadata, tmp_path_factory.mktemp(family) / "m.onnx").path
+    return family, tome, metadata, path
+
+
+def test_onnx_runtime_matches_pytorch_at_other_batch_sizes(exported):
+    family, tome, metadata, path = exported
+    report = validate_onnx(tome, path, metadata, batch_sizes=[1, 3])  # traced at 2; random, constant, natural images
+    assert report.passed, report.table()
+    x = pixels(family, batch=3, seed=5)
+    got = OnnxRuntimeRunner(path).infer({metadata.input_name: x.numpy()})[metadata.output_name]
+    with torch.inference_mode():
+        expected = tome(x).numpy()
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_only_the_batch_dimension_is_symbolic(exported):
+    _, _, metadata, path = exported
+    graph = onnx.load(str(path)).graph
+    symbolic = {d.dim_param for v in list(graph.input) + list(graph.output) for d in v.type.tensor_type.shape.dim
+                if d.HasField("dim_param")}
+    assert symbolic == {"batch"}
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == metadata.input_size
+
+
+def test_metadata_counts_the_real_mlp_width_and_prefix():
+    eva = family_model("timm_eva")
+    tome, schedule = apply_tome(eva, 6)
+    meta = build_metadata(tome, schedule, 6, arch="eva", weights="-", weights_sha256="-", merge="scatter", opset=18,
+                          batch=None, example_batch=2)
+    mlp = eva.blocks[0].mlp  # SwiGLU: fc1 is C -> 2H (gate and value), fc2 H -> C
+    width = mlp.fc2.in_features
+    assert meta.num_prefix_tokens == 1 and meta.tokens_per_layer[0] == 37
+    tokens, dim = meta.tokens_per_layer, eva.embed_dim
+    flops = lambda t: sum(8 * t[i] * dim**2 + 4 * t[i] ** 2 * dim + 2 * 3 * width * dim * t[i + 1] for i in range(3))  # noqa: E731
+    assert meta.theoretical_speedup == pytest.approx(flops([37] * 4) / flops(tokens), abs=1e-4)
+
+
+def test_source_tracking_covers_every_patch_once():
+    for family in sorted(FAMILIES):
+        tome, schedule = apply_tome(family_model(family), FAMILIES[family][3])
+        source, size = track_sources(tome, pixels(family, batch=1))
+        p = schedule.num_prefix
+        assert source.shape[1] == schedule.tokens[-1]
+        assert torch.equal(source[0, :, p:].sum(dim=0), torch.ones(source.shape[2] - p))
+        assert torch.allclose(size[0, :, 0], source[0].sum(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-family: the same network in timm gives the same ToMe outputs and merge choices
+
+
+def _same_tome(a: nn.Module, b: nn.Module, x: torch.Tensor, r: int) -> None:
+    tome_a, _ = apply_tome(a, r)
+    tome_b, _ = apply_tome(b, r)
+    with torch.inference_mode():
+        assert (tome_a(x) - tome_b(x)).abs().max() <= 1e-4
+        assert torch.equal(track_sources(tome_a, x)[0], track_sources(tome_b, x)[0])  # same merges
+
+
+def test_hf_vit_and_its_timm_copy_merge_alike():
+    from timm.models.vision_transformer import VisionTransformer
+
+    hf = family_model("hf_vit")
+    config = hf.hf.config
+    timm_vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0,
+                                 num_classes=10, norm_layer=functools.partial(nn.LayerNorm, eps=config.layer_norm_eps))
+    sd = {k: v for k, v in hf.hf.state_dict().items()}
+    mapped = {"cls_token": sd["vit.embeddings.cls_token"], "pos_embed": sd["vit.embeddings.position_embeddings"],
+              "patch_embed.proj.weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
+              "patch_embed.proj.bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
+              "norm.weight": sd["vit.layernorm.weight"], "norm.bias": sd["vit.layernorm.bias"],
+              "head.weight": sd["classifier.weight"], "head.bias": sd["classifier.bias"]}
+    for i in range(3):
+        src, dst = f"vit.layers.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            mapped[dst + f"attn.qkv.{kind}"] = torch.cat([sd[src + f"attention.{p}_proj.{kind}"] for p in "qkv"])
+            for a, b in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.o_proj"),
+                         ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                mapped[dst + f"{a}.{kind}"] = sd[src + f"{b}.{kind}"]
+    timm_vit.load_state_dict(mapped)
+    _same_tome(hf, timm_vit.eval(), pixels("hf_vit"), 8)
+
+
+def test_open_clip_and_its_timm_copy_merge_alike():
+    from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
+
+    visual = family_model("open_clip")
+    timm_vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2, pre_norm=True,
+                                 num_classes=16, norm_layer=functools.partial(nn.LayerNorm, eps=1e-5))
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    timm_vit.load_state_dict(_convert_openai_clip(state, timm_vit))
+    _same_tome(visual, timm_vit.eval(), pixels("open_clip"), 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals: one line naming the class and why
+
+
+def test_unsupported_classes_are_refused_in_one_line():
+    from tome_deploy.models.hf_transformers import HFImageModel
+
+    with pytest.raises(UnsupportedModelError, match="SwinModel is not a transformers class ToMe supports") as err:
+        HFImageModel(transformers.SwinModel(transformers.SwinConfig(embed_dim=16, depths=[1], num_heads=[1], image_size=32)))
+    assert "\n" not in str(err.value)
+    rope_vit = timm.create_model("vit_small_patch16_rope_224", img_size=32, depth=1)
+    with pytest.raises(UnsupportedModelError, match="AttentionRope") as err:
+        apply_tome(rope_vit, 2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UnsupportedModelError, match="BasicBlock|ResNet") as err:
+        apply_tome(timm.create_model("resnet10t"), 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The other transformers classes: r=0 is the plain model, r>0 merges and leaves the prefix tokens alone
+
+
+def _hf_small(name: str):
+    from tome_deploy.models.hf_transformers import HFImageModel
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4)
+    configs = {
+        "DeiTForImageClassificationWithTeacher": transformers.DeiTConfig(intermediate_size=64, num_labels=5, **common),
+        "CLIPVisionModelWithProjection": transformers.CLIPVisionConfig(intermediate_size=64, projection_dim=8, **common),
+        "SiglipVisionModel": transformers.SiglipVisionConfig(intermediate_size=64, **common),
+        "Dinov2WithRegistersModel": transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common),
+    }
+    torch.manual_seed(0)
+    return HFImageModel(_randomise_norms(getattr(transformers, name)(configs[name])))
+
+
+@pytest.mark.parametrize("name, prefix", [("DeiTForImageClassificationWithTeacher", 2), ("CLIPVisionModelWithProjection", 1),
+                                          ("SiglipVisionModel", 0), ("Dinov2WithRegistersModel", 3)])
+def test_other_transformers_classes(name, prefix):
+    model = _hf_small(name)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tome0, _ = apply_tome(model, 0)
+    tome, schedule = apply_tome(model, 12)
+    with torch.inference_mode():
+        plain, same, merged = model(x), tome0(x), tome(x)
+    assert (same - plain).abs().max() <= 1e-5
+    assert schedule.num_prefix == prefix and schedule.tokens[0] == 64 + prefix and schedule.tokens[-1] == 64 + prefix - 24
+    assert merged.shape == plain.shape and (merged - plain).abs().max() > 1e-4
+    source, _ = track_sources(tome, x[:1])
+    assert torch.equal(source[0, :prefix, :prefix], torch.eye(prefix))  # prefix tokens never merged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The commands on a Hugging Face folder: export, validate (parity table), visualize
+
+
+def test_cli_export_validate_visualize_a_save_pretrained_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from tome_deploy.cli import export as export_cli
+    from tome_deploy.cli import validate as validate_cli
+    from tome_deploy.cli import visualize as visualize_cli
+
+    folder = tmp_path / "hf_vit"
+    family_model("hf_vit").hf.save_pretrained(folder)
+    onnx_path = tmp_path / "x.onnx"
+    assert export_cli.main([str(folder), "--r", "8", "-o", str(onnx_path), "--no-validate", "--quiet"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert meta["tome.model"] == '"ViTForImageClassification"' and meta["tome.input_size"] == "[3, 32, 32]"
+    capsys.readouterr()
+    assert validate_cli.main([str(folder), str(onnx_path)]) == 0
+    err = capsys.readouterr().err
+    assert "FAIL" not in err and "PASS" in err and "constant" in err
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "merges.png"
+    assert visualize_cli.main([str(folder), str(image), "--r", "8", "-o", str(out)]) == 0
+    assert Image.open(out).size[0] > 0 and "patches ->" in capsys.readouterr().err
+
+
+def test_open_clip_checkpoint_loads_the_given_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from tome_deploy.models.loading.dispatch import load_model
+    from tome_deploy.models.loading.fingerprint import weights_fingerprint
+
+    seeded = load_model("open_clip:ViT-B-32", seed=3)
+    assert seeded.random_weights and seeded.model.output_dim == 512
+    path = tmp_path / "clip.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in seeded.model.state_dict().items()}, str(path))
+    loaded = load_model("open_clip:ViT-B-32", checkpoint=str(path))  # seed 0 init, then the file's weights
+    assert not loaded.random_weights and "clip.safetensors" in loaded.weights
+    assert weights_fingerprint(loaded.model) == weights_fingerprint(seeded.model)
+    assert weights_fingerprint(load_model("open_clip:ViT-B-32").model) != weights_fingerprint(seeded.model)
+
+
+def test_serving_and_triton_repository_take_every_family(exported, tmp_path):
+    from tome_deploy.serving.artifact import open_runner, read_artifact, run_padded
+    from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
+
+    family, tome, metadata, path = exported
+    artifact = read_artifact(path)
+    x = pixels(family, batch=2, seed=7)
+    served = run_padded(open_runner(artifact), artifact, {artifact.image_input.name: x.numpy()})[metadata.output_name]
+    with torch.inference_mode():
+        assert np.abs(served - tome(x).numpy()).max() <= 1e-4
+    repo = write_triton_repo(artifact, tmp_path / "repo", TritonOptions(model_name=family))
+    config = repo.config_path.read_text()
+    assert "onnxruntime_onnx" in config and str(artifact.num_classes) in config and repo.model_path.is_file()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_target_speedup_plans_for_every_family(family):
+    from tome_deploy.models.patch import speedup_choice_for_model
+
+    model = family_model(family)
+    choice = speedup_choice_for_model(model, 1.3)
+    tome, schedule = apply_tome(model, choice.r)
+    meta = build_metadata(tome, schedule, choice.r, arch=family, weights="-", weights_sha256="-", merge="scatter",
+                          opset=18, batch=None, example_batch=2)
+    assert meta.theoretical_speedup >= 1.3 and meta.theoretical_speedup == pytest.approx(choice.predicted, abs=1e-4)
+    if choice.r > 1:  # the smallest such r: one less falls short
+        smaller, smaller_schedule = apply_tome(model, choice.r - 1)
+        assert build_metadata(smaller, smaller_schedule, choice.r - 1, arch=family, weights="-", weights_sha256="-",
+                              merge="scatter", opset=18, batch=None, example_batch=2).theoretical_speedup < 1.3
+
+
+def test_tensorrt_rtx_builds_every_family_ahead_of_time(exported, capsys):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')")
+    from tome_deploy.artifact.sidecar import read_sidecar
+    from tome_deploy.cli import build as build_cli
+
+    _, _, metadata, path = exported
+    plan = path.with_suffix(".plan")
+    code = build_cli.main([str(path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89",
+                           "--max-batch", "4"])
+    assert code == 0, capsys.readouterr().err
+    sidecar = read_sidecar(plan)
+    assert sidecar.tome["r_effective"] == metadata.r_effective and sidecar.input_shape == metadata.input_size
+    assert plan.stat().st_size > 100_000

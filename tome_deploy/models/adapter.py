@@ -1,0 +1,102 @@
+"""The model-adapter seam: the few facts and operations ToMe needs from one model family.
+
+`apply_tome` (models/patch.py), the FLOP count, the export metadata and tome-visualize talk to a model only
+through a `ModelAdapter`; one module per family implements it (models/timm_vit.py is the first). To add a
+family, write a module with an adapter object and list it in `_FAMILY_MODULES`.
+
+What a family provides:
+- which modules are its transformer blocks, and a ToMe version of one block (attention with the additive
+  key bias log(size) of proportional attention, returning the merge metric, then the merge, then the MLP);
+- how the ToMe blocks are put into a copy of the model (`install`), so that the model's own forward (stem,
+  prefix tokens, head and its pooling) runs around them unchanged;
+- the token counts (tokens at the first block, prefix tokens that never merge), the width and real MLP
+  width (FLOP model), the patch grid (tome-visualize), the input spec and preprocessing (export metadata).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.errors import UnsupportedModelError
+
+
+class ModelAdapter(Protocol):
+    family: str  # one human name, e.g. "timm VisionTransformer"
+
+    def accepts(self, model: nn.Module) -> bool:
+        """True when `model` belongs to this family (its class); `check_supported` then judges the details."""
+
+    def check_supported(self, model: nn.Module) -> None:
+        """Raise UnsupportedModelError (one line: the class and why) unless ToMe can rewrite `model` exactly."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+
+    def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
+        """A block that runs (x [B, N, C], size [B, N, 1] or None, source [B, N, N0] or None, context)
+        -> (x [B, N - r, C], size, source, context), reusing `block`'s layers."""
+
+    def install(self, model: nn.Module, blocks: nn.Module) -> None:
+        """Put `blocks` (a ToMeBlocks) in place of the model's blocks, in a deep copy the caller owns."""
+
+    def embed(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """pixels [B, 3, H, W] -> (tokens entering the first block [B, N0, C], block context or None)."""
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens at the front that never merge (class, distillation, registers)."""
+
+    def tokens_at_input(self, model: nn.Module) -> int:
+        """Patch plus prefix tokens the first block sees."""
+
+    def grid_size(self, model: nn.Module) -> tuple[int, int]:
+        """The patch grid (rows, columns)."""
+
+    def embed_dim(self, model: nn.Module) -> int:
+        """C, the width of the tokens."""
+
+    def mlp_ratio(self, model: nn.Module) -> float:
+        """The MLP's real width as the FLOP rule's ratio (its weights over 2 C^2)."""
+
+    def data_config(self, model: nn.Module) -> dict:
+        """input_size [3, H, W], mean, std, interpolation, crop_pct: the preprocessing the export records."""
+
+
+_FAMILY_MODULES = (
+    "tome_deploy.models.timm_vit",
+    "tome_deploy.models.timm_eva",
+    "tome_deploy.models.hf_transformers",
+    "tome_deploy.models.open_clip_visual",
+)
+
+
+def family_adapters() -> list[ModelAdapter]:
+    """Every family's adapter, imported on first use (a family's library is imported only by its module)."""
+    return [importlib.import_module(name).ADAPTER for name in _FAMILY_MODULES]
+
+
+def find_adapter(model: nn.Module) -> Optional[ModelAdapter]:
+    return next((adapter for adapter in family_adapters() if adapter.accepts(model)), None)
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of `model`'s family, after its support check; UnsupportedModelError when none fits."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        families = ", ".join(a.family for a in family_adapters())
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a model family ToMe can rewrite; supported: {families}"
+        )
+    adapter.check_supported(model)
+    return adapter
+
+
+def mlp_width_ratio(mlp: nn.Module, dim: int) -> float:
+    """Weights of every Linear in `mlp` over 2 C^2: 4.0 for a C -> 4C -> C MLP, its real ratio otherwise
+    (SwiGLU's three matrices, hidden widths that are not 4C)."""
+    weights = sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
+    return weights / (2 * int(dim) ** 2)

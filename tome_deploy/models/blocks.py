@@ -1,0 +1,90 @@
+"""The family-independent ToMe modules: one block's merge step, and the chain of ToMe blocks that threads
+token sizes (and, for source tracking, which input tokens each token holds) from block to block."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.core.merge import Match, bipartite_match, merge_sum, merge_weighted
+from tome_deploy.errors import InvalidInputError
+
+
+class TokenMerger(nn.Module):
+    """Matching + merging of one block. A module of its own so that its ONNX nodes carry its name scope."""
+
+    def __init__(self, r: int, num_prefix: int, formulation: MergeFormulation):
+        super().__init__()
+        self.r, self.num_prefix, self.formulation = r, num_prefix, formulation
+
+    def match(self, metric: torch.Tensor) -> Match:
+        """metric: [B, N, c] -> the r pairs to merge and the N - r kept positions."""
+        return bipartite_match(metric, self.r, self.num_prefix)
+
+    def merge(
+        self, x: torch.Tensor, size: Optional[torch.Tensor], match: Match, source: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """x: [B, N, C], size: [B, N, 1] or None, source: [B, N, N0] or None -> N - r tokens."""
+        if size is None:
+            size = torch.ones_like(x[..., :1], dtype=torch.float32)  # [B, N, 1]
+        if source is not None:
+            source = merge_sum(source, match, self.formulation)
+        x, size = merge_weighted(x, size, match, self.formulation)
+        return x, size, source
+
+    def forward(
+        self, x: torch.Tensor, size: Optional[torch.Tensor], metric: torch.Tensor, source: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """x: [B, N, C], size: [B, N, 1] or None, metric: [B, N, c], source: [B, N, N0] or None -> N - r tokens."""
+        return self.merge(x, size, self.match(metric), source)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, num_prefix={self.num_prefix}, formulation={self.formulation}"
+
+
+class ToMeBlocks(nn.Module):
+    """Replaces a model's blocks: threads the token sizes from block to block, no state kept.
+
+    context: what a family's blocks need besides the tokens (e.g. rotary tables), passed along and
+    updated by each block; None for families whose blocks need nothing.
+    """
+
+    def __init__(self, blocks: list[nn.Module], num_tokens: int):
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+        self.num_tokens = num_tokens  # the per-layer r were clamped for exactly this many tokens
+
+    def check_tokens(self, x: torch.Tensor) -> None:
+        if x.shape[1] != self.num_tokens:
+            raise InvalidInputError(
+                f"the ToMe schedule was fixed for {self.num_tokens} tokens but the input has {x.shape[1]}: "
+                "feed images of the size the model was patched at, or apply ToMe to a model created "
+                "with the img_size you need"
+            )
+
+    def forward(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
+        self.check_tokens(x)
+        size = None
+        for block in self.layers:
+            x, size, _, context = block(x, size, None, context)
+        return x
+
+    def forward_with_sources(
+        self, x: torch.Tensor, context: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N0, C] -> (tokens [B, N, C], size [B, N, 1], source [B, N, N0]).
+
+        source[b, i, j] = 1 when final token i contains input token j (source tracking).
+        """
+        self.check_tokens(x)
+        batch, num_tokens, _ = x.shape
+        source = torch.eye(num_tokens, dtype=torch.float32, device=x.device).expand(batch, -1, -1)
+        size = None
+        for block in self.layers:
+            x, size, source, context = block(x, size, source, context)
+        if size is None:
+            size = torch.ones_like(x[..., :1], dtype=torch.float32)
+        return x, size, source

@@ -1,0 +1,285 @@
+"""Hugging Face transformers 5.x vision encoders: ViT, DeiT (with teacher), CLIP vision (with projection),
+SigLIP vision, DINOv2 (with registers).
+
+Attention runs through our own function on the module's q/k/v/output projections, so proportional
+attention and the merge metric are exact whatever `attn_implementation` the model was loaded with. The
+class, distillation and register tokens are prefix tokens (never merged); the model's own head runs as it
+is (class-token / distillation heads, CLIP's post_layernorm + projection, SigLIP's attention-pooling head).
+
+The model ToMe sees is `HFImageModel`: the HF model plus the one output it exports (logits, image_embeds or
+pooler_output), so that every runner gets one tensor. Sources: a local folder written by `save_pretrained`
+(config.json + model.safetensors; safetensors only) or `hf:<id>` where a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.core.merge import proportional_attention_bias
+from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason
+from tome_deploy.models.adapter import mlp_width_ratio
+from tome_deploy.models.blocks import TokenMerger
+
+HUB_PREFIX = "hf:"
+
+# model class -> the output exported
+OUTPUTS = {
+    "ViTForImageClassification": "logits",
+    "ViTModel": "pooler_output",
+    "DeiTForImageClassification": "logits",
+    "DeiTForImageClassificationWithTeacher": "logits",
+    "DeiTModel": "pooler_output",
+    "CLIPVisionModel": "pooler_output",
+    "CLIPVisionModelWithProjection": "image_embeds",
+    "SiglipVisionModel": "pooler_output",
+    "Dinov2Model": "pooler_output",
+    "Dinov2WithRegistersModel": "pooler_output",
+}
+
+# layer class -> (pre-attention norm, attention, after attention, pre-MLP norm, MLP, after MLP); "after"
+# modules (dropout, layer scale, drop path) run in the order given.
+LAYERS = {
+    "ViTLayer": ("layernorm_before", "attention", ("dropout",), "layernorm_after", "mlp", ("dropout",)),
+    "DeiTLayer": ("layernorm_before", "attention", ("dropout",), "layernorm_after", "mlp", ("dropout",)),
+    "CLIPEncoderLayer": ("layer_norm1", "self_attn", (), "layer_norm2", "mlp", ()),
+    "SiglipEncoderLayer": ("layer_norm1", "self_attn", (), "layer_norm2", "mlp", ()),
+    "Dinov2Layer": ("norm1", "attention", ("layer_scale1", "drop_path"), "norm2", "mlp", ("layer_scale2", "drop_path")),
+    "Dinov2WithRegistersLayer": ("norm1", "attention", ("layer_scale1", "drop_path"), "norm2", "mlp", ("layer_scale2", "drop_path")),
+}
+
+# family defaults when the folder has no preprocessor_config.json (the HF image processors' defaults)
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+DEFAULT_PREPROCESS = {  # model_type -> (mean, std, interpolation, crop_pct)
+    "vit": (*_HALF, "bilinear", 1.0),
+    "deit": (*_IMAGENET, "bicubic", 224 / 256),
+    "clip_vision_model": (*_OPENAI, "bicubic", 1.0),
+    "siglip_vision_model": (*_HALF, "bicubic", 1.0),
+    "dinov2": (*_IMAGENET, "bicubic", 224 / 256),
+    "dinov2_with_registers": (*_IMAGENET, "bicubic", 224 / 256),
+}
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+class HFImageModel(nn.Module):
+    """A transformers vision model with one exported output: pixel_values [B, 3, H, W] -> [B, ...]."""
+
+    def __init__(self, hf_model: nn.Module, preprocess: Optional[dict] = None):
+        super().__init__()
+        name = type(hf_model).__name__
+        if name not in OUTPUTS:
+            raise UnsupportedModelError(
+                f"{name} is not a transformers class ToMe supports; supported: {', '.join(sorted(OUTPUTS))}"
+            )
+        self.hf = hf_model
+        self.output = OUTPUTS[name]
+        self.preprocess = preprocess  # from preprocessor_config.json, when the folder had one
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = getattr(self.hf(pixel_values=pixel_values), self.output)
+        if out is None:
+            raise UnsupportedModelError(f"{type(self.hf).__name__} returns no {self.output} (built without a pooler?)")
+        return out
+
+
+def hf_tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention from a transformers attention module's q/k/v/output projections, with proportional
+    attention. x: [B, N, C], size: [B, N, 1] or None -> (out [B, N, C], keys averaged over heads [B, N, hd])."""
+    batch, tokens, _ = x.shape
+    q, k, v = (proj(x).reshape(batch, tokens, -1, attn.head_dim).transpose(1, 2)
+               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, H, N, hd]
+    scale = getattr(attn, "scaling", None) or getattr(attn, "scale")
+    bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
+    dropout = float(getattr(attn, "attention_dropout", 0.0) or getattr(attn, "dropout", 0.0)) if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    return out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(dim=1)
+
+
+class HFToMeLayer(nn.Module):
+    """A pre-norm transformers encoder layer with ToMe between attention and MLP."""
+
+    def __init__(self, layer: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation):
+        super().__init__()
+        norm1, attn, after_attn, norm2, mlp, after_mlp = LAYERS[type(layer).__name__]
+        self.norm1, self.attn, self.norm2, self.mlp = (getattr(layer, n) for n in (norm1, attn, norm2, mlp))
+        self.after_attn = nn.Sequential(*(getattr(layer, n) for n in after_attn))
+        self.after_mlp = nn.Sequential(*(getattr(layer, n) for n in after_mlp))
+        self.merger = TokenMerger(r, num_prefix, formulation) if r > 0 else None
+
+    def forward(self, x, size, source=None, context: Any = None):
+        attn_out, metric = hf_tome_attention(self.attn, self.norm1(x), size)
+        x = x + self.after_attn(attn_out)
+        if self.merger is not None:
+            x, size, source = self.merger(x, size, metric, source)
+        return x + self.after_mlp(self.mlp(self.norm2(x))), size, source, context
+
+
+class _LayersCall(nn.Module):
+    """Stands in the model's layer list: `layer(hidden_states, attention_mask, **kwargs)` runs every ToMe layer."""
+
+    def __init__(self, blocks: nn.Module):
+        super().__init__()
+        self.tome_blocks = blocks
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+        return self.tome_blocks(hidden_states)
+
+
+def _layer_list(model: HFImageModel) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, the ModuleList of encoder layers)."""
+    for parent in model.hf.modules():
+        for attr in ("layers", "layer"):
+            layers = getattr(parent, attr, None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return parent, attr, layers
+    raise UnsupportedModelError(f"{type(model.hf).__name__} has no encoder layer list ToMe recognises")
+
+
+def _embeddings(model: HFImageModel) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(the embeddings module, CLIP's pre_layrnorm or None)."""
+    for parent in model.hf.modules():
+        embeddings = getattr(parent, "embeddings", None)
+        if isinstance(embeddings, nn.Module):
+            return embeddings, getattr(parent, "pre_layrnorm", None)
+    raise UnsupportedModelError(f"{type(model.hf).__name__} has no embeddings module")
+
+
+class HFTransformersAdapter:
+    family = "Hugging Face transformers (ViT, DeiT, CLIP vision, SigLIP vision, DINOv2)"
+
+    def accepts(self, model: nn.Module) -> bool:
+        return isinstance(model, HFImageModel)
+
+    def check_supported(self, model: nn.Module) -> None:
+        _, _, layers = _layer_list(model)
+        for i, layer in enumerate(layers):
+            if type(layer).__name__ not in LAYERS:
+                raise UnsupportedModelError(
+                    f"layer {i} of {type(model.hf).__name__} is {type(layer).__name__}; ToMe supports {', '.join(sorted(LAYERS))}"
+                )
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(_layer_list(model)[2])
+
+    def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
+        return HFToMeLayer(block, r, num_prefix, formulation)
+
+    def install(self, model: nn.Module, blocks: nn.Module) -> None:
+        parent, attr, _ = _layer_list(model)
+        setattr(parent, attr, nn.ModuleList([_LayersCall(blocks)]))
+
+    def embed(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        embeddings, pre_norm = _embeddings(model)
+        x = embeddings(pixels)
+        return (x if pre_norm is None else pre_norm(x)), None
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        embeddings, _ = _embeddings(model)
+        count = sum(isinstance(getattr(embeddings, n, None), torch.Tensor)
+                    for n in ("cls_token", "distillation_token", "class_embedding"))
+        registers = getattr(embeddings, "register_tokens", None)
+        return count + (int(registers.shape[1]) if isinstance(registers, torch.Tensor) else 0)
+
+    def grid_size(self, model: nn.Module) -> tuple[int, int]:
+        config = model.hf.config
+        image, patch = config.image_size, config.patch_size
+        image = (image, image) if isinstance(image, int) else tuple(image)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return image[0] // patch[0], image[1] // patch[1]
+
+    def tokens_at_input(self, model: nn.Module) -> int:
+        rows, cols = self.grid_size(model)
+        return rows * cols + self.num_prefix_tokens(model)
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.hf.config.hidden_size)
+
+    def mlp_ratio(self, model: nn.Module) -> float:
+        mlp = next(m.mlp for m in model.hf.modules() if isinstance(getattr(m, "mlp", None), nn.Module))
+        return mlp_width_ratio(mlp, self.embed_dim(model))
+
+    def data_config(self, model: nn.Module) -> dict:
+        config = model.hf.config
+        mean, std, interpolation, crop_pct = DEFAULT_PREPROCESS.get(config.model_type, (*_IMAGENET, "bicubic", 1.0))
+        if model.preprocess:
+            mean, std = model.preprocess.get("image_mean", mean), model.preprocess.get("image_std", std)
+            interpolation = _PIL_RESAMPLE.get(model.preprocess.get("resample"), interpolation)
+            crop_pct = model.preprocess.get("tome_crop_pct", crop_pct)
+        rows, cols = self.grid_size(model)
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        return {
+            "input_size": [int(config.num_channels), rows * patch, cols * patch],
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "interpolation": str(interpolation),
+            "crop_pct": float(crop_pct),
+        }
+
+
+ADAPTER = HFTransformersAdapter()
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _processor_config(folder: Path) -> Optional[dict]:
+    """preprocessor_config.json with crop_pct worked out (crop size over resize size), or None."""
+    file = folder / "preprocessor_config.json"
+    if not file.is_file():
+        return None
+    cfg = json.loads(file.read_text())
+    size, crop = cfg.get("size"), cfg.get("crop_size")
+    edge = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else size
+    crop_edge = crop.get("height") if isinstance(crop, dict) else crop
+    if cfg.get("do_center_crop") and edge and crop_edge:
+        cfg["tome_crop_pct"] = float(crop_edge) / float(edge)
+    else:
+        cfg["tome_crop_pct"] = 1.0
+    return cfg
+
+
+def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
+    """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel in eval mode, weights line)."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise MissingDependencyError(f"Hugging Face models need transformers: pip install 'tome-deploy[families]' ({err})") from err
+    transformers.utils.logging.disable_progress_bar()  # keep stderr to our lines
+    local = not source.startswith(HUB_PREFIX)
+    where = source if local else source[len(HUB_PREFIX):]
+    if not local and not pretrained:
+        raise ModelLoadError(f"{source} names hub weights; pass --pretrained to download them (or a local save_pretrained folder)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, local_files_only=local)
+    except Exception as err:  # noqa: BLE001
+        if local:
+            raise ModelLoadError(f"{source} has no readable config.json: {error_reason(err)}") from err
+        raise ModelLoadError(
+            f"the Hugging Face hub is not reachable for {where} ({error_reason(err)}); download the model where a "
+            "network is, save_pretrained it, and pass the folder"
+        ) from err
+    arch = (config.architectures or [None])[0]
+    if arch not in OUTPUTS:
+        raise UnsupportedModelError(
+            f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(OUTPUTS))}"
+        )
+    try:
+        hf_model = getattr(transformers, arch).from_pretrained(where, local_files_only=local, use_safetensors=True)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(
+            f"cannot load {arch} from {source} ({error_reason(err)}); the folder needs model.safetensors "
+            "(pickled pytorch_model.bin is not read)"
+        ) from err
+    preprocess = _processor_config(Path(where)) if local else None
+    weights = f"transformers {arch} from {Path(source).name if local else source}"
+    return HFImageModel(hf_model, preprocess).eval(), weights
