@@ -175,9 +175,8 @@ def merge_weighted(
         from tome_deploy.token_merge.torch_op import token_merge
 
         return token_merge(x, size, *(index.to(torch.int32) for index in match))
-    # Sizes ride along as one more channel: one gather/add/gather chain instead of two.
-    merged = merge_sum(torch.cat([x * size, size], dim=-1), match, formulation)  # [B, N - r, C + 1]
-    weighted, size = merged[..., :-1], merged[..., -1:]  # [B, N - r, C], [B, N - r, 1]
+    weighted = merge_sum(x * size, match, formulation)  # [B, N - r, C]
+    size = merge_sum(size, match, formulation)  # [B, N - r, 1]
     return (weighted / size).to(x.dtype), size
 
 
