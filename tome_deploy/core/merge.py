@@ -9,6 +9,7 @@ positions 0..p-1. Set A holds the even positions (Na = ceil(N/2) tokens), set B 
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -98,19 +99,40 @@ def permutation_from_rank(rank: torch.Tensor) -> torch.Tensor:
     return rank.float().topk(rank.shape[-1], dim=-1, largest=False, sorted=True).indices
 
 
-@torch.library.custom_op("tome_deploy::gather_tokens", mutates_args=())
 def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x: [B, N, C], positions: [B, K] int64 -> [B, K, C], whole rows per image.
 
-    A custom op so that the ONNX export writes one GatherND with batch_dims=1 (onnx_export/export.py):
-    static output shapes and ~7x faster in ONNX Runtime than GatherElements, whose index would have to
-    be expanded over C. Advanced indexing would export an Expand to a computed shape that ONNX shape
-    inference cannot see through.
+    Whole rows (GatherND) are ~7x faster in ONNX Runtime than GatherElements, whose index would have to
+    be expanded over C. Inside `gather_nd_export()` the rows come from the `gather_tokens_op` custom op,
+    which tome-deploy's exporter writes as one GatherND(batch_dims=1) with static shapes; advanced
+    indexing (what a plain torch.onnx.export gets) exports an Expand to a computed shape instead.
     """
+    if _GATHER_ND_EXPORT[0]:
+        return gather_tokens_op(x, positions)
     return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
 
 
-@gather_tokens.register_fake
+_GATHER_ND_EXPORT = [False]  # set only while onnx_export traces a model (gather_nd_export)
+
+
+@contextlib.contextmanager
+def gather_nd_export():
+    """Trace gather_tokens as the custom op (needs GATHER_TOKENS_OVERLOAD's ONNX translation)."""
+    previous = _GATHER_ND_EXPORT[0]
+    _GATHER_ND_EXPORT[0] = True
+    try:
+        yield
+    finally:
+        _GATHER_ND_EXPORT[0] = previous
+
+
+@torch.library.custom_op("tome_deploy::gather_tokens", mutates_args=())
+def gather_tokens_op(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """gather_tokens as one opaque op for torch.export: [B, N, C], [B, K] -> [B, K, C]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
+
+
+@gather_tokens_op.register_fake
 def _gather_tokens_shape(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], positions.shape[1], *x.shape[2:]))
 
@@ -153,9 +175,8 @@ def merge_weighted(
         from tome_deploy.token_merge.torch_op import token_merge
 
         return token_merge(x, size, *(index.to(torch.int32) for index in match))
-    # Sizes ride along as one more channel: one gather/add/gather chain instead of two.
-    merged = merge_sum(torch.cat([x * size, size], dim=-1), match, formulation)  # [B, N - r, C + 1]
-    weighted, size = merged[..., :-1], merged[..., -1:]  # [B, N - r, C], [B, N - r, 1]
+    weighted = merge_sum(x * size, match, formulation)  # [B, N - r, C]
+    size = merge_sum(size, match, formulation)  # [B, N - r, 1]
     return (weighted / size).to(x.dtype), size
 
 

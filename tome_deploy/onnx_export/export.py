@@ -14,7 +14,7 @@ import torch
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
-from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD
+from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD, gather_nd_export
 from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
 from tome_deploy.token_merge.onnx_translation import custom_translation_table
@@ -116,7 +116,7 @@ def export_onnx(
     start = time.perf_counter()
     tome_model = tome_model.eval()
     try:
-        with _quiet_exporter(), explicit_attention(tome_model), torch.inference_mode(False), torch.no_grad():
+        with _quiet_exporter(), explicit_attention(tome_model), gather_nd_export(), torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 tome_model,
                 (example,),
