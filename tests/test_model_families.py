@@ -360,5 +360,5 @@ def test_tensorrt_rtx_builds_every_family_ahead_of_time(exported, capsys):
                            "--max-batch", "4"])
     assert code == 0, capsys.readouterr().err
     sidecar = read_sidecar(plan)
-    assert sidecar.tome["r_effective"] == metadata.r_effective and sidecar.input_shape == metadata.input_size
+    assert sidecar.tome.r_effective == metadata.r_effective and sidecar.input_shape == metadata.input_size
     assert plan.stat().st_size > 100_000

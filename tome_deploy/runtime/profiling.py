@@ -41,25 +41,28 @@ def profile_merge_share(onnx_path: str | Path, input_name: str, batch_input: np.
     """Profile `runs` passes at full graph optimisation, as deployed; merge nodes keep their export names."""
     merger_nodes = merger_node_names(onnx_path)
     # Fusions (attention, LayerNorm, GELU) rename the nodes they absorb: those count as "other".
-    session = _profiled_session(onnx_path, threads)
-    session.run(None, {input_name: batch_input})  # warm-up, still profiled but averaged away below
-    for _ in range(runs):
-        session.run(None, {input_name: batch_input})
-    trace = session.end_profiling()
-    try:
-        events = json.loads(Path(trace).read_text())
-    finally:
-        os.unlink(trace)
     merge_us = other_us = 0.0
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
+    for event in _kernel_events(onnx_path, input_name, batch_input, runs, threads):
         node = event["name"][: -len("_kernel_time")]
         if node in merger_nodes:
             merge_us += event["dur"]
         else:
             other_us += event["dur"]
     return TimeShare(merge_us, other_us)
+
+
+def _kernel_events(onnx_path: str | Path, input_name: str, batch_input: np.ndarray, runs: int, threads: int | None) -> list[dict]:
+    """The profiler's per-node kernel events of 1 + `runs` passes (the first is a warm-up, still profiled
+    but averaged away by the callers)."""
+    session = _profiled_session(onnx_path, threads)
+    for _ in range(runs + 1):
+        session.run(None, {input_name: batch_input})
+    trace = session.end_profiling()
+    try:
+        events = json.loads(Path(trace).read_text())
+    finally:
+        os.unlink(trace)
+    return [event for event in events if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")]
 
 
 def _profiled_session(onnx_path: str | Path, threads: int | None):
@@ -77,19 +80,10 @@ def _profiled_session(onnx_path: str | Path, threads: int | None):
 def profile_op_types(onnx_path: str | Path, input_name: str, batch_input: np.ndarray, runs: int = 5,
                      threads: int | None = None) -> dict[str, float]:
     """Kernel microseconds per pass by ONNX Runtime op type (after its fusions), largest first."""
-    session = _profiled_session(onnx_path, threads)
-    for _ in range(runs + 1):
-        session.run(None, {input_name: batch_input})
-    trace = session.end_profiling()
-    try:
-        events = json.loads(Path(trace).read_text())
-    finally:
-        os.unlink(trace)
     per_type: dict[str, float] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            op = event.get("args", {}).get("op_name", "?")
-            per_type[op] = per_type.get(op, 0.0) + event["dur"] / (runs + 1)
+    for event in _kernel_events(onnx_path, input_name, batch_input, runs, threads):
+        op = event.get("args", {}).get("op_name", "?")
+        per_type[op] = per_type.get(op, 0.0) + event["dur"] / (runs + 1)
     return dict(sorted(per_type.items(), key=lambda kv: -kv[1]))
 
 
