@@ -453,6 +453,15 @@ def test_random_bytes(tmp_path, suffix):
     assert "\n" not in str(info.value)
 
 
+def test_a_pickle_that_claims_more_bytes_than_the_file_holds(tmp_path):
+    """Random bytes often parse as a pickle opcode with a huge length: reading it must not allocate it."""
+    path = tmp_path / "claims.pt"
+    path.write_bytes(b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"\x00" * 64)  # PROTO 4, BYTES8 of 4 EiB
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(path), arch=ARCH)
+    assert "claims.pt" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_truncated_files(tmp_path, source):
     whole = tmp_path / "whole.pt"
     torch.save(source, whole)

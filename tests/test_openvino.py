@@ -16,6 +16,7 @@ from conftest import assert_one_line_error
 from tome_deploy.cli import validate as validate_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.jobs.export import export_model
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.validation.parity import validate_runners
 
@@ -38,7 +39,7 @@ def test_test_vit_parity_in_openvino(export_cached, merge):
 @pytest.mark.parametrize("merge", ["scatter", "matmul"])
 def test_vit_small_r16_in_openvino_matches_pytorch_and_the_release(tmp_path, merge):
     """OpenVINO matches PyTorch on every probe, and the 0.1.0 release's logits (ONNX Runtime)."""
-    outcome = export_model("vit_small_patch16_224", tmp_path / "m.onnx", r=16, merge=merge, seed=0, validate=False)
+    outcome = export_model(ModelSource("vit_small_patch16_224", seed=0), tmp_path / "m.onnx", r=16, merge=merge, validate=False)
     tome, metadata = apply_tome(outcome.loaded.model, 16, merge)[0], outcome.export.metadata
     report = validate_runners(tome, [OpenVINORunner(outcome.export.path)], metadata, str(outcome.export.path), batch_sizes=[2])
     assert report.passed, report.table()

@@ -71,6 +71,26 @@ _STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "B
 _MARK = object()
 
 
+class _BoundedStream:
+    """`limit` bytes of a binary stream. An opcode that claims more data than is left (random bytes read as
+    a pickle claim gigabytes) ends the scan as a malformed pickle instead of allocating what it claims."""
+
+    def __init__(self, stream, limit: int):
+        self._stream, self._left = stream, limit
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self._left:
+            raise EOFError("the pickle claims more data than the file holds")
+        data = self._stream.read(size)
+        self._left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self._stream.readline(self._left)
+        self._left -= len(line)
+        return line
+
+
 def module_constructor_calls(stream) -> list[str]:
     """Names of the nn.Module classes one pickle (read from `stream` up to its STOP) calls with REDUCE.
 
@@ -180,7 +200,8 @@ def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
         names = archive.namelist()
         _check_zip_crcs(archive, shown)
         pickles = [name for name in names if name.endswith("data.pkl")]
-        calls = [] if trust_pickle or not pickles else module_constructor_calls(archive.open(pickles[0]))
+        calls = [] if trust_pickle or not pickles else module_constructor_calls(
+            _BoundedStream(archive.open(pickles[0]), archive.getinfo(pickles[0]).file_size))
     if any("/code/" in name or name.endswith("constants.pkl") for name in names):
         raise ModelLoadError(
             f"{shown} is a TorchScript archive (torch.jit.save), which is not supported: pass the eager module "
@@ -260,7 +281,8 @@ def _read_torch_legacy(path: Path, *, trust_pickle: bool) -> Any:
 def _legacy_constructor_calls(path: Path) -> list[str]:
     """The legacy format is four pickles (magic number, protocol, system info, the object) and raw storages."""
     calls: list[str] = []
-    with open(path, "rb") as stream:
+    with open(path, "rb") as file:
+        stream = _BoundedStream(file, path.stat().st_size)
         for _ in range(4):
             calls += module_constructor_calls(stream)
     return calls
