@@ -4,6 +4,7 @@ library's export job, comma-separated options, and the table / JSON output. Impo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -12,15 +13,18 @@ from typing import Optional, Sequence
 
 from tome_deploy.core.schedule import RSpec
 from tome_deploy.jobs.export import ExportOutcome, export_model
+from tome_deploy.onnx_export.export import export_plain
 
 BASELINE = "unmerged"
 # The schedules the ONNX Runtime and serving benchmarks offer, by label.
 SCHEDULES: dict[str, RSpec] = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
 
 
-def export_variants(model: str, schedules: dict[str, RSpec], folder: Path, **options) -> dict[str, ExportOutcome]:
+def export_variants(model: str, schedules: dict[str, RSpec], folder: Path, *, plain: bool = False,
+                    **options) -> dict[str, ExportOutcome]:
     """tome-export's job for r=0 ("unmerged") and each labelled schedule, unvalidated. The same model name
-    and seed give every variant the same weights (checked on the recorded fingerprints)."""
+    and seed give every variant the same weights (checked on the recorded fingerprints). plain=True: the
+    baseline is instead what a user has without ToMe, a plain torch.onnx.export of the same weights."""
     outcomes = {}
     for label, r in {BASELINE: 0, **schedules}.items():
         start = time.perf_counter()
@@ -29,6 +33,10 @@ def export_variants(model: str, schedules: dict[str, RSpec], folder: Path, **opt
     fingerprints = {outcome.export.metadata.weights_sha256 for outcome in outcomes.values()}
     if len(fingerprints) != 1:
         raise SystemExit(f"the exports of {model} do not share their weights; a side-by-side timing would compare different models")
+    if plain:
+        base = outcomes[BASELINE]
+        path = export_plain(base.loaded.model, base.export.metadata, folder / f"{model}_plain.onnx")
+        outcomes[BASELINE] = dataclasses.replace(base, export=dataclasses.replace(base.export, path=path))
     return outcomes
 
 

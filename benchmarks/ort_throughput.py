@@ -23,16 +23,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import export_variants
 
-from tome_deploy.models.loading.dispatch import load_model
-from tome_deploy.models.loading.fingerprint import weights_fingerprint
-from tome_deploy.models.patch import apply_tome
-from tome_deploy.onnx_export.export import export_onnx, export_plain
-from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
 from tome_deploy.runtime.profiling import (
     fusions_fired,
@@ -72,26 +67,8 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def export_variants(arch: str, schedules: list, merge: str, folder: Path, *, plain: bool = False) -> tuple[dict, dict]:
-    """{label: ONNX path}, {label: metadata}; "unmerged" is the r=0 ToMe export, or with plain=True the
-    plain torch.onnx.export of the same weights (metadata of the r=0 model either way)."""
-    loaded = load_model(arch)
-    fingerprint = weights_fingerprint(loaded.model)
-    paths, metas = {}, {}
-    for spec in [0] + list(schedules):
-        label = "unmerged" if spec == 0 else (spec if isinstance(spec, str) else f"r={spec}")
-        tome, schedule = apply_tome(loaded.model, SCHEDULES.get(spec, spec), merge)
-        meta = build_metadata(tome, schedule, SCHEDULES.get(spec, spec), arch=arch, weights=loaded.weights,
-                              weights_sha256=fingerprint, merge=merge, opset=18, batch=None, example_batch=2)
-        start = time.perf_counter()
-        path = folder / f"{arch}_{merge}_{label}.onnx"
-        if spec == 0 and plain:
-            paths[label] = export_plain(loaded.model, meta, path)
-        else:
-            paths[label] = export_onnx(tome, meta, path).path
-        metas[label] = meta
-        say(f"  exported {arch} {merge} {label} in {time.perf_counter() - start:.0f} s")
-    return paths, metas
+def schedule_label(spec) -> str:
+    return spec if isinstance(spec, str) else f"r={spec}"
 
 
 def fusion_text(found: dict[str, int]) -> str:
@@ -102,7 +79,11 @@ def measure_model(arch: str, schedules: list, merges: list[str], runtimes: list[
     rows = []
     plain_paths = None
     for merge in merges:
-        paths, metas = export_variants(arch, schedules, merge, folder, plain=True)
+        (folder / merge).mkdir(exist_ok=True)
+        outcomes = export_variants(arch, {schedule_label(s): SCHEDULES.get(s, s) for s in schedules}, folder / merge,
+                                   plain=True, merge=merge)
+        paths = {label: outcome.export.path for label, outcome in outcomes.items()}
+        metas = {label: outcome.export.metadata for label, outcome in outcomes.items()}
         if plain_paths is None:
             plain_paths = paths["unmerged"]
         paths["unmerged"] = plain_paths  # one baseline for every formulation

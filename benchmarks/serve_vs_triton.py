@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from ort_throughput import export_variants
+from common import SCHEDULES, export_variants
 from serve_throughput import MODEL_NAME, ServerProcess, drive
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -60,8 +60,10 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths, metas = export_variants(args.model, [args.schedule], "scatter", Path(tmp))
-        images = np.random.default_rng(0).standard_normal((64, *metas["unmerged"].input_size)).astype(np.float32)
+        outcomes = export_variants(args.model, {args.schedule: SCHEDULES[args.schedule]},
+                                   Path(tmp), plain=True, merge="scatter")
+        paths = {label: outcome.export.path for label, outcome in outcomes.items()}
+        images = np.random.default_rng(0).standard_normal((64, *outcomes["unmerged"].export.metadata.input_size)).astype(np.float32)
         servers = {}
         try:
             for label, path in paths.items():
