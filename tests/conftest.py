@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +53,7 @@ def export_family(family: str, folder: Path, *, merge: str | None = None, batch:
     example_batch = batch or 2
     merge = merge or default_merge
     model = make_model(name, kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tome, schedule = apply_tome(model, r, merge)
+    tome, schedule = apply_tome(model, r, merge)
     metadata = build_metadata(tome, schedule, r, arch=name, weights="random init (test)", weights_sha256="test",
                               merge=merge, opset=18, batch=batch, example_batch=example_batch)
     path = export_onnx(tome, metadata, folder / f"{family}_{merge}_{batch or 'dynamic'}.onnx").path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 
 import pytest
 import timm
@@ -143,12 +142,6 @@ def set_fused(model: nn.Module, fused: bool) -> nn.Module:
     return model
 
 
-def quiet_apply(model, spec, formulation="scatter"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # clamping warnings are tested in test_schedule.py
-        return apply_tome(model, spec, formulation=formulation)
-
-
 @functools.lru_cache(maxsize=None)
 def reference(name: str, spec_key: str):
     spec = eval(spec_key)  # noqa: S307 - our own repr of an int / tuple / list
@@ -202,7 +195,7 @@ def test_r0_equals_unpatched(name):
 def test_tome_equals_reference(name, spec):
     model = base_model(name)
     feats, want_logits = reference(name, repr(spec))
-    tome, schedule = quiet_apply(model, spec)
+    tome, schedule = apply_tome(model, spec)
     assert list(schedule.effective) == feats["r_effective"]
     assert sum(schedule.effective) > 0
     x = pixels(name)
@@ -225,8 +218,8 @@ def test_tome_equals_reference(name, spec):
 def test_scatter_and_matmul_agree(name, spec):
     model = base_model(name)
     x = pixels(name)
-    tome_scatter, _ = quiet_apply(model, spec, "scatter")
-    tome_matmul, _ = quiet_apply(model, spec, "matmul")
+    tome_scatter, _ = apply_tome(model, spec, "scatter")
+    tome_matmul, _ = apply_tome(model, spec, "matmul")
     with torch.no_grad():
         a, b = features(tome_scatter, x), features(tome_matmul, x)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -274,7 +267,7 @@ def test_tie_stress_identical_keys(name, spec):
     r_layers = reference_schedule(spec, len(model.blocks))
     feats = reference_tome_features(model, x, r_layers)
     for formulation in ("scatter", "matmul"):
-        tome, schedule = quiet_apply(model, spec, formulation)
+        tome, schedule = apply_tome(model, spec, formulation)
         assert sum(schedule.effective[1:]) > 0  # ties decide more than the first merge
         for fused in (True, False):
             set_fused(tome, fused)
@@ -289,7 +282,7 @@ def test_tie_stress_identical_keys(name, spec):
 
 def test_batch_elements_are_independent():
     model = model_copy("registers4")
-    tome, _ = quiet_apply(model, (3, -1))
+    tome, _ = apply_tome(model, (3, -1))
     x = torch.cat([pixels("registers4"), torch.zeros(1, 3, 64, 64)])
     with torch.no_grad():
         together = tome(x)
@@ -309,7 +302,7 @@ def test_original_model_unchanged(name):
         before = model(x)
     block_types = [type(block) for block in model.blocks]
     blocks_module = model.blocks
-    tome, _ = quiet_apply(model, FAMILIES[name][2][0])
+    tome, _ = apply_tome(model, FAMILIES[name][2][0])
     with torch.no_grad():
         tome(x)  # running the ToMe copy must not touch the original either
         after = model(x)
@@ -369,7 +362,7 @@ def test_unknown_formulation_raises():
 )
 def test_track_sources(name, spec):
     model = model_copy(name)
-    tome, schedule = quiet_apply(model, spec)
+    tome, schedule = apply_tome(model, spec)
     source, size = track_sources(tome, pixels(name))
     n0, n_final = schedule.tokens[0], schedule.tokens[-1]
     assert source.shape == (BATCH, n_final, n0) and size.shape == (BATCH, n_final, 1)
@@ -397,7 +390,7 @@ def test_track_sources_without_merging():
 
 def test_schedule_attached_and_token_count():
     model = model_copy("registers4")
-    tome, schedule = quiet_apply(model, 8)
+    tome, schedule = apply_tome(model, 8)
     assert tome.tome_schedule == schedule
     assert schedule.num_prefix == 5 and schedule.tokens[0] == 16 + 5
     _, tokens = reference_clamp(reference_schedule(8, 4), 21, 5)
@@ -410,7 +403,7 @@ def test_schedule_attached_and_token_count():
 def test_input_of_another_size_is_rejected_on_dynamic_img_size_model():
     model = base_model("test_vit")  # built for 96 px: 37 tokens, dynamic_img_size=True
     assert model.dynamic_img_size
-    tome, schedule = quiet_apply(model, 8)
+    tome, schedule = apply_tome(model, 8)
     x = torch.randn(BATCH, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # 17 tokens
     with pytest.raises(ToMeError, match="37 tokens but the input has 17"):
         with torch.no_grad():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -42,9 +41,7 @@ def photo(tmp_path_factory) -> str:
 def test_groups_are_the_final_tokens_and_cover_every_patch_once(family, photo):
     name, kwargs, r, _ = FAMILIES[family]
     model = make_model(name, kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tome, schedule = apply_tome(model, r)
+    tome, schedule = apply_tome(model, r)
     pixels, rgb = model_input(load_image(photo), data_config(model))
     groups, sizes = merge_groups(tome, pixels)
 
