@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,18 +27,24 @@ def export_variants(model: str, schedules: dict[str, RSpec], folder: Path, *, pl
     and seed give every variant the same weights (checked on the recorded fingerprints). plain=True: the
     baseline is instead what a user has without ToMe, a plain torch.onnx.export of the same weights."""
     outcomes = {}
+    stem = file_stem(model)
     for label, r in {BASELINE: 0, **schedules}.items():
         start = time.perf_counter()
-        outcomes[label] = export_model(model, folder / f"{model}_{label}.onnx", r=r, validate=False, **options)
+        outcomes[label] = export_model(model, folder / f"{stem}_{file_stem(label)}.onnx", r=r, validate=False, **options)
         print(f"  exported {model} {label} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     fingerprints = {outcome.export.metadata.weights_sha256 for outcome in outcomes.values()}
     if len(fingerprints) != 1:
         raise SystemExit(f"the exports of {model} do not share their weights; a side-by-side timing would compare different models")
     if plain:
         base = outcomes[BASELINE]
-        path = export_plain(base.loaded.model, base.export.metadata, folder / f"{model}_plain.onnx")
+        path = export_plain(base.loaded.model, base.export.metadata, folder / f"{stem}_plain.onnx")
         outcomes[BASELINE] = dataclasses.replace(base, export=dataclasses.replace(base.export, path=path))
     return outcomes
+
+
+def file_stem(name: str) -> str:
+    """A model source ('open_clip:ViT-B-32', '/path/to/hf_folder') or label ('r=(16,-1)') as one file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
 def whole_numbers(text: str) -> list[int]:

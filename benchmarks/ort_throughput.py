@@ -12,7 +12,12 @@ in the plain and in the ToMe graph (fused op types in the graph ORT runs, ORT_EN
     python benchmarks/ort_throughput.py --models vit_large_patch16_384 --schedules 23 --batches 1   # 577 tokens
     python benchmarks/ort_throughput.py --models vit_small_patch16_224 --batches 8 --sweep 0,4,8,12,16,20 \\
         --plot docs/speedup_vs_flops.png              # measured speedup vs FLOP ratio over r
+    python benchmarks/ort_throughput.py --models families --merges scatter --runtimes onnxruntime   # one ViT-S-sized model per family
     python benchmarks/ort_throughput.py --models test_vit --batches 1 --rounds 2          # smoke run (~1 min)
+
+--models takes timm names, model sources (`open_clip:ViT-S-16`, a `save_pretrained` folder), `hf-vit-small`
+(a random transformers ViTForImageClassification of ViT-S/16 size, written to a temporary folder) and
+`families` (one model of each family: timm ViT, timm Eva, transformers, OpenCLIP).
 
 Add --profile to print ONNX Runtime kernel time per op type, plain vs ToMe, for the first batch size.
 """
@@ -37,6 +42,25 @@ from tome_deploy.runtime.profiling import (
 from tome_deploy.runtime.throughput import time_interleaved
 
 SCHEDULES = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
+# One model per family, all ViT-S sized (width 384, 6 heads, 12 blocks) at 224: random weights.
+FAMILY_MODELS = ["vit_small_patch16_224", "eva02_small_patch14_224", "hf-vit-small", "open_clip:ViT-S-16"]
+HF_VIT_SMALL = "hf-vit-small"
+
+
+def write_hf_vit_small(folder: Path) -> Path:
+    """A save_pretrained folder of a random transformers ViT-S/16 (224, 1000 classes), as a user would have it."""
+    import transformers
+
+    path = folder / HF_VIT_SMALL
+    config = transformers.ViTConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1536, num_labels=1000)
+    transformers.ViTForImageClassification(config).save_pretrained(path)
+    return path
+
+
+def model_sources(text: str, folder: Path) -> dict[str, str]:
+    """--models -> {label: what export_model loads}."""
+    names = [name for item in text.split(",") for name in (FAMILY_MODELS if item == "families" else [item])]
+    return {name: str(write_hf_vit_small(folder)) if name == HF_VIT_SMALL else name for name in names}
 
 
 def parse_schedule(text: str):
@@ -75,12 +99,12 @@ def fusion_text(found: dict[str, int]) -> str:
     return " ".join(f"{op}:{n}" for op, n in sorted(found.items())) or "-"
 
 
-def measure_model(arch: str, schedules: list, merges: list[str], runtimes: list[str], batches: list[int], args, folder: Path) -> list[dict]:
+def measure_model(arch: str, source: str, schedules: list, merges: list[str], runtimes: list[str], batches: list[int], args, folder: Path) -> list[dict]:
     rows = []
     plain_paths = None
     for merge in merges:
         (folder / merge).mkdir(exist_ok=True)
-        outcomes = export_variants(arch, {schedule_label(s): SCHEDULES.get(s, s) for s in schedules}, folder / merge,
+        outcomes = export_variants(source, {schedule_label(s): SCHEDULES.get(s, s) for s in schedules}, folder / merge,
                                    plain=True, merge=merge)
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
         metas = {label: outcome.export.metadata for label, outcome in outcomes.items()}
@@ -165,8 +189,8 @@ def main() -> None:
         merges = merges[:1]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in args.models.split(","):
-            rows += measure_model(arch, schedules, merges, runtimes, batches, args, Path(tmp))
+        for arch, source in model_sources(args.models, Path(tmp)).items():
+            rows += measure_model(arch, source, schedules, merges, runtimes, batches, args, Path(tmp))
     print_rows(rows)
     print("\nmerge share: ONNX Runtime profiler kernel time of the TokenMerger nodes / ToMe total; "
           "matching is the [B, N/2, N/2] score matmul plus the counting rank's (N/2)^2 comparisons per layer")

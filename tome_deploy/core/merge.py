@@ -51,9 +51,10 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Match:
     best_score, best_b = scores.max(dim=-1)  # [B, Na], [B, Na]; ties -> lowest B index
     rank = stable_descending_rank(best_score)  # [B, Na]
     if num_prefix > 0:
-        # Unmerged tokens go in ascending A index, which keeps the prefix tokens at the front.
-        unmerged = (rank >= r).float()  # [B, Na]
-        rank = torch.where(unmerged.bool(), r + unmerged.cumsum(dim=-1) - 1, rank)
+        # Unmerged tokens go in ascending A index, which keeps the prefix tokens at the front: their keys
+        # r + index are distinct and above every source's rank 0..r-1 (two nodes, no CumSum).
+        index_a = torch.arange(rank.shape[-1], device=rank.device, dtype=rank.dtype)  # [Na]
+        rank = torch.where(rank < r, rank, r + index_a)
     order = permutation_from_rank(rank)  # [B, Na]: sources in score order, then unmerged
     source_a, unmerged_a = order[:, :r], order[:, r:]  # [B, r], [B, Na - r]
     destination_b = best_b.gather(-1, source_a)  # [B, r]
@@ -92,9 +93,10 @@ def stable_descending_rank(score: torch.Tensor) -> torch.Tensor:
 
 
 def permutation_from_rank(rank: torch.Tensor) -> torch.Tensor:
-    """rank: [B, M], a permutation of 0..M-1 -> order [B, M] with rank[order[k]] == k.
+    """rank: [B, M] distinct sort keys (e.g. a permutation of 0..M-1) -> order [B, M], the indices by
+    ascending key (for a permutation: rank[order[k]] == k).
 
-    The ranks are distinct, so an ascending TopK has no ties to break and is exact on every runtime.
+    The keys are distinct, so an ascending TopK has no ties to break and is exact on every runtime.
     """
     return rank.float().topk(rank.shape[-1], dim=-1, largest=False, sorted=True).indices
 
