@@ -211,7 +211,7 @@ def export_family(tmp_path_factory):
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def exported(request, export_family):
     # matmul: the formulation every runtime takes (TensorRT too); scatter = matmul is checked above, and
-    # the CLI test below and the plugin test export with scatter
+    # the CLI test below exports with scatter
     return (request.param, *export_family(request.param, "matmul"))
 
 
@@ -356,7 +356,7 @@ def test_prefix_tokens_of_the_transformers_classes_are_never_merged(family):
     assert schedule.num_prefix == prefix and schedule.tokens == (64 + prefix, 52 + prefix, 40 + prefix)
     source, _ = track_sources(tome, pixels(family, batch=1))
     assert torch.equal(source[0, :prefix, :prefix], torch.eye(prefix))  # each prefix token holds itself only
-    assert source[0, :prefix].sum() == prefix
+    assert source[0, :prefix].sum() == prefix  # and no patch was merged into one
 
 
 # ---------------------------------------------------------------------------------------------------------
