@@ -6,20 +6,31 @@ VisionTransformer copies of the same weights."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import timm
 import torch
-from reference_families import reference_eva, reference_hf_vit, reference_open_clip
+from reference_families import (
+    reference_eva,
+    reference_hf_clip,
+    reference_hf_deit_teacher,
+    reference_hf_dinov2,
+    reference_hf_siglip,
+    reference_hf_vit,
+    reference_open_clip,
+)
 from torch import nn
 
+from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.errors import UnsupportedModelError
 from tome_deploy.models.patch import apply_tome, track_sources
 from tome_deploy.onnx_export.export import export_onnx
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.token_merge import contract
 from tome_deploy.validation.parity import validate_onnx
 
 transformers = pytest.importorskip("transformers")
@@ -62,11 +73,68 @@ def make_open_clip() -> nn.Module:
     return _randomise_norms(visual)
 
 
+def _randomise_embeddings(model: nn.Module) -> nn.Module:
+    """transformers starts DeiT's class / distillation tokens and position embeddings and DINOv2's registers
+    at zero and LayerScale at a constant: random values make every prefix token distinct (mixing two up
+    shows) and the checks sensitive to the layer scales; heads of order 1 make the logits checks bite."""
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("cls_token", "distillation_token", "register_tokens", "position_embeddings"):
+            param.data.normal_(0, 0.5)
+        elif leaf == "lambda1":
+            param.data = 0.1 + 0.5 * torch.rand_like(param)
+    for head in ("cls_classifier", "distillation_classifier"):
+        if hasattr(model, head):
+            getattr(model, head).weight.data.normal_(0, 1.0)
+    return model
+
+
+# transformers class -> (its config class, arguments besides the common ones). initializer_range 0.2, ten times
+# the default: at 0.02 the class token of DeiT and DINOv2 hardly depends on the merges (< 1e-3).
+HF_CONFIGS = {
+    "DeiTForImageClassificationWithTeacher": ("DeiTConfig", {"intermediate_size": 64, "num_labels": 5, "initializer_range": 0.2}),
+    "CLIPVisionModel": ("CLIPVisionConfig", {"intermediate_size": 64}),
+    "CLIPVisionModelWithProjection": ("CLIPVisionConfig", {"intermediate_size": 64, "projection_dim": 8}),
+    "SiglipVisionModel": ("SiglipVisionConfig", {"intermediate_size": 64}),
+    "Dinov2Model": ("Dinov2Config", {"mlp_ratio": 2, "initializer_range": 0.2}),
+    "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", {"mlp_ratio": 2, "num_register_tokens": 2, "initializer_range": 0.2}),
+}
+
+
+def make_hf(name: str) -> nn.Module:
+    """A tiny random transformers model of class `name`: 2 layers, width 32, 8 x 8 patches of 4 pixels."""
+    from tome_deploy.models.hf_transformers import HFImageModel
+
+    config_class, arguments = HF_CONFIGS[name]
+    config = getattr(transformers, config_class)(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                                 patch_size=4, **arguments)
+    torch.manual_seed(0)
+    return HFImageModel(_randomise_norms(_randomise_embeddings(getattr(transformers, name)(config)))).eval()
+
+
+# family -> (transformers class, reference, prefix tokens: class, distillation, registers)
+HF_CLASSES = {
+    "hf_deit_teacher": ("DeiTForImageClassificationWithTeacher", reference_hf_deit_teacher, 2),
+    "hf_clip": ("CLIPVisionModel", reference_hf_clip, 1),
+    "hf_clip_projection": ("CLIPVisionModelWithProjection", reference_hf_clip, 1),
+    "hf_siglip": ("SiglipVisionModel", reference_hf_siglip, 0),
+    "hf_dinov2": ("Dinov2Model", reference_hf_dinov2, 1),
+    "hf_dinov2_registers": ("Dinov2WithRegistersModel", reference_hf_dinov2, 3),
+}
+
+
+def _on_hf(reference):
+    """A transformers reference takes the HF model inside HFImageModel."""
+    return lambda model, x, r: reference(model.hf, x, r)
+
+
 # family -> (model factory, reference, input size, r)
 FAMILIES = {
     "timm_eva": (make_eva, reference_eva, 84, 6),
-    "hf_vit": (make_hf_vit, lambda m, x, r: reference_hf_vit(m.hf, x, r), 32, 8),
+    "hf_vit": (make_hf_vit, _on_hf(reference_hf_vit), 32, 8),
     "open_clip": (make_open_clip, reference_open_clip, 32, 8),
+    **{family: (functools.partial(make_hf, name), _on_hf(reference), 32, 12)
+       for family, (name, reference, _) in HF_CLASSES.items()},
 }
 
 
@@ -118,18 +186,33 @@ def test_scatter_and_matmul_agree(family):
     assert (scatter - matmul).abs().max() <= 1e-5
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def exported(request, tmp_path_factory):
-    family = request.param
-    model = family_model(family)
+def _export(family: str, merge: str, folder: Path) -> tuple[nn.Module, ToMeMetadata, Path]:
+    """The family's ToMe model (its r, dynamic batch traced at 2) exported with `merge`."""
     r = FAMILIES[family][3]
+    tome, schedule = apply_tome(family_model(family), r, merge)
+    metadata = build_metadata(tome, schedule, r, arch=family, weights="random (test)", weights_sha256="test",
+                              merge=merge, opset=18, batch=None, example_batch=2)
+    return tome, metadata, export_onnx(tome, metadata, folder / f"{family}_{merge}.onnx").path
+
+
+@pytest.fixture(scope="module")
+def export_family(tmp_path_factory):
+    """(family, merge) -> (tome, metadata, path); exports take seconds, so each is made once per module."""
+    cache: dict[tuple[str, str], tuple[nn.Module, ToMeMetadata, Path]] = {}
+
+    def get(family: str, merge: str) -> tuple[nn.Module, ToMeMetadata, Path]:
+        if (family, merge) not in cache:
+            cache[family, merge] = _export(family, merge, tmp_path_factory.mktemp(family))
+        return cache[family, merge]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def exported(request, export_family):
     # matmul: the formulation every runtime takes (TensorRT too); scatter = matmul is checked above, and
     # the CLI test below exports with scatter
-    tome, schedule = apply_tome(model, r, "matmul")
-    metadata = build_metadata(tome, schedule, r, arch=family, weights="random (test)", weights_sha256="test",
-                              merge="matmul", opset=18, batch=None, example_batch=2)
-    path = export_onnx(tome, metadata, tmp_path_factory.mktemp(family) / "m.onnx").path
-    return family, tome, metadata, path
+    return (request.param, *export_family(request.param, "matmul"))
 
 
 def test_onnx_runtime_matches_pytorch_at_other_batch_sizes(exported):
@@ -150,6 +233,28 @@ def test_only_the_batch_dimension_is_symbolic(exported):
                 if d.HasField("dim_param")}
     assert symbolic == {"batch"}
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == metadata.input_size
+
+
+# --merge plugin: one fused tome::TokenMerge node per merging block, run by ONNX Runtime through
+# onnxruntime-extensions; one transformers class beyond ViT (registers and LayerScale) stands for the rest
+PLUGIN_FAMILIES = ("timm_eva", "hf_vit", "open_clip", "hf_dinov2_registers")
+
+
+@pytest.mark.parametrize("family", PLUGIN_FAMILIES)
+def test_plugin_export_equals_scatter_and_the_matmul_export(family, export_family):
+    """The plugin export in ONNX Runtime against the scatter formulation in PyTorch and against the matmul
+    export in ONNX Runtime (the one the tests above check; a scatter export would be one more export each)."""
+    _, metadata, path = export_family(family, "plugin")
+    _, _, matmul_path = export_family(family, "matmul")
+    merges = [n for n in onnx.load(str(path)).graph.node if n.op_type == contract.OP_TYPE]
+    assert len(merges) == sum(r > 0 for r in metadata.r_effective) > 0
+    x = pixels(family, batch=3, seed=5)  # traced at 2
+    plugin, matmul = (OnnxRuntimeRunner(p).infer({metadata.input_name: x.numpy()})[metadata.output_name]
+                      for p in (path, matmul_path))
+    np.testing.assert_allclose(plugin, matmul, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        scatter = apply_tome(family_model(family), FAMILIES[family][3], "scatter")[0](x).numpy()
+    assert np.abs(plugin - scatter).max() <= 1e-4
 
 
 def test_metadata_counts_the_real_mlp_width_and_prefix():
@@ -241,37 +346,17 @@ def test_unsupported_classes_are_refused_in_one_line():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The other transformers classes: r=0 is the plain model, r>0 merges and leaves the prefix tokens alone
+# The other transformers classes: the class, distillation and register tokens are never merged
 
 
-def _hf_small(name: str):
-    from tome_deploy.models.hf_transformers import HFImageModel
-
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4)
-    configs = {
-        "DeiTForImageClassificationWithTeacher": transformers.DeiTConfig(intermediate_size=64, num_labels=5, **common),
-        "CLIPVisionModelWithProjection": transformers.CLIPVisionConfig(intermediate_size=64, projection_dim=8, **common),
-        "SiglipVisionModel": transformers.SiglipVisionConfig(intermediate_size=64, **common),
-        "Dinov2WithRegistersModel": transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common),
-    }
-    torch.manual_seed(0)
-    return HFImageModel(_randomise_norms(getattr(transformers, name)(configs[name])))
-
-
-@pytest.mark.parametrize("name, prefix", [("DeiTForImageClassificationWithTeacher", 2), ("CLIPVisionModelWithProjection", 1),
-                                          ("SiglipVisionModel", 0), ("Dinov2WithRegistersModel", 3)])
-def test_other_transformers_classes(name, prefix):
-    model = _hf_small(name)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    tome0, _ = apply_tome(model, 0)
-    tome, schedule = apply_tome(model, 12)
-    with torch.inference_mode():
-        plain, same, merged = model(x), tome0(x), tome(x)
-    assert (same - plain).abs().max() <= 1e-5
-    assert schedule.num_prefix == prefix and schedule.tokens[0] == 64 + prefix and schedule.tokens[-1] == 64 + prefix - 24
-    assert merged.shape == plain.shape and (merged - plain).abs().max() > 1e-4
-    source, _ = track_sources(tome, x[:1])
-    assert torch.equal(source[0, :prefix, :prefix], torch.eye(prefix))  # prefix tokens never merged
+@pytest.mark.parametrize("family", sorted(HF_CLASSES))
+def test_prefix_tokens_of_the_transformers_classes_are_never_merged(family):
+    prefix = HF_CLASSES[family][2]
+    tome, schedule = apply_tome(family_model(family), FAMILIES[family][3])
+    assert schedule.num_prefix == prefix and schedule.tokens == (64 + prefix, 52 + prefix, 40 + prefix)
+    source, _ = track_sources(tome, pixels(family, batch=1))
+    assert torch.equal(source[0, :prefix, :prefix], torch.eye(prefix))  # each prefix token holds itself only
+    assert source[0, :prefix].sum() == prefix  # and no patch was merged into one
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ SigLIP vision, DINOv2 (with registers).
 Attention runs through our own function on the module's q/k/v/output projections, so proportional
 attention and the merge metric are exact whatever `attn_implementation` the model was loaded with. The
 class, distillation and register tokens are prefix tokens (never merged); the model's own head runs as it
-is (class-token / distillation heads, CLIP's post_layernorm + projection, SigLIP's attention-pooling head).
+is (class-token / distillation heads, CLIP's post_layernorm + projection, SigLIP's attention-pooling head,
+whose nn.MultiheadAttention is recomputed with the heads split per image so that it exports with static
+shapes; the head sees every merged token once, not weighted by size).
 
 The model ToMe sees is `HFImageModel`: the HF model plus the one output it exports (logits, image_embeds or
 pooler_output), so that every runner gets one tensor. Sources: a local folder written by `save_pretrained`
@@ -123,6 +125,26 @@ class HFToMeLayer(nn.Module):
         return x + self.after_mlp(self.mlp(self.norm2(x))), size, source, context
 
 
+class _PoolingAttention(nn.Module):
+    """SigLIP's attention-pooling head's nn.MultiheadAttention (packed in_proj, batch first) with the heads
+    split per image, [B, H, M, hd]. nn.MultiheadAttention folds them into the batch ([B * H, ...]), a
+    derived dimension the export refuses (only the batch may stay symbolic). Same result as the module: the
+    head attends to every token once, whatever its size (the model's own head, run unchanged)."""
+
+    def __init__(self, attn: nn.MultiheadAttention):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """query: [B, M, C], key and value: [B, N, C] -> (out [B, M, C], None), as the module returns."""
+        attn = self.attn
+        biases = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
+        q, k, v = (F.linear(t, weight, bias).reshape(t.shape[0], t.shape[1], attn.num_heads, -1).transpose(1, 2)
+                   for t, weight, bias in zip((query, key, value), attn.in_proj_weight.chunk(3), biases))  # [B, H, *, hd]
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0)
+        return attn.out_proj(out.transpose(1, 2).reshape(query.shape)), None
+
+
 class _LayersCall(nn.Module):
     """Stands in the model's layer list: `layer(hidden_states, attention_mask, **kwargs)` runs every ToMe layer."""
 
@@ -176,6 +198,9 @@ class HFTransformersAdapter:
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         parent, attr, _ = _layer_list(model)
         setattr(parent, attr, nn.ModuleList([_LayersCall(blocks)]))
+        heads = [m for m in model.hf.modules() if isinstance(getattr(m, "attention", None), nn.MultiheadAttention)]
+        for head in heads:  # SigLIP's attention-pooling head
+            head.attention = _PoolingAttention(head.attention)
 
     def embed(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
         embeddings, pre_norm = _embeddings(model)
