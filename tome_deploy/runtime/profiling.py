@@ -22,9 +22,12 @@ class TimeShare:
     other_us: float  # kernel time of every other node
 
     @property
+    def total_us(self) -> float:
+        return self.merge_us + self.other_us
+
+    @property
     def merge_share(self) -> float:
-        total = self.merge_us + self.other_us
-        return self.merge_us / total if total else 0.0
+        return self.merge_us / self.total_us if self.total_us else 0.0
 
 
 def merger_node_names(onnx_path: str | Path) -> set[str]:
