@@ -240,6 +240,16 @@ def test_only_the_batch_dimension_is_symbolic(exported):
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == metadata.input_size
 
 
+def test_matching_and_merging_nodes_carry_the_merger_scope(exported):
+    """The benchmark's merge share counts the nodes under a TokenMerger scope: every family must have them."""
+    from tome_deploy.runtime.profiling import merger_node_names
+
+    _, _, _, path = exported
+    names = merger_node_names(path)
+    in_scope = {node.op_type for node in onnx.load(str(path)).graph.node if node.name in names}
+    assert {"ArgMax", "TopK", "GatherND"} <= in_scope  # best match, the rank's order, the kept tokens
+
+
 # --merge plugin: one fused tome::TokenMerge node per merging block, run by ONNX Runtime through
 # onnxruntime-extensions; one transformers class beyond ViT (registers and LayerScale) stands for the rest
 PLUGIN_FAMILIES = ("timm_eva", "hf_vit", "open_clip", "hf_dinov2_registers")

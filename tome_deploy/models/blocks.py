@@ -37,9 +37,12 @@ class TokenMerger(nn.Module):
 
     def forward(
         self, x: torch.Tensor, size: Optional[torch.Tensor], metric: torch.Tensor, source: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """x: [B, N, C], size: [B, N, 1] or None, metric: [B, N, c], source: [B, N, N0] or None -> N - r tokens."""
-        return self.merge(x, size, self.match(metric), source)
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Match]:
+        """x: [B, N, C], size: [B, N, 1] or None, metric: [B, N, c], source: [B, N, N0] or None -> N - r tokens,
+        and the Match (for blocks that carry per-position data along, such as Eva's rotary tables). One call, so
+        that every matching and merging node carries this module's name scope (the profiler's merge share)."""
+        match = self.match(metric)
+        return (*self.merge(x, size, match, source), match)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, num_prefix={self.num_prefix}, formulation={self.formulation}"

@@ -121,7 +121,7 @@ class HFToMeLayer(nn.Module):
         attn_out, metric = hf_tome_attention(self.attn, self.norm1(x), size)
         x = x + self.after_attn(attn_out)
         if self.merger is not None:
-            x, size, source = self.merger(x, size, metric, source)
+            x, size, source, _ = self.merger(x, size, metric, source)
         return x + self.after_mlp(self.mlp(self.norm2(x))), size, source, context
 
 

@@ -62,7 +62,7 @@ class OpenClipToMeBlock(nn.Module):
         attn_out, metric = mha_tome_attention(self.attn, self.ln_1(x), size)
         x = x + self.ls_1(attn_out)
         if self.merger is not None:
-            x, size, source = self.merger(x, size, metric, source)
+            x, size, source, _ = self.merger(x, size, metric, source)
         return x + self.ls_2(self.mlp(self.ln_2(x))), size, source, context
 
 

@@ -88,8 +88,7 @@ class EvaToMeBlock(nn.Module):
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
         if self.merger is not None:
-            match = self.merger.match(metric)
-            x, size, source = self.merger.merge(x, size, match, source)
+            x, size, source, match = self.merger(x, size, metric, source)
             if rope is not None:  # the RoPE rule: kept tokens keep their angles
                 table = rope.expand(x.shape[0], -1, -1) if rope.ndim == 2 else rope  # [B, N - p, 2 hd]
                 rope = gather_tokens(table, match.kept[:, self.num_prefix:] - self.num_prefix)

@@ -115,7 +115,7 @@ class ToMeBlock(nn.Module):
         attn_out, metric = tome_attention(self.attn, self.norm1(x), size)
         x = x + self.drop_path1(self.ls1(attn_out))
         if self.merger is not None:
-            x, size, source = self.merger(x, size, metric, source)
+            x, size, source, _ = self.merger(x, size, metric, source)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, source, context
 
