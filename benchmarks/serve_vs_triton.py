@@ -10,15 +10,16 @@ reverse order, so machine noise and drift hit all alike.
 
 Per row: img/s (median over rounds), p50/p99 client latency (pooled over rounds), the batches each server
 formed (mean rows per model call; the size histogram is printed under the table), "model busy" (the
-server's own compute time over wall time: below 100% the model waited for requests), and the server's
-CPU seconds per image from /proc, split into the front end and the rest. The front end is, for
-tome-serve, the event-loop thread (HTTP, routing, batch queue, responses) and its "tome-decode" threads
-(request parsing); for Triton, the tritonserver process (HTTP, dynamic batcher, shared memory to the
-stub). The rest is the model: tome-serve's "tome-infer" thread and ONNX Runtime's threads, Triton's
-Python backend stub; both stack the batch and split its output there. CPU per image does not depend on
-how much of a shared machine the server got, so it compares the servers' work even when img/s is noisy.
-Needs tritonserver (.ci/tritonserver.sh provides it) and Linux (/proc). The table is markdown, as in the
-README; the command line and the load average are printed with it.
+server's own compute time over wall time: below 100% the model waited for requests), "cores used" (the
+server's CPU seconds over wall time: how much of the machine it got) and its CPU milliseconds per image
+from /proc, and of those the front end's. The front end is, for tome-serve, the event-loop thread (HTTP,
+routing, batch queue, responses) and its "tome-decode" threads (request parsing); for Triton, the
+tritonserver process (HTTP, dynamic batcher, shared memory to the stub). The rest is the model:
+tome-serve's "tome-infer" thread and ONNX Runtime's threads, Triton's Python backend stub (both stack the
+batch and split its output there). img/s = cores used / CPU per image: with the model busy ~100%, a gap
+in img/s at equal CPU per image is a gap in the share of a shared machine the server got during its
+runs, not more work. Needs tritonserver (.ci/tritonserver.sh provides it) and Linux (/proc). The table
+is markdown, as in the README; the command line and the load average are printed with it.
 
     python benchmarks/serve_vs_triton.py                      # ViT-S/16 r=16 vs unmerged, 1/4/16 clients
     python benchmarks/serve_vs_triton.py --model test_vit --requests 32 --rounds 1
@@ -218,11 +219,12 @@ def row(key: tuple[str, str], concurrency: int, requests: int, seconds: list[flo
     images = requests * len(seconds)
     return {
         "clients": concurrency, "model": label, "server": kind, "requests": requests, "rounds": len(seconds),
-        "img_s": requests / statistics.median(seconds),
+        "img_s": requests / statistics.median(seconds), "img_s_per_round": [requests / took for took in seconds],
         "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
         "mean_batch": sum(size * count for size, count in used.batches.items()) / max(1, sum(used.batches.values())),
         "batches": dict(sorted(used.batches.items())),
         "model_busy": used.compute_s / sum(seconds),
+        "cores_used": (used.front_end_s + used.model_s) / sum(seconds),
         "cpu_ms_per_img": 1000 * (used.front_end_s + used.model_s) / images,
         "front_end_ms_per_img": 1000 * used.front_end_s / images,
     }
@@ -242,7 +244,7 @@ def table(header: list[str], rows: list[list]) -> str:
 def print_report(rows: list[dict], args: argparse.Namespace, load_before: tuple, load_after: tuple) -> None:
     triton = {(r["clients"], r["model"]): r["img_s"] for r in rows if r["server"] == "triton"}
     ordered = sorted(rows, key=lambda r: (r["clients"], r["model"] != BASELINE, r["server"] != "tome-serve"))
-    header = ["clients", "model", "server", "img/s", "p50 ms", "p99 ms", "vs Triton", "mean batch", "model busy", "CPU ms/img", "front end ms/img"]
+    header = ["clients", "model", "server", "img/s", "p50 ms", "p99 ms", "vs Triton", "mean batch", "model busy", "cores used", "CPU ms/img", "front end ms/img"]
     print(f"command: python benchmarks/serve_vs_triton.py {shlex.join(sys.argv[1:])}".rstrip())
     print(f"load average (1/5/15 min): {' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after; "
           f"{os.cpu_count()} CPUs")
@@ -250,7 +252,7 @@ def print_report(rows: list[dict], args: argparse.Namespace, load_before: tuple,
     print(table(header, [
         [r["clients"], model_label(r["model"]), SERVER_LABELS[r["server"]], f"{r['img_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
          f"{r['img_s'] / triton[r['clients'], r['model']]:.2f}x", f"{r['mean_batch']:.1f}", f"{100 * r['model_busy']:.0f}%",
-         f"{r['cpu_ms_per_img']:.0f}", f"{r['front_end_ms_per_img']:.1f}"]
+         f"{r['cores_used']:.2f}", f"{r['cpu_ms_per_img']:.0f}", f"{r['front_end_ms_per_img']:.1f}"]
         for r in ordered]))
     print()
     print("batch sizes formed (size x batches):")
