@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.serving import batcher as batcher_module
 from tome_deploy.serving.batcher import (
     BatchPolicy,
     DynamicBatcher,
@@ -80,6 +81,34 @@ def test_concurrent_requests_are_batched_and_answered_with_their_own_rows():
     assert sum(model.batches) == sum(len(x) for x in inputs)
     assert max(model.batches) > 1 and max(model.batches) <= 8
     assert len(model.batches) < len(inputs)
+
+
+def test_batch_is_stacked_run_and_split_in_the_inference_thread_not_on_the_event_loop(monkeypatch):
+    threads: dict[str, set[str]] = {"concatenate": set(), "split": set(), "model": set()}
+
+    def recorded(label, function):
+        def run(*args):
+            threads[label].add(threading.current_thread().name)
+            return function(*args)
+        return run
+
+    monkeypatch.setattr(batcher_module, "concatenate", recorded("concatenate", concatenate))
+    monkeypatch.setattr(batcher_module, "split", recorded("split", split))
+    model = recorded("model", RecordingModel())
+
+    async def scenario():
+        batcher = DynamicBatcher(model, BatchPolicy(max_batch=4, max_delay_s=0.05))
+        batcher.start()
+        inputs = [rows(seed, n) for seed, n in enumerate([1, 2, 1])]
+        results = await asyncio.gather(*(batcher.infer({"x": x}) for x in inputs))
+        await batcher.drain()
+        return inputs, results, threading.current_thread().name
+
+    inputs, results, loop_thread = asyncio.run(scenario())
+    for x, result in zip(inputs, results):
+        np.testing.assert_allclose(result["y"], expected(x), rtol=1e-5, atol=1e-6)
+    assert threads == {"concatenate": {"tome-infer_0"}, "split": {"tome-infer_0"}, "model": {"tome-infer_0"}}
+    assert loop_thread != "tome-infer_0"
 
 
 def test_request_larger_than_max_batch_is_refused():

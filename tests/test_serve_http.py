@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -193,6 +194,8 @@ def test_concurrent_clients_get_their_own_results_in_real_batches_while_health_a
     batches = after['tome_batch_size_count{}'] - before.get('tome_batch_size_count{}', 0)
     rows = after['tome_batch_size_sum{}'] - before.get('tome_batch_size_sum{}', 0)
     singles = after['tome_batch_size_bucket{"le": "1.0"}'] - before.get('tome_batch_size_bucket{"le": "1.0"}', 0)
+    assert [f"{size}.0" for size in range(1, 9)] == [key.split('"le": "')[1].split('"')[0] for key in after
+                                                     if key.startswith("tome_batch_size_bucket") and "+Inf" not in key]  # one per size
     assert rows == clients * per_client
     assert batches < rows and singles < batches  # batches larger than one formed
     assert after['tome_requests_total{"code": "200", "endpoint": "infer"}'] - before.get('tome_requests_total{"code": "200", "endpoint": "infer"}', 0) == rows
@@ -398,6 +401,27 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(exported, session):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def os_thread_names(pid: int) -> list[str]:
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads OS thread names from /proc")
+def test_cli_server_threads_carry_os_names_for_model_and_decoding(exported, session):
+    """top -H, perf and the serve_vs_triton benchmark tell the model's CPU from the front end's by these names."""
+    process = tome_serve(str(exported.path), "--port", "0", "--name", MODEL, "--log-level", "error", "--threads", "1")
+    try:
+        url = process.stderr.readline().rsplit("http://", 1)[1].strip()
+        client = triton_http.InferenceServerClient(url)
+        wait_for(client.is_server_ready)
+        np.testing.assert_allclose(infer(client, pixels(4), binary=False), direct(session, pixels(4)), rtol=1e-5, atol=1e-5)
+        names = os_thread_names(process.pid)
+        assert "tome-infer_0" in names and "tome-decode_0" in names, names
+    finally:
+        process.kill()
+        process.wait()
 
 
 @pytest.mark.parametrize("args, code, fragments", [

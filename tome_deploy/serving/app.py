@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
@@ -39,6 +40,7 @@ from tome_deploy.serving.kserve import (
     parse_infer_request,
 )
 from tome_deploy.serving.metrics import ServingMetrics
+from tome_deploy.serving.threads import named_executor
 
 MODEL_VERSION = "1"
 SERVE_EXTRA_HINT = "pip install 'tome-deploy[serve]'"
@@ -139,8 +141,12 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
     settings = settings_for(artifact, settings)
     metrics = ServingMetrics(settings.policy.max_batch, lambda: batcher.queued)
     batcher = DynamicBatcher(lambda feed: run_padded(runner, artifact, feed), settings.policy, on_batch=metrics.record_batch)
+    decoder = named_executor("tome-decode")  # request bodies -> arrays, off the event loop (JSON and images take a while)
     metadata = model_metadata(artifact, settings)
     image_input, output_name = artifact.image_input, artifact.outputs[0].name
+
+    async def decode(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(decoder, functools.partial(function, *args))
 
     def error_response(err: ToMeError) -> Response:
         return JSONResponse({"error": str(err)}, status_code=status_of(err))
@@ -184,7 +190,7 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
 
     async def infer(request: Request) -> Response:
         body = await read_body(request)
-        parsed = await asyncio.to_thread(parse_infer_request, body, request.headers.get(HEADER_LENGTH), artifact.inputs, artifact.outputs, settings.policy.max_batch)
+        parsed = await decode(parse_infer_request, body, request.headers.get(HEADER_LENGTH), artifact.inputs, artifact.outputs, settings.policy.max_batch)
         results = await batcher.infer(parsed.inputs, parsed.timeout_s)
         payload, header_length = encode_infer_response(settings.model_name, MODEL_VERSION, parsed, results)
         if header_length is None:
@@ -193,7 +199,7 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
 
     async def classify(request: Request) -> Response:
         k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k, artifact.num_classes)
-        pixels = await asyncio.to_thread(image_to_input, await read_body(request), artifact.metadata, settings.max_image_pixels)
+        pixels = await decode(image_to_input, await read_body(request), artifact.metadata, settings.max_image_pixels)
         results = await batcher.infer({image_input.name: pixels.astype(DATATYPES[image_input.datatype])})
         check_finite_output(output_name, results[output_name])
         return JSONResponse({
@@ -233,6 +239,7 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
         batcher.start()
         yield
         await batcher.drain()
+        decoder.shutdown(wait=False)  # in-flight requests were answered before the lifespan ends
 
     model_routes = []
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):

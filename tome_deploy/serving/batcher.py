@@ -1,8 +1,10 @@
 """Dynamic batching: concurrent requests wait in a bounded queue and run together as one batch.
 
 A batch closes when its rows reach `max_batch` or when its oldest request has waited `max_delay_s`.
-Inference runs on one worker thread, so the event loop keeps answering (health checks, metrics) while
-the model computes. Every request gets back exactly its own rows of the batch output.
+The batch runs on one inference thread (OS name "tome-infer"), which also stacks the requests' rows into
+the batch and cuts the output back per request: the event loop copies no tensor, so it keeps receiving
+requests and answering health checks and metrics while the model computes. Every request gets back
+exactly its own rows of the batch output.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import asyncio
 import collections
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from tome_deploy.errors import InvalidInputError, ToMeError
+from tome_deploy.serving.threads import named_executor
 
 Feed = dict[str, np.ndarray]
 RunBatch = Callable[[Feed], Feed]
@@ -88,7 +90,7 @@ class DynamicBatcher:
         self.policy, self._run_batch, self._on_batch = policy, run_batch, on_batch
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tome-infer")
+        self._executor = named_executor("tome-infer", max_workers=1)
         self._worker: Optional[asyncio.Task] = None
         self._draining = False
 
@@ -162,11 +164,14 @@ class DynamicBatcher:
             rows += pending.rows
         return batch
 
+    def _compute(self, feeds: list[Feed], rows: list[int]) -> list[Feed]:
+        """In the inference thread: stack the requests into one batch, run it, give each request its rows."""
+        return split(self._run_batch(concatenate(feeds)), rows)
+
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, concatenate([p.feed for p in batch]))
-            results = split(outputs, [p.rows for p in batch])
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, [p.feed for p in batch], [p.rows for p in batch])
         except Exception as err:  # the model's own error types vary by backend
             failure = InferenceFailedError(f"the model failed on a batch of {sum(p.rows for p in batch)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             for pending in batch:

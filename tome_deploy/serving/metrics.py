@@ -7,11 +7,14 @@ from typing import Callable
 from tome_deploy.serving.batcher import BatchRecord
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+EXACT_BATCH_SIZES = 16  # up to this many rows every batch size has its own bucket
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to max_batch, and max_batch itself, so a full batch has its own bucket."""
-    sizes, size = [], 1
+    """Every size 1..16 (the histogram then counts each batch size exactly, as Triton's batch statistics
+    do), then 32, 64, ... below max_batch, and max_batch itself, so a full batch has its own bucket."""
+    sizes = list(range(1, min(max_batch, EXACT_BATCH_SIZES + 1)))
+    size = 2 * EXACT_BATCH_SIZES
     while size < max_batch:
         sizes.append(size)
         size *= 2
