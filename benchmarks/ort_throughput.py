@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import export_variants
+from common import SCHEDULES, export_variants
 
 from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
 from tome_deploy.runtime.profiling import (
@@ -41,7 +41,6 @@ from tome_deploy.runtime.profiling import (
 )
 from tome_deploy.runtime.throughput import time_interleaved
 
-SCHEDULES = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
 # One model per family, all ViT-S sized (width 384, 6 heads, 12 blocks) at 224: random weights.
 FAMILY_MODELS = ["vit_small_patch16_224", "eva02_small_patch14_224", "hf-vit-small", "open_clip:ViT-S-16"]
 HF_VIT_SMALL = "hf-vit-small"
@@ -102,10 +101,11 @@ def fusion_text(found: dict[str, int]) -> str:
 def measure_model(arch: str, source: str, schedules: list, merges: list[str], runtimes: list[str], batches: list[int], args, folder: Path) -> list[dict]:
     rows = []
     plain_paths = None
+    plain_kernels = {}  # batch -> the plain graph's profile, shared by every formulation
     for merge in merges:
         (folder / merge).mkdir(exist_ok=True)
         outcomes = export_variants(source, {schedule_label(s): SCHEDULES.get(s, s) for s in schedules}, folder / merge,
-                                   plain=True, merge=merge)
+                                   plain=plain_paths is None, merge=merge)
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
         metas = {label: outcome.export.metadata for label, outcome in outcomes.items()}
         if plain_paths is None:
@@ -117,8 +117,11 @@ def measure_model(arch: str, source: str, schedules: list, merges: list[str], ru
         for batch in batches:
             feed = np.random.default_rng(1).standard_normal((batch, *input_size)).astype(np.float32)
             # Kernel time of every node (ORT profiler): the speedup the kernels alone give, next to the wall clock's.
-            kernels = {label: profile_merge_share(path, "pixel_values", feed, runs=3, threads=args.threads)
-                       for label, path in paths.items()}
+            if batch not in plain_kernels:
+                plain_kernels[batch] = profile_merge_share(plain_paths, "pixel_values", feed, runs=3, threads=args.threads)
+            kernels = {label: profile_merge_share(paths[label], "pixel_values", feed, runs=3, threads=args.threads)
+                       for label in labels}
+            kernels["unmerged"] = plain_kernels[batch]
             if args.profile and batch == batches[0]:
                 print_profile(arch, merge, batch, paths, labels[-1], feed, args.threads)
             for runtime in runtimes:
