@@ -74,6 +74,28 @@ def export_cached(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def release_export(tmp_path_factory):
+    """The export recipe of the 0.1.0 release's golden logits (tests/data/golden_logits.npz):
+    `export_model(ModelSource(model, seed=0), r=r, merge=merge, validate=False)`, dynamic batch, default
+    opset. Every (model, r, merge) is exported once per session and shared by the files that compare with
+    the release (test_export_unchanged, test_openvino) or reuse the file (test_tensorrt_build); a ViT-S
+    export alone takes 15-30 s. Returns the ExportOutcome (loaded model, schedule, path, metadata)."""
+    from tome_deploy.jobs.export import export_model
+    from tome_deploy.models.loading.source import ModelSource
+
+    cache: dict[tuple, object] = {}
+
+    def get(model: str, r: int, merge: str):
+        key = (model, r, merge)
+        if key not in cache:
+            path = tmp_path_factory.mktemp("release") / f"{model}_r{r}_{merge}.onnx"
+            cache[key] = export_model(ModelSource(model, seed=0), path, r=r, merge=merge, validate=False)
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def exported_family(request, export_cached) -> Exported:
     return export_cached(request.param)
