@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tome_deploy.jobs.export import export_model
-from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
 GOLDEN = Path(__file__).parent / "data" / "golden_logits.npz"
@@ -28,9 +26,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("model, r, merge", CASES)
-def test_export_matches_the_release_numerically(tmp_path, model, r, merge):
+def test_export_matches_the_release_numerically(release_export, model, r, merge):
     golden = np.load(GOLDEN)[f"{model}_r{r}_{merge}"]
-    outcome = export_model(ModelSource(model, seed=0), tmp_path / "m.onnx", r=r, merge=merge, validate=False)
+    outcome = release_export(model, r, merge)  # export_model(ModelSource(model, seed=0), ...), tests/conftest.py
     input_size = outcome.export.metadata.input_size
     pixels = np.random.default_rng(0).standard_normal((3, *input_size)).astype(np.float32)
     logits = OnnxRuntimeRunner(outcome.export.path).infer({"pixel_values": pixels})["logits"]

@@ -16,7 +16,6 @@ from conftest import assert_one_line_error
 from tome_deploy.cli import validate as validate_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.jobs.export import export_model
-from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.validation.parity import validate_runners
 
@@ -37,14 +36,15 @@ def test_test_vit_parity_in_openvino(export_cached, merge):
 
 
 @pytest.mark.parametrize("merge", ["scatter", "matmul"])
-def test_vit_small_r16_in_openvino_matches_pytorch_and_the_release(tmp_path, merge):
+def test_vit_small_r16_in_openvino_matches_pytorch_and_the_release(release_export, merge):
     """OpenVINO matches PyTorch on every probe, and the 0.1.0 release's logits (ONNX Runtime)."""
-    outcome = export_model(ModelSource("vit_small_patch16_224", seed=0), tmp_path / "m.onnx", r=16, merge=merge, validate=False)
+    outcome = release_export("vit_small_patch16_224", 16, merge)  # the export test_export_unchanged checks
     tome, metadata = apply_tome(outcome.loaded.model, 16, merge)[0], outcome.export.metadata
-    report = validate_runners(tome, [OpenVINORunner(outcome.export.path)], metadata, str(outcome.export.path), batch_sizes=[2])
+    runner = OpenVINORunner(outcome.export.path)  # one compiled model for both checks
+    report = validate_runners(tome, [runner], metadata, str(outcome.export.path), batch_sizes=[2])
     assert report.passed, report.table()
     pixels = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
-    logits = OpenVINORunner(outcome.export.path).infer({"pixel_values": pixels})["logits"]
+    logits = runner.infer({"pixel_values": pixels})["logits"]
     golden = np.load(GOLDEN)[f"vit_small_patch16_224_r16_{merge}"]
     assert np.abs(logits - golden).max() <= 1e-4
 
@@ -58,8 +58,8 @@ def test_plugin_exports_are_refused_with_the_fix(export_cached, capsys):
     assert not (exported.path.parent / "p.onnx").exists()
 
 
-def test_tome_validate_runtime_openvino_table_and_json(tmp_path, capsys):
-    path = export_model("test_vit", tmp_path / "m.onnx", r=4, merge="scatter", validate=False).export.path
+def test_tome_validate_runtime_openvino_table_and_json(release_export, tmp_path, capsys):
+    path = release_export("test_vit", 4, "scatter").export.path
     report_path = tmp_path / "report.json"
     assert validate_cli.main(["test_vit", str(path), "--runtime", "openvino", "--batch-sizes", "2",
                               "--report", str(report_path)]) == 0

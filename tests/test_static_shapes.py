@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import onnx
 import pytest
+import timm
+import torch
 from conftest import FAMILIES
 
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS
+from tome_deploy.errors import ExportError
+from tome_deploy.models.patch import apply_tome
+from tome_deploy.onnx_export.export import export_onnx
+from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.token_merge import contract
 
 
@@ -30,14 +36,81 @@ def unknown_dims(path) -> list[str]:
     return offenders
 
 
+def assert_static_but_the_batch(path) -> None:
+    offenders = unknown_dims(path)
+    assert not offenders, f"{len(offenders)} tensors with unknown dims, e.g. {offenders[:5]}"
+    batch_dims = [d.dim_param for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert batch_dims[0] == EXPORT_SPEC.batch_axis_name  # the batch stays dynamic
+
+
 @pytest.mark.parametrize("merge", MERGE_FORMULATIONS)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_tensor_is_static_but_the_batch(export_cached, family, merge):
-    exported = export_cached(family, merge)
-    offenders = unknown_dims(exported.path)
-    assert not offenders, f"{len(offenders)} tensors with unknown dims, e.g. {offenders[:5]}"
-    batch_dims = [d.dim_param for d in onnx.load(str(exported.path)).graph.input[0].type.tensor_type.shape.dim]
-    assert batch_dims[0] == EXPORT_SPEC.batch_axis_name  # the batch stays dynamic
+    """The timm VisionTransformer variants of tests/conftest.py (shared with the other export tests)."""
+    assert_static_but_the_batch(export_cached(family, merge).path)
+
+
+# The other families, as tiny random models (2 blocks: the second one takes merged tokens and proportional
+# attention; the sizes of tests/test_model_families.py). Random init is enough: shapes do not depend on
+# the weights. family -> (factory, r)
+def _hf(name: str, config_name: str, **extra):
+    def make():
+        import transformers
+
+        from tome_deploy.models.hf_transformers import HFImageModel
+
+        config = getattr(transformers, config_name)(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    image_size=32, patch_size=4, **extra)
+        return HFImageModel(getattr(transformers, name)(config))
+
+    return make
+
+
+def _open_clip():
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=4, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=16)
+
+
+OTHER_FAMILIES = {
+    "timm_eva": (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=2, num_classes=7), 4),  # 17 tokens
+    "hf_vit": (_hf("ViTForImageClassification", "ViTConfig", intermediate_size=64, num_labels=10), 8),
+    "hf_deit_with_teacher": (_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", intermediate_size=64, num_labels=5), 8),
+    "hf_clip_vision_with_projection": (_hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", intermediate_size=64,
+                                           projection_dim=8), 8),
+    "hf_siglip_vision": (_hf("SiglipVisionModel", "SiglipVisionConfig", intermediate_size=64), 8),
+    "hf_dinov2_with_registers": (_hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", mlp_ratio=2,
+                                     num_register_tokens=2), 8),
+    "open_clip": (_open_clip, 8),
+}
+
+# Known failures, kept visible (strict: the test fails as soon as the export is fixed, so the mark comes off).
+# Their attention is their adapter's own F.scaled_dot_product_attention call (models/timm_eva.py,
+# hf_transformers.py, open_clip_visual.py), which onnx_export.export.explicit_attention does not reach: the
+# exporter's SDPA decomposition reshapes q/k/v to computed shapes, 13 tensors with unknown dims per graph.
+_SDPA = "the family's attention traces through the exporter's SDPA decomposition: Reshape to computed shapes"
+KNOWN_FAILURES = {
+    family: pytest.mark.xfail(strict=True, raises=AssertionError, reason=_SDPA)
+    for family in ("timm_eva", "hf_vit", "hf_deit_with_teacher", "hf_clip_vision_with_projection",
+                   "hf_dinov2_with_registers", "open_clip")
+}
+# SigLIP's pooling head's nn.MultiheadAttention folds the heads into the batch ([2*batch, ...]), which the
+# export itself refuses (ExportError) before the check runs.
+KNOWN_FAILURES["hf_siglip_vision"] = pytest.mark.xfail(
+    strict=True, raises=(ExportError, AssertionError),
+    reason="the export refuses SigLIP's pooling head's derived dimension 2*batch; then " + _SDPA)
+
+
+@pytest.mark.parametrize("merge", MERGE_FORMULATIONS)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=KNOWN_FAILURES.get(f, ())) for f in OTHER_FAMILIES])
+def test_other_families_are_static_but_the_batch(tmp_path, family, merge):
+    factory, r = OTHER_FAMILIES[family]
+    torch.manual_seed(0)
+    tome, schedule = apply_tome(factory().eval(), r, merge)
+    assert schedule.tokens[-1] < schedule.tokens[1] < schedule.tokens[0]  # both blocks merge
+    metadata = build_metadata(tome, schedule, r, arch=family, weights="random init (test)", weights_sha256="test",
+                              merge=merge, opset=18, batch=None, example_batch=2)
+    assert_static_but_the_batch(export_onnx(tome, metadata, tmp_path / f"{family}_{merge}.onnx").path)
 
 
 def test_the_check_sees_unknown_dims(tmp_path):
