@@ -232,3 +232,24 @@ def test_proportional_attention_bias():
     bias = proportional_attention_bias(size)
     assert bias.shape == (1, 1, 1, 3)
     torch.testing.assert_close(bias[0, 0, 0], torch.tensor([0.0, 0.6931471805599453, 1.3862943611198906]))
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_attention_is_the_same_fused_and_as_exported(scale):
+    """core.attention: SDPA eagerly and MatMul/Softmax while exporting, both equal to the written-out math."""
+    from tome_deploy.core.attention import explicit_attention_export, scaled_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    size = torch.tensor([[1.0, 2, 1, 3, 1, 1, 4], [2.0, 1, 1, 1, 5, 1, 1]])  # [B, M]
+    bias = size.log()[:, None, None, :]  # [B, 1, 1, M]
+    s = 8 ** -0.5 if scale is None else scale
+    logits = (q.double() @ k.double().transpose(-2, -1)) * s + bias.double()
+    expected = torch.softmax(logits, dim=-1) @ v.double()
+    fused = scaled_attention(q, k, v, bias, scale)
+    with explicit_attention_export():
+        explicit = scaled_attention(q, k, v, bias, scale)
+    unfused = scaled_attention(q, k, v, bias, scale, fused=False)
+    for out in (fused, explicit, unfused):
+        assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert torch.equal(explicit, unfused)

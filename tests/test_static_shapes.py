@@ -10,7 +10,6 @@ import torch
 from conftest import FAMILIES
 
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS
-from tome_deploy.errors import ExportError
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import export_onnx
 from tome_deploy.onnx_export.metadata import build_metadata
@@ -84,25 +83,8 @@ OTHER_FAMILIES = {
     "open_clip": (_open_clip, 8),
 }
 
-# Known failures, kept visible (strict: the test fails as soon as the export is fixed, so the mark comes off).
-# Their attention is their adapter's own F.scaled_dot_product_attention call (models/timm_eva.py,
-# hf_transformers.py, open_clip_visual.py), which onnx_export.export.explicit_attention does not reach: the
-# exporter's SDPA decomposition reshapes q/k/v to computed shapes, 13 tensors with unknown dims per graph.
-_SDPA = "the family's attention traces through the exporter's SDPA decomposition: Reshape to computed shapes"
-KNOWN_FAILURES = {
-    family: pytest.mark.xfail(strict=True, raises=AssertionError, reason=_SDPA)
-    for family in ("timm_eva", "hf_vit", "hf_deit_with_teacher", "hf_clip_vision_with_projection",
-                   "hf_dinov2_with_registers", "open_clip")
-}
-# SigLIP's pooling head's nn.MultiheadAttention folds the heads into the batch ([2*batch, ...]), which the
-# export itself refuses (ExportError) before the check runs.
-KNOWN_FAILURES["hf_siglip_vision"] = pytest.mark.xfail(
-    strict=True, raises=(ExportError, AssertionError),
-    reason="the export refuses SigLIP's pooling head's derived dimension 2*batch; then " + _SDPA)
-
-
 @pytest.mark.parametrize("merge", MERGE_FORMULATIONS)
-@pytest.mark.parametrize("family", [pytest.param(f, marks=KNOWN_FAILURES.get(f, ())) for f in OTHER_FAMILIES])
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_other_families_are_static_but_the_batch(tmp_path, family, merge):
     factory, r = OTHER_FAMILIES[family]
     torch.manual_seed(0)

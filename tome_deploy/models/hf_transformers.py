@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason
 from tome_deploy.models.adapter import mlp_width_ratio
@@ -101,7 +102,7 @@ def hf_tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Ten
     scale = getattr(attn, "scaling", None) or getattr(attn, "scale")
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     dropout = float(getattr(attn, "attention_dropout", 0.0) or getattr(attn, "dropout", 0.0)) if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    out = scaled_attention(q, k, v, bias, scale, dropout)  # [B, H, N, hd]
     out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
     return out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(dim=1)
 
@@ -141,7 +142,7 @@ class _PoolingAttention(nn.Module):
         biases = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
         q, k, v = (F.linear(t, weight, bias).reshape(t.shape[0], t.shape[1], attn.num_heads, -1).transpose(1, 2)
                    for t, weight, bias in zip((query, key, value), attn.in_proj_weight.chunk(3), biases))  # [B, H, *, hd]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0)
+        out = scaled_attention(q, k, v, dropout=attn.dropout if attn.training else 0.0)  # [B, H, M, hd]
         return attn.out_proj(out.transpose(1, 2).reshape(query.shape)), None
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason
 from tome_deploy.models.adapter import mlp_width_ratio
@@ -45,7 +46,7 @@ def mha_tome_attention(
     q, k, v = (t.reshape(batch, tokens, heads, dim // heads).transpose(1, 2)
                for t in F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))  # [B, H, N, hd]
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.dropout if attn.training else 0.0)
+    out = scaled_attention(q, k, v, bias, dropout=attn.dropout if attn.training else 0.0)  # [B, H, N, hd]
     return attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim)), k.mean(dim=1)
 
 

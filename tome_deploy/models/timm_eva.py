@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import gather_tokens, proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError
 from tome_deploy.models.adapter import mlp_width_ratio
@@ -63,7 +64,7 @@ def eva_tome_attention(
         k = torch.cat([k[:, :, :p], _rotate(k[:, :, p:], rope, half)], dim=2).type_as(v)
     key_bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout)  # [B, H, N, hd]
+    out = scaled_attention(q, k, v, key_bias, dropout=dropout)  # [B, H, N, hd]
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
     if gate is not None:
         out = out * gate

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError
 from tome_deploy.models.adapter import mlp_width_ratio
@@ -84,13 +84,7 @@ def tome_attention(
     # Before the first merge every size is 1 and log(1) = 0: skipping the bias keeps r=0 bit-exact.
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if attn.fused_attn:  # export_onnx turns it off: see onnx_export.export.explicit_attention
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
-        if bias is not None:
-            logits = logits + bias
-        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    out = scaled_attention(q, k, v, bias, attn.scale, dropout, fused=attn.fused_attn)  # [B, H, N, hd]
     out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
     out = attn.norm(out)
     if gate is not None:

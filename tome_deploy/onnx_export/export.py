@@ -14,6 +14,7 @@ import torch
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
+from tome_deploy.core.attention import explicit_attention_export
 from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD, gather_nd_export
 from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
@@ -46,7 +47,8 @@ def _quiet_exporter():
 
 @contextlib.contextmanager
 def explicit_attention(model: torch.nn.Module):
-    """Trace attention as MatMul/Softmax (timm's own non-fused path), in ToMe blocks and pooling heads.
+    """Trace attention as MatMul/Softmax: every family's ToMe blocks (core.attention) and timm's own
+    attention modules, such as pooling heads (their non-fused path).
 
     The exporter's SDPA decomposition reshapes the keys to a computed shape, which leaves ONNX shape
     inference with unknown dims along the whole attention path. Restores the modules' setting after.
@@ -55,7 +57,8 @@ def explicit_attention(model: torch.nn.Module):
     try:
         for module in fused:
             module.fused_attn = False
-        yield
+        with explicit_attention_export():
+            yield
     finally:
         for module in fused:
             module.fused_attn = True

@@ -17,7 +17,6 @@ from torch/timm plus a few plain containers), unless the caller opts out with `t
 from __future__ import annotations
 
 import contextlib
-import operator
 import socket
 import threading
 from collections.abc import Mapping
