@@ -237,7 +237,8 @@ def test_proportional_attention_bias():
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_attention_is_the_same_fused_and_as_exported(scale):
     """core.attention: SDPA eagerly and MatMul/Softmax while exporting, both equal to the written-out math."""
-    from tome_deploy.core.attention import explicit_attention_export, scaled_attention
+    from tome_deploy.core.attention import scaled_attention
+    from tome_deploy.core.tracing import onnx_export_tracing
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
@@ -247,7 +248,7 @@ def test_attention_is_the_same_fused_and_as_exported(scale):
     logits = (q.double() @ k.double().transpose(-2, -1)) * s + bias.double()
     expected = torch.softmax(logits, dim=-1) @ v.double()
     fused = scaled_attention(q, k, v, bias, scale)
-    with explicit_attention_export():
+    with onnx_export_tracing():
         explicit = scaled_attention(q, k, v, bias, scale)
     unfused = scaled_attention(q, k, v, bias, scale, fused=False)
     for out in (fused, explicit, unfused):

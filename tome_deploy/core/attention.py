@@ -1,7 +1,7 @@
 """Scaled dot-product attention for every family's ToMe block, with ToMe's proportional bias.
 
 Eagerly it is torch's fused F.scaled_dot_product_attention. While onnx_export traces a model
-(`explicit_attention_export()`), it is the same math as MatMul/Softmax: the exporter's SDPA decomposition
+(`core.tracing`), it is the same math as MatMul/Softmax: the exporter's SDPA decomposition
 reshapes q/k/v to computed shapes, which leaves ONNX shape inference with unknown dims along the whole
 attention path (FACTS: only the batch may stay symbolic).
 
@@ -9,25 +9,12 @@ Shapes: B batch, H heads, N query tokens, M key tokens, hd head dim."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-_EXPLICIT = [False]  # set only while onnx_export traces a model (explicit_attention_export)
-
-
-@contextlib.contextmanager
-def explicit_attention_export():
-    """Trace scaled_attention as MatMul/Softmax, whose every shape ONNX can infer."""
-    previous = _EXPLICIT[0]
-    _EXPLICIT[0] = True
-    try:
-        yield
-    finally:
-        _EXPLICIT[0] = previous
-
+from tome_deploy.core.tracing import exporting_onnx
 
 def scaled_attention(
     q: torch.Tensor,
@@ -45,7 +32,7 @@ def scaled_attention(
     eagerly too (a model whose attention the user switched off fusion for, as timm's fused_attn does).
     -> [B, H, N, hd]
     """
-    if fused and not _EXPLICIT[0]:
+    if fused and not exporting_onnx():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, M]

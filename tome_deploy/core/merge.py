@@ -9,12 +9,12 @@ positions 0..p-1. Set A holds the even positions (Na = ceil(N/2) tokens), set B 
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 
 from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.core.tracing import exporting_onnx
 
 
 class Match(NamedTuple):
@@ -105,27 +105,13 @@ def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x: [B, N, C], positions: [B, K] int64 -> [B, K, C], whole rows per image.
 
     Whole rows (GatherND) are ~7x faster in ONNX Runtime than GatherElements, whose index would have to
-    be expanded over C. Inside `gather_nd_export()` the rows come from the `gather_tokens_op` custom op,
+    be expanded over C. While onnx_export traces (`core.tracing`), the rows come from the `gather_tokens_op` custom op,
     which tome-deploy's exporter writes as one GatherND(batch_dims=1) with static shapes; advanced
     indexing (what a plain torch.onnx.export gets) exports an Expand to a computed shape instead.
     """
-    if _GATHER_ND_EXPORT[0]:
+    if exporting_onnx():
         return gather_tokens_op(x, positions)
     return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
-
-
-_GATHER_ND_EXPORT = [False]  # set only while onnx_export traces a model (gather_nd_export)
-
-
-@contextlib.contextmanager
-def gather_nd_export():
-    """Trace gather_tokens as the custom op (needs GATHER_TOKENS_OVERLOAD's ONNX translation)."""
-    previous = _GATHER_ND_EXPORT[0]
-    _GATHER_ND_EXPORT[0] = True
-    try:
-        yield
-    finally:
-        _GATHER_ND_EXPORT[0] = previous
 
 
 @torch.library.custom_op("tome_deploy::gather_tokens", mutates_args=())

@@ -14,8 +14,8 @@ import torch
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
-from tome_deploy.core.attention import explicit_attention_export
-from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD, gather_nd_export
+from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD
+from tome_deploy.core.tracing import onnx_export_tracing
 from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
 from tome_deploy.token_merge.onnx_translation import custom_translation_table
@@ -47,8 +47,8 @@ def _quiet_exporter():
 
 @contextlib.contextmanager
 def explicit_attention(model: torch.nn.Module):
-    """Trace attention as MatMul/Softmax: every family's ToMe blocks (core.attention) and timm's own
-    attention modules, such as pooling heads (their non-fused path).
+    """Trace timm's own attention modules, such as pooling heads, as MatMul/Softmax (their non-fused path;
+    the ToMe blocks' core.attention follows core.tracing).
 
     The exporter's SDPA decomposition reshapes the keys to a computed shape, which leaves ONNX shape
     inference with unknown dims along the whole attention path. Restores the modules' setting after.
@@ -57,8 +57,7 @@ def explicit_attention(model: torch.nn.Module):
     try:
         for module in fused:
             module.fused_attn = False
-        with explicit_attention_export():
-            yield
+        yield
     finally:
         for module in fused:
             module.fused_attn = True
@@ -119,7 +118,7 @@ def export_onnx(
     start = time.perf_counter()
     tome_model = tome_model.eval()
     try:
-        with _quiet_exporter(), explicit_attention(tome_model), gather_nd_export(), torch.inference_mode(False), torch.no_grad():
+        with _quiet_exporter(), explicit_attention(tome_model), onnx_export_tracing(), torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 tome_model,
                 (example,),
