@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = add_schedule_arguments(parser, DEFAULT_R)
     schedule.add_argument("--target-speedup", type=float, metavar="X",
                           help="pick the smallest r whose speedup, measured in --runtime at --batch-size against the "
-                               "unmerged export, reaches X (the search starts where the FLOPs reach X); implies --measure")
+                               "unmerged export, reaches X (the search starts where the FLOPs reach X); when no constant "
+                               "r does, it searches r in every 2nd, then every 3rd block (fewer blocks pay the fixed "
+                               "cost of matching); implies --measure")
+    schedule.add_argument("--no-sparse", action="store_true",
+                          help="with --target-speedup: search constant r only (every block merges), never a sparse schedule")
     parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default=None,
                         help="merge formulation: scatter (ScatterElements add), matmul (one-hot, no scatter op; for TensorRT) "
                              "or plugin (one fused tome::TokenMerge node per block; needs pip install 'tome-deploy[plugin]'); "
@@ -81,6 +85,8 @@ def _export(args: argparse.Namespace) -> int:
         if args.r is not None:
             raise InvalidInputError("--target-speedup picks r itself; drop --r (or drop --target-speedup to set r by hand)")
         target = check_target(target)
+    elif args.no_sparse:
+        raise InvalidInputError("--no-sparse only shapes the --target-speedup search; add --target-speedup X, or drop --no-sparse")
 
     from tome_deploy.jobs.export import (
         export_model,
@@ -92,7 +98,7 @@ def _export(args: argparse.Namespace) -> int:
         model_source(args), args.output, r=r_spec, merge=args.merge, target=args.target, precision=args.precision,
         opset=args.opset, batch_size=args.batch_size, static_batch=args.static_batch, strict=args.strict,
         validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure or target is not None,
-        target_speedup=target, runtime=args.runtime,
+        target_speedup=target, runtime=args.runtime, sparse=not args.no_sparse,
         say=(lambda _: None) if quiet else say,
     )
     meta = outcome.export.metadata

@@ -12,10 +12,15 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MergeFormulation, merge_for_target
 from tome_deploy.core.schedule import RSpec, Schedule
 from tome_deploy.core.speedup import (
-    MeasuredChoice,
+    SEARCH_STRIDES,
+    ScheduleSearch,
     SpeedupChoice,
+    every_block,
+    family_speedup,
     largest_r,
-    search_measured_r,
+    search_measured_schedule,
+    sparse_schedule,
+    stride_label,
 )
 from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
@@ -42,7 +47,7 @@ class ExportOutcome:
     validation: Optional[ValidationReport] = None
     timings: Optional[dict[str, Timing]] = None
     target: Optional[SpeedupChoice] = None  # set when the schedule came from a speedup target
-    search: Optional[MeasuredChoice] = None  # the measured search that target started
+    search: Optional[ScheduleSearch] = None  # the measured search that target started
     runtime: str = "onnxruntime"  # where validation and timing ran
     written: bool = True  # False when validation failed: the output path keeps what it held before
 
@@ -71,6 +76,7 @@ def export_model(
     measure: bool = False,
     target_speedup: Optional[float] = None,
     runtime: str = "onnxruntime",
+    sparse: bool = True,
     say: Say = silent,
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
@@ -82,6 +88,8 @@ def export_model(
     it (`target.schedule_for_speedup`), then measure from that r upwards in `runtime` at `batch_size` until
     the measured speedup reaches the target (`speedup.search_measured_r`); raises ScheduleError when the
     FLOPs cannot reach it or when no measured r does (naming the best measured ratio).
+    sparse: when no constant r measures the target, also search r in every 2nd and every 3rd block
+    (`speedup.sparse_schedule`: the fixed cost of matching paid in fewer blocks); False searches constant r only.
     runtime: the CPU runtime that validates and times the export (onnxruntime or openvino).
     merge: the formulation; None picks the one `target` runs best (scatter for ONNX Runtime, matmul for TensorRT).
     precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
@@ -114,16 +122,17 @@ def export_model(
         if target_speedup is not None:
             choice = speedup_choice_for_model(loaded.model, target_speedup, strict=strict)
             say(f"  {choice.line()}; measuring from there in {RUNTIME_LABELS[runtime]} (batch {batch_size}) ...")
-            search, timings_by_r = measured_search(loaded, choice, runtime, Path(folder), say, **options)
+            strides = SEARCH_STRIDES if sparse else (1,)
+            search, timings_by_r = measured_search(loaded, choice, runtime, Path(folder), say, strides, **options)
             say(f"  {search.line(RUNTIME_LABELS[runtime])}")
             if not search.reached:
                 raise ScheduleError(
                     f"no schedule reaches a measured {search.target:.2f}x in {RUNTIME_LABELS[runtime]} at batch "
-                    f"{batch_size}: the best is r={search.r} at {search.speedup:.2f}x (FLOPs promised "
+                    f"{batch_size}: the best is {search.label()} at {search.speedup:.2f}x (FLOPs promised "
                     f"{choice.predicted:.2f}x from r={choice.r}); ask for at most {search.speedup:.2f}x, or export "
-                    f"--r {search.r} --measure"
+                    f"{search.option()} --measure"
                 )
-            r = search.r
+            r = search.schedule
         tome, schedule, metadata = patch_for_export(loaded, r, **options)
         say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
         with StagedOutput(output) as staged:
@@ -141,7 +150,7 @@ def export_model(
             staged.commit()
         say(f"  wrote {output} in {result.seconds:.1f} s")
         if search is not None:
-            outcome.timings = timings_by_r[search.r]
+            outcome.timings = timings_by_r[search.r, search.stride]
         elif measure:
             base_path = unmerged_export(loaded, Path(folder), say, **options)
             say(f"Timing both in {RUNTIME_LABELS[runtime]} (CPU, batch {batch_size}, interleaved) ...")
@@ -185,22 +194,40 @@ def time_against(base_path: Path, tome_path: Path, metadata: ToMeMetadata, runti
 
 
 def measured_search(
-    loaded: LoadedModel, choice: SpeedupChoice, runtime: str, folder: Path, say: Say, **options
-) -> tuple[MeasuredChoice, dict[int, dict[str, Timing]]]:
-    """Export and time r from the FLOPs choice upwards until the measured speedup reaches the target;
-    also returns the timings of every r measured."""
+    loaded: LoadedModel, choice: SpeedupChoice, runtime: str, folder: Path, say: Say, strides=SEARCH_STRIDES, **options
+) -> tuple[ScheduleSearch, dict[tuple[int, int], dict[str, Timing]]]:
+    """Export and time r from the FLOPs choice upwards until the measured speedup reaches the target, for
+    the constant schedule and then for each sparser stride, below the FLOPs of the last that reached it
+    (`speedup.search_measured_schedule`); also returns the timings of every (r, stride) measured."""
     model = loaded.model
+    adapter = adapter_for(model)
+    shape = (adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model))
+    depth, strict = shape[1], options["strict"]
+    width = (adapter.embed_dim(model), adapter.mlp_ratio(model))
     base_path = unmerged_export(loaded, folder, say, **options)
-    timings_by_r: dict[int, dict[str, Timing]] = {}
+    timings_by_r: dict[tuple[int, int], dict[str, Timing]] = {}
 
-    def measure(r: int) -> float:
-        tome, _, metadata = patch_for_export(loaded, r, **options)
-        path = export_onnx(tome, metadata, folder / f"tome_r{r}.onnx").path
-        timings = timings_by_r[r] = time_against(base_path, path, metadata, runtime)
+    def measure(r: int, stride: int) -> float:
+        if stride > 1 and not any(s == stride for _, s in timings_by_r):
+            say(f"  searching r in {every_block(stride)} (fewer blocks pay the fixed cost of matching) ...")
+        tome, _, metadata = patch_for_export(loaded, sparse_schedule(r, stride, depth), **options)
+        path = export_onnx(tome, metadata, folder / f"tome_r{r}_stride{stride}.onnx").path
+        timings = timings_by_r[r, stride] = time_against(base_path, path, metadata, runtime)
         speedup = timings["unmerged"].median_s / timings["tome"].median_s
-        say(f"  r={r}: measured {speedup:.2f}x")
+        say(f"  {stride_label(r, stride)}: measured {speedup:.2f}x")
         return speedup
 
-    adapter = adapter_for(model)
-    r_last = largest_r(adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model), options["strict"])
-    return search_measured_r(choice.target, choice.r, max(choice.r, r_last), measure), timings_by_r
+    def flops(r: int, stride: int) -> float:
+        return family_speedup(r, *shape, *width, stride=stride)
+
+    families = [(1, choice.r, max(choice.r, largest_r(*shape, strict)))]
+    for stride in strides[1:]:
+        if stride > depth:
+            break
+        try:
+            r_first = speedup_choice_for_model(model, choice.target, strict=strict, stride=stride).r
+        except ScheduleError as err:
+            say(f"  {err}: not searched")
+            continue
+        families.append((stride, r_first, max(r_first, largest_r(*shape, strict, stride))))
+    return search_measured_schedule(choice.target, depth, families, measure, flops), timings_by_r

@@ -16,13 +16,13 @@ from tome_deploy.models.adapter import adapter_for
 from tome_deploy.models.blocks import ToMeBlocks
 
 
-def speedup_choice_for_model(model, target: float, *, strict: bool = False) -> SpeedupChoice:
+def speedup_choice_for_model(model, target: float, *, strict: bool = False, stride: int = 1) -> SpeedupChoice:
     """schedule_for_speedup for a supported model's shapes, with its real MLP width (as the export's
     metadata counts it), so the predicted ratio is the one the export reports."""
     adapter = adapter_for(model)
     r, predicted = schedule_for_speedup(
         adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model),
-        adapter.embed_dim(model), target, adapter.mlp_ratio(model), strict=strict,
+        adapter.embed_dim(model), target, adapter.mlp_ratio(model), strict=strict, stride=stride,
     )
     return SpeedupChoice(float(target), r, predicted)
 
