@@ -51,37 +51,41 @@ def parse_args() -> argparse.Namespace:
 
 
 class MergeSteps(torch.nn.Module):
-    """The merge steps of one forward pass: x [B, N0, C], size [B, N0, 1], then (kept, source, destination)
-    per merging block -> (x, size) after the last one."""
+    """The merge steps of one forward pass: x [B, N0, C], size [B, N0, 1], then (source_a, destination_b,
+    unmerged_a) per merging block -> (x, size) after the last one."""
 
-    def __init__(self, formulation: str, layers: int):
+    def __init__(self, formulation: str, tokens: list[int]):
         super().__init__()
-        self.formulation, self.layers = formulation, layers
+        self.formulation, self.tokens = formulation, tokens  # tokens entering each merging block
 
     def forward(self, x, size, indices: tuple):
-        for layer in range(self.layers):
-            match = Match(*indices[3 * layer: 3 * layer + 3])
+        for layer, tokens in enumerate(self.tokens):
+            match = Match(*indices[3 * layer: 3 * layer + 3], tokens, PREFIX)
             x, size = merge_weighted(x, size, match, self.formulation)
         return x, size
+
+
+def merging_blocks() -> list[tuple[int, int]]:
+    """(tokens in, effective r) of every block that merges under the benchmark's schedule."""
+    with warnings.catch_warnings():  # r=16 is clamped in the last block, as in every ViT-S/B r=16 model
+        warnings.simplefilter("ignore")
+        schedule = resolve_schedule(R, TOKENS, DEPTH, PREFIX)
+    return [(tokens, r) for tokens, r in zip(schedule.tokens, schedule.effective) if r > 0]
 
 
 def make_inputs(batch: int, channels: int, device: str) -> tuple:
     """(x, size, indices): random tokens, unit sizes and ToMe matches (from random metrics) of every merging block."""
     gen = torch.Generator().manual_seed(batch * channels)
-    with warnings.catch_warnings():  # r=16 is clamped in the last block, as in every ViT-S/B r=16 model
-        warnings.simplefilter("ignore")
-        schedule = resolve_schedule(R, TOKENS, DEPTH, PREFIX)
     x, size = torch.randn(batch, TOKENS, channels, generator=gen), torch.ones(batch, TOKENS, 1)
     indices = []
-    for tokens, r in zip(schedule.tokens, schedule.effective):
-        if r > 0:
-            indices += list(bipartite_match(torch.randn(batch, tokens, 64, generator=gen), r, PREFIX))
+    for tokens, r in merging_blocks():
+        indices += bipartite_match(torch.randn(batch, tokens, 64, generator=gen), r, PREFIX)[:3]
     return x.to(device), size.to(device), tuple(t.to(device) for t in indices)
 
 
 def torch_runs(inputs: tuple) -> dict:
-    layers = len(inputs[2]) // 3
-    modules = {f: MergeSteps(f, layers) for f in FORMULATIONS}
+    tokens = [n for n, _ in merging_blocks()]
+    modules = {f: MergeSteps(f, tokens) for f in FORMULATIONS}
 
     def run(module):
         with torch.inference_mode():
@@ -91,10 +95,9 @@ def torch_runs(inputs: tuple) -> dict:
 
 
 def export_merge_steps(formulation: str, inputs: tuple, path: Path) -> Path:
-    layers = len(inputs[2]) // 3
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
-        MergeSteps(formulation, layers).eval(), inputs, dynamo=True, opset_version=18, verbose=False,
+        MergeSteps(formulation, [n for n, _ in merging_blocks()]).eval(), inputs, dynamo=True, opset_version=18, verbose=False,
         dynamic_shapes=({0: batch}, {0: batch}, tuple({0: batch} for _ in inputs[2])),
         custom_translation_table=translation_table(formulation),
     )

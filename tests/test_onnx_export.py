@@ -130,3 +130,42 @@ def test_read_metadata_of_foreign_onnx_is_none(tmp_path):
     path = tmp_path / "plain.onnx"
     onnx.save(onnx.helper.make_model(graph), str(path))
     assert read_metadata(path) is None
+
+
+@pytest.fixture(scope="module")
+def two_block_vit(tmp_path_factory):
+    """test_vit cut to 2 blocks at 64 px (17 tokens with the class token), saved as a module file."""
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("two_block") / "vit.pt"
+    torch.save(timm.create_model("test_vit", depth=2, img_size=64).eval(), path)
+    return path
+
+
+def _merger_ops(path) -> list[str]:
+    from tome_deploy.runtime.profiling import merger_node_names
+
+    merger = merger_node_names(path)
+    return [node.op_type for node in onnx.load(str(path)).graph.node if node.name in merger]
+
+
+@pytest.mark.parametrize("merge", ["scatter", "matmul"])
+def test_score_order_is_one_topk_for_onnx_runtime_and_a_counting_rank_for_tensorrt(tmp_path, two_block_vit, merge):
+    """ONNX Runtime and OpenVINO follow the ONNX spec on TopK ties (lower index first), so their exports
+    order the scores with TopK alone (one over the scores, one putting the unmerged back in index order).
+    TensorRT documents no tie order: its exports count ranks (Greater / Equal / Or over [B, Na, Na]) and
+    sort distinct keys. Both pass parity with PyTorch on constant images, where every score ties."""
+    from tome_deploy.jobs.export import export_model
+
+    counts = {}
+    for target in (["onnxruntime", "tensorrt"] if merge == "matmul" else ["onnxruntime"]):
+        out = tmp_path / f"{target}.onnx"
+        outcome = export_model(str(two_block_vit), out, r=4, merge=merge, target=target)
+        assert outcome.validation.passed, outcome.validation.table()
+        assert "constant" in {v.probe for v in outcome.validation.verdicts}
+        ops = _merger_ops(out)
+        counts[target] = {op: ops.count(op) for op in ("TopK", "Greater", "Equal", "Or")}
+    assert counts["onnxruntime"] == {"TopK": 4, "Greater": 0, "Equal": 0 if merge == "scatter" else 2, "Or": 0}
+    if merge == "matmul":  # Equal also builds the one-hot merge matrices: one per merged tensor and block
+        assert counts["tensorrt"] == {"TopK": 2, "Greater": 2, "Equal": 4, "Or": 2}

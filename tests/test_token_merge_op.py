@@ -157,7 +157,7 @@ def test_onnx_runtime_op_follows_the_contract_in_float32_and_float16(tmp_path, d
     onnx.save(_single_node_model(onnx_type, 2, n, 10, n - r), str(path))
     before = path.read_bytes()
     feed = {"x": x.numpy().astype(dtype), "size": size.numpy(),
-            **{name: t.int().numpy() for name, t in zip(("kept", "source", "destination"), match)}}
+            **{name: t.int().numpy() for name, t in zip(("kept", "source", "destination"), (match.kept, match.source, match.destination))}}
     got = OnnxRuntimeRunner(path).infer(feed)
     assert path.read_bytes() == before  # the runner rewrites an in-memory copy, never the file
     assert got["merged_x"].dtype == dtype and got["merged_size"].dtype == np.float32

@@ -14,15 +14,56 @@ from typing import NamedTuple
 import torch
 
 from tome_deploy.artifact.spec import MergeFormulation
-from tome_deploy.core.tracing import exporting_onnx
+from tome_deploy.core.tracing import exporting_onnx, topk_orders_ties
 
 
 class Match(NamedTuple):
-    """Where tokens go, as token positions; every shape depends only on (N, r)."""
+    """Where tokens go, as indices into set A and set B; every shape depends only on (N, r).
 
-    kept: torch.Tensor  # [B, N - r] positions of the output tokens, in output order
-    source: torch.Tensor  # [B, r]     positions merged away
-    destination: torch.Tensor  # [B, r]     position each source merges into
+    The output order is [prefix tokens, non-prefix unmerged A, non-prefix B] (`in_output_order`); `kept`,
+    `source` and `destination` give the same match as token positions (the fused op's contract)."""
+
+    source_a: torch.Tensor  # [B, r]      A indices merged away
+    destination_b: torch.Tensor  # [B, r]      B index each source merges into
+    unmerged_a: torch.Tensor  # [B, Na - r] A indices kept, prefix ones first
+    num_tokens: int  # N
+    num_prefix: int  # p
+
+    @property
+    def source(self) -> torch.Tensor:
+        return 2 * self.source_a  # [B, r] positions
+
+    @property
+    def destination(self) -> torch.Tensor:
+        return 2 * self.destination_b + 1  # [B, r] positions
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """[B, N - r] positions of the output tokens, in output order."""
+        unmerged = 2 * self.unmerged_a  # [B, Na - r]
+        # Constant positions broadcast over the batch by an add (a shape ONNX can infer, unlike an Expand
+        # to a batch-sized shape tensor).
+        zeros = unmerged.sum(dim=1, keepdim=True) * 0  # [B, 1], also when no A token stays unmerged
+        b_positions = zeros + torch.arange(1, self.num_tokens, 2, device=unmerged.device)  # [B, Nb]
+        return in_output_order(unmerged, b_positions, self.num_prefix)
+
+
+def in_output_order(unmerged: torch.Tensor, b: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """unmerged: [B, Na - r, ...] unmerged A rows (prefix ones first), b: [B, Nb, ...] B rows ->
+    [B, N - r, ...] ordered [prefix tokens in position order, non-prefix unmerged A, non-prefix B].
+
+    With p <= 1 that is one Concat: the class token is the first unmerged A token. With more, the prefix
+    tokens alternate between A (even positions) and B (odd), and one Gather by a constant permutation
+    puts them back in position order.
+    """
+    tokens = torch.cat([unmerged, b], dim=1)  # [B, N - r, ...]
+    if num_prefix <= 1:
+        return tokens
+    num_unmerged, num_b = unmerged.shape[1], b.shape[1]
+    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens that fall in A and in B
+    order = [k // 2 if k % 2 == 0 else num_unmerged + k // 2 for k in range(num_prefix)]
+    order += list(range(prefix_a, num_unmerged)) + list(range(num_unmerged + prefix_b, num_unmerged + num_b))
+    return tokens.index_select(1, torch.tensor(order, device=tokens.device))
 
 
 def protected_mask(num_tokens: int, num_prefix: int) -> torch.Tensor:
@@ -49,32 +90,34 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Match:
     scores = scores.masked_fill(mask, -torch.inf)
 
     best_score, best_b = scores.max(dim=-1)  # [B, Na], [B, Na]; ties -> lowest B index
+    source_a, unmerged_a = split_by_score(best_score, r, num_prefix)  # [B, r], [B, Na - r]
+    destination_b = best_b.gather(-1, source_a)  # [B, r]
+    return Match(source_a, destination_b, unmerged_a, num_tokens, num_prefix)
+
+
+def split_by_score(best_score: torch.Tensor, r: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """best_score: [B, Na] -> (source_a [B, r], unmerged_a [B, Na - r]) A indices.
+
+    Sources are the r best scores in a stable descending order (ties -> lower index). With prefix
+    tokens the unmerged go in ascending A index, which keeps the prefix tokens at the front; without,
+    they stay in score order (the reference). Exported for ONNX Runtime / OpenVINO, whose TopK orders
+    ties by the lower index (ONNX spec), this is one TopK over the scores and one over the unmerged
+    indices; otherwise a counting rank (`stable_descending_rank`) and one TopK of distinct keys.
+    """
+    num_a = best_score.shape[-1]
+    if topk_orders_ties():
+        order = best_score.topk(num_a, dim=-1, largest=True, sorted=True).indices  # [B, Na]
+        source_a, unmerged_a = order[:, :r], order[:, r:]
+        if num_prefix > 0:
+            unmerged_a = unmerged_a.topk(num_a - r, dim=-1, largest=False, sorted=True).values
+        return source_a, unmerged_a
     rank = stable_descending_rank(best_score)  # [B, Na]
     if num_prefix > 0:
-        # Unmerged tokens go in ascending A index, which keeps the prefix tokens at the front: their keys
-        # r + index are distinct and above every source's rank 0..r-1 (two nodes, no CumSum).
-        index_a = torch.arange(rank.shape[-1], device=rank.device, dtype=rank.dtype)  # [Na]
+        # Unmerged keys r + index are distinct and above every source's rank 0..r-1 (two nodes, no CumSum).
+        index_a = torch.arange(num_a, device=rank.device, dtype=rank.dtype)  # [Na]
         rank = torch.where(rank < r, rank, r + index_a)
     order = permutation_from_rank(rank)  # [B, Na]: sources in score order, then unmerged
-    source_a, unmerged_a = order[:, :r], order[:, r:]  # [B, r], [B, Na - r]
-    destination_b = best_b.gather(-1, source_a)  # [B, r]
-    return Match(kept_positions(unmerged_a, num_tokens, num_prefix), 2 * source_a, 2 * destination_b + 1)
-
-
-def kept_positions(unmerged_a: torch.Tensor, num_tokens: int, num_prefix: int) -> torch.Tensor:
-    """[B, Na - r] unmerged A indices -> [B, N - r] positions ordered [prefix, unmerged A, B]."""
-    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens that fall in A and in B
-    device = unmerged_a.device
-    # Constant positions broadcast over the batch by an add (a shape ONNX can infer, unlike an Expand
-    # to a batch-sized shape tensor).
-    zeros = unmerged_a.sum(dim=1, keepdim=True) * 0  # [B, 1], also when no A token stays unmerged
-    parts = [
-        2 * unmerged_a[:, prefix_a:],  # unmerged non-prefix A tokens
-        zeros + torch.arange(2 * prefix_b + 1, num_tokens, 2, device=device),  # non-prefix B tokens
-    ]
-    if num_prefix > 0:
-        parts.insert(0, zeros + torch.arange(num_prefix, device=device))
-    return torch.cat(parts, dim=1)
+    return order[:, :r], order[:, r:]
 
 
 def stable_descending_rank(score: torch.Tensor) -> torch.Tensor:
@@ -130,26 +173,31 @@ GATHER_TOKENS_OVERLOAD = torch.ops.tome_deploy.gather_tokens.default
 
 
 def _add_at_scatter(x: torch.Tensor, src: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, C] with src [B, r, C] summed in at destination [B, r] (ScatterElements add)."""
-    return x.scatter_add(1, destination[..., None].expand(-1, -1, x.shape[-1]), src)
+    """x: [B, M, C] with src [B, r, C] summed in at destination [B, r] (ScatterElements add)."""
+    index = destination[..., None]  # [B, r, 1]
+    if x.shape[-1] != 1:
+        index = index.expand(-1, -1, x.shape[-1])  # [B, r, C]
+    return x.scatter_add(1, index, src)
 
 
 def _add_at_matmul(x: torch.Tensor, src: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
     """The same sum as a one-hot matmul: no scatter op, so every runtime (TensorRT-RTX too) takes it."""
-    slots = torch.arange(x.shape[1], device=x.device)  # [N]
-    onehot = (destination[..., None] == slots).to(src.dtype)  # [B, r, N]
-    return x + onehot.transpose(1, 2) @ src  # [B, N, C]
+    slots = torch.arange(x.shape[1], device=x.device)  # [M]
+    onehot = (destination[..., None] == slots).to(src.dtype)  # [B, r, M]
+    return x + onehot.transpose(1, 2) @ src  # [B, M, C]
 
 
 def merge_sum(x: torch.Tensor, match: Match, formulation: MergeFormulation = "scatter") -> torch.Tensor:
     """Sum every source token into its destination, then keep the output tokens in order.
 
-    x: [B, N, C] -> [B, N - r, C] ordered [prefix tokens, unmerged A, B]. The fused "plugin" op
-    averages rather than sums, so plain sums (source tracking) take the matmul form under it.
+    x: [B, N, C] -> [B, N - r, C] ordered [prefix tokens, unmerged A, B]. Sources are summed into the
+    B rows only (Nb of them), and the output is [unmerged A rows, B rows]: no gather over all N. The
+    fused "plugin" op averages rather than sums, so plain sums (source tracking) take the matmul form under it.
     """
     add_at = _add_at_scatter if formulation == "scatter" else _add_at_matmul
-    x = add_at(x, gather_tokens(x, match.source), match.destination)  # [B, N, C]
-    return gather_tokens(x, match.kept)  # [B, N - r, C]
+    a, b = x[:, 0::2], x[:, 1::2]  # [B, Na, C], [B, Nb, C]
+    b = add_at(b, gather_tokens(a, match.source_a), match.destination_b)  # [B, Nb, C]
+    return in_output_order(gather_tokens(a, match.unmerged_a), b, match.num_prefix)  # [B, N - r, C]
 
 
 def merge_weighted(
@@ -162,7 +210,7 @@ def merge_weighted(
     if formulation == "plugin":  # one fused tome::token_merge op (tome_deploy/token_merge/contract.py)
         from tome_deploy.token_merge.torch_op import token_merge
 
-        return token_merge(x, size, *(index.to(torch.int32) for index in match))
+        return token_merge(x, size, *(index.to(torch.int32) for index in (match.kept, match.source, match.destination)))
     weighted = merge_sum(x * size, match, formulation)  # [B, N - r, C]
     size = merge_sum(size, match, formulation)  # [B, N - r, 1]
     return (weighted / size).to(x.dtype), size

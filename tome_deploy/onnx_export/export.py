@@ -118,7 +118,7 @@ def export_onnx(
     start = time.perf_counter()
     tome_model = tome_model.eval()
     try:
-        with _quiet_exporter(), explicit_attention(tome_model), onnx_export_tracing(), torch.inference_mode(False), torch.no_grad():
+        with _quiet_exporter(), explicit_attention(tome_model), onnx_export_tracing(topk_ties=metadata.target != "tensorrt"), torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 tome_model,
                 (example,),
