@@ -194,6 +194,19 @@ def test_cli_no_sparse_needs_a_target(capsys, tmp_path):
     assert "--target-speedup" in one_error_line(capsys.readouterr().err)
 
 
+def test_cli_no_sparse_searches_constant_r_only(capsys, tmp_path, tiny_vit_file):
+    """A real search with --no-sparse: whatever the timings, no sparse schedule is measured or chosen."""
+    report_path = tmp_path / "report.json"
+    code = export_cli.main([str(tiny_vit_file), "-o", str(tmp_path / "m.onnx"), "--target-speedup", "1.3",
+                            "--no-sparse", "--report", str(report_path)])
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    assert re.findall(r"  r=\d+: measured", err) and "every 2nd block" not in err and "every 3rd block" not in err
+    if code == 0:
+        search = json.loads(report_path.read_text())["measured_search"]
+        assert search["stride"] == 1 and {m["stride"] for m in search["measured"]} == {1}
+
+
 def fake_measure(table: dict[int, float], calls: list[int]):
     def measure(r: int) -> float:
         calls.append(r)

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "unmerged export, reaches X (the search starts where the FLOPs reach X); when no constant "
                                "r does, it searches r in every 2nd, then every 3rd block (fewer blocks pay the fixed "
                                "cost of matching); implies --measure")
-    schedule.add_argument("--no-sparse", action="store_true",
+    parser.add_argument("--no-sparse", action="store_true",
                           help="with --target-speedup: search constant r only (every block merges), never a sparse schedule")
     parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default=None,
                         help="merge formulation: scatter (ScatterElements add), matmul (one-hot, no scatter op; for TensorRT) "
