@@ -36,7 +36,8 @@ def random_indices(gen, batch, tokens, r, destinations=None):
 
 
 def tome_indices(metric, r, prefix):
-    return tuple(t.int() for t in bipartite_match(metric, r, prefix))
+    match = bipartite_match(metric, r, prefix)
+    return tuple(t.int() for t in (match.kept, match.source, match.destination))
 
 
 def cases():
