@@ -21,15 +21,11 @@ def plain_flops(tokens: list[int], dim: int, mlp_ratio: float = 4.0) -> float:
 
 
 def plain_tokens(r: int, num_tokens: int, depth: int, prefix: int) -> list[int]:
-    tokens = [num_tokens]
-    for _ in range(depth):
-        tokens.append(tokens[-1] - min(r, (tokens[-1] - prefix) // 2))
-    return tokens
+    return plain_tokens_per_layer([r] * depth, num_tokens, prefix)
 
 
 def plain_ratio(r: int, num_tokens: int, depth: int, prefix: int, dim: int, mlp_ratio: float = 4.0) -> float:
-    return (plain_flops([num_tokens] * (depth + 1), dim, mlp_ratio)
-            / plain_flops(plain_tokens(r, num_tokens, depth, prefix), dim, mlp_ratio))
+    return plain_ratio_stride(r, 1, num_tokens, depth, prefix, dim, mlp_ratio)
 
 
 def plain_tokens_per_layer(r_per_layer: list[int], num_tokens: int, prefix: int) -> list[int]:

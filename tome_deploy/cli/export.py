@@ -42,11 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = add_schedule_arguments(parser, DEFAULT_R)
     schedule.add_argument("--target-speedup", type=float, metavar="X",
                           help="pick the smallest r whose speedup, measured in --runtime at --batch-size against the "
-                               "unmerged export, reaches X (the search starts where the FLOPs reach X); when no constant "
-                               "r does, it searches r in every 2nd, then every 3rd block (fewer blocks pay the fixed "
-                               "cost of matching); implies --measure")
+                               "unmerged export, reaches X (the search starts where the FLOPs reach X); then it "
+                               "searches r in every 2nd and every 3rd block (fewer blocks pay the fixed cost of "
+                               "matching) below the FLOPs of that r, and exports the schedule that reaches X with the "
+                               "least merging; implies --measure")
     parser.add_argument("--no-sparse", action="store_true",
-                          help="with --target-speedup: search constant r only (every block merges), never a sparse schedule")
+                        help="with --target-speedup: search constant r only (every block merges), never a sparse schedule")
     parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default=None,
                         help="merge formulation: scatter (ScatterElements add), matmul (one-hot, no scatter op; for TensorRT) "
                              "or plugin (one fused tome::TokenMerge node per block; needs pip install 'tome-deploy[plugin]'); "

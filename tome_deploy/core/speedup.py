@@ -17,7 +17,7 @@ import numbers
 from dataclasses import dataclass
 
 from tome_deploy.core.flops import theoretical_speedup
-from tome_deploy.core.schedule import RSpec, resolve_schedule
+from tome_deploy.core.schedule import RSpec, requested_r_per_layer, resolve_schedule
 from tome_deploy.errors import ScheduleError
 
 
@@ -37,7 +37,8 @@ class SpeedupChoice:
 
 
 # The strides a measured search tries, in order: the constant schedule first (the paper's best accuracy
-# for its FLOPs), sparser ones only when it falls short.
+# for its FLOPs), then sparser ones, each only over the r that merge less than the last schedule that
+# reached the target (`search_measured_schedule`).
 SEARCH_STRIDES = (1, 2, 3)
 
 
@@ -269,10 +270,9 @@ class ScheduleSearch:
                 f"({self.option()}) at {self.speedup:.2f}x (tried {tried})")
 
     def to_dict(self) -> dict:
-        schedule = self.schedule
         return {
             "target": self.target, "reached": self.reached, "stride": self.stride, "r": self.r,
-            "r_per_layer": [schedule] * self.depth if isinstance(schedule, int) else schedule,
+            "r_per_layer": requested_r_per_layer(self.schedule, self.depth),
             "measured": [{"stride": stride, "r": r, "speedup": round(s, 4)}
                          for stride, search in self.searches for r, s in search.measured.items()],
         }

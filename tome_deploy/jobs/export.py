@@ -84,12 +84,14 @@ def export_model(
     source: where the model comes from (a ModelSource; a plain name or path means its defaults).
     Clamping of r is reported as data: `outcome.schedule.clamp_note()` (strict=True raises instead).
 
-    target_speedup: instead of `r`, use the smallest constant r whose theoretical (FLOPs) speedup reaches
-    it (`target.schedule_for_speedup`), then measure from that r upwards in `runtime` at `batch_size` until
-    the measured speedup reaches the target (`speedup.search_measured_r`); raises ScheduleError when the
-    FLOPs cannot reach it or when no measured r does (naming the best measured ratio).
-    sparse: when no constant r measures the target, also search r in every 2nd and every 3rd block
-    (`speedup.sparse_schedule`: the fixed cost of matching paid in fewer blocks); False searches constant r only.
+    target_speedup: instead of `r`, start at the smallest constant r whose theoretical (FLOPs) speedup
+    reaches it (`speedup.schedule_for_speedup`), then measure from that r upwards in `runtime` at
+    `batch_size` until the measured speedup reaches the target, and export the schedule that reaches it
+    with the least merging (`speedup.search_measured_schedule`); raises ScheduleError when the FLOPs cannot
+    reach it or when no measured schedule does (naming the best measured ratio).
+    sparse: after constant r, also search r in every 2nd and every 3rd block (`speedup.sparse_schedule`:
+    the fixed cost of matching paid in fewer blocks), over the r that merge less than the constant r that
+    reached the target; False searches constant r only.
     runtime: the CPU runtime that validates and times the export (onnxruntime or openvino).
     merge: the formulation; None picks the one `target` runs best (scatter for ONNX Runtime, matmul for TensorRT).
     precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
