@@ -4,8 +4,8 @@ Pure tensor functions with static output shapes for a given (tokens, r, prefix c
 same code runs eagerly, traces with torch.export and becomes a fixed-shape ONNX graph.
 
 Shapes: B batch, N tokens, C channels, p prefix tokens (class, distillation, registers), which sit at
-positions 0..p-1. Set A holds the even positions (Na = ceil(N/2) tokens), set B the odd ones
-(Nb = floor(N/2))."""
+positions 0..p-1. Set A holds the even positions, set B the odd ones; A' and B' are their non-prefix
+tokens (Na' = ceil(N/2) - ceil(p/2), Nb' = floor(N/2) - floor(p/2)), the only ones matching can merge."""
 
 from __future__ import annotations
 
@@ -18,105 +18,92 @@ from tome_deploy.core.tracing import exporting_onnx, topk_orders_ties
 
 
 class Match(NamedTuple):
-    """Where tokens go, as indices into set A and set B; every shape depends only on (N, r).
+    """Where tokens go, as index columns into A' and B': the non-prefix tokens of set A and of set B.
 
-    The output order is [prefix tokens, non-prefix unmerged A, non-prefix B] (`in_output_order`); `kept`,
-    `source` and `destination` give the same match as token positions (the fused op's contract)."""
+    Index columns ([B, K, 1]) are what GatherND(batch_dims=1) takes, so they export with no Unsqueeze.
+    The output order is [prefix tokens, unmerged A', B'] (`kept_tokens`); `kept`, `source` and
+    `destination` give the same match as token positions (the fused op's contract)."""
 
-    source_a: torch.Tensor  # [B, r]      A indices merged away
-    destination_b: torch.Tensor  # [B, r]      B index each source merges into
-    unmerged_a: torch.Tensor  # [B, Na - r] A indices kept, prefix ones first
+    source_a: torch.Tensor  # [B, r, 1]       A' indices merged away
+    destination_b: torch.Tensor  # [B, r, 1]       B' index each source merges into
+    unmerged_a: torch.Tensor  # [B, Na' - r, 1] A' indices kept: ascending with prefix tokens, else in score order
     num_tokens: int  # N
     num_prefix: int  # p
 
     @property
     def source(self) -> torch.Tensor:
-        return 2 * self.source_a  # [B, r] positions
+        return first_candidates(self.num_prefix)[0] + 2 * self.source_a[..., 0]  # [B, r] positions
 
     @property
     def destination(self) -> torch.Tensor:
-        return 2 * self.destination_b + 1  # [B, r] positions
+        return first_candidates(self.num_prefix)[1] + 2 * self.destination_b[..., 0]  # [B, r] positions
 
     @property
     def kept(self) -> torch.Tensor:
         """[B, N - r] positions of the output tokens, in output order."""
-        unmerged = 2 * self.unmerged_a  # [B, Na - r]
-        # Constant positions broadcast over the batch by an add (a shape ONNX can infer, unlike an Expand
-        # to a batch-sized shape tensor).
-        zeros = unmerged.sum(dim=1, keepdim=True) * 0  # [B, 1], also when no A token stays unmerged
-        b_positions = zeros + torch.arange(1, self.num_tokens, 2, device=unmerged.device)  # [B, Nb]
-        return in_output_order(unmerged, b_positions, self.num_prefix)
+        # Positions as a column [B, N, 1] through the same split and gather as the tokens themselves.
+        zeros = self.unmerged_a.sum(dim=1, keepdim=True) * 0  # [B, 1, 1], also when no A' token stays unmerged
+        positions = zeros + torch.arange(self.num_tokens, device=zeros.device)[:, None]  # [B, N, 1]
+        prefix, a, b = split_tokens(positions, self.num_prefix)
+        return in_output_order(prefix, gather_tokens(a, self.unmerged_a), b)[..., 0]
 
 
-def in_output_order(unmerged: torch.Tensor, b: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """unmerged: [B, Na - r, ...] unmerged A rows (prefix ones first), b: [B, Nb, ...] B rows ->
-    [B, N - r, ...] ordered [prefix tokens in position order, non-prefix unmerged A, non-prefix B].
-
-    With p <= 1 that is one Concat: the class token is the first unmerged A token. With more, the prefix
-    tokens alternate between A (even positions) and B (odd), and one Gather by a constant permutation
-    puts them back in position order.
-    """
-    tokens = torch.cat([unmerged, b], dim=1)  # [B, N - r, ...]
-    if num_prefix <= 1:
-        return tokens
-    num_unmerged, num_b = unmerged.shape[1], b.shape[1]
-    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens that fall in A and in B
-    order = [k // 2 if k % 2 == 0 else num_unmerged + k // 2 for k in range(num_prefix)]
-    order += list(range(prefix_a, num_unmerged)) + list(range(num_unmerged + prefix_b, num_unmerged + num_b))
-    return tokens.index_select(1, torch.tensor(order, device=tokens.device))
+def first_candidates(num_prefix: int) -> tuple[int, int]:
+    """Positions of the first non-prefix A token (even) and B token (odd): A' and B' step by 2 from them."""
+    return num_prefix + num_prefix % 2, num_prefix + 1 - num_prefix % 2
 
 
-def protected_mask(num_tokens: int, num_prefix: int) -> torch.Tensor:
-    """[Na, Nb] bool, True where a score involves a prefix token (row in A or column in B)."""
-    position_a = torch.arange(0, num_tokens, 2)  # [Na]
-    position_b = torch.arange(1, num_tokens, 2)  # [Nb]
-    return (position_a[:, None] < num_prefix) | (position_b[None, :] < num_prefix)
+def split_tokens(x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [B, N, ...] -> (prefix [B, p, ...], A' [B, Na', ...], B' [B, Nb', ...]), three Slices.
+
+    Leaving the prefix tokens out of A' and B' protects them with no mask: they can be neither a source nor a
+    destination, and stay first in the output in position order."""
+    a_start, b_start = first_candidates(num_prefix)
+    return x[:, :num_prefix], x[:, a_start::2], x[:, b_start::2]
 
 
 def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Match:
-    """Pick the r most similar (A, B) pairs, never touching the first num_prefix tokens.
+    """Pick the r most similar (A', B') pairs.
 
     metric: [B, N, c] attention keys averaged over heads. r must already be clamped to
-    (N - num_prefix) // 2 by the schedule, which guarantees every source is a non-prefix A token.
+    (N - num_prefix) // 2 by the schedule, which is at most Na'.
     """
-    num_tokens = metric.shape[1]
     # Cosine similarity in fp32: the sum of squares overflows fp16.
     metric = metric.float()
     metric = metric / metric.norm(dim=-1, keepdim=True)  # [B, N, c]
-    a, b = metric[:, 0::2], metric[:, 1::2]  # [B, Na, c], [B, Nb, c]
-    scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
-    # A constant mask and a scalar export as one plain Where (no ScatterElements, no Expand of -inf).
-    mask = protected_mask(num_tokens, num_prefix).to(scores.device)  # [Na, Nb]
-    scores = scores.masked_fill(mask, -torch.inf)
+    _, a, b = split_tokens(metric, num_prefix)  # [B, Na', c], [B, Nb', c]
+    scores = a @ b.transpose(-1, -2)  # [B, Na', Nb']
+    if topk_orders_ties():  # one TopK for both outputs; ties -> lowest B' index (ONNX spec)
+        best_score, best_b = scores.topk(1, dim=-1, largest=True, sorted=True)  # [B, Na', 1] each
+    else:  # ties -> lowest B' index (torch.max, ONNX ArgMax)
+        best_score, best_b = scores.max(dim=-1, keepdim=True)  # [B, Na', 1] each
+    source_a, unmerged_a = split_by_score(best_score, r, num_prefix > 0)  # [B, r, 1], [B, Na' - r, 1]
+    destination_b = best_b.gather(1, source_a)  # [B, r, 1]
+    return Match(source_a, destination_b, unmerged_a, metric.shape[1], num_prefix)
 
-    best_score, best_b = scores.max(dim=-1)  # [B, Na], [B, Na]; ties -> lowest B index
-    source_a, unmerged_a = split_by_score(best_score, r, num_prefix)  # [B, r], [B, Na - r]
-    destination_b = best_b.gather(-1, source_a)  # [B, r]
-    return Match(source_a, destination_b, unmerged_a, num_tokens, num_prefix)
 
+def split_by_score(best_score: torch.Tensor, r: int, ascending_unmerged: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """best_score: [B, M, 1] -> (sources [B, r, 1], unmerged [B, M - r, 1]) index columns.
 
-def split_by_score(best_score: torch.Tensor, r: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """best_score: [B, Na] -> (source_a [B, r], unmerged_a [B, Na - r]) A indices.
-
-    Sources are the r best scores in a stable descending order (ties -> lower index). With prefix
-    tokens the unmerged go in ascending A index, which keeps the prefix tokens at the front; without,
-    they stay in score order (the reference). Exported for ONNX Runtime / OpenVINO, whose TopK orders
-    ties by the lower index (ONNX spec), this is one TopK over the scores and one over the unmerged
-    indices; otherwise a counting rank (`stable_descending_rank`) and one TopK of distinct keys.
+    Sources are the r best scores in a stable descending order (ties -> lower index). The unmerged go in
+    ascending index when `ascending_unmerged` (the reference, with prefix tokens), else stay in score order.
+    Exported for ONNX Runtime / OpenVINO, whose TopK orders ties by the lower index (ONNX spec), this is
+    one TopK over the scores and one over the unmerged indices; otherwise a counting rank
+    (`stable_descending_rank`) and one TopK of distinct keys.
     """
-    num_a = best_score.shape[-1]
+    num = best_score.shape[1]
     if topk_orders_ties():
-        order = best_score.topk(num_a, dim=-1, largest=True, sorted=True).indices  # [B, Na]
-        source_a, unmerged_a = order[:, :r], order[:, r:]
-        if num_prefix > 0:
-            unmerged_a = unmerged_a.topk(num_a - r, dim=-1, largest=False, sorted=True).values
-        return source_a, unmerged_a
-    rank = stable_descending_rank(best_score)  # [B, Na]
-    if num_prefix > 0:
+        order = best_score.topk(num, dim=1, largest=True, sorted=True).indices  # [B, M, 1]
+        source, unmerged = order[:, :r], order[:, r:]
+        if ascending_unmerged and num - r > 1:
+            unmerged = unmerged.topk(num - r, dim=1, largest=False, sorted=True).values
+        return source, unmerged
+    rank = stable_descending_rank(best_score[..., 0])  # [B, M]
+    if ascending_unmerged:
         # Unmerged keys r + index are distinct and above every source's rank 0..r-1 (two nodes, no CumSum).
-        index_a = torch.arange(num_a, device=rank.device, dtype=rank.dtype)  # [Na]
-        rank = torch.where(rank < r, rank, r + index_a)
-    order = permutation_from_rank(rank)  # [B, Na]: sources in score order, then unmerged
+        index = torch.arange(num, device=rank.device, dtype=rank.dtype)  # [M]
+        rank = torch.where(rank < r, rank, r + index)
+    order = permutation_from_rank(rank)[..., None]  # [B, M, 1]: sources in score order, then unmerged
     return order[:, :r], order[:, r:]
 
 
@@ -144,60 +131,120 @@ def permutation_from_rank(rank: torch.Tensor) -> torch.Tensor:
     return rank.float().topk(rank.shape[-1], dim=-1, largest=False, sorted=True).indices
 
 
-def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, C], positions: [B, K] int64 -> [B, K, C], whole rows per image.
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, C], index: [B, K, 1] int64 -> [B, K, C], whole rows per image.
 
     Whole rows (GatherND) are ~7x faster in ONNX Runtime than GatherElements, whose index would have to
-    be expanded over C. While onnx_export traces (`core.tracing`), the rows come from the `gather_tokens_op` custom op,
-    which tome-deploy's exporter writes as one GatherND(batch_dims=1) with static shapes; advanced
+    be expanded over C. While onnx_export traces (`core.tracing`), the rows come from the `gather_tokens_op`
+    custom op, which tome-deploy's exporter writes as one GatherND(batch_dims=1) with static shapes; advanced
     indexing (what a plain torch.onnx.export gets) exports an Expand to a computed shape instead.
     """
     if exporting_onnx():
-        return gather_tokens_op(x, positions)
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
+        return gather_tokens_op(x, index)
+    return _gather_rows(x, index)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index[..., 0]]
 
 
 @torch.library.custom_op("tome_deploy::gather_tokens", mutates_args=())
-def gather_tokens_op(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """gather_tokens as one opaque op for torch.export: [B, N, C], [B, K] -> [B, K, C]."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
+def gather_tokens_op(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """gather_tokens as one opaque op for torch.export: [B, N, C], [B, K, 1] -> [B, K, C]."""
+    return _gather_rows(x, index)
 
 
 @gather_tokens_op.register_fake
-def _gather_tokens_shape(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], positions.shape[1], *x.shape[2:]))
+def _gather_tokens_shape(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], index.shape[1], *x.shape[2:]))
 
 
-# The overload torch.export records and onnx_export translates.
+@torch.library.custom_op("tome_deploy::destination_rows", mutates_args=())
+def destination_rows_op(destination: torch.Tensor) -> torch.Tensor:
+    """[B, r, 1] row indices -> [B, r, 2] (image, row) pairs, the index ScatterND takes."""
+    image = torch.arange(destination.shape[0], device=destination.device)[:, None, None].expand_as(destination)
+    return torch.cat([image, destination], dim=-1)
+
+
+@destination_rows_op.register_fake
+def _destination_rows_shape(destination: torch.Tensor) -> torch.Tensor:
+    return destination.new_empty((*destination.shape[:2], 2))
+
+
+@torch.library.custom_op("tome_deploy::add_rows", mutates_args=())
+def add_rows_op(x: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x: [B, M, C] with each src row [B, r, C] summed in at its (image, row) pair [B, r, 2]: ScatterND add."""
+    return x.index_put((rows[..., 0], rows[..., 1]), src, accumulate=True)
+
+
+@add_rows_op.register_fake
+def _add_rows_shape(x: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+# The overloads torch.export records and onnx_export translates.
 GATHER_TOKENS_OVERLOAD = torch.ops.tome_deploy.gather_tokens.default
+DESTINATION_ROWS_OVERLOAD = torch.ops.tome_deploy.destination_rows.default
+ADD_ROWS_OVERLOAD = torch.ops.tome_deploy.add_rows.default
 
 
-def _add_at_scatter(x: torch.Tensor, src: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
-    """x: [B, M, C] with src [B, r, C] summed in at destination [B, r] (ScatterElements add)."""
-    index = destination[..., None]  # [B, r, 1]
-    if x.shape[-1] != 1:
-        index = index.expand(-1, -1, x.shape[-1])  # [B, r, C]
-    return x.scatter_add(1, index, src)
+def row_adder(destination: torch.Tensor, num_rows: int, formulation: MergeFormulation):
+    """destination: [B, r, 1] -> add(x [B, num_rows, C], src [B, r, C]) summing each src row into its
+    destination row. Its index is built once and shared by every tensor merged with the same Match.
+
+    scatter: ScatterElements(add) eagerly; exported, ScatterND(add) on whole rows, which ONNX Runtime runs
+    ~6x faster (ScatterElements indexes every element). matmul: a one-hot matmul, no scatter op, so
+    every runtime (TensorRT-RTX too) takes it."""
+    if formulation == "scatter":
+        if exporting_onnx():
+            rows = destination_rows_op(destination)  # [B, r, 2]
+            return lambda x, src: add_rows_op(x, src, rows)
+        return lambda x, src: x.scatter_add(1, destination.expand(-1, -1, x.shape[-1]), src)
+    slots = torch.arange(num_rows, device=destination.device)  # [M]
+    hits = destination == slots  # [B, r, M]
+    onehot: dict[torch.dtype, torch.Tensor] = {}  # one Cast per dtype merged
+
+    def add(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        if src.dtype not in onehot:
+            onehot[src.dtype] = hits.to(src.dtype)
+        return x + onehot[src.dtype].transpose(1, 2) @ src  # [B, M, C]
+
+    return add
 
 
-def _add_at_matmul(x: torch.Tensor, src: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
-    """The same sum as a one-hot matmul: no scatter op, so every runtime (TensorRT-RTX too) takes it."""
-    slots = torch.arange(x.shape[1], device=x.device)  # [M]
-    onehot = (destination[..., None] == slots).to(src.dtype)  # [B, r, M]
-    return x + onehot.transpose(1, 2) @ src  # [B, M, C]
+def merge_sums(tensors: list[torch.Tensor], match: Match, formulation: MergeFormulation = "scatter") -> list[torch.Tensor]:
+    """Sum every source token into its destination, then keep the output tokens in order, for each tensor.
+
+    Each x: [B, N, C] -> [B, N - r, C] ordered [prefix tokens, unmerged A', B']. Sources are summed into the
+    B' rows only, and the output is one Concat: no gather over all N. The fused "plugin" op averages
+    rather than sums, so plain sums (source tracking) take the matmul form under it.
+    """
+    num_b = match.num_tokens // 2 - match.num_prefix // 2  # Nb'
+    add = row_adder(match.destination_b, num_b, "scatter" if formulation == "scatter" else "matmul")
+    merged = []
+    for x in tensors:
+        prefix, a, b = split_tokens(x, match.num_prefix)  # [B, p, C], [B, Na', C], [B, Nb', C]
+        b = add(b, gather_tokens(a, match.source_a))  # [B, Nb', C]
+        merged.append(in_output_order(prefix, gather_tokens(a, match.unmerged_a), b))
+    return merged
 
 
 def merge_sum(x: torch.Tensor, match: Match, formulation: MergeFormulation = "scatter") -> torch.Tensor:
-    """Sum every source token into its destination, then keep the output tokens in order.
+    """merge_sums of one tensor: x [B, N, C] -> [B, N - r, C]."""
+    return merge_sums([x], match, formulation)[0]
 
-    x: [B, N, C] -> [B, N - r, C] ordered [prefix tokens, unmerged A, B]. Sources are summed into the
-    B rows only (Nb of them), and the output is [unmerged A rows, B rows]: no gather over all N. The
-    fused "plugin" op averages rather than sums, so plain sums (source tracking) take the matmul form under it.
-    """
-    add_at = _add_at_scatter if formulation == "scatter" else _add_at_matmul
-    a, b = x[:, 0::2], x[:, 1::2]  # [B, Na, C], [B, Nb, C]
-    b = add_at(b, gather_tokens(a, match.source_a), match.destination_b)  # [B, Nb, C]
-    return in_output_order(gather_tokens(a, match.unmerged_a), b, match.num_prefix)  # [B, N - r, C]
+
+def in_output_order(prefix: torch.Tensor, unmerged: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, p, ...], [B, Na' - r, ...], [B, Nb', ...] -> [B, N - r, ...], one Concat of the non-empty parts."""
+    return torch.cat([part for part in (prefix, unmerged) if part.shape[1] > 0] + [b], dim=1)
+
+
+def kept_tokens(x: torch.Tensor, match: Match) -> torch.Tensor:
+    """x: [B, N - p, D] per-token data of the non-prefix tokens (e.g. Eva's rotary angles) -> [B, N - r - p, D]
+    the rows of the kept ones, in output order: the RoPE rule, kept tokens keep their data."""
+    a_start, b_start = (start - match.num_prefix for start in first_candidates(match.num_prefix))
+    a, b = x[:, a_start::2], x[:, b_start::2]  # [B, Na', D], [B, Nb', D]
+    return in_output_order(a[:, :0], gather_tokens(a, match.unmerged_a), b)
 
 
 def merge_weighted(
@@ -211,8 +258,7 @@ def merge_weighted(
         from tome_deploy.token_merge.torch_op import token_merge
 
         return token_merge(x, size, *(index.to(torch.int32) for index in (match.kept, match.source, match.destination)))
-    weighted = merge_sum(x * size, match, formulation)  # [B, N - r, C]
-    size = merge_sum(size, match, formulation)  # [B, N - r, 1]
+    weighted, size = merge_sums([x * size, size], match, formulation)  # [B, N - r, C], [B, N - r, 1]
     return (weighted / size).to(x.dtype), size
 
 

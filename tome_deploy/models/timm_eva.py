@@ -18,7 +18,7 @@ from torch import nn
 
 from tome_deploy.artifact.spec import MergeFormulation
 from tome_deploy.core.attention import scaled_attention
-from tome_deploy.core.merge import gather_tokens, proportional_attention_bias
+from tome_deploy.core.merge import kept_tokens, proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError
 from tome_deploy.models.adapter import mlp_width_ratio
 from tome_deploy.models.blocks import TokenMerger
@@ -92,7 +92,7 @@ class EvaToMeBlock(nn.Module):
             x, size, source, match = self.merger(x, size, metric, source)
             if rope is not None:  # the RoPE rule: kept tokens keep their angles
                 table = rope.expand(x.shape[0], -1, -1) if rope.ndim == 2 else rope  # [B, N - p, 2 hd]
-                rope = gather_tokens(table, match.kept[:, self.num_prefix:] - self.num_prefix)
+                rope = kept_tokens(table, match)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out

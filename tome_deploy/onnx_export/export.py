@@ -14,7 +14,7 @@ import torch
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
-from tome_deploy.core.merge import GATHER_TOKENS_OVERLOAD
+from tome_deploy.core.merge import ADD_ROWS_OVERLOAD, DESTINATION_ROWS_OVERLOAD, GATHER_TOKENS_OVERLOAD
 from tome_deploy.core.tracing import onnx_export_tracing
 from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
@@ -63,16 +63,34 @@ def explicit_attention(model: torch.nn.Module):
             module.fused_attn = True
 
 
-def _gather_tokens_node(x, positions):
-    """tome_deploy::gather_tokens as GatherND(batch_dims=1): [B, N, C], [B, K] -> [B, K, C], shapes inferable."""
+def _gather_tokens_node(x, index):
+    """tome_deploy::gather_tokens as GatherND(batch_dims=1): [B, N, C], [B, K, 1] -> [B, K, C], shapes inferable."""
     from onnxscript import opset18 as op
 
-    return op.GatherND(x, op.Unsqueeze(positions, [-1]), batch_dims=1)
+    return op.GatherND(x, index, batch_dims=1)
+
+
+def _destination_rows_node(destination):
+    """tome_deploy::destination_rows: [B, r, 1] -> [B, r, 2] (image, row), the image index an exclusive CumSum
+    of ones over the batch axis (four nodes, every shape inferable)."""
+    from onnxscript import opset18 as op
+
+    ones = op.Cast(op.Equal(destination, destination), to=7)  # [B, r, 1] int64 (TensorProto.INT64)
+    image = op.CumSum(ones, op.Constant(value_int=0), exclusive=1)  # [B, r, 1]: 0 .. B-1
+    return op.Concat(image, destination, axis=-1)
+
+
+def _add_rows_node(x, src, rows):
+    """tome_deploy::add_rows as ScatterND(reduction=add): whole rows, no index expanded over C."""
+    from onnxscript import opset18 as op
+
+    return op.ScatterND(x, rows, src, reduction="add")
 
 
 def translation_table(merge: str) -> dict:
     """{torch op overload: onnxscript translation} for every custom op a ToMe model traces to."""
-    table = {GATHER_TOKENS_OVERLOAD: _gather_tokens_node}
+    table = {GATHER_TOKENS_OVERLOAD: _gather_tokens_node, DESTINATION_ROWS_OVERLOAD: _destination_rows_node,
+             ADD_ROWS_OVERLOAD: _add_rows_node}
     if merge == "plugin":  # the fused op becomes one tome::TokenMerge node per block
         table.update(custom_translation_table())
     return table
