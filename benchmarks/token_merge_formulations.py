@@ -29,6 +29,7 @@ from common import markdown_table, whole_numbers, write_json
 
 from tome_deploy.core.merge import Match, bipartite_match, merge_weighted
 from tome_deploy.core.schedule import resolve_schedule
+from tome_deploy.core.tracing import onnx_export_tracing
 from tome_deploy.onnx_export.export import translation_table
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.runtime.throughput import time_side_by_side
@@ -96,11 +97,12 @@ def torch_runs(inputs: tuple) -> dict:
 
 def export_merge_steps(formulation: str, inputs: tuple, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        MergeSteps(formulation, [n for n, _ in merging_blocks()]).eval(), inputs, dynamo=True, opset_version=18, verbose=False,
-        dynamic_shapes=({0: batch}, {0: batch}, tuple({0: batch} for _ in inputs[2])),
-        custom_translation_table=translation_table(formulation),
-    )
+    with onnx_export_tracing(topk_ties=True):  # the merge ops tome-export writes (GatherND, ScatterND)
+        program = torch.onnx.export(
+            MergeSteps(formulation, [n for n, _ in merging_blocks()]).eval(), inputs, dynamo=True, opset_version=18, verbose=False,
+            dynamic_shapes=({0: batch}, {0: batch}, tuple({0: batch} for _ in inputs[2])),
+            custom_translation_table=translation_table(formulation),
+        )
     program.save(str(path))
     return path
 

@@ -53,6 +53,28 @@ def _check_against_reference(metric: torch.Tensor, r: int, p: int) -> Match:
 
 
 @pytest.mark.parametrize("n,p,r", CASES)
+def test_export_form_equals_reference_random(n, p, r):
+    """The form exports for ONNX Runtime / OpenVINO take (TopK for the best match and the score order,
+    gather and ScatterND custom ops), run eagerly: the same choice as the reference and the same merge as
+    the eager form. Random metrics have no ties, so torch's TopK order is the ONNX one here; ties run in
+    ONNX Runtime in tests/test_onnx_export.py."""
+    from tome_deploy.core.tracing import onnx_export_tracing
+
+    gen = torch.Generator().manual_seed(7 * n + 3 * p + r)
+    metric, x = torch.randn(3, n, 8, generator=gen), torch.randn(3, n, 5, generator=gen)
+    size = torch.randint(1, 6, (3, n, 1), generator=gen).float()
+    with onnx_export_tracing(topk_ties=True):
+        match = _check_against_reference(metric, r, p)
+        merged = {formulation: merge_weighted(x, size, match, formulation) for formulation in FORMULATIONS}
+    for b in range(3):
+        src_a, dst_b, order = reference_match(metric[b], r, p)
+        want_x, want_size = reference_merge(x[b], size[b, :, 0], src_a, dst_b, order)
+        for got_x, got_size in merged.values():
+            torch.testing.assert_close(got_x[b].double(), want_x, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_size[b, :, 0].double(), want_size, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,p,r", CASES)
 def test_match_equals_reference_random(n, p, r):
     gen = torch.Generator().manual_seed(1000 * n + 10 * p + r)
     metric = torch.randn(3, n, 8, generator=gen)

@@ -148,7 +148,7 @@ def test_scatter_export_is_refused_with_the_fix(export_cached, tmp_path, capsys)
     plan = tmp_path / "refused.plan"
     code, _, err = run_cli(capsys, build_cli, str(onnx_path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", CC)
     assert code == 2
-    assert_one_line_error(err, "ScatterElements(reduction=add)", "tensorrt-rtx rejects", "--target tensorrt")
+    assert_one_line_error(err, "ScatterND(reduction=add)", "whose sum tensorrt-rtx does not support", "--target tensorrt")
     assert not plan.exists() and not sidecar_path(plan).exists()
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from tome_deploy.errors import InvalidInputError
 
-# scatter: ScatterElements(add). matmul: a one-hot matmul, no scatter op (runs on TensorRT / TensorRT-RTX).
+# scatter: ScatterND(add) on whole token rows (ScatterElements(add) when not traced by tome-deploy's exporter). matmul: a one-hot matmul, no scatter op (runs on TensorRT / TensorRT-RTX).
 # plugin: one fused tome::TokenMerge node per block (tome_deploy/token_merge; needs the `plugin` extra to run).
 MergeFormulation = Literal["scatter", "matmul", "plugin"]
 MERGE_FORMULATIONS: tuple[str, ...] = ("scatter", "matmul", "plugin")
@@ -38,8 +38,8 @@ def merge_for_target(merge: str | None, target: str) -> str:
         return TARGET_DEFAULT_MERGE[target]
     if merge in TARGET_REFUSED_MERGES[target]:
         raise InvalidInputError(
-            f"--merge {merge} cannot run on {target}: ScatterElements(add) is not a native TensorRT op "
-            "(TensorRT-RTX rejects it, TensorRT sums it with nondeterministic atomics); "
+            f"--merge {merge} cannot run on {target}: TensorRT's ONNX parser does not support ScatterND's sum "
+            "(the `scatter` merge); "
             f"drop --merge (--target {target} picks {TARGET_DEFAULT_MERGE[target]}) or pass --merge matmul"
         )
     return merge
@@ -54,7 +54,7 @@ class ExportSpec:
     # images a --static-batch trace and its validation allocate at once.
     max_batch: int = 4096
     default_opset: int = 18
-    # ScatterElements(reduction="add") exists from opset 16; below it the sum is silently dropped.
+    # ScatterND / ScatterElements(reduction="add") exist from opset 16; below them the sum is silently dropped.
     min_opset: int = 16
     # The exporter only targets opsets the ONNX checker and ONNX Runtime 1.2x both know.
     max_opset: int = 22
@@ -74,7 +74,7 @@ class ExportSpec:
         if not self.min_opset <= opset <= self.max_opset:
             raise InvalidInputError(
                 f"opset {opset} is not supported: ToMe's summed merge needs opset >= {self.min_opset} "
-                f"(below it ScatterElements drops the reduction and gives wrong results); "
+                f"(below it a scatter drops the reduction and gives wrong results); "
                 f"pass --opset between {self.min_opset} and {self.max_opset} (default {self.default_opset})"
             )
         return opset

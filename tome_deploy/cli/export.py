@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-sparse", action="store_true",
                         help="with --target-speedup: search constant r only (every block merges), never a sparse schedule")
     parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default=None,
-                        help="merge formulation: scatter (ScatterElements add), matmul (one-hot, no scatter op; for TensorRT) "
+                        help="merge formulation: scatter (ScatterND add on whole rows), matmul (one-hot, no scatter op; for TensorRT) "
                              "or plugin (one fused tome::TokenMerge node per block; needs pip install 'tome-deploy[plugin]'); "
                              "default: the --target's")
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime",

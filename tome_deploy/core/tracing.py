@@ -1,5 +1,6 @@
 """Whether onnx_export is tracing a model: the few core functions that export differently from how they run
-eagerly (gather_tokens as one GatherND, attention as MatMul/Softmax, the score order as one TopK) read these flags."""
+eagerly (gather_tokens as one GatherND, the scatter sums as ScatterND on whole rows, attention as MatMul/Softmax,
+the score order as TopK) read these flags."""
 
 from __future__ import annotations
 

@@ -35,7 +35,15 @@ def check_graph(model_proto, backend: TensorRTBackend) -> GraphCheck:
     check = GraphCheck()
     reducing_scatters = []
     for node in model_proto.graph.node:
-        if node.op_type in ("ScatterElements", "ScatterND") and _scatter_reduction(node) != "none":
+        if node.op_type == "ScatterND" and _scatter_reduction(node) != "none":
+            # TensorRT's ONNX parser: "ScatterND with reduction is not supported" (TensorRT-RTX's, measured;
+            # TensorRT 8.6's silently dropped the reduction, onnx-tensorrt issue 957).
+            raise UnsupportedGraphError(
+                f"node {node.name!r} is ScatterND(reduction={_scatter_reduction(node)}) (the `scatter` merge), "
+                f"whose sum {backend.name} does not support; re-export with tome-export ... --target tensorrt "
+                "(or --merge matmul)"
+            )
+        if node.op_type == "ScatterElements" and _scatter_reduction(node) != "none":
             reducing_scatters.append(node.name or node.op_type)
         elif is_token_merge_node(node):
             if not backend.runs_python_plugins:
@@ -50,7 +58,7 @@ def check_graph(model_proto, backend: TensorRTBackend) -> GraphCheck:
                 f"node {node.name!r} is {node.domain}::{node.op_type}, a custom op no TensorRT backend knows; "
                 "export without it"
             )
-    if reducing_scatters:
+    if reducing_scatters:  # a `scatter` export of tome-deploy 0.1 (ScatterElements since then only eagerly)
         if not backend.runs_scatter_reduction:
             raise UnsupportedGraphError(
                 f"node {reducing_scatters[0]!r} is ScatterElements(reduction=add) (the `scatter` merge), which "
