@@ -54,8 +54,8 @@ def _check_against_reference(metric: torch.Tensor, r: int, p: int) -> Match:
 
 @pytest.mark.parametrize("n,p,r", CASES)
 def test_export_form_equals_reference_random(n, p, r):
-    """The form exports for ONNX Runtime / OpenVINO take (TopK for the best match and the score order,
-    gather and ScatterND custom ops), run eagerly: the same choice as the reference and the same merge as
+    """The form exports for ONNX Runtime / OpenVINO take (TopK for the score order, the gather and
+    ScatterND custom ops), run eagerly: the same choice as the reference and the same merge as
     the eager form. Random metrics have no ties, so torch's TopK order is the ONNX one here; ties run in
     ONNX Runtime in tests/test_onnx_export.py."""
     from tome_deploy.core.tracing import onnx_export_tracing

@@ -73,10 +73,9 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Match:
     metric = metric / metric.norm(dim=-1, keepdim=True)  # [B, N, c]
     _, a, b = split_tokens(metric, num_prefix)  # [B, Na', c], [B, Nb', c]
     scores = a @ b.transpose(-1, -2)  # [B, Na', Nb']
-    if topk_orders_ties():  # one TopK for both outputs; ties -> lowest B' index (ONNX spec)
-        best_score, best_b = scores.topk(1, dim=-1, largest=True, sorted=True)  # [B, Na', 1] each
-    else:  # ties -> lowest B' index (torch.max, ONNX ArgMax)
-        best_score, best_b = scores.max(dim=-1, keepdim=True)  # [B, Na', 1] each
+    # Ties -> lowest B' index (torch.max, ONNX ArgMax). ReduceMax + ArgMax beat one TopK(k=1) in ONNX Runtime
+    # from batch 8 on (72 against 113 us on [8, 98, 98]).
+    best_score, best_b = scores.max(dim=-1, keepdim=True)  # [B, Na', 1] each
     source_a, unmerged_a = split_by_score(best_score, r, num_prefix > 0)  # [B, r, 1], [B, Na' - r, 1]
     destination_b = best_b.gather(1, source_a)  # [B, r, 1]
     return Match(source_a, destination_b, unmerged_a, metric.shape[1], num_prefix)
