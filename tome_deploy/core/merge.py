@@ -21,7 +21,7 @@ class Match(NamedTuple):
     """Where tokens go, as index columns into A' and B': the non-prefix tokens of set A and of set B.
 
     Index columns ([B, K, 1]) are what GatherND(batch_dims=1) takes, so they export with no Unsqueeze.
-    The output order is [prefix tokens, unmerged A', B'] (`kept_tokens`); `kept`, `source` and
+    The output order is [prefix tokens, unmerged A', B'] (`in_output_order`); `kept`, `source` and
     `destination` give the same match as token positions (the fused op's contract)."""
 
     source_a: torch.Tensor  # [B, r, 1]       A' indices merged away
