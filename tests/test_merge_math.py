@@ -52,6 +52,15 @@ def _check_against_reference(metric: torch.Tensor, r: int, p: int) -> Match:
     return match
 
 
+def _check_merge_against_reference(metric, x, size, r, p, merged, merged_size) -> None:
+    """merged [B, N - r, C] and merged_size [B, N - r, 1] against the reference merge of every image."""
+    for b in range(x.shape[0]):
+        src_a, dst_b, order = reference_match(metric[b], r, p)
+        want_x, want_size = reference_merge(x[b], size[b, :, 0], src_a, dst_b, order)
+        torch.testing.assert_close(merged[b].double(), want_x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged_size[b, :, 0].double(), want_size, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("n,p,r", CASES)
 def test_export_form_equals_reference_random(n, p, r):
     """The form exports for ONNX Runtime / OpenVINO take (TopK for the score order, the gather and
@@ -66,12 +75,8 @@ def test_export_form_equals_reference_random(n, p, r):
     with onnx_export_tracing(topk_ties=True):
         match = _check_against_reference(metric, r, p)
         merged = {formulation: merge_weighted(x, size, match, formulation) for formulation in FORMULATIONS}
-    for b in range(3):
-        src_a, dst_b, order = reference_match(metric[b], r, p)
-        want_x, want_size = reference_merge(x[b], size[b, :, 0], src_a, dst_b, order)
-        for got_x, got_size in merged.values():
-            torch.testing.assert_close(got_x[b].double(), want_x, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(got_size[b, :, 0].double(), want_size, rtol=0, atol=0)
+    for got_x, got_size in merged.values():
+        _check_merge_against_reference(metric, x, size, r, p, got_x, got_size)
 
 
 @pytest.mark.parametrize("n,p,r", CASES)
@@ -177,11 +182,7 @@ def test_merge_weighted_equals_reference(formulation, n, p, r):
     merged, merged_size = merge_weighted(x, size, match, formulation)
     assert merged.shape == (2, n - r, 5) and merged_size.shape == (2, n - r, 1)
     assert merged.dtype == x.dtype
-    for b in range(2):
-        src_a, dst_b, order = reference_match(metric[b], r, p)
-        want_x, want_size = reference_merge(x[b], size[b, :, 0], src_a, dst_b, order)
-        torch.testing.assert_close(merged[b].double(), want_x, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(merged_size[b, :, 0].double(), want_size, rtol=0, atol=0)
+    _check_merge_against_reference(metric, x, size, r, p, merged, merged_size)
     # Total size is preserved.
     torch.testing.assert_close(merged_size.sum(dim=1), size.sum(dim=1), rtol=0, atol=0)
 

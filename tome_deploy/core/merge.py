@@ -9,7 +9,7 @@ tokens (Na' = ceil(N/2) - ceil(p/2), Nb' = floor(N/2) - floor(p/2)), the only on
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -233,9 +233,9 @@ def merge_sum(x: torch.Tensor, match: Match, formulation: MergeFormulation = "sc
     return merge_sums([x], match, formulation)[0]
 
 
-def in_output_order(prefix: torch.Tensor, unmerged: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[B, p, ...], [B, Na' - r, ...], [B, Nb', ...] -> [B, N - r, ...], one Concat of the non-empty parts."""
-    return torch.cat([part for part in (prefix, unmerged) if part.shape[1] > 0] + [b], dim=1)
+def in_output_order(prefix: Optional[torch.Tensor], unmerged: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, p, ...] or None, [B, Na' - r, ...], [B, Nb', ...] -> [B, N - r, ...], one Concat of the non-empty parts."""
+    return torch.cat([part for part in (prefix, unmerged) if part is not None and part.shape[1] > 0] + [b], dim=1)
 
 
 def kept_tokens(x: torch.Tensor, match: Match) -> torch.Tensor:
@@ -243,7 +243,7 @@ def kept_tokens(x: torch.Tensor, match: Match) -> torch.Tensor:
     the rows of the kept ones, in output order: the RoPE rule, kept tokens keep their data."""
     a_start, b_start = (start - match.num_prefix for start in first_candidates(match.num_prefix))
     a, b = x[:, a_start::2], x[:, b_start::2]  # [B, Na', D], [B, Nb', D]
-    return in_output_order(a[:, :0], gather_tokens(a, match.unmerged_a), b)
+    return in_output_order(None, gather_tokens(a, match.unmerged_a), b)
 
 
 def merge_weighted(
