@@ -1,9 +1,10 @@
-"""The family-independent ToMe modules: one block's merge step, and the chain of ToMe blocks that threads
-token sizes (and, for source tracking, which input tokens each token holds) from block to block."""
+"""The family-independent ToMe modules: one block's merge step, the pre-norm ToMe block most families
+share, and the chain of ToMe blocks that threads token sizes (and, for source tracking, which input tokens
+each token holds) from block to block."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +47,38 @@ class TokenMerger(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, num_prefix={self.num_prefix}, formulation={self.formulation}"
+
+
+# attention(attn module, x [B, N, C], size [B, N, 1] or None) -> (out [B, N, C], merge metric [B, N, c])
+ToMeAttention = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class PreNormToMeBlock(nn.Module):
+    """A pre-norm transformer block with ToMe between attention and MLP, on the block's own layers:
+
+        x = x + after_attn(attention(attn, norm1(x), size));  merge r tokens;  x = x + after_mlp(mlp(norm2(x)))
+
+    `attention` is the family's attention with proportional attention; `after_attn` / `after_mlp` are the
+    layers (LayerScale, drop path, dropout) between each branch and its residual add, in call order."""
+
+    def __init__(self, attention: ToMeAttention, norm1: nn.Module, attn: nn.Module, after_attn: Sequence[nn.Module],
+                 norm2: nn.Module, mlp: nn.Module, after_mlp: Sequence[nn.Module],
+                 r: int, num_prefix: int, formulation: MergeFormulation):
+        super().__init__()
+        self.attention = attention  # a function, not a module: it owns no weights
+        self.norm1, self.attn, self.after_attn = norm1, attn, nn.Sequential(*after_attn)
+        self.norm2, self.mlp, self.after_mlp = norm2, mlp, nn.Sequential(*after_mlp)
+        self.merger = TokenMerger(r, num_prefix, formulation) if r > 0 else None
+
+    def forward(
+        self, x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor] = None, context: Any = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Any]:
+        """x: [B, N, C], size: [B, N, 1] or None, source: [B, N, N0] or None -> the same, N - r tokens."""
+        attn_out, metric = self.attention(self.attn, self.norm1(x), size)
+        x = x + self.after_attn(attn_out)
+        if self.merger is not None:
+            x, size, source, _ = self.merger(x, size, metric, source)
+        return x + self.after_mlp(self.mlp(self.norm2(x))), size, source, context
 
 
 class ToMeBlocks(nn.Module):

@@ -28,7 +28,7 @@ from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason
 from tome_deploy.models.adapter import mlp_width_ratio
-from tome_deploy.models.blocks import TokenMerger
+from tome_deploy.models.blocks import PreNormToMeBlock
 
 HUB_PREFIX = "hf:"
 
@@ -107,25 +107,6 @@ def hf_tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Ten
     return out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(dim=1)
 
 
-class HFToMeLayer(nn.Module):
-    """A pre-norm transformers encoder layer with ToMe between attention and MLP."""
-
-    def __init__(self, layer: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation):
-        super().__init__()
-        norm1, attn, after_attn, norm2, mlp, after_mlp = LAYERS[type(layer).__name__]
-        self.norm1, self.attn, self.norm2, self.mlp = (getattr(layer, n) for n in (norm1, attn, norm2, mlp))
-        self.after_attn = nn.Sequential(*(getattr(layer, n) for n in after_attn))
-        self.after_mlp = nn.Sequential(*(getattr(layer, n) for n in after_mlp))
-        self.merger = TokenMerger(r, num_prefix, formulation) if r > 0 else None
-
-    def forward(self, x, size, source=None, context: Any = None):
-        attn_out, metric = hf_tome_attention(self.attn, self.norm1(x), size)
-        x = x + self.after_attn(attn_out)
-        if self.merger is not None:
-            x, size, source, _ = self.merger(x, size, metric, source)
-        return x + self.after_mlp(self.mlp(self.norm2(x))), size, source, context
-
-
 class _PoolingAttention(nn.Module):
     """SigLIP's attention-pooling head's nn.MultiheadAttention (packed in_proj, batch first) with the heads
     split per image, [B, H, M, hd]. nn.MultiheadAttention folds them into the batch ([B * H, ...]), a
@@ -194,7 +175,12 @@ class HFTransformersAdapter:
         return list(_layer_list(model)[2])
 
     def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
-        return HFToMeLayer(block, r, num_prefix, formulation)
+        norm1, attn, after_attn, norm2, mlp, after_mlp = LAYERS[type(block).__name__]
+        def layers(*names: str) -> list[nn.Module]:
+            return [getattr(block, name) for name in names]
+
+        return PreNormToMeBlock(hf_tome_attention, *layers(norm1, attn), layers(*after_attn),
+                                *layers(norm2, mlp), layers(*after_mlp), r, num_prefix, formulation)
 
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         parent, attr, _ = _layer_list(model)

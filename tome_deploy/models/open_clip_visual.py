@@ -21,7 +21,7 @@ from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason
 from tome_deploy.models.adapter import mlp_width_ratio
-from tome_deploy.models.blocks import TokenMerger
+from tome_deploy.models.blocks import PreNormToMeBlock
 
 PREFIX = "open_clip:"
 
@@ -48,23 +48,6 @@ def mha_tome_attention(
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     out = scaled_attention(q, k, v, bias, dropout=attn.dropout if attn.training else 0.0)  # [B, H, N, hd]
     return attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim)), k.mean(dim=1)
-
-
-class OpenClipToMeBlock(nn.Module):
-    """open_clip ResidualAttentionBlock with ToMe between attention and MLP."""
-
-    def __init__(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation):
-        super().__init__()
-        self.ln_1, self.attn, self.ls_1 = block.ln_1, block.attn, block.ls_1
-        self.ln_2, self.mlp, self.ls_2 = block.ln_2, block.mlp, block.ls_2
-        self.merger = TokenMerger(r, num_prefix, formulation) if r > 0 else None
-
-    def forward(self, x, size, source=None, context: Any = None):
-        attn_out, metric = mha_tome_attention(self.attn, self.ln_1(x), size)
-        x = x + self.ls_1(attn_out)
-        if self.merger is not None:
-            x, size, source, _ = self.merger(x, size, metric, source)
-        return x + self.ls_2(self.mlp(self.ln_2(x))), size, source, context
 
 
 class _TransformerCall(nn.Module):
@@ -106,7 +89,8 @@ class OpenClipAdapter:
         return list(model.transformer.resblocks)
 
     def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
-        return OpenClipToMeBlock(block, r, num_prefix, formulation)
+        return PreNormToMeBlock(mha_tome_attention, block.ln_1, block.attn, [block.ls_1],
+                                block.ln_2, block.mlp, [block.ls_2], r, num_prefix, formulation)
 
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         model.transformer = _TransformerCall(blocks)

@@ -14,7 +14,7 @@ from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError
 from tome_deploy.models.adapter import mlp_width_ratio
-from tome_deploy.models.blocks import TokenMerger
+from tome_deploy.models.blocks import PreNormToMeBlock
 
 
 def data_config(model: torch.nn.Module) -> dict:
@@ -93,27 +93,6 @@ def tome_attention(
     return out, k.mean(dim=1)
 
 
-class ToMeBlock(nn.Module):
-    """A timm pre-norm Block with ToMe between attention and MLP; reuses the block's own layers."""
-
-    def __init__(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation):
-        super().__init__()
-        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
-        self.merger = TokenMerger(r, num_prefix, formulation) if r > 0 else None
-
-    def forward(
-        self, x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor] = None, context: Any = None
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Any]:
-        """x: [B, N, C], size: [B, N, 1] or None, source: [B, N, N0] or None -> the same, N - r tokens."""
-        attn_out, metric = tome_attention(self.attn, self.norm1(x), size)
-        x = x + self.drop_path1(self.ls1(attn_out))
-        if self.merger is not None:
-            x, size, source, _ = self.merger(x, size, metric, source)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, size, source, context
-
-
 class TimmViTAdapter:
     """timm.models.vision_transformer.VisionTransformer: the ToMe blocks replace `model.blocks`."""
 
@@ -129,7 +108,8 @@ class TimmViTAdapter:
         return list(model.blocks)
 
     def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
-        return ToMeBlock(block, r, num_prefix, formulation)
+        return PreNormToMeBlock(tome_attention, block.norm1, block.attn, [block.ls1, block.drop_path1],
+                                block.norm2, block.mlp, [block.ls2, block.drop_path2], r, num_prefix, formulation)
 
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         model.grad_checkpointing = False  # checkpoint_seq would call the blocks without sizes
