@@ -4,8 +4,9 @@ The baseline is what a user would have without tome-deploy: `torch.onnx.export` 
 dynamic batch) of the timm model itself. For each model: export the plain model and one ToMe model per
 (schedule, merge formulation), same random weights; time them interleaved in each runtime at each batch
 size; print the measured speedup next to the FLOP ratio, the ratio to it, the share of ToMe time spent in
-matching + merging (ONNX Runtime profiler; `TokenMerger` scopes) and the ONNX Runtime fusions that fired
-in the plain and in the ToMe graph (fused op types in the graph ORT runs, ORT_ENABLE_ALL).
+matching + merging (each row's runtime's own profiler: ONNX Runtime kernel events, OpenVINO per-layer
+counters; `TokenMerger` scopes) and the ONNX Runtime fusions that fired in the plain and in the ToMe graph
+(fused op types in the graph ORT runs, ORT_ENABLE_ALL).
 
     python benchmarks/ort_throughput.py                 # ViT-S/16 and ViT-B/16 r=16, batch 1 and 8, both runtimes
     python benchmarks/ort_throughput.py --models vit_base_patch16_224 --batches 32          # scaling: batch 32
@@ -19,7 +20,8 @@ in the plain and in the ToMe graph (fused op types in the graph ORT runs, ORT_EN
 (a random transformers ViTForImageClassification of ViT-S/16 size, written to a temporary folder) and
 `families` (one model of each family: timm ViT, timm Eva, transformers, OpenCLIP).
 
-Add --profile to print ONNX Runtime kernel time per op type, plain vs ToMe, for the first batch size.
+Add --profile to print, per runtime, the time per op type plain vs ToMe and the matching + merging time
+per op type, for the first batch size.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ from common import SCHEDULES, export_variants
 from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
 from tome_deploy.runtime.profiling import (
     fusions_fired,
+    merger_node_names,
     profile_merge_share,
+    profile_node_times,
     profile_op_types,
+    profile_openvino,
 )
 from tome_deploy.runtime.throughput import time_interleaved
 
@@ -81,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--sweep", metavar="R0,R1,...", help="instead of --schedules: every r listed, first --merges only")
     parser.add_argument("--plot", metavar="PNG", help="with --sweep: plot measured speedup vs FLOP ratio")
-    parser.add_argument("--profile", action="store_true", help="print ORT kernel time per op type, plain vs ToMe")
+    parser.add_argument("--profile", action="store_true", help="print time per op type, plain vs ToMe, per runtime")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return parser.parse_args()
 
@@ -101,7 +106,7 @@ def fusion_text(found: dict[str, int]) -> str:
 def measure_model(arch: str, source: str, schedules: list, merges: list[str], runtimes: list[str], batches: list[int], args, folder: Path) -> list[dict]:
     rows = []
     plain_paths = None
-    plain_kernels = {}  # batch -> the plain graph's profile, shared by every formulation
+    plain_kernels = {}  # (runtime, batch) -> the plain graph's profile, shared by every formulation
     for merge in merges:
         (folder / merge).mkdir(exist_ok=True)
         outcomes = export_variants(source, {schedule_label(s): SCHEDULES.get(s, s) for s in schedules}, folder / merge,
@@ -116,15 +121,15 @@ def measure_model(arch: str, source: str, schedules: list, merges: list[str], ru
         input_size = metas["unmerged"].input_size
         for batch in batches:
             feed = np.random.default_rng(1).standard_normal((batch, *input_size)).astype(np.float32)
-            # Kernel time of every node (ORT profiler): the speedup the kernels alone give, next to the wall clock's.
-            if batch not in plain_kernels:
-                plain_kernels[batch] = profile_merge_share(plain_paths, "pixel_values", feed, runs=3, threads=args.threads)
-            kernels = {label: profile_merge_share(paths[label], "pixel_values", feed, runs=3, threads=args.threads)
-                       for label in labels}
-            kernels["unmerged"] = plain_kernels[batch]
-            if args.profile and batch == batches[0]:
-                print_profile(arch, merge, batch, paths, labels[-1], feed, args.threads)
             for runtime in runtimes:
+                # Kernel / layer time of every node (the runtime's profiler): the speedup the kernels alone give,
+                # next to the wall clock's, and the matching + merging share.
+                if (runtime, batch) not in plain_kernels:
+                    plain_kernels[runtime, batch] = time_share(runtime, plain_paths, feed, args.threads)
+                kernels = {label: time_share(runtime, paths[label], feed, args.threads) for label in labels}
+                kernels["unmerged"] = plain_kernels[runtime, batch]
+                if args.profile and batch == batches[0]:
+                    print_profile(runtime, arch, merge, batch, paths, labels[-1], feed, args.threads)
                 timings = time_interleaved(paths, "pixel_values", input_size, batch, rounds=args.rounds,
                                            threads=args.threads, runtime=runtime)
                 for label in labels:
@@ -135,22 +140,53 @@ def measure_model(arch: str, source: str, schedules: list, merges: list[str], ru
                         "runtime": runtime, "batch": batch,
                         "plain_img_s": timings["unmerged"].images_per_s, "tome_img_s": timings[label].images_per_s,
                         "measured_speedup": measured, "flops_speedup": flops, "ratio_to_flops": measured / flops,
-                        "merge_share_ort": kernels[label].merge_share,
-                        "kernel_speedup_ort": kernels["unmerged"].total_us / kernels[label].total_us,
+                        "merge_share": kernels[label].merge_share,
+                        "kernel_speedup": kernels["unmerged"].total_us / kernels[label].total_us,
                         "ort_fusions_plain": fusion_text(fusions["unmerged"]), "ort_fusions_tome": fusion_text(fusions[label]),
                     })
                     say(f"  {arch} {label} {merge} {runtime} batch {batch}: {measured:.2f}x (FLOPs {flops:.2f}x)")
     return rows
 
 
-def print_profile(arch, merge, batch, paths, label, feed, threads) -> None:
-    plain = profile_op_types(paths["unmerged"], "pixel_values", feed, threads=threads)
-    tome = profile_op_types(paths[label], "pixel_values", feed, threads=threads)
-    print(f"\nONNX Runtime kernel time per pass by op type, {arch} batch {batch}, plain vs ToMe {label} ({merge}), microseconds")
+def time_share(runtime: str, path, feed: np.ndarray, threads):
+    """The runtime's profiler over 3 passes: matching + merging vs other kernel / layer time."""
+    if runtime == "openvino":
+        return profile_openvino(path, "pixel_values", feed, runs=3, threads=threads).share
+    return profile_merge_share(path, "pixel_values", feed, runs=3, threads=threads)
+
+
+def op_type_times(runtime: str, path, feed: np.ndarray, threads) -> dict[str, float]:
+    if runtime == "openvino":
+        return profile_openvino(path, "pixel_values", feed, threads=threads).op_types
+    return profile_op_types(path, "pixel_values", feed, threads=threads)
+
+
+def merge_op_times(path, feed: np.ndarray, threads) -> dict[str, tuple[int, float]]:
+    """ONNX Runtime: {op type: (nodes, kernel microseconds per pass)} of the matching + merging nodes."""
+    merger = merger_node_names(path)
+    found: dict[str, tuple[int, float]] = {}
+    for node, op, us in profile_node_times(path, "pixel_values", feed, threads=threads):
+        if node in merger:
+            count, total = found.get(op, (0, 0.0))
+            found[op] = (count + 1, total + us)
+    return dict(sorted(found.items(), key=lambda kv: -kv[1][1]))
+
+
+def print_profile(runtime, arch, merge, batch, paths, label, feed, threads) -> None:
+    plain = op_type_times(runtime, paths["unmerged"], feed, threads)
+    tome = op_type_times(runtime, paths[label], feed, threads)
+    unit = "OpenVINO layer time (per-layer counters)" if runtime == "openvino" else "ONNX Runtime kernel time"
+    print(f"\n{unit} per pass by op type, {arch} batch {batch}, plain vs ToMe {label} ({merge}), microseconds")
     print(f"{'op type':<28} {'plain':>10} {'ToMe':>10}")
     for op in sorted(set(plain) | set(tome), key=lambda o: -(tome.get(o, 0) + plain.get(o, 0)))[:18]:
         print(f"{op:<28} {plain.get(op, 0):>10.0f} {tome.get(op, 0):>10.0f}")
     print(f"{'total':<28} {sum(plain.values()):>10.0f} {sum(tome.values()):>10.0f}\n")
+    if runtime == "onnxruntime":
+        print(f"ONNX Runtime matching + merging nodes by op type, ToMe {label} ({merge}), all blocks")
+        print(f"{'op type':<28} {'nodes':>6} {'us/pass':>8} {'us/node':>8}")
+        for op, (count, us) in merge_op_times(paths[label], feed, threads).items():
+            print(f"{op:<28} {count:>6} {us:>8.0f} {us / count:>8.1f}")
+        print()
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -159,7 +195,7 @@ def print_rows(rows: list[dict]) -> None:
     for row in rows:
         print(f"{row['model']:<22} {row['tokens']:>6} {row['schedule']:<10} {row['merge']:<8} {RUNTIME_LABELS[row['runtime']]:<12} "
               f"{row['batch']:>5} {row['plain_img_s']:>11.1f} {row['tome_img_s']:>10.1f} {row['measured_speedup']:>7.2f}x "
-              f"{row['flops_speedup']:>5.2f}x {row['ratio_to_flops']:>9.0%} {row['kernel_speedup_ort']:>6.2f}x {row['merge_share_ort']:>10.1%}  "
+              f"{row['flops_speedup']:>5.2f}x {row['ratio_to_flops']:>9.0%} {row['kernel_speedup']:>6.2f}x {row['merge_share']:>10.1%}  "
               f"{row['ort_fusions_plain']} | {row['ort_fusions_tome']}")
 
 
@@ -197,10 +233,11 @@ def main() -> None:
         for arch, source in model_sources(args.models, Path(tmp)).items():
             rows += measure_model(arch, source, schedules, merges, runtimes, batches, args, Path(tmp))
     print_rows(rows)
-    print("\nkernels: the speedup in ONNX Runtime profiler kernel time alone (plain / ToMe, every node); "
-          "what the wall clock loses beyond it is per-node executor overhead")
-    print("merge share: ONNX Runtime profiler kernel time of the TokenMerger nodes / ToMe total; "
-          "matching is the [B, N/2, N/2] score matmul plus the counting rank's (N/2)^2 comparisons per layer")
+    print("\nkernels: the speedup in the row's runtime's profiler time alone (ONNX Runtime kernel events, OpenVINO "
+          "per-layer counters; plain / ToMe, every node); what the wall clock loses beyond it is per-node executor overhead")
+    print("merge share: that profiler's time in the TokenMerger nodes (the keys' mean over heads, matching, merging) "
+          "/ ToMe total; matching is the [B, N/2, N/2] score matmul plus, in TensorRT exports, the counting rank's "
+          "(N/2)^2 comparisons per layer")
     if args.plot:
         plot(rows, args.plot)
     if args.json:

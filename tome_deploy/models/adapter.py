@@ -6,7 +6,7 @@ family, write a module with an adapter object and list it in `_FAMILY_MODULES`.
 
 What a family provides:
 - which modules are its transformer blocks, and a ToMe version of one block (attention with the additive
-  key bias log(size) of proportional attention, returning the merge metric, then the merge, then the MLP);
+  key bias log(size) of proportional attention, returning the keys, then the merge, then the MLP);
 - how the ToMe blocks are put into a copy of the model (`install`), so that the model's own forward (stem,
   prefix tokens, head and its pooling) runs around them unchanged;
 - the token counts (tokens at the first block, prefix tokens that never merge), the width and real MLP

@@ -21,9 +21,10 @@ class TokenMerger(nn.Module):
         super().__init__()
         self.r, self.num_prefix, self.formulation = r, num_prefix, formulation
 
-    def match(self, metric: torch.Tensor) -> Match:
-        """metric: [B, N, c] -> the r pairs to merge and the N - r kept positions."""
-        return bipartite_match(metric, self.r, self.num_prefix)
+    def match(self, keys: torch.Tensor) -> Match:
+        """keys: [B, H, N, hd] -> the r pairs to merge and the N - r kept positions, matched on the metric
+        the paper uses: the keys averaged over heads ([B, N, hd])."""
+        return bipartite_match(keys.mean(dim=1), self.r, self.num_prefix)
 
     def merge(
         self, x: torch.Tensor, size: Optional[torch.Tensor], match: Match, source: Optional[torch.Tensor]
@@ -37,19 +38,20 @@ class TokenMerger(nn.Module):
         return x, size, source
 
     def forward(
-        self, x: torch.Tensor, size: Optional[torch.Tensor], metric: torch.Tensor, source: Optional[torch.Tensor]
+        self, x: torch.Tensor, size: Optional[torch.Tensor], keys: torch.Tensor, source: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Match]:
-        """x: [B, N, C], size: [B, N, 1] or None, metric: [B, N, c], source: [B, N, N0] or None -> N - r tokens,
+        """x: [B, N, C], size: [B, N, 1] or None, keys: [B, H, N, hd], source: [B, N, N0] or None -> N - r tokens,
         and the Match (for blocks that carry per-position data along, such as Eva's rotary tables). One call, so
-        that every matching and merging node carries this module's name scope (the profiler's merge share)."""
-        match = self.match(metric)
+        that every matching and merging node, the keys' mean over heads included, carries this module's name
+        scope (the profiler's merge share)."""
+        match = self.match(keys)
         return (*self.merge(x, size, match, source), match)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, num_prefix={self.num_prefix}, formulation={self.formulation}"
 
 
-# attention(attn module, x [B, N, C], size [B, N, 1] or None) -> (out [B, N, C], merge metric [B, N, c])
+# attention(attn module, x [B, N, C], size [B, N, 1] or None) -> (out [B, N, C], keys [B, H, N, hd])
 ToMeAttention = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -74,10 +76,10 @@ class PreNormToMeBlock(nn.Module):
         self, x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor] = None, context: Any = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Any]:
         """x: [B, N, C], size: [B, N, 1] or None, source: [B, N, N0] or None -> the same, N - r tokens."""
-        attn_out, metric = self.attention(self.attn, self.norm1(x), size)
+        attn_out, keys = self.attention(self.attn, self.norm1(x), size)
         x = x + self.after_attn(attn_out)
         if self.merger is not None:
-            x, size, source, _ = self.merger(x, size, metric, source)
+            x, size, source, _ = self.merger(x, size, keys, source)
         return x + self.after_mlp(self.mlp(self.norm2(x))), size, source, context
 
 

@@ -2,7 +2,7 @@
 SigLIP vision, DINOv2 (with registers).
 
 Attention runs through our own function on the module's q/k/v/output projections, so proportional
-attention and the merge metric are exact whatever `attn_implementation` the model was loaded with. The
+attention and the keys matching uses are exact whatever `attn_implementation` the model was loaded with. The
 class, distillation and register tokens are prefix tokens (never merged); the model's own head runs as it
 is (class-token / distillation heads, CLIP's post_layernorm + projection, SigLIP's attention-pooling head,
 whose nn.MultiheadAttention is recomputed with the heads split per image so that it exports with static
@@ -95,7 +95,7 @@ class HFImageModel(nn.Module):
 
 def hf_tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention from a transformers attention module's q/k/v/output projections, with proportional
-    attention. x: [B, N, C], size: [B, N, 1] or None -> (out [B, N, C], keys averaged over heads [B, N, hd])."""
+    attention. x: [B, N, C], size: [B, N, 1] or None -> (out [B, N, C], keys [B, H, N, hd])."""
     batch, tokens, _ = x.shape
     q, k, v = (proj(x).reshape(batch, tokens, -1, attn.head_dim).transpose(1, 2)
                for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, H, N, hd]
@@ -104,7 +104,7 @@ def hf_tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Ten
     dropout = float(getattr(attn, "attention_dropout", 0.0) or getattr(attn, "dropout", 0.0)) if attn.training else 0.0
     out = scaled_attention(q, k, v, bias, scale, dropout)  # [B, H, N, hd]
     out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
-    return out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k.mean(dim=1)
+    return out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), k
 
 
 class _PoolingAttention(nn.Module):

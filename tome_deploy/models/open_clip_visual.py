@@ -39,7 +39,7 @@ def mha_tome_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """nn.MultiheadAttention (batch first, self-attention, packed in_proj) with proportional attention.
 
-    x: [B, N, C], size: [B, N, 1] or None -> (out [B, N, C], keys averaged over heads [B, N, hd]).
+    x: [B, N, C], size: [B, N, 1] or None -> (out [B, N, C], keys [B, H, N, hd]).
     """
     batch, tokens, dim = x.shape
     heads = attn.num_heads
@@ -47,7 +47,7 @@ def mha_tome_attention(
                for t in F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))  # [B, H, N, hd]
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     out = scaled_attention(q, k, v, bias, dropout=attn.dropout if attn.training else 0.0)  # [B, H, N, hd]
-    return attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim)), k.mean(dim=1)
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim)), k
 
 
 class _TransformerCall(nn.Module):

@@ -40,7 +40,7 @@ def _rotate(x: torch.Tensor, rope: torch.Tensor, half: bool) -> torch.Tensor:
 def eva_tome_attention(
     attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor], rope: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm EvaAttention.forward with proportional attention; also returns the merge metric.
+    """timm EvaAttention.forward with proportional attention; also returns the keys, which matching averages over heads.
 
     x: [B, N, C], size: [B, N, 1] or None, rope: rotary table of the non-prefix tokens or None
     -> (out [B, N, C], keys averaged over heads [B, N, hd], after RoPE as attention uses them).
@@ -68,7 +68,7 @@ def eva_tome_attention(
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attn.proj_drop(attn.proj(out)), k
 
 
 class EvaToMeBlock(nn.Module):
@@ -84,12 +84,12 @@ class EvaToMeBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor], rope: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        attn_out, metric = eva_tome_attention(self.attn, self.norm1(x), size, rope)
+        attn_out, keys = eva_tome_attention(self.attn, self.norm1(x), size, rope)
         if self.gamma_1 is not None:
             attn_out = self.gamma_1 * attn_out
         x = x + self.drop_path1(attn_out)
         if self.merger is not None:
-            x, size, source, match = self.merger(x, size, metric, source)
+            x, size, source, match = self.merger(x, size, keys, source)
             if rope is not None:  # the RoPE rule: kept tokens keep their angles
                 table = rope.expand(x.shape[0], -1, -1) if rope.ndim == 2 else rope  # [B, N - p, 2 hd]
                 rope = kept_tokens(table, match)

@@ -1,5 +1,5 @@
 """The timm VisionTransformer family, the first adapter behind models/adapter.py: support check, token
-counts, MLP width, attention with proportional attention and the merge metric, the ToMe block, where the
+counts, MLP width, attention with proportional attention and the keys to match on, the ToMe block, where the
 blocks go, preprocessing config."""
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def mlp_ratio(model: nn.Module) -> float:
 def tome_attention(
     attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm Attention.forward with proportional attention; also returns the merge metric.
+    """timm Attention.forward with proportional attention; also returns the keys, which matching averages over heads.
 
-    x: [B, N, C], size: [B, N, 1] or None (all ones) -> (out [B, N, C], keys averaged over heads [B, N, hd]).
+    x: [B, N, C], size: [B, N, 1] or None (all ones) -> (out [B, N, C], keys [B, H, N, hd]).
     """
     batch, tokens, _ = x.shape
     gate_layer = getattr(attn, "gate", None)  # timm >= 1.0.2x only
@@ -90,7 +90,7 @@ def tome_attention(
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1)
+    return out, k
 
 
 class TimmViTAdapter:

@@ -35,14 +35,17 @@ def check_runs_in_openvino(path: str | Path) -> None:
 
 class OpenVINORunner:
     """OpenVINO on CPU in fp32 (inference_precision f32: its CPU plugin would otherwise pick bf16 on
-    CPUs with AMX/AVX512-BF16, which changes merge choices; FACTS section 5)."""
+    CPUs with AMX/AVX512-BF16, which changes merge choices; FACTS section 5). profile=True turns on
+    OpenVINO's per-layer counters (`request.get_profiling_info()`)."""
 
     name = "openvino"
 
-    def __init__(self, path: str | Path, threads: int | None = None, device: str = "CPU"):
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "CPU", profile: bool = False):
         check_runs_in_openvino(path)
         ov = import_openvino()
         config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if profile:
+            config["PERF_COUNT"] = "YES"
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         core = ov.Core()

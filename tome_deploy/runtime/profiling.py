@@ -1,7 +1,7 @@
-"""Where ONNX Runtime spends a ToMe model's time: matching + merging nodes vs everything else.
+"""Where ONNX Runtime and OpenVINO spend a ToMe model's time: matching + merging nodes vs everything else.
 
 The exporter tags every ONNX node with the PyTorch module scope it came from; nodes under a
-`TokenMerger` (`...merger`) scope are matching and merging."""
+`TokenMerger` (`...merger`) scope are matching and merging (the keys' mean over heads included)."""
 
 from __future__ import annotations
 
@@ -80,13 +80,22 @@ def _profiled_session(onnx_path: str | Path, threads: int | None):
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+def profile_node_times(onnx_path: str | Path, input_name: str, batch_input: np.ndarray, runs: int = 5,
+                       threads: int | None = None) -> list[tuple[str, str, float]]:
+    """(node name, ONNX Runtime op type after its fusions, kernel microseconds per pass) of every node run."""
+    per_node: dict[tuple[str, str], float] = {}
+    for event in _kernel_events(onnx_path, input_name, batch_input, runs, threads):
+        key = (event["name"][: -len("_kernel_time")], event.get("args", {}).get("op_name", "?"))
+        per_node[key] = per_node.get(key, 0.0) + event["dur"] / (runs + 1)
+    return [(node, op, us) for (node, op), us in per_node.items()]
+
+
 def profile_op_types(onnx_path: str | Path, input_name: str, batch_input: np.ndarray, runs: int = 5,
                      threads: int | None = None) -> dict[str, float]:
     """Kernel microseconds per pass by ONNX Runtime op type (after its fusions), largest first."""
     per_type: dict[str, float] = {}
-    for event in _kernel_events(onnx_path, input_name, batch_input, runs, threads):
-        op = event.get("args", {}).get("op_name", "?")
-        per_type[op] = per_type.get(op, 0.0) + event["dur"] / (runs + 1)
+    for _, op, us in profile_node_times(onnx_path, input_name, batch_input, runs, threads):
+        per_type[op] = per_type.get(op, 0.0) + us
     return dict(sorted(per_type.items(), key=lambda kv: -kv[1]))
 
 
@@ -118,3 +127,54 @@ def fusions_fired(onnx_path: str | Path) -> dict[str, int]:
         after = counts(onnx.load(optimized))
     before = counts(onnx.load(str(onnx_path), load_external_data=False))
     return {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
+
+
+@dataclass(frozen=True)
+class OpenVINOProfile:
+    op_types: dict[str, float]  # microseconds per pass by executed layer type, largest first
+    share: TimeShare  # layers made only of matching + merging nodes vs every other layer
+
+
+def profile_openvino(onnx_path: str | Path, input_name: str, batch_input: np.ndarray, runs: int = 5,
+                     threads: int | None = None) -> OpenVINOProfile:
+    """OpenVINO's per-layer counters (CPU, fp32) over `runs` passes after one warm-up. A layer counts as matching
+    + merging when every ONNX node it came from (its rt_info originalLayersNames) is a merge node, or when it
+    comes from no ONNX node (OpenVINO added it while reading the graph, e.g. the Broadcast its ONNX reader puts
+    before a GatherND with batch_dims) and only merge layers read it."""
+    from tome_deploy.runtime.openvino import OpenVINORunner
+
+    onnx_nodes = {node.name for node in load_onnx(onnx_path).graph.node}
+    runner = OpenVINORunner(onnx_path, threads=threads, profile=True)
+    merge_layers = openvino_merge_layers(runner.compiled.get_runtime_model(), merger_node_names(onnx_path), onnx_nodes)
+    runner.infer({input_name: batch_input})
+    op_types: dict[str, float] = {}
+    merge_us = other_us = 0.0
+    for _ in range(runs):
+        runner.infer({input_name: batch_input})
+        for layer in runner.request.get_profiling_info():
+            if layer.status != layer.Status.EXECUTED:
+                continue
+            us = layer.real_time.total_seconds() * 1e6 / runs
+            op_types[layer.node_type] = op_types.get(layer.node_type, 0.0) + us
+            if layer.node_name in merge_layers:
+                merge_us += us
+            else:
+                other_us += us
+    return OpenVINOProfile(dict(sorted(op_types.items(), key=lambda kv: -kv[1])), TimeShare(merge_us, other_us))
+
+
+def openvino_merge_layers(runtime_model, merger_nodes: set[str], onnx_nodes: set[str]) -> set[str]:
+    """Names of the compiled model's layers that do matching + merging only (see profile_openvino)."""
+    ops = runtime_model.get_ordered_ops()
+    origins = {}
+    for op in ops:
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else op.get_friendly_name()
+        origins[op.get_friendly_name()] = {name for name in names.split(",") if name}
+    merge = {name for name, sources in origins.items() if sources & onnx_nodes and sources & onnx_nodes <= merger_nodes}
+    for op in reversed(ops):  # readers before the layers they read
+        name = op.get_friendly_name()
+        readers = [target.get_node().get_friendly_name() for output in op.outputs() for target in output.get_target_inputs()]
+        if not origins[name] & onnx_nodes and readers and all(reader in merge for reader in readers):
+            merge.add(name)
+    return merge
