@@ -38,11 +38,8 @@ from common import SCHEDULES, export_variants
 from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
 from tome_deploy.runtime.profiling import (
     fusions_fired,
-    merger_node_names,
-    profile_merge_share,
-    profile_node_times,
-    profile_op_types,
-    profile_openvino,
+    Profile,
+    profile_side_by_side,
 )
 from tome_deploy.runtime.throughput import time_interleaved
 
@@ -106,7 +103,6 @@ def fusion_text(found: dict[str, int]) -> str:
 def measure_model(arch: str, source: str, schedules: list, merges: list[str], runtimes: list[str], batches: list[int], args, folder: Path) -> list[dict]:
     rows = []
     plain_paths = None
-    plain_kernels = {}  # (runtime, batch) -> the plain graph's profile, shared by every formulation
     for merge in merges:
         (folder / merge).mkdir(exist_ok=True)
         outcomes = export_variants(source, {schedule_label(s): SCHEDULES.get(s, s) for s in schedules}, folder / merge,
@@ -122,14 +118,12 @@ def measure_model(arch: str, source: str, schedules: list, merges: list[str], ru
         for batch in batches:
             feed = np.random.default_rng(1).standard_normal((batch, *input_size)).astype(np.float32)
             for runtime in runtimes:
-                # Kernel / layer time of every node (the runtime's profiler): the speedup the kernels alone give,
-                # next to the wall clock's, and the matching + merging share.
-                if (runtime, batch) not in plain_kernels:
-                    plain_kernels[runtime, batch] = time_share(runtime, plain_paths, feed, args.threads)
-                kernels = {label: time_share(runtime, paths[label], feed, args.threads) for label in labels}
-                kernels["unmerged"] = plain_kernels[runtime, batch]
+                # Kernel / layer time of every node (the runtime's profiler, models interleaved): the speedup the
+                # kernels alone give, next to the wall clock's, and the matching + merging share.
+                profiles = profile_side_by_side(runtime, paths, "pixel_values", feed, runs=3, threads=args.threads)
+                kernels = {label: profile.share for label, profile in profiles.items()}
                 if args.profile and batch == batches[0]:
-                    print_profile(runtime, arch, merge, batch, paths, labels[-1], feed, args.threads)
+                    print_profile(runtime, arch, merge, batch, profiles, labels[-1])
                 timings = time_interleaved(paths, "pixel_values", input_size, batch, rounds=args.rounds,
                                            threads=args.threads, runtime=runtime)
                 for label in labels:
@@ -148,45 +142,19 @@ def measure_model(arch: str, source: str, schedules: list, merges: list[str], ru
     return rows
 
 
-def time_share(runtime: str, path, feed: np.ndarray, threads):
-    """The runtime's profiler over 3 passes: matching + merging vs other kernel / layer time."""
-    if runtime == "openvino":
-        return profile_openvino(path, "pixel_values", feed, runs=3, threads=threads).share
-    return profile_merge_share(path, "pixel_values", feed, runs=3, threads=threads)
-
-
-def op_type_times(runtime: str, path, feed: np.ndarray, threads) -> dict[str, float]:
-    if runtime == "openvino":
-        return profile_openvino(path, "pixel_values", feed, threads=threads).op_types
-    return profile_op_types(path, "pixel_values", feed, threads=threads)
-
-
-def merge_op_times(path, feed: np.ndarray, threads) -> dict[str, tuple[int, float]]:
-    """ONNX Runtime: {op type: (nodes, kernel microseconds per pass)} of the matching + merging nodes."""
-    merger = merger_node_names(path)
-    found: dict[str, tuple[int, float]] = {}
-    for node, op, us in profile_node_times(path, "pixel_values", feed, threads=threads):
-        if node in merger:
-            count, total = found.get(op, (0, 0.0))
-            found[op] = (count + 1, total + us)
-    return dict(sorted(found.items(), key=lambda kv: -kv[1][1]))
-
-
-def print_profile(runtime, arch, merge, batch, paths, label, feed, threads) -> None:
-    plain = op_type_times(runtime, paths["unmerged"], feed, threads)
-    tome = op_type_times(runtime, paths[label], feed, threads)
+def print_profile(runtime: str, arch: str, merge: str, batch: int, profiles: dict[str, Profile], label: str) -> None:
+    plain, tome = profiles["unmerged"].op_types(), profiles[label].op_types()
     unit = "OpenVINO layer time (per-layer counters)" if runtime == "openvino" else "ONNX Runtime kernel time"
     print(f"\n{unit} per pass by op type, {arch} batch {batch}, plain vs ToMe {label} ({merge}), microseconds")
     print(f"{'op type':<28} {'plain':>10} {'ToMe':>10}")
-    for op in sorted(set(plain) | set(tome), key=lambda o: -(tome.get(o, 0) + plain.get(o, 0)))[:18]:
-        print(f"{op:<28} {plain.get(op, 0):>10.0f} {tome.get(op, 0):>10.0f}")
-    print(f"{'total':<28} {sum(plain.values()):>10.0f} {sum(tome.values()):>10.0f}\n")
-    if runtime == "onnxruntime":
-        print(f"ONNX Runtime matching + merging nodes by op type, ToMe {label} ({merge}), all blocks")
-        print(f"{'op type':<28} {'nodes':>6} {'us/pass':>8} {'us/node':>8}")
-        for op, (count, us) in merge_op_times(paths[label], feed, threads).items():
-            print(f"{op:<28} {count:>6} {us:>8.0f} {us / count:>8.1f}")
-        print()
+    for op in sorted(set(plain) | set(tome), key=lambda o: -(tome.get(o, (0, 0))[1] + plain.get(o, (0, 0))[1]))[:18]:
+        print(f"{op:<28} {plain.get(op, (0, 0))[1]:>10.0f} {tome.get(op, (0, 0))[1]:>10.0f}")
+    print(f"{'total':<28} {profiles['unmerged'].share.total_us:>10.0f} {profiles[label].share.total_us:>10.0f}\n")
+    print(f"matching + merging {'layers' if runtime == 'openvino' else 'nodes'} by op type, ToMe {label} ({merge}), all blocks")
+    print(f"{'op type':<28} {'count':>6} {'us/pass':>8} {'us each':>8}")
+    for op, (count, us) in profiles[label].op_types(merge_only=True).items():
+        print(f"{op:<28} {count:>6} {us:>8.0f} {us / count:>8.1f}")
+    print()
 
 
 def print_rows(rows: list[dict]) -> None:

@@ -172,3 +172,17 @@ def test_score_order_is_one_topk_for_onnx_runtime_and_a_counting_rank_for_tensor
     assert counts["onnxruntime"] == {"TopK": 4, "Greater": 0, "Equal": 2, "Or": 0}
     if merge == "matmul":  # per block, one Equal for the counting rank and one for the one-hot merge matrix
         assert counts["tensorrt"] == {"TopK": 2, "Greater": 2, "Equal": 4, "Or": 2}
+
+
+def test_onnxruntime_profile_counts_the_keys_mean_with_matching(export_cached):
+    """ONNX Runtime's merge share counts the TokenMerger nodes, the keys' mean over heads (the metric) included,
+    and none of attention's or the MLP's MatMuls."""
+    from tome_deploy.runtime.profiling import profile_side_by_side
+
+    exported = export_cached("vit_class_token", "scatter")
+    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
+    tome = profile_side_by_side("onnxruntime", {"tome": exported.path}, "pixel_values", pixels, runs=1)["tome"]
+    merge_types = tome.op_types(merge_only=True)
+    assert {"ReduceMean", "TopK", "ScatterND", "GatherND"} <= set(merge_types)
+    assert tome.op_types()["MatMul"][0] > merge_types.get("MatMul", (0, 0))[0]  # the score matmuls only
+    assert 0 < tome.share.merge_share < 0.5

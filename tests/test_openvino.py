@@ -99,21 +99,15 @@ def test_openvino_ir_keeps_the_tome_metadata_and_the_numbers(export_cached, tmp_
 def test_openvino_profile_counts_the_matching_and_merging_layers(export_cached, release_export):
     """The benchmark's OpenVINO merge share: layers from TokenMerger nodes count (the score order's TopK, the
     merge's ScatterND), the transformer's FullyConnected layers never do, and an unmerged export has none."""
-    from tome_deploy.artifact.onnx_file import load_onnx
-    from tome_deploy.runtime.profiling import merger_node_names, openvino_merge_layers, profile_openvino
+    from tome_deploy.runtime.profiling import profile_side_by_side
 
     exported = export_cached("vit_class_token", "scatter")
-    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
-    profile = profile_openvino(exported.path, "pixel_values", pixels, runs=1)
-    assert 0 < profile.share.merge_share < 0.5
-    assert {"TopK", "ScatterNDUpdate", "FullyConnected"} <= set(profile.op_types)
-
-    runtime_model = OpenVINORunner(exported.path).compiled.get_runtime_model()
-    onnx_nodes = {node.name for node in load_onnx(exported.path).graph.node}
-    merge = openvino_merge_layers(runtime_model, merger_node_names(exported.path), onnx_nodes)
-    layer_types = {op.get_rt_info()["layerType"].astype(str) for op in runtime_model.get_ordered_ops()
-                   if op.get_friendly_name() in merge}
-    assert {"TopK", "ScatterNDUpdate"} <= layer_types and "FullyConnected" not in layer_types
-
     unmerged = release_export("test_vit", 0, "scatter").export.path
-    assert profile_openvino(unmerged, "pixel_values", pixels, runs=1).share.merge_us == 0
+    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
+    profiles = profile_side_by_side("openvino", {"tome": exported.path, "plain": unmerged}, "pixel_values", pixels, runs=1)
+    tome = profiles["tome"]
+    assert 0 < tome.share.merge_share < 0.5
+    merge_types, all_types = set(tome.op_types(merge_only=True)), set(tome.op_types())
+    assert {"TopK", "ScatterNDUpdate"} <= merge_types and "FullyConnected" in all_types - merge_types
+    assert profiles["plain"].share.merge_us == 0 and profiles["plain"].share.other_us > 0
+
