@@ -21,7 +21,7 @@ counters; `TokenMerger` scopes) and the ONNX Runtime fusions that fired in the p
 `families` (one model of each family: timm ViT, timm Eva, transformers, OpenCLIP).
 
 Add --profile to print, per runtime, the time per op type plain vs ToMe and the matching + merging time
-per op type, for the first batch size.
+per op type, for every batch size.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def measure_model(arch: str, source: str, schedules: list, merges: list[str], ru
                 # kernels alone give, next to the wall clock's, and the matching + merging share.
                 profiles = profile_side_by_side(runtime, paths, "pixel_values", feed, runs=3, threads=args.threads)
                 kernels = {label: profile.share for label, profile in profiles.items()}
-                if args.profile and batch == batches[0]:
+                if args.profile:
                     print_profile(runtime, arch, merge, batch, profiles, labels[-1])
                 timings = time_interleaved(paths, "pixel_values", input_size, batch, rounds=args.rounds,
                                            threads=args.threads, runtime=runtime)
