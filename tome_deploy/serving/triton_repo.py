@@ -34,8 +34,8 @@ BACKENDS = ("platform", "python")  # Triton's ONNX Runtime / TensorRT backend, o
 TOME_PARAMETERS = ("model", "schedule", "r_effective", "tokens_per_layer", "num_prefix_tokens", "theoretical_speedup", "merge", "precision", "input_size")
 
 
-class Enum(str):
-    """A protobuf enum value: written bare, not quoted."""
+class ProtoEnumValue(str):
+    """A protobuf-text enum value (KIND_GPU, TYPE_FP32): written bare, not quoted like other strings."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def model_config(served_model: ServedModel, options: TritonOptions) -> dict[str,
     if fixed is None:  # Triton batches only models whose batch axis is free
         config["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
     kind = "KIND_GPU" if served_model.kind == "engine" else options.kind
-    config["instance_group"] = [{"count": options.instances, "kind": Enum(kind)}]
+    config["instance_group"] = [{"count": options.instances, "kind": ProtoEnumValue(kind)}]
     meta = served_model.metadata.to_dict()
     config["parameters"] = [{"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS]
     if options.threads is not None:
@@ -225,7 +225,7 @@ The stub must match that Python's version (`triton_python_backend_stub` of the s
 def _tensor(spec: TensorSpec, fixed_batch) -> dict[str, Any]:
     # With max_batch_size > 0 Triton's dims leave the batch axis out; with 0 they are the full shape.
     dims = list(spec.shape) if fixed_batch is not None else list(spec.shape[1:])
-    return {"name": spec.name, "data_type": Enum(f"TYPE_{spec.datatype}"), "dims": dims}
+    return {"name": spec.name, "data_type": ProtoEnumValue(f"TYPE_{spec.datatype}"), "dims": dims}
 
 
 def _parameter_text(value: Any) -> str:
@@ -234,7 +234,7 @@ def _parameter_text(value: Any) -> str:
 
 
 def _scalar(value: Any) -> str:
-    if isinstance(value, Enum):
+    if isinstance(value, ProtoEnumValue):
         return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
