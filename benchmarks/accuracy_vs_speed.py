@@ -32,7 +32,7 @@ from tome_deploy.models.digits import ARCH, digits_test_set, load_digits_vit
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.models.timm_vit import tokens_at_input
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.throughput import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +106,8 @@ def main() -> int:
             meta, paths[label] = export.metadata, export.path
             if meta.weights_sha256 != fingerprint:
                 raise SystemExit(f"the export of {label} did not use the bundled weights ({meta.weights})")
-            ort_logits = OnnxRuntimeRunner(paths[label], threads=args.threads).infer(
-                {meta.input_name: feed_pixels})[meta.output_name]
+            with open_runner(paths[label], threads=args.threads) as runner:
+                ort_logits = runner.infer({meta.input_name: feed_pixels})[meta.output_name]
             torch_pred, ort_pred = torch_logits.argmax(-1), ort_logits.argmax(-1)
             differ = np.flatnonzero(torch_pred != ort_pred)
             for index in differ:

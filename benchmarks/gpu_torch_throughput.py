@@ -1,7 +1,7 @@
 """PyTorch on a CUDA GPU: the fixed-shape ToMe model vs the unmerged model, eager and torch.compile.
 
-Same random weights for both; each round runs every variant once in turn (CUDA-synchronised), medians of
-the rounds. ToMe's schedule is fixed at patch time, so torch.compile sees static shapes and compiles once
+Same random weights for both; each round runs every variant --iterations times, in turn (runtime/throughput.py,
+CUDA-synchronised), medians of the rounds. ToMe's schedule is fixed at patch time, so torch.compile sees static shapes and compiles once
 per batch size. Called by benchmarks/gpu_check.sh; usable alone:
 
     python benchmarks/gpu_torch_throughput.py --models vit_base_patch16_224 --batches 1,8,64 --json out.json
@@ -10,16 +10,16 @@ per batch size. Called by benchmarks/gpu_check.sh; usable alone:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.patch import apply_tome
+from tome_deploy.runtime.throughput import time_side_by_side
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,21 +37,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def time_variants(variants: dict, pixels: torch.Tensor, rounds: int, iterations: int) -> dict[str, float]:
-    """Median seconds per forward pass for each callable, interleaved."""
-    samples = {name: [] for name in variants}
+    """Median seconds per forward pass for each callable, interleaved (runtime/throughput.py, CUDA-synchronised);
+    the first round warms up and compiles."""
     with torch.inference_mode():
-        for fn in variants.values():  # warm-up (and compilation)
-            for _ in range(3):
-                fn(pixels)
-        torch.cuda.synchronize()
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                for _ in range(iterations):
-                    fn(pixels)
-                torch.cuda.synchronize()
-                samples[name].append((time.perf_counter() - start) / iterations)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        return time_side_by_side({name: functools.partial(fn, pixels) for name, fn in variants.items()}, rounds=rounds,
+                                 iterations=iterations, sync=torch.cuda.synchronize)
 
 
 def main() -> None:

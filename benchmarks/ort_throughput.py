@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 from common import SCHEDULES, export_variants
 
-from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
+from tome_deploy.runtime.factory import CPU_RUNTIMES, RUNTIME_LABELS
 from tome_deploy.runtime.profiling import (
-    fusions_fired,
     Profile,
+    fusions_fired,
     profile_side_by_side,
 )
 from tome_deploy.runtime.throughput import time_interleaved

@@ -52,7 +52,7 @@ from serve_throughput import MODEL_NAME, ServerProcess, drive
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from triton_server import start_tritonserver, stop_tritonserver
 
-from tome_deploy.serving.artifact import read_artifact
+from tome_deploy.serving.served_model import read_served_model
 from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -156,7 +156,7 @@ class Triton:
     def __init__(self, path: Path, folder: Path, args: argparse.Namespace):
         options = TritonOptions(MODEL_NAME, max_batch=args.max_batch, max_queue_delay_us=round(args.max_delay_ms * 1000),
                                 backend="python", threads=args.threads)
-        write_triton_repo(read_artifact(path), folder / "models", options)
+        write_triton_repo(read_served_model(path), folder / "models", options)
         self.server = start_tritonserver(folder / "models", folder / "tritonserver.log", timeout_s=300)
         self.url = self.server.http_url
 

@@ -19,6 +19,7 @@ Backends:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import warnings
@@ -31,7 +32,7 @@ from tome_deploy.core.merge import Match, bipartite_match, merge_weighted
 from tome_deploy.core.schedule import resolve_schedule
 from tome_deploy.core.tracing import onnx_export_tracing
 from tome_deploy.onnx_export.export import translation_table
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.throughput import time_side_by_side
 
 MODELS = {"ViT-S/16": 384, "ViT-B/16": 768}  # channels
@@ -107,8 +108,9 @@ def export_merge_steps(formulation: str, inputs: tuple, path: Path) -> Path:
     return path
 
 
-def ort_runs(paths: dict, inputs: tuple, threads: int | None) -> dict:
-    runners = {f: OnnxRuntimeRunner(p, threads=threads) for f, p in paths.items()}
+def ort_runs(paths: dict, inputs: tuple, threads: int | None, active: contextlib.ExitStack) -> dict:
+    """One call per formulation on its ONNX Runtime runner, kept active until `active` closes."""
+    runners = {f: active.enter_context(open_runner(p, threads=threads)) for f, p in paths.items()}
     arrays = [t.numpy() for t in (inputs[0], inputs[1], *inputs[2])]
     feeds = {f: dict(zip(r.input_names, arrays)) for f, r in runners.items()}
     return {f: (lambda r=r, feed=feeds[f]: r.infer(feed)) for f, r in runners.items()}
@@ -132,9 +134,10 @@ def main() -> None:
                 for backend in backends:
                     on = device if backend == "torch" else "cpu"
                     inputs = make_inputs(batch, channels, on)
-                    runs = torch_runs(inputs) if backend == "torch" else ort_runs(paths, inputs, args.threads)
-                    rounds = args.rounds if backend == "torch" else args.ort_rounds
-                    medians = time_side_by_side(runs, rounds=rounds, sync=torch.cuda.synchronize if on == "cuda" else None)
+                    with contextlib.ExitStack() as active:
+                        runs = torch_runs(inputs) if backend == "torch" else ort_runs(paths, inputs, args.threads, active)
+                        rounds = args.rounds if backend == "torch" else args.ort_rounds
+                        medians = time_side_by_side(runs, rounds=rounds, sync=torch.cuda.synchronize if on == "cuda" else None)
                     label = f"torch-{on}" if backend == "torch" else "ort-cpu"
                     rows.append({"model": model, "batch": batch, "backend": label,
                                  **{f"{f}_ms": 1000 * medians[f] for f in FORMULATIONS}})

@@ -2,7 +2,7 @@
 
 Needs a CUDA GPU and full TensorRT or TensorRT-RTX. For each model: export r=0 and the ToMe schedule
 (`--target tensorrt`, one-hot merge), build both engines with one batch profile, time them interleaved
-at each batch size on device buffers (CUDA events, no host copies), and report the share of ToMe engine
+at each batch size on device buffers (runtime/throughput.py, CUDA-synchronised, no host copies), and report the share of ToMe engine
 time in layers built only from matching/merging nodes (TensorRT's per-layer profiler; layers that
 TensorRT fused with other nodes count as "other", so the share is a lower bound).
 
@@ -13,17 +13,19 @@ TensorRT fused with other nodes count as "other", so the share is a lower bound)
 from __future__ import annotations
 
 import argparse
-import statistics
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
 
 from common import BASELINE, export_variants, markdown_table, whole_numbers
 
+from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.profiling import merger_node_names
-from tome_deploy.tensorrt.backend import local_compute_capability
+from tome_deploy.runtime.tensorrt import TensorRTRunner
+from tome_deploy.runtime.tensorrt_backend import local_compute_capability
+from tome_deploy.runtime.throughput import time_side_by_side
 from tome_deploy.tensorrt.build import BuildOptions, build_engine
-from tome_deploy.tensorrt.runner import TensorRTRunner
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,21 +48,15 @@ def bind(runner: TensorRTRunner, batch: int) -> list:
     return [pixels, *runner.bind(pixels).values()]
 
 
-def seconds_per_pass(runner: TensorRTRunner, batch: int, iterations: int) -> float:
+def seconds_per_pass(engines: dict[str, TensorRTRunner], batch: int, rounds: int, iterations: int) -> dict[str, float]:
+    """Median seconds per forward pass of each active engine at `batch`, interleaved round by round."""
     import torch
 
-    buffers = bind(runner, batch)  # kept alive while the engine uses their addresses
-    stream = torch.cuda.current_stream()
-    for _ in range(5):
-        runner.context.execute_async_v3(stream.cuda_stream)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(stream)
-    for _ in range(iterations):
-        runner.context.execute_async_v3(stream.cuda_stream)
-    end.record(stream)
-    end.synchronize()
+    buffers = [bind(runner, batch) for runner in engines.values()]  # kept alive while the engines use their addresses
+    seconds = time_side_by_side({label: runner.enqueue for label, runner in engines.items()}, rounds=rounds,
+                                iterations=iterations, sync=torch.cuda.synchronize)
     del buffers
-    return start.elapsed_time(end) / 1000 / iterations
+    return seconds
 
 
 def merge_share(runner: TensorRTRunner, onnx_path: Path, batch: int) -> float:
@@ -82,7 +78,7 @@ def merge_share(runner: TensorRTRunner, onnx_path: Path, batch: int) -> float:
     buffers = bind(runner, batch)
     runner.context.profiler = LayerTimes()
     for _ in range(3):
-        runner.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        runner.enqueue()
     torch.cuda.synchronize()
     del buffers
     total = times["merge"] + times["other"]
@@ -101,19 +97,17 @@ def main() -> int:
         for arch in args.models.split(","):
             outcomes = export_variants(arch, {"tome": args.r}, Path(folder), target="tensorrt", precision=args.precision)
             onnx_files = {label: outcome.export.path for label, outcome in outcomes.items()}
-            engines = {label: TensorRTRunner(build_engine(path, path.with_suffix(".plan"), options).plan)
-                       for label, path in onnx_files.items()}
             flops = outcomes["tome"].export.metadata.theoretical_speedup
-            for batch in batches:
-                samples = {label: [] for label in engines}
-                for _ in range(args.rounds):
-                    for label, runner in engines.items():
-                        samples[label].append(seconds_per_pass(runner, batch, args.iterations))
-                base, tome = (statistics.median(samples[label]) for label in (BASELINE, "tome"))
-                rows.append([arch, batch, batch / base, batch / tome, base / tome, flops, None])
-                print(f"  {arch} batch {batch}: {base / tome:.2f}x", file=sys.stderr, flush=True)
-            for row in rows[-len(batches):]:  # profiled last: an attached profiler slows the engine down
-                row[-1] = merge_share(engines["tome"], onnx_files["tome"], row[1])
+            with contextlib.ExitStack() as active:
+                engines = {label: active.enter_context(open_runner(build_engine(path, path.with_suffix(".plan"), options).plan))
+                           for label, path in onnx_files.items()}
+                for batch in batches:
+                    seconds = seconds_per_pass(engines, batch, args.rounds, args.iterations)
+                    base, tome = seconds[BASELINE], seconds["tome"]
+                    rows.append([arch, batch, batch / base, batch / tome, base / tome, flops, None])
+                    print(f"  {arch} batch {batch}: {base / tome:.2f}x", file=sys.stderr, flush=True)
+                for row in rows[-len(batches):]:  # profiled last: an attached profiler slows the engine down
+                    row[-1] = merge_share(engines["tome"], onnx_files["tome"], row[1])
     backend = engines["tome"].sidecar
     print(f"{backend.backend} {backend.backend_version}, {args.precision}, r={args.r}, GPU compute capability {local_compute_capability()}")
     header = ["model", "batch", "unmerged img/s", "ToMe img/s", "measured", "FLOPs ratio", "measured / FLOPs", "merge share"]

@@ -119,13 +119,13 @@ def triton_server(export_cached, tmp_path_factory):
     `tome-deploy triton-repo --backend python`; yields (server, the Exported model)."""
     from triton_server import start_tritonserver, stop_tritonserver
 
-    from tome_deploy.serving.artifact import read_artifact
+    from tome_deploy.serving.served_model import read_served_model
     from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
     exported = export_cached("vit_class_token")
     root = tmp_path_factory.mktemp("triton")
     options = TritonOptions("vit", max_batch=8, max_queue_delay_us=10_000, backend="python", threads=1)
-    write_triton_repo(read_artifact(exported.path), root / "models", options)
+    write_triton_repo(read_served_model(exported.path), root / "models", options)
     server = start_tritonserver(root / "models", root / "tritonserver.log")
     try:
         yield server, exported

@@ -31,7 +31,7 @@ from tome_deploy.artifact.sidecar import (
 )
 from tome_deploy.cli import deploy as deploy_cli
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.serving.artifact import read_artifact
+from tome_deploy.serving.served_model import read_served_model
 
 DATA = Path(__file__).parent / "data"
 RELEASE_ONNX = DATA / "release_0.1.0_test_vit_r4_scatter.onnx"
@@ -167,11 +167,11 @@ def test_damaged_metadata_in_a_file_is_one_cli_line(tmp_path, capsys):
 
 
 def test_serving_reads_the_release_file_and_refuses_metadata_that_disagrees_with_the_graph(tmp_path):
-    artifact = read_artifact(RELEASE_ONNX)
-    assert artifact.metadata.batch is None and artifact.fixed_batch is None and artifact.num_classes == 1000
+    served_model = read_served_model(RELEASE_ONNX)
+    assert served_model.metadata.batch is None and served_model.fixed_batch is None and served_model.num_classes == 1000
     lying = write_onnx_with_props(tmp_path / "lying.onnx", {**release_props(), "tome.input_size": "[3, 2048, 2048]"})
     with pytest.raises(MetadataError, match=r"tome.input_size say pixel_values \[3, 2048, 2048\] but the model's input is pixel_values \[3, 160, 160\]"):
-        read_artifact(lying)
+        read_served_model(lying)
 
 
 def test_metadata_carries_no_local_path(tmp_path):

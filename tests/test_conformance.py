@@ -15,8 +15,8 @@ from test_serve_http import serving
 from tritonclient.utils import InferenceServerException
 
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
-from tome_deploy.serving.artifact import read_artifact
 from tome_deploy.serving.batcher import BatchPolicy
+from tome_deploy.serving.served_model import read_served_model
 
 MODEL = "vit"
 INPUT = {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, 160, 160]}
@@ -29,8 +29,8 @@ def server(request, triton_server):
     if request.param == "triton":
         yield "triton", triton_server[0].http_url
         return
-    artifact = read_artifact(triton_server[1].path)
-    with serving(artifact, OnnxRuntimeRunner(artifact.path, threads=1), policy=BatchPolicy(max_batch=8)) as served:
+    served_model = read_served_model(triton_server[1].path)
+    with serving(served_model, OnnxRuntimeRunner(served_model.path, threads=1), policy=BatchPolicy(max_batch=8)) as served:
         yield "tome-serve", served.url
 
 

@@ -33,7 +33,8 @@ def test_export_matches_the_release_numerically(release_export, model, r, merge)
     outcome = release_export(model, r, merge)  # export_model(ModelSource(model, seed=0), ...), tests/conftest.py
     input_size = outcome.export.metadata.input_size
     pixels = np.random.default_rng(0).standard_normal((3, *input_size)).astype(np.float32)
-    logits = OnnxRuntimeRunner(outcome.export.path).infer({"pixel_values": pixels})["logits"]
+    with OnnxRuntimeRunner(outcome.export.path) as runner:
+        logits = runner.infer({"pixel_values": pixels})["logits"]
     assert logits.shape == golden.shape
     assert np.abs(logits - golden).max() <= 1e-5, f"max abs difference {np.abs(logits - golden).max():.3g}"
 

@@ -225,7 +225,8 @@ def test_onnx_runtime_matches_pytorch_at_other_batch_sizes(exported):
     report = validate_onnx(tome, path, metadata, batch_sizes=[1, 3])  # traced at 2; random, constant, natural images
     assert report.passed, report.table()
     x = pixels(family, batch=3, seed=5)
-    got = OnnxRuntimeRunner(path).infer({metadata.input_name: x.numpy()})[metadata.output_name]
+    with OnnxRuntimeRunner(path) as runner:
+        got = runner.infer({metadata.input_name: x.numpy()})[metadata.output_name]
     with torch.inference_mode():
         expected = tome(x).numpy()
     assert np.abs(got - expected).max() <= 1e-4
@@ -265,8 +266,9 @@ def test_plugin_export_equals_scatter_and_the_matmul_export(family, export_famil
     merges = [n for n in onnx.load(str(path)).graph.node if n.op_type == contract.OP_TYPE]
     assert len(merges) == sum(r > 0 for r in metadata.r_effective) > 0
     x = pixels(family, batch=3, seed=5)  # traced at 2
-    plugin, matmul = (OnnxRuntimeRunner(p).infer({metadata.input_name: x.numpy()})[metadata.output_name]
-                      for p in (path, matmul_path))
+    with OnnxRuntimeRunner(path) as plugin_runner, OnnxRuntimeRunner(matmul_path) as matmul_runner:
+        plugin, matmul = (runner.infer({metadata.input_name: x.numpy()})[metadata.output_name]
+                          for runner in (plugin_runner, matmul_runner))
     np.testing.assert_allclose(plugin, matmul, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         scatter = apply_tome(family_model(family), FAMILIES[family][3], "scatter")[0](x).numpy()
@@ -420,18 +422,20 @@ def test_open_clip_checkpoint_loads_the_given_weights(tmp_path):
 
 
 def test_serving_and_triton_repository_take_every_family(exported, tmp_path):
-    from tome_deploy.serving.artifact import open_runner, read_artifact, run_padded
+    from tome_deploy.runtime.factory import open_runner
+    from tome_deploy.serving.served_model import read_served_model, run_padded
     from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
     family, tome, metadata, path = exported
-    artifact = read_artifact(path)
+    served_model = read_served_model(path)
     x = pixels(family, batch=2, seed=7)
-    served = run_padded(open_runner(artifact), artifact, {artifact.image_input.name: x.numpy()})[metadata.output_name]
+    with open_runner(served_model.path) as runner:
+        served = run_padded(runner, served_model, {served_model.image_input.name: x.numpy()})[metadata.output_name]
     with torch.inference_mode():
         assert np.abs(served - tome(x).numpy()).max() <= 1e-4
-    repo = write_triton_repo(artifact, tmp_path / "repo", TritonOptions(model_name=family))
+    repo = write_triton_repo(served_model, tmp_path / "repo", TritonOptions(model_name=family))
     config = repo.config_path.read_text()
-    assert "onnxruntime_onnx" in config and str(artifact.num_classes) in config and repo.model_path.is_file()
+    assert "onnxruntime_onnx" in config and str(served_model.num_classes) in config and repo.model_path.is_file()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -40,11 +40,12 @@ def test_vit_small_r16_in_openvino_matches_pytorch_and_the_release(release_expor
     """OpenVINO matches PyTorch on every probe, and the 0.1.0 release's logits (ONNX Runtime)."""
     outcome = release_export("vit_small_patch16_224", 16, merge)  # the export test_export_unchanged checks
     tome, metadata = apply_tome(outcome.loaded.model, 16, merge)[0], outcome.export.metadata
-    runner = OpenVINORunner(outcome.export.path)  # one compiled model for both checks
-    report = validate_runners(tome, [runner], metadata, str(outcome.export.path), batch_sizes=[2])
-    assert report.passed, report.table()
-    pixels = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
-    logits = runner.infer({"pixel_values": pixels})["logits"]
+    with OpenVINORunner(outcome.export.path) as runner:  # one compiled model for both checks
+        report = validate_runners(tome, [runner], metadata, str(outcome.export.path), batch_sizes=[2])
+        assert report.passed, report.table()
+        assert runner.is_active  # validate_runners leaves a runner it did not activate active
+        pixels = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+        logits = runner.infer({"pixel_values": pixels})["logits"]
     golden = np.load(GOLDEN)[f"vit_small_patch16_224_r16_{merge}"]
     assert np.abs(logits - golden).max() <= 1e-4
 
@@ -91,8 +92,9 @@ def test_openvino_ir_keeps_the_tome_metadata_and_the_numbers(export_cached, tmp_
     assert xml.with_suffix(".bin").is_file()
     assert ToMeMetadata.from_props(read_ir_metadata(xml)) == exported.metadata
     pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
-    from_onnx = OpenVINORunner(exported.path).infer({"pixel_values": pixels})["logits"]
-    from_ir = OpenVINORunner(xml).infer({"pixel_values": pixels})["logits"]
+    with OpenVINORunner(exported.path) as from_onnx_runner, OpenVINORunner(xml) as from_ir_runner:
+        from_onnx = from_onnx_runner.infer({"pixel_values": pixels})["logits"]
+        from_ir = from_ir_runner.infer({"pixel_values": pixels})["logits"]
     assert np.abs(from_onnx - from_ir).max() <= 1e-6
 
 

@@ -22,8 +22,8 @@ from test_serve_http import MODEL, serving, wait_for
 
 from tome_deploy.cli import serve as serve_cli
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
-from tome_deploy.serving.artifact import read_artifact
 from tome_deploy.serving.batcher import BatchPolicy
+from tome_deploy.serving.served_model import read_served_model
 from tome_deploy.serving.server import ConnectionLimits
 
 LIMITS = ConnectionLimits(max_connections=8, header_timeout_s=1.0)
@@ -36,8 +36,8 @@ def exported(export_cached):
 
 @pytest.fixture(scope="module")
 def server(exported):
-    artifact = read_artifact(exported.path)
-    with serving(artifact, OnnxRuntimeRunner(artifact.path, threads=1), limits=LIMITS, policy=BatchPolicy(max_batch=8),
+    served_model = read_served_model(exported.path)
+    with serving(served_model, OnnxRuntimeRunner(served_model.path, threads=1), limits=LIMITS, policy=BatchPolicy(max_batch=8),
                  body_timeout_s=1.0, max_image_pixels=1_000_000) as served:
         yield served
 
@@ -173,8 +173,8 @@ def nan_model(exported, tmp_path_factory) -> Path:
 
 
 def test_nan_outputs_are_a_clear_error_in_valid_json(nan_model):
-    artifact = read_artifact(nan_model)
-    with serving(artifact, OnnxRuntimeRunner(artifact.path, threads=1)) as served:
+    served_model = read_served_model(nan_model)
+    with serving(served_model, OnnxRuntimeRunner(served_model.path, threads=1)) as served:
         status, answer = served.raw("POST", INFER, json.dumps({"inputs": [tensor()]}).encode(), {})
         assert status == 500 and "has 3 non-finite values" in json.loads(answer)["error"]
         status, answer = served.raw("POST", CLASSIFY, encoded(Image.new("RGB", (40, 30))), {})

@@ -18,7 +18,7 @@ from test_triton_repo import triton_model_config_schema
 from tome_deploy.cli import deploy as deploy_cli
 from tome_deploy.cli import serve as serve_cli
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.serving.artifact import read_artifact
+from tome_deploy.serving.served_model import read_served_model
 from tome_deploy.serving.triton_repo import TritonOptions, model_config, render_pbtxt
 
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (the tensorrt-rtx extra) builds the test engine")
@@ -36,19 +36,19 @@ def engine(export_cached, tmp_path_factory):
 
 def test_engine_is_described_by_its_sidecar(engine):
     plan, onnx_path = engine
-    artifact = read_artifact(plan)
+    served_model = read_served_model(plan)
     graph = onnx.load(str(onnx_path)).graph
-    assert artifact.kind == "engine" and artifact.engine_backend == "tensorrt-rtx"
-    assert artifact.max_batch == 4 and artifact.fixed_batch is None
-    assert [(t.name, t.shape) for t in artifact.inputs] == [(graph.input[0].name, (-1, 3, 160, 160))]
-    assert [(t.name, t.shape, t.datatype) for t in artifact.outputs] == [(graph.output[0].name, (-1, 1000), "FP32")]
-    assert artifact.metadata.merge == "matmul" and artifact.metadata.tokens_per_layer == [101 - 8 * i for i in range(7)]
+    assert served_model.kind == "engine" and served_model.engine_backend == "tensorrt-rtx"
+    assert served_model.max_batch == 4 and served_model.fixed_batch is None
+    assert [(t.name, t.shape) for t in served_model.inputs] == [(graph.input[0].name, (-1, 3, 160, 160))]
+    assert [(t.name, t.shape, t.datatype) for t in served_model.outputs] == [(graph.output[0].name, (-1, 1000), "FP32")]
+    assert served_model.metadata.merge == "matmul" and served_model.metadata.tokens_per_layer == [101 - 8 * i for i in range(7)]
 
 
 def test_engine_config_for_full_tensorrt_is_a_batched_gpu_plan(engine):
-    artifact = dataclasses.replace(read_artifact(engine[0]), engine_backend="tensorrt")  # the config a full-TensorRT build gets
+    served_model = dataclasses.replace(read_served_model(engine[0]), engine_backend="tensorrt")  # the config a full-TensorRT build gets
     schema = triton_model_config_schema()
-    config = text_format.Parse(render_pbtxt(model_config(artifact, TritonOptions("vit"))), schema.ModelConfig())
+    config = text_format.Parse(render_pbtxt(model_config(served_model, TritonOptions("vit"))), schema.ModelConfig())
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4  # the profile maximum
     assert list(config.input[0].dims) == [3, 160, 160] and list(config.output[0].dims) == [1000]
     assert config.instance_group[0].kind == schema.ModelInstanceGroup.KIND_GPU
@@ -59,7 +59,7 @@ def test_triton_repo_refuses_rtx_engine_and_too_large_batch(engine, tmp_path, ca
     assert deploy_cli.main(["triton-repo", str(plan), str(tmp_path / "repo")]) == 2
     assert_one_line_error(capsys.readouterr().err, "built by tensorrt-rtx", "--backend tensorrt")
     with pytest.raises(InvalidInputError, match="over the engine's profile maximum 4"):
-        model_config(dataclasses.replace(read_artifact(plan), engine_backend="tensorrt"), TritonOptions("vit", max_batch=8))
+        model_config(dataclasses.replace(read_served_model(plan), engine_backend="tensorrt"), TritonOptions("vit", max_batch=8))
 
 
 def test_engine_is_described_without_its_source_onnx(engine, tmp_path):
@@ -69,7 +69,7 @@ def test_engine_is_described_without_its_source_onnx(engine, tmp_path):
     moved.write_bytes(plan.read_bytes())
     sidecar = plan.with_name(plan.name + ".json").read_text()
     (tmp_path / "vit.plan.json").write_text(sidecar.replace(str(onnx_path.resolve()), str(tmp_path / "gone.onnx")))
-    original, relocated = read_artifact(plan), read_artifact(moved)
+    original, relocated = read_served_model(plan), read_served_model(moved)
     assert (relocated.inputs, relocated.outputs, relocated.metadata) == (original.inputs, original.outputs, original.metadata)
 
 

@@ -25,25 +25,35 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tome_deploy.cli import serve as serve_cli
+from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.serving.app import ServeSettings, build_app
-from tome_deploy.serving.artifact import read_artifact
 from tome_deploy.serving.batcher import BatchPolicy
+from tome_deploy.serving.served_model import read_served_model
 from tome_deploy.serving.server import ConnectionLimits, bind_socket, uvicorn_server
 
 MODEL = "vit"
 
 
-class GatedRunner:
+class GatedRunner(Runner):
     """The real ONNX Runtime runner, held at a gate the test opens: makes queueing deterministic."""
 
-    def __init__(self, runner):
+    name = "gated"
+
+    def __init__(self, runner: Runner):
+        super().__init__()
         self.runner, self.gate, self.entered = runner, threading.Event(), threading.Event()
 
-    def infer(self, feed):
+    def _load(self):
+        self.runner.activate()
+
+    def _run(self, feed):
         self.entered.set()
         assert self.gate.wait(30), "test gate never opened"
         return self.runner.infer(feed)
+
+    def _release(self):
+        self.runner.deactivate()
 
 
 class Served:
@@ -71,12 +81,14 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(artifact, runner, limits: ConnectionLimits = ConnectionLimits(), **settings):
-    """The app under uvicorn in a thread on a free loopback port; always shut down, even on failure."""
-    app = build_app(artifact, runner, ServeSettings(model_name=MODEL, **settings))
+def serving(served_model, runner, limits: ConnectionLimits = ConnectionLimits(), **settings):
+    """The app under uvicorn in a thread on a free loopback port, the runner active while it serves (as
+    tome-serve does); always shut down, even on failure."""
+    app = build_app(served_model, runner, ServeSettings(model_name=MODEL, **settings))
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn_server(app, graceful_timeout_s=20, limits=limits)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    runner.activate()
     thread.start()
     try:
         for _ in range(600):
@@ -89,6 +101,7 @@ def serving(artifact, runner, limits: ConnectionLimits = ConnectionLimits(), **s
         server.should_exit = True
         thread.join(30)
         sock.close()
+        runner.deactivate()
         assert not thread.is_alive(), "server did not stop"
 
 
@@ -98,8 +111,8 @@ def exported(export_cached):
 
 
 @pytest.fixture(scope="module")
-def artifact(exported):
-    return read_artifact(exported.path)
+def served_model(exported):
+    return read_served_model(exported.path)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +121,9 @@ def session(exported):
 
 
 @pytest.fixture(scope="module")
-def server(artifact):
+def server(served_model):
     policy = BatchPolicy(max_batch=8, max_delay_s=0.01, max_queue=256)
-    with serving(artifact, OnnxRuntimeRunner(artifact.path), policy=policy) as served:
+    with serving(served_model, OnnxRuntimeRunner(served_model.path), policy=policy) as served:
         yield served
 
 
@@ -286,8 +299,8 @@ def test_undecodable_image_and_bad_top_k_get_400(server):
     assert server.client().is_server_ready()
 
 
-def test_oversized_body_gets_413_and_server_stays_healthy(artifact, session):
-    with serving(artifact, OnnxRuntimeRunner(artifact.path), max_body_bytes=200_000) as served:
+def test_oversized_body_gets_413_and_server_stays_healthy(served_model, session):
+    with serving(served_model, OnnxRuntimeRunner(served_model.path), max_body_bytes=200_000) as served:
         client = served.client()
         with pytest.raises(InferenceServerException, match="over the limit of 200000") as caught:
             infer(client, pixels(0))  # 307,200 bytes of pixels
@@ -320,9 +333,9 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_full_queue_answers_503_then_queued_requests_complete(artifact, session):
-    gated = GatedRunner(OnnxRuntimeRunner(artifact.path))
-    with serving(artifact, gated, policy=BatchPolicy(max_batch=1, max_delay_s=0, max_queue=2)) as served:
+def test_full_queue_answers_503_then_queued_requests_complete(served_model, session):
+    gated = GatedRunner(OnnxRuntimeRunner(served_model.path))
+    with serving(served_model, gated, policy=BatchPolicy(max_batch=1, max_delay_s=0, max_queue=2)) as served:
         first = start_in_thread(infer, served.client(), pixels(10))
         wait_for(gated.entered.is_set)
         queued = [start_in_thread(infer, served.client(), pixels(seed)) for seed in (11, 12)]
@@ -337,9 +350,9 @@ def test_full_queue_answers_503_then_queued_requests_complete(artifact, session)
             np.testing.assert_allclose(box[0], direct(session, pixels(seed)), rtol=1e-5, atol=1e-5)
 
 
-def test_request_timeout_answers_504_and_server_recovers(artifact, session):
-    gated = GatedRunner(OnnxRuntimeRunner(artifact.path))
-    with serving(artifact, gated, policy=BatchPolicy(max_batch=1, max_delay_s=0)) as served:
+def test_request_timeout_answers_504_and_server_recovers(served_model, session):
+    gated = GatedRunner(OnnxRuntimeRunner(served_model.path))
+    with serving(served_model, gated, policy=BatchPolicy(max_batch=1, max_delay_s=0)) as served:
         first = start_in_thread(infer, served.client(), pixels(20))
         wait_for(gated.entered.is_set)
         with pytest.raises(InferenceServerException, match="did not finish within 0.2s") as caught:
@@ -351,9 +364,9 @@ def test_request_timeout_answers_504_and_server_recovers(artifact, session):
         assert served.metrics()["tome_batch_size_count{}"] == 1  # the timed-out request was never computed
 
 
-def test_graceful_shutdown_answers_in_flight_requests(artifact, session):
-    gated = GatedRunner(OnnxRuntimeRunner(artifact.path))
-    with serving(artifact, gated, policy=BatchPolicy(max_batch=2, max_delay_s=0)) as served:
+def test_graceful_shutdown_answers_in_flight_requests(served_model, session):
+    gated = GatedRunner(OnnxRuntimeRunner(served_model.path))
+    with serving(served_model, gated, policy=BatchPolicy(max_batch=2, max_delay_s=0)) as served:
         in_flight = [start_in_thread(infer, served.client(), pixels(seed)) for seed in range(30, 34)]
         wait_for(gated.entered.is_set)
         wait_for(lambda: served.metrics()["tome_queue_depth{}"] >= 2)
@@ -368,9 +381,9 @@ def test_graceful_shutdown_answers_in_flight_requests(artifact, session):
 
 def test_fixed_batch_export_serves_fewer_rows_by_padding(export_cached):
     exported = export_cached("vit_class_token", batch=2)
-    artifact = read_artifact(exported.path)
+    served_model = read_served_model(exported.path)
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-    with serving(artifact, OnnxRuntimeRunner(artifact.path), policy=BatchPolicy(max_batch=8)) as served:
+    with serving(served_model, OnnxRuntimeRunner(served_model.path), policy=BatchPolicy(max_batch=8)) as served:
         client = served.client()
         assert client.get_model_metadata(MODEL)["max_batch_size"] == 2
         x = pixels(40)

@@ -28,8 +28,8 @@ from tome_deploy.artifact.sidecar import (
 from tome_deploy.cli import build as build_cli
 from tome_deploy.cli import export as export_cli
 from tome_deploy.cli import validate as validate_cli
-from tome_deploy.tensorrt.backend import local_compute_capability
-from tome_deploy.tensorrt.runner import TensorRTRunner
+from tome_deploy.runtime.tensorrt import TensorRTRunner
+from tome_deploy.runtime.tensorrt_backend import local_compute_capability
 
 trt_rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')")
 CC = "89"
@@ -321,7 +321,8 @@ def test_fp16_export_keeps_matching_in_fp32_and_passes_its_budget(fp16_export):
         fp32_logits = tome_fp32(torch.from_numpy(pixels)).numpy()
     from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
-    fp16_logits = OnnxRuntimeRunner(onnx_path).infer({"pixel_values": pixels})["logits"]
+    with OnnxRuntimeRunner(onnx_path) as runner:
+        fp16_logits = runner.infer({"pixel_values": pixels})["logits"]
     cosine = float(np.sum(fp32_logits * fp16_logits) / np.linalg.norm(fp32_logits) / np.linalg.norm(fp16_logits))
     assert cosine > 0.999 and (fp32_logits.argmax(-1) == fp16_logits.argmax(-1)).all()
 

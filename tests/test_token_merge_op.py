@@ -129,7 +129,10 @@ def test_plugin_export_with_register_tokens_matches_pytorch(export_cached):
 def test_three_formulation_exports_agree_in_onnx_runtime(export_cached):
     exports = {f: export_cached("vit_class_token", f) for f in FORMULATIONS}
     pixels = np.random.default_rng(5).standard_normal((3, *exports["plugin"].metadata.input_size)).astype(np.float32)
-    logits = {f: OnnxRuntimeRunner(e.path).infer({"pixel_values": pixels})["logits"] for f, e in exports.items()}
+    logits = {}
+    for formulation, exported in exports.items():
+        with OnnxRuntimeRunner(exported.path) as runner:
+            logits[formulation] = runner.infer({"pixel_values": pixels})["logits"]
     np.testing.assert_allclose(logits["plugin"], logits["scatter"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits["plugin"], logits["matmul"], rtol=1e-5, atol=1e-5)
 
@@ -158,7 +161,8 @@ def test_onnx_runtime_op_follows_the_contract_in_float32_and_float16(tmp_path, d
     before = path.read_bytes()
     feed = {"x": x.numpy().astype(dtype), "size": size.numpy(),
             **{name: t.int().numpy() for name, t in zip(("kept", "source", "destination"), (match.kept, match.source, match.destination))}}
-    got = OnnxRuntimeRunner(path).infer(feed)
+    with OnnxRuntimeRunner(path) as runner:
+        got = runner.infer(feed)
     assert path.read_bytes() == before  # the runner rewrites an in-memory copy, never the file
     assert got["merged_x"].dtype == dtype and got["merged_size"].dtype == np.float32
     want_x, want_size = token_merge_reference(*(torch.from_numpy(feed[k]) for k in contract.INPUTS))
@@ -206,7 +210,7 @@ def test_plugin_export_without_extensions_fails_before_exporting(without_ort_ext
 def test_plugin_graph_without_extensions_is_a_typed_error(export_cached, without_ort_extensions):
     exported = export_cached("vit_class_token", "plugin")
     with pytest.raises(MissingDependencyError, match=r"onnxruntime-extensions.*pip install"):
-        OnnxRuntimeRunner(exported.path)
+        OnnxRuntimeRunner(exported.path).activate()  # the session loads, and the op is registered, on activation
 
 
 def test_scatter_graphs_validate_without_extensions(export_cached, without_ort_extensions):

@@ -49,7 +49,10 @@ def _inspect(args: argparse.Namespace) -> int:
         read_sidecar,
     )
     from tome_deploy.errors import MissingDependencyError
-    from tome_deploy.tensorrt.backend import load_backend, local_compute_capability
+    from tome_deploy.runtime.tensorrt_backend import (
+        load_backend,
+        local_compute_capability,
+    )
 
     if args.onnx or args.output:
         raise InvalidInputError("--inspect takes only the engine: tome-build --inspect model.plan")

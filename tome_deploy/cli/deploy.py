@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _triton_repo(args: argparse.Namespace) -> int:
     from tome_deploy.errors import InvalidInputError
-    from tome_deploy.serving.artifact import read_artifact
+    from tome_deploy.serving.served_model import read_served_model
     from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
     if not 0 <= args.max_delay_ms <= 60_000:  # also refuses nan
@@ -56,7 +56,7 @@ def _triton_repo(args: argparse.Namespace) -> int:
         backend=args.backend,
         threads=args.threads,
     )
-    repo = write_triton_repo(read_artifact(args.artifact), args.repo, options, overwrite=args.overwrite)
+    repo = write_triton_repo(read_served_model(args.artifact), args.repo, options, overwrite=args.overwrite)
     say(f"wrote {repo.config_path} and {repo.model_path}")
     say(f"serve it with: {repo.command}")
     return 0

@@ -26,7 +26,7 @@ from tome_deploy.cli.common import (
 )
 from tome_deploy.core.speedup import check_target
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.runtime.choice import CPU_RUNTIMES, RUNTIME_LABELS
+from tome_deploy.runtime.factory import CPU_RUNTIMES, RUNTIME_LABELS
 
 DEFAULT_R = "16"
 

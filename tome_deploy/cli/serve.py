@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tome_deploy.cli.common import add_debug_argument, exit_codes_help, run_command, say
-from tome_deploy.runtime.choice import CPU_RUNTIMES
+from tome_deploy.runtime.factory import CPU_RUNTIMES
 
 DEVICE_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 
@@ -77,36 +77,38 @@ def check_limits(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tome_deploy.runtime.factory import open_runner
     from tome_deploy.serving.app import ServeSettings, build_app, require_serving_stack
-    from tome_deploy.serving.artifact import open_runner, read_artifact
     from tome_deploy.serving.batcher import BatchPolicy
     from tome_deploy.serving.images import read_labels
+    from tome_deploy.serving.served_model import read_served_model
     from tome_deploy.serving.server import ConnectionLimits, bind_socket, run_server
 
     require_serving_stack()
     check_limits(args)
     policy = BatchPolicy(args.max_batch, args.max_delay_ms / 1000, args.max_queue, args.timeout_s)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading anything
-    artifact = read_artifact(args.artifact)
+    served_model = read_served_model(args.artifact)
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else DEVICE_PROVIDERS[args.device]
-    runner = open_runner(artifact, providers=providers, threads=args.threads, runtime=args.runtime)
+    runner = open_runner(served_model.path, args.runtime, providers=providers, threads=args.threads)
     settings = ServeSettings(
         model_name=args.name or default_model_name(args.artifact),
         policy=policy,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
-        labels=read_labels(args.labels, artifact.num_classes) if args.labels else None,
+        labels=read_labels(args.labels, served_model.num_classes) if args.labels else None,
         default_top_k=args.top_k,
         body_timeout_s=args.body_timeout_s,
         max_image_pixels=args.max_image_pixels,
     )
-    app = build_app(artifact, runner, settings)
-    host, port = sock.getsockname()[:2]
-    meta = artifact.metadata
-    say(f"serving {settings.model_name} ({meta.model}, r per layer {meta.r_effective}, tokens {meta.tokens_per_layer[0]}->{meta.tokens_per_layer[-1]}) "
-        f"with {'OpenVINO (CPU)' if args.runtime == 'openvino' else ', '.join(providers)} on http://{host}:{port}")
-    say(f"  infer: POST /v2/models/{settings.model_name}/infer   images: POST /v2/models/{settings.model_name}/classify   metrics: GET /metrics")
-    limits = ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout_s)
-    run_server(app, sock, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level, limits=limits)
+    with runner:
+        app = build_app(served_model, runner, settings)
+        host, port = sock.getsockname()[:2]
+        meta = served_model.metadata
+        say(f"serving {settings.model_name} ({meta.model}, r per layer {meta.r_effective}, tokens {meta.tokens_per_layer[0]}->{meta.tokens_per_layer[-1]}) "
+            f"with {'OpenVINO (CPU)' if args.runtime == 'openvino' else ', '.join(providers)} on http://{host}:{port}")
+        say(f"  infer: POST /v2/models/{settings.model_name}/infer   images: POST /v2/models/{settings.model_name}/classify   metrics: GET /metrics")
+        limits = ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout_s)
+        run_server(app, sock, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level, limits=limits)
     say("tome-serve stopped: all in-flight requests answered")
     return 0
 

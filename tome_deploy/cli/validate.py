@@ -15,7 +15,7 @@ from tome_deploy.cli.common import (
     run_command,
     say,
 )
-from tome_deploy.runtime.choice import CPU_RUNTIMES
+from tome_deploy.runtime.factory import CPU_RUNTIMES
 
 
 def build_parser() -> argparse.ArgumentParser:

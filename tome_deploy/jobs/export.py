@@ -33,7 +33,7 @@ from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_pla
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import check_precision, with_precision
 from tome_deploy.output_files import StagedOutput, check_outputs
-from tome_deploy.runtime.choice import RUNTIME_LABELS, check_runtime, cpu_runner
+from tome_deploy.runtime.factory import RUNTIME_LABELS, check_runtime, open_runner
 from tome_deploy.runtime.throughput import Timing, time_interleaved
 from tome_deploy.token_merge.ort_op import require_extensions
 from tome_deploy.validation.parity import ValidationReport, validate_runners
@@ -143,7 +143,7 @@ def export_model(
                                     target=choice, search=search, runtime=runtime)
             if validate:
                 say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
-                outcome.validation = validate_runners(tome, [cpu_runner(runtime, staged.temp)], metadata, str(output),
+                outcome.validation = validate_runners(tome, [open_runner(staged.temp, runtime)], metadata, str(output),
                                                       atol=atol, rtol=rtol)
             outcome.written = outcome.validation is None or outcome.validation.passed
             if not outcome.written:

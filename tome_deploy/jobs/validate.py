@@ -24,9 +24,8 @@ from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.precision import with_precision
 from tome_deploy.output_files import check_outputs
-from tome_deploy.runtime.choice import RUNTIME_LABELS, check_runtime, cpu_runner
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
-from tome_deploy.tensorrt.runner import TensorRTRunner
+from tome_deploy.runtime.base import Runner
+from tome_deploy.runtime.factory import RUNTIME_LABELS, open_runner
 from tome_deploy.validation.parity import (
     ValidationReport,
     default_batch_sizes,
@@ -59,10 +58,9 @@ def validate_model(
     if not isinstance(source, ModelSource):
         source = ModelSource(source)
     engine = is_engine_file(artifact)
-    if engine and check_runtime(runtime) != "onnxruntime":
-        raise InvalidInputError(f"--runtime {runtime} runs ONNX files; an engine runs in TensorRT: drop --runtime")
     sidecar = read_sidecar(artifact) if engine else None
     metadata = _artifact_metadata(artifact, sidecar)
+    candidates = [open_runner(artifact, runtime)]  # checked now, before the model loads; activated to compare
     if save_reference is not None:
         check_outputs({"--save-reference": save_reference, "--save-reference inputs": inputs_path_for(save_reference)},
                       inputs=(source.name, source.checkpoint, *validation_inputs(artifact)))
@@ -90,18 +88,21 @@ def validate_model(
             f"--atol {tolerance.atol:g} --rtol {tolerance.rtol:g}")
     if not engine:
         say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
-        runner = cpu_runner(runtime, artifact)
-        return metadata, validate_runners(tome, [runner], metadata, str(artifact), batch_sizes=batch_sizes, atol=atol, rtol=rtol)
-    candidates = [TensorRTRunner(artifact)]
-    onnx_file = Path(sidecar.onnx_path)
-    if onnx_file.is_file() and file_sha256(onnx_file) == sidecar.onnx_sha256:
-        candidates.append(OnnxRuntimeRunner(onnx_file))
-    else:
-        say(f"  note: the engine's ONNX file {onnx_file} is gone or changed; comparing the engine with PyTorch only")
+        return metadata, validate_runners(tome, candidates, metadata, str(artifact), batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+    candidates += _source_onnx_runner(sidecar, say)
     profile = sidecar.profiles[0]
     batches = batch_sizes or sorted({min(max(b, profile.min), profile.max) for b in default_batch_sizes(metadata)})
     say(f"Validating {' and '.join(c.name for c in candidates)} against PyTorch ...")
     return metadata, validate_runners(tome, candidates, metadata, str(artifact), batch_sizes=batches, atol=atol, rtol=rtol)
+
+
+def _source_onnx_runner(sidecar: EngineSidecar, say: Say) -> list[Runner]:
+    """ONNX Runtime on the ONNX file the engine was built from, when it is still there unchanged."""
+    onnx_file = Path(sidecar.onnx_path)
+    if onnx_file.is_file() and file_sha256(onnx_file) == sidecar.onnx_sha256:
+        return [open_runner(onnx_file)]
+    say(f"  note: the engine's ONNX file {onnx_file} is gone or changed; comparing the engine with PyTorch only")
+    return []
 
 
 def validation_inputs(artifact: str | Path) -> tuple[Path, ...]:

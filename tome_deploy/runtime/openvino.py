@@ -1,4 +1,4 @@
-"""OpenVINO (CPU) behind the runner protocol: reads the ONNX file directly, or an IR (.xml) written from it."""
+"""OpenVINO (CPU) behind the runner lifecycle (runtime/base.py): reads the ONNX file directly, or an IR (.xml) written from it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tome_deploy.errors import InvalidInputError, MissingDependencyError
+from tome_deploy.runtime.base import Runner
 from tome_deploy.token_merge.contract import OP_DOMAIN, OP_TYPE, graph_has_token_merge
 
 OPENVINO_EXTRA = "pip install 'tome-deploy[openvino]' (or pip install openvino)"
@@ -33,30 +34,42 @@ def check_runs_in_openvino(path: str | Path) -> None:
         )
 
 
-class OpenVINORunner:
+class OpenVINORunner(Runner):
     """OpenVINO on CPU in fp32 (inference_precision f32: its CPU plugin would otherwise pick bf16 on
-    CPUs with AMX/AVX512-BF16, which changes merge choices; FACTS section 5). profile=True turns on
-    OpenVINO's per-layer counters (`request.get_profiling_info()`)."""
+    CPUs with AMX/AVX512-BF16, which changes merge choices). profile=True turns on OpenVINO's per-layer
+    counters (`request.get_profiling_info()`). A --merge plugin graph is refused at construction."""
 
     name = "openvino"
 
     def __init__(self, path: str | Path, threads: int | None = None, device: str = "CPU", profile: bool = False):
+        super().__init__()
         check_runs_in_openvino(path)
+        self.path, self.threads, self.device, self.profile = path, threads, device, profile
+        self.compiled = None
+        self.request = None
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+
+    def _load(self) -> None:
         ov = import_openvino()
         config = {"INFERENCE_PRECISION_HINT": "f32"}
-        if profile:
+        if self.profile:
             config["PERF_COUNT"] = "YES"
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(str(path)), device, config)
+        self.compiled = core.compile_model(core.read_model(str(self.path)), self.device, config)
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer({name: np.ascontiguousarray(feed[name]) for name in self.input_names})
         return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
+
+    def _release(self) -> None:
+        self.request = None
+        self.compiled = None
 
 
 RT_INFO_SECTION = "tome_deploy"  # the IR's rt_info section that holds the ONNX file's tome.* metadata

@@ -7,6 +7,7 @@ over minutes (shared CPUs) hits them alike, as in runtime/throughput.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -120,21 +121,22 @@ def _openvino_profiles(models, input_name, batch_input, runs, threads) -> dict[s
     Broadcast its ONNX reader puts before a GatherND with batch_dims) and only merge layers read it."""
     from tome_deploy.runtime.openvino import OpenVINORunner
 
-    runners, merge_layers = {}, {}
-    for label, path in models.items():
-        runners[label] = OpenVINORunner(path, threads=threads, profile=True)
-        onnx_nodes = {node.name for node in load_onnx(path).graph.node}
-        merge_layers[label] = openvino_merge_layers(runners[label].compiled.get_runtime_model(), merger_node_names(path), onnx_nodes)
-    totals: dict[str, dict[tuple[str, str], float]] = {label: {} for label in models}
-    for index in range(runs + 1):
-        for label, runner in runners.items():
-            runner.infer({input_name: batch_input})
-            if index == 0:
-                continue  # warm-up
-            for layer in runner.request.get_profiling_info():
-                if layer.status == layer.Status.EXECUTED:
-                    key = (layer.node_name, layer.node_type)
-                    totals[label][key] = totals[label].get(key, 0.0) + layer.real_time.total_seconds() * 1e6 / runs
+    with contextlib.ExitStack() as active:
+        runners, merge_layers = {}, {}
+        for label, path in models.items():
+            runners[label] = active.enter_context(OpenVINORunner(path, threads=threads, profile=True))
+            onnx_nodes = {node.name for node in load_onnx(path).graph.node}
+            merge_layers[label] = openvino_merge_layers(runners[label].compiled.get_runtime_model(), merger_node_names(path), onnx_nodes)
+        totals: dict[str, dict[tuple[str, str], float]] = {label: {} for label in models}
+        for index in range(runs + 1):
+            for label, runner in runners.items():
+                runner.infer({input_name: batch_input})
+                if index == 0:
+                    continue  # warm-up
+                for layer in runner.request.get_profiling_info():
+                    if layer.status == layer.Status.EXECUTED:
+                        key = (layer.node_name, layer.node_type)
+                        totals[label][key] = totals[label].get(key, 0.0) + layer.real_time.total_seconds() * 1e6 / runs
     return {label: Profile([LayerTime(name, op, us, name in merge_layers[label]) for (name, op), us in found.items()])
             for label, found in totals.items()}
 

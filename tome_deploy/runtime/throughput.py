@@ -1,7 +1,9 @@
-"""Side-by-side timing: runs alternate between models so machine noise hits all alike (ONNX Runtime or OpenVINO files, or any calls)."""
+"""Side-by-side timing, the one timing loop of the package and its benchmarks: runs alternate between models so
+machine noise hits all alike (ONNX Runtime or OpenVINO files, or any calls, GPU work included)."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tome_deploy.runtime.choice import cpu_runner
+from tome_deploy.runtime.factory import open_runner
 
 
 @dataclass(frozen=True)
@@ -36,25 +38,32 @@ def time_interleaved(
     runtime: str = "onnxruntime",
 ) -> dict[str, Timing]:
     """Median latency per model over `rounds`, each round running every model once in turn."""
-    runners = {name: cpu_runner(runtime, path, threads=threads) for name, path in models.items()}
     feed = {input_name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
-    medians = time_side_by_side({name: (lambda r=runner: r.infer(feed)) for name, runner in runners.items()},
-                                rounds=rounds, warmup=warmup)
+    with contextlib.ExitStack() as active:
+        runners = {name: active.enter_context(open_runner(path, runtime, threads=threads)) for name, path in models.items()}
+        medians = time_side_by_side({name: (lambda r=runner: r.infer(feed)) for name, runner in runners.items()},
+                                    rounds=rounds, warmup=warmup)
     return {name: Timing(name, batch, median) for name, median in medians.items()}
 
 
 def time_side_by_side(
-    runs: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1, sync: Optional[Callable[[], None]] = None,
+    runs: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1, iterations: int = 1,
+    sync: Optional[Callable[[], None]] = None,
 ) -> dict[str, float]:
-    """Median seconds per call of each entry; each round calls every entry once, in turn, so machine noise
-    hits all alike. sync: called before the clock stops (e.g. torch.cuda.synchronize for GPU work)."""
+    """Median seconds per call of each entry; each round calls every entry `iterations` times in a row, in
+    turn, so machine noise hits all alike; the first `warmup` rounds are not counted. sync: waits for work
+    the calls only queued (e.g. torch.cuda.synchronize for GPU work); called before the clock starts and
+    before it stops, so each sample holds exactly its own calls."""
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(warmup + rounds):
         for name, run in runs.items():
+            if sync is not None:
+                sync()
             start = time.perf_counter()
-            run()
+            for _ in range(iterations):
+                run()
             if sync is not None:
                 sync()
             if round_index >= warmup:
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append((time.perf_counter() - start) / iterations)
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -22,7 +22,6 @@ from typing import Awaitable, Callable, Optional
 from tome_deploy import __version__
 from tome_deploy.errors import InvalidInputError, MissingDependencyError, ToMeError
 from tome_deploy.runtime.base import Runner
-from tome_deploy.serving.artifact import Artifact, run_padded
 from tome_deploy.serving.batcher import (
     BatchPolicy,
     DynamicBatcher,
@@ -40,6 +39,7 @@ from tome_deploy.serving.kserve import (
     parse_infer_request,
 )
 from tome_deploy.serving.metrics import ServingMetrics
+from tome_deploy.serving.served_model import ServedModel, run_padded
 from tome_deploy.serving.threads import named_executor
 
 MODEL_VERSION = "1"
@@ -102,23 +102,23 @@ def require_serving_stack() -> None:
             raise MissingDependencyError(f"tome-serve needs {name} (not installed): {SERVE_EXTRA_HINT}") from err
 
 
-def settings_for(artifact: Artifact, settings: ServeSettings) -> ServeSettings:
+def settings_for(served_model: ServedModel, settings: ServeSettings) -> ServeSettings:
     """Batches are capped at what the artifact takes: a fixed-batch export's batch (smaller ones are padded)
     or an engine's profile maximum."""
-    limit = artifact.batch_limit
+    limit = served_model.batch_limit
     if limit is None or settings.policy.max_batch <= limit:
         return settings
     return dataclasses.replace(settings, policy=dataclasses.replace(settings.policy, max_batch=limit))
 
 
-def model_metadata(artifact: Artifact, settings: ServeSettings) -> dict:
-    meta = artifact.metadata
+def model_metadata(served_model: ServedModel, settings: ServeSettings) -> dict:
+    meta = served_model.metadata
     return {
         "name": settings.model_name,
         "versions": [MODEL_VERSION],
-        "platform": artifact.triton_platform,
-        "inputs": [spec.to_json() for spec in artifact.inputs],
-        "outputs": [spec.to_json() for spec in artifact.outputs],
+        "platform": served_model.triton_platform,
+        "inputs": [spec.to_json() for spec in served_model.inputs],
+        "outputs": [spec.to_json() for spec in served_model.outputs],
         "max_batch_size": settings.policy.max_batch,
         "tome": {
             "model": meta.model, "schedule": meta.schedule, "r_effective": meta.r_effective,
@@ -130,7 +130,7 @@ def model_metadata(artifact: Artifact, settings: ServeSettings) -> dict:
     }
 
 
-def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
+def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings):
     """A Starlette app serving one artifact; its lifespan starts the batcher and drains it at shutdown."""
     require_serving_stack()
     from starlette.applications import Starlette
@@ -138,12 +138,12 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    settings = settings_for(artifact, settings)
+    settings = settings_for(served_model, settings)
     metrics = ServingMetrics(settings.policy.max_batch, lambda: batcher.queued)
-    batcher = DynamicBatcher(lambda feed: run_padded(runner, artifact, feed), settings.policy, on_batch=metrics.record_batch)
+    batcher = DynamicBatcher(lambda feed: run_padded(runner, served_model, feed), settings.policy, on_batch=metrics.record_batch)
     decoder = named_executor("tome-decode")  # request bodies -> arrays, off the event loop (JSON and images take a while)
-    metadata = model_metadata(artifact, settings)
-    image_input, output_name = artifact.image_input, artifact.outputs[0].name
+    metadata = model_metadata(served_model, settings)
+    image_input, output_name = served_model.image_input, served_model.outputs[0].name
 
     async def decode(function, *args):
         return await asyncio.get_running_loop().run_in_executor(decoder, functools.partial(function, *args))
@@ -190,7 +190,7 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
 
     async def infer(request: Request) -> Response:
         body = await read_body(request)
-        parsed = await decode(parse_infer_request, body, request.headers.get(HEADER_LENGTH), artifact.inputs, artifact.outputs, settings.policy.max_batch)
+        parsed = await decode(parse_infer_request, body, request.headers.get(HEADER_LENGTH), served_model.inputs, served_model.outputs, settings.policy.max_batch)
         results = await batcher.infer(parsed.inputs, parsed.timeout_s)
         payload, header_length = encode_infer_response(settings.model_name, MODEL_VERSION, parsed, results)
         if header_length is None:
@@ -198,8 +198,8 @@ def build_app(artifact: Artifact, runner: Runner, settings: ServeSettings):
         return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
     async def classify(request: Request) -> Response:
-        k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k, artifact.num_classes)
-        pixels = await decode(image_to_input, await read_body(request), artifact.metadata, settings.max_image_pixels)
+        k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k, served_model.num_classes)
+        pixels = await decode(image_to_input, await read_body(request), served_model.metadata, settings.max_image_pixels)
         results = await batcher.infer({image_input.name: pixels.astype(DATATYPES[image_input.datatype])})
         check_finite_output(output_name, results[output_name])
         return JSONResponse({

@@ -25,8 +25,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from tome_deploy.serving.artifact import open_runner, read_artifact, run_padded
+from tome_deploy.runtime.factory import open_runner
 from tome_deploy.serving.batcher import concatenate, split
+from tome_deploy.serving.served_model import read_served_model, run_padded
 
 THREADS_PARAMETER = "tome.threads"  # ONNX Runtime intra-op threads per model instance (absent: all cores)
 
@@ -80,9 +81,10 @@ class TritonPythonModel:
         onnx_files = sorted(folder.glob("*.onnx"))
         if len(onnx_files) != 1:
             raise pb_utils.TritonModelException(f"{folder} must hold exactly one .onnx file next to model.py, found {len(onnx_files)}; rewrite it with tome-deploy triton-repo --backend python")
-        self.artifact = read_artifact(onnx_files[0])
-        self.runner = open_runner(self.artifact, threads=_threads(_parameters(config)))
-        self.input_name, self.output_name = self.artifact.image_input.name, self.artifact.outputs[0].name
+        self.served_model = read_served_model(onnx_files[0])
+        self.runner = open_runner(self.served_model.path, threads=_threads(_parameters(config)))
+        self.runner.activate()
+        self.input_name, self.output_name = self.served_model.image_input.name, self.served_model.outputs[0].name
 
     def execute(self, requests: list) -> list:
         """k requests of [n_i, ...] rows -> one model call on [sum n_i, ...] -> k responses of their own rows."""
@@ -96,7 +98,7 @@ class TritonPythonModel:
                 feeds.append((index, {self.input_name: array}))
         if feeds:
             try:
-                outputs = run_padded(self.runner, self.artifact, concatenate([feed for _, feed in feeds]))
+                outputs = run_padded(self.runner, self.served_model, concatenate([feed for _, feed in feeds]))
                 parts = split(outputs, [len(feed[self.input_name]) for _, feed in feeds])
             except Exception as err:  # the runner's error types vary by backend
                 message = f"the model failed on a batch of {sum(len(f[self.input_name]) for _, f in feeds)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -113,4 +115,4 @@ class TritonPythonModel:
         return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
 
     def finalize(self) -> None:
-        self.runner = None
+        self.runner.deactivate()

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.output_files import current_umask, write_atomically
-from tome_deploy.serving.artifact import Artifact
 from tome_deploy.serving.kserve import TensorSpec
+from tome_deploy.serving.served_model import ServedModel
 from tome_deploy.serving.triton_python import MODEL_PY, THREADS_PARAMETER
 
 MODEL_FILE = {"onnx": "model.onnx", "engine": "model.plan"}
@@ -34,8 +34,8 @@ BACKENDS = ("platform", "python")  # Triton's ONNX Runtime / TensorRT backend, o
 TOME_PARAMETERS = ("model", "schedule", "r_effective", "tokens_per_layer", "num_prefix_tokens", "theoretical_speedup", "merge", "precision", "input_size")
 
 
-class Enum(str):
-    """A protobuf enum value: written bare, not quoted."""
+class ProtoEnumValue(str):
+    """A protobuf-text enum value (KIND_GPU, TYPE_FP32): written bare, not quoted like other strings."""
 
 
 @dataclass(frozen=True)
@@ -70,50 +70,50 @@ class TritonRepo:
     command: str
 
 
-def model_config(artifact: Artifact, options: TritonOptions) -> dict[str, Any]:
+def model_config(served_model: ServedModel, options: TritonOptions) -> dict[str, Any]:
     """The ModelConfig message as a dict (field name -> value; lists of dicts are repeated messages)."""
-    check_triton_can_run(artifact, options.backend)
-    fixed = artifact.fixed_batch
-    runs_on = {"backend": "python"} if options.backend == "python" else {"platform": artifact.triton_platform}
+    check_triton_can_run(served_model, options.backend)
+    fixed = served_model.fixed_batch
+    runs_on = {"backend": "python"} if options.backend == "python" else {"platform": served_model.triton_platform}
     config: dict[str, Any] = {
         "name": options.model_name,
         **runs_on,
-        "max_batch_size": 0 if fixed is not None else triton_max_batch(artifact, options.max_batch),
-        "input": [_tensor(spec, fixed) for spec in artifact.inputs],
-        "output": [_tensor(spec, fixed) for spec in artifact.outputs],
+        "max_batch_size": 0 if fixed is not None else triton_max_batch(served_model, options.max_batch),
+        "input": [_tensor(spec, fixed) for spec in served_model.inputs],
+        "output": [_tensor(spec, fixed) for spec in served_model.outputs],
     }
     if fixed is None:  # Triton batches only models whose batch axis is free
         config["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
-    kind = "KIND_GPU" if artifact.kind == "engine" else options.kind
-    config["instance_group"] = [{"count": options.instances, "kind": Enum(kind)}]
-    meta = artifact.metadata.to_dict()
+    kind = "KIND_GPU" if served_model.kind == "engine" else options.kind
+    config["instance_group"] = [{"count": options.instances, "kind": ProtoEnumValue(kind)}]
+    meta = served_model.metadata.to_dict()
     config["parameters"] = [{"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS]
     if options.threads is not None:
         config["parameters"].append({"key": THREADS_PARAMETER, "value": {"string_value": str(options.threads)}})
     return config
 
 
-def check_triton_can_run(artifact: Artifact, backend: str = "platform") -> None:
+def check_triton_can_run(served_model: ServedModel, backend: str = "platform") -> None:
     """Triton's ONNX Runtime backend has no tome::TokenMerge op, and its TensorRT backend loads full-TensorRT engines only.
     The Python backend runs our ONNX Runtime runner (which has the op), on ONNX files."""
     if backend == "python":
-        if artifact.kind != "onnx":
-            raise InvalidInputError(f"{artifact.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
+        if served_model.kind != "onnx":
+            raise InvalidInputError(f"{served_model.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
                                     "or drop --backend python to give the engine to Triton's TensorRT backend")
         return
-    if artifact.kind == "onnx" and artifact.metadata.merge == "plugin":
-        raise InvalidInputError(f"{artifact.path.name} uses the tome::TokenMerge op, which Triton's ONNX Runtime backend cannot run; "
+    if served_model.kind == "onnx" and served_model.metadata.merge == "plugin":
+        raise InvalidInputError(f"{served_model.path.name} uses the tome::TokenMerge op, which Triton's ONNX Runtime backend cannot run; "
                                 "export with --merge scatter or matmul, or build an engine with tome-build")
-    if artifact.kind == "engine" and artifact.engine_backend != "tensorrt":
-        raise InvalidInputError(f"{artifact.path.name} was built by {artifact.engine_backend}, but Triton's TensorRT backend loads "
+    if served_model.kind == "engine" and served_model.engine_backend != "tensorrt":
+        raise InvalidInputError(f"{served_model.path.name} was built by {served_model.engine_backend}, but Triton's TensorRT backend loads "
                                 "engines of full TensorRT only; build with tome-build --backend tensorrt, or give Triton the ONNX file")
 
 
-def triton_max_batch(artifact: Artifact, requested: Optional[int]) -> int:
+def triton_max_batch(served_model: ServedModel, requested: Optional[int]) -> int:
     if requested is None:
-        return artifact.max_batch or 8
-    if artifact.max_batch is not None and requested > artifact.max_batch:
-        raise InvalidInputError(f"--max-batch {requested} is over the engine's profile maximum {artifact.max_batch}; pass at most that, or rebuild with a larger --max-batch")
+        return served_model.max_batch or 8
+    if served_model.max_batch is not None and requested > served_model.max_batch:
+        raise InvalidInputError(f"--max-batch {requested} is over the engine's profile maximum {served_model.max_batch}; pass at most that, or rebuild with a larger --max-batch")
     return requested
 
 
@@ -137,15 +137,15 @@ def tritonserver_command(root: Path) -> str:
     return f"tritonserver --model-repository={shlex.quote(str(root.resolve()))}"
 
 
-def write_triton_repo(artifact: Artifact, root: str | Path, options: TritonOptions, *, overwrite: bool = False) -> TritonRepo:
+def write_triton_repo(served_model: ServedModel, root: str | Path, options: TritonOptions, *, overwrite: bool = False) -> TritonRepo:
     """Copy the artifact (unchanged) and write its config; an existing model folder needs overwrite=True.
 
     The model folder is assembled in a temporary folder inside `root` and renamed into place, so a refused
     artifact or a failed copy leaves nothing behind, and --overwrite replaces the whole folder (no stale
     version such as `2/` survives to be served instead of the new one)."""
     root = Path(root).expanduser()
-    model_dir = _check_repo(artifact, root, options.model_name, overwrite)
-    text = render_pbtxt(model_config(artifact, options)) + "\n"  # refuses an artifact before anything is written
+    model_dir = _check_repo(served_model, root, options.model_name, overwrite)
+    text = render_pbtxt(model_config(served_model, options)) + "\n"  # refuses an artifact before anything is written
     command = tritonserver_command(root)
     readme = f"# {options.model_name}\n\nServe this repository with Triton Inference Server:\n\n    {command}\n"
     if options.backend == "python":
@@ -157,7 +157,7 @@ def write_triton_repo(artifact: Artifact, root: str | Path, options: TritonOptio
         raise InvalidInputError(f"cannot create the model repository {root} ({err.strerror}); choose another directory") from err
     try:
         (staging / VERSION).mkdir()
-        write_atomically(staging / VERSION / MODEL_FILE[artifact.kind], lambda out: _copy(artifact.path, out))
+        write_atomically(staging / VERSION / MODEL_FILE[served_model.kind], lambda out: _copy(served_model.path, out))
         if options.backend == "python":
             write_atomically(staging / VERSION / "model.py", lambda out: out.write(MODEL_PY.encode()))
         write_atomically(staging / "config.pbtxt", lambda out: out.write(text.encode()))
@@ -166,10 +166,10 @@ def write_triton_repo(artifact: Artifact, root: str | Path, options: TritonOptio
         _swap_in(staging, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return TritonRepo(root, model_dir, model_dir / "config.pbtxt", model_dir / VERSION / MODEL_FILE[artifact.kind], command)
+    return TritonRepo(root, model_dir, model_dir / "config.pbtxt", model_dir / VERSION / MODEL_FILE[served_model.kind], command)
 
 
-def _check_repo(artifact: Artifact, root: Path, model_name: str, overwrite: bool) -> Path:
+def _check_repo(served_model: ServedModel, root: Path, model_name: str, overwrite: bool) -> Path:
     """The model folder to write, after every check that can be made before writing."""
     if root.exists() and not root.is_dir():
         raise InvalidInputError(f"{root} is a file; pass a directory for the model repository")
@@ -185,8 +185,8 @@ def _check_repo(artifact: Artifact, root: Path, model_name: str, overwrite: bool
         raise InvalidInputError(f"{model_dir} already exists; pass --overwrite to replace it or --name for another model name")
     if model_dir.exists() and not model_dir.is_dir():
         raise InvalidInputError(f"{model_dir} is a file; remove it or pass --name for another model name")
-    if model_dir.is_dir() and artifact.path.resolve().is_relative_to(model_dir.resolve()):
-        raise InvalidInputError(f"{artifact.path} is inside {model_dir}, which --overwrite would replace; copy the "
+    if model_dir.is_dir() and served_model.path.resolve().is_relative_to(model_dir.resolve()):
+        raise InvalidInputError(f"{served_model.path} is inside {model_dir}, which --overwrite would replace; copy the "
                                 "artifact elsewhere first or pass --name for another model name")
     return model_dir
 
@@ -225,7 +225,7 @@ The stub must match that Python's version (`triton_python_backend_stub` of the s
 def _tensor(spec: TensorSpec, fixed_batch) -> dict[str, Any]:
     # With max_batch_size > 0 Triton's dims leave the batch axis out; with 0 they are the full shape.
     dims = list(spec.shape) if fixed_batch is not None else list(spec.shape[1:])
-    return {"name": spec.name, "data_type": Enum(f"TYPE_{spec.datatype}"), "dims": dims}
+    return {"name": spec.name, "data_type": ProtoEnumValue(f"TYPE_{spec.datatype}"), "dims": dims}
 
 
 def _parameter_text(value: Any) -> str:
@@ -234,7 +234,7 @@ def _parameter_text(value: Any) -> str:
 
 
 def _scalar(value: Any) -> str:
-    if isinstance(value, Enum):
+    if isinstance(value, ProtoEnumValue):
         return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -22,7 +22,7 @@ from tome_deploy.artifact.sidecar import (
 )
 from tome_deploy.errors import ExportError, InvalidInputError
 from tome_deploy.output_files import check_outputs, write_atomically
-from tome_deploy.tensorrt.backend import (
+from tome_deploy.runtime.tensorrt_backend import (
     TensorRTBackend,
     load_backend,
     local_compute_capability,

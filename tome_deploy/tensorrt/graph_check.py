@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.tensorrt.backend import TensorRTBackend
+from tome_deploy.runtime.tensorrt_backend import TensorRTBackend
 from tome_deploy.token_merge.contract import is_token_merge_node
 
 

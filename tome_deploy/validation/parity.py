@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -9,7 +10,7 @@ from typing import Iterable, Sequence
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
 from tome_deploy.runtime.base import Runner
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.pytorch import TorchRunner
 from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, compare_output
 from tome_deploy.validation.probes import PROBE_KINDS, probe_images
@@ -53,7 +54,7 @@ def validate_onnx(
     **options,
 ) -> ValidationReport:
     """PyTorch vs ONNX Runtime; `options` as for validate_runners."""
-    return validate_runners(tome_model, [OnnxRuntimeRunner(onnx_path, providers=providers)], metadata, str(onnx_path), **options)
+    return validate_runners(tome_model, [open_runner(onnx_path, providers=providers)], metadata, str(onnx_path), **options)
 
 
 def validate_runners(
@@ -69,25 +70,30 @@ def validate_runners(
     spec: ExportSpec = EXPORT_SPEC,
 ) -> ValidationReport:
     """Run the reference and each candidate on each probe kind at each batch size; one verdict per
-    (candidate, probe, batch, output), within the budget of the export's precision."""
-    reference = TorchRunner(tome_model, metadata.input_name, metadata.output_name)
+    (candidate, probe, batch, output), within the budget of the export's precision. Candidates not active
+    yet are activated for the comparison and deactivated after it; active ones stay active."""
     report = ValidationReport(artifact)
     tolerance = spec.tolerance(metadata.precision)
-    for kind in probes:
-        for batch in batch_sizes or default_batch_sizes(metadata):
-            feed = {metadata.input_name: probe_images(kind, batch, metadata)}
-            expected = reference.infer(feed)
-            for candidate in candidates:
-                got = candidate.infer(feed)
-                for name, value in expected.items():
-                    verdict = compare_output(
-                        value,
-                        got[name],
-                        probe=kind,
-                        output=name,
-                        atol=tolerance.atol if atol is None else atol,
-                        rtol=tolerance.rtol if rtol is None else rtol,
-                        min_cosine=tolerance.min_cosine,
-                    )
-                    report.verdicts.append(replace(verdict, runner=candidate.name))
+    with contextlib.ExitStack() as activated:
+        reference = activated.enter_context(TorchRunner(tome_model, metadata.input_name, metadata.output_name))
+        for candidate in candidates:
+            if not candidate.is_active:
+                activated.enter_context(candidate)
+        for kind in probes:
+            for batch in batch_sizes or default_batch_sizes(metadata):
+                feed = {metadata.input_name: probe_images(kind, batch, metadata)}
+                expected = reference.infer(feed)
+                for candidate in candidates:
+                    got = candidate.infer(feed)
+                    for name, value in expected.items():
+                        verdict = compare_output(
+                            value,
+                            got[name],
+                            probe=kind,
+                            output=name,
+                            atol=tolerance.atol if atol is None else atol,
+                            rtol=tolerance.rtol if rtol is None else rtol,
+                            min_cosine=tolerance.min_cosine,
+                        )
+                        report.verdicts.append(replace(verdict, runner=candidate.name))
     return report

@@ -32,9 +32,9 @@ def save_polygraphy_reference(tome_model, metadata: ToMeMetadata, path: str | Pa
         raise MissingDependencyError(f"--save-reference writes Polygraphy's format and needs it: pip install polygraphy ({err})") from err
     path = check_output_path(path)
     inputs_path = check_output_path(inputs_path_for(path))
-    reference = TorchRunner(tome_model, metadata.input_name, metadata.output_name)
     feeds = [{metadata.input_name: probe_images(kind, batch, metadata)} for kind in PROBE_KINDS]
-    results = RunResults([("pytorch", [IterationResult(reference.infer(feed), runner_name="pytorch") for feed in feeds])])
+    with TorchRunner(tome_model, metadata.input_name, metadata.output_name) as reference:
+        results = RunResults([("pytorch", [IterationResult(reference.infer(feed), runner_name="pytorch") for feed in feeds])])
     write_atomically(path, lambda stream: stream.write(results.to_json().encode()))
     write_atomically(inputs_path, lambda stream: stream.write(to_json(feeds).encode()))
     return path, inputs_path

@@ -1,14 +1,15 @@
-"""What a servable file is: its tensors, batch, ToMe metadata, and the runner that executes it.
+"""What a served file is: its tensors, batch and ToMe metadata, read once when serving starts.
 
-An artifact is a tome-deploy ONNX export (run by ONNX Runtime) or a TensorRT engine (run by the
-TensorRT runner). Both answer the same `infer(dict of arrays) -> dict of arrays` protocol.
+A served model is what tome-serve and the Triton repository writer know of one file: a tome-deploy ONNX
+export or a TensorRT engine, whose formats the `tome_deploy.artifact` package reads. The runner that
+executes it comes from `tome_deploy.runtime.factory.open_runner`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -17,15 +18,13 @@ from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.runtime.base import Runner
-from tome_deploy.runtime.choice import cpu_runner
-from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_deploy.serving.kserve import TensorSpec, datatype_of
 
 ONNX_SUFFIXES = (".onnx",)
 
 
 @dataclass(frozen=True)
-class Artifact:
+class ServedModel:
     path: Path
     kind: str  # "onnx" or "engine"
     inputs: tuple[TensorSpec, ...]
@@ -58,7 +57,7 @@ class Artifact:
         return self.outputs[0].shape[-1]
 
 
-def read_artifact(path: str | Path) -> Artifact:
+def read_served_model(path: str | Path) -> ServedModel:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InvalidInputError(f"no such artifact: {path}; pass an ONNX file written by tome-export (or an engine)")
@@ -70,35 +69,17 @@ def read_artifact(path: str | Path) -> Artifact:
     raise InvalidInputError(f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output")
 
 
-def open_runner(artifact: Artifact, providers: Sequence[str] = ("CPUExecutionProvider",), threads: Optional[int] = None,
-                runtime: str = "onnxruntime") -> Runner:
-    """ONNX Runtime with exactly the asked providers active (it raises otherwise), OpenVINO on CPU
-    (runtime="openvino"), or the TensorRT runner, which raises MissingDependencyError without an
-    importable TensorRT and refuses an engine built for another TensorRT or GPU."""
-    if runtime != "onnxruntime":
-        if artifact.kind != "onnx" or tuple(providers) != ("CPUExecutionProvider",):
-            raise InvalidInputError(f"--runtime {runtime} runs ONNX files on the CPU; drop --device/--providers (or --runtime for an engine)")
-        return cpu_runner(runtime, artifact.path, threads=threads)
-    if artifact.kind == "onnx":
-        return OnnxRuntimeRunner(artifact.path, providers=providers, threads=threads)
-    if tuple(providers) != ("CPUExecutionProvider",) or threads:
-        raise InvalidInputError("--device, --providers and --threads apply to ONNX files; an engine runs on the GPU it was built for, drop them")
-    from tome_deploy.tensorrt.runner import TensorRTRunner
-
-    return TensorRTRunner(artifact.path)
-
-
-def run_padded(runner: Runner, artifact: Artifact, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_padded(runner: Runner, served_model: ServedModel, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a batch; a fixed-batch model gets zero rows appended up to its batch, and they are dropped again."""
     rows = len(next(iter(feed.values())))
-    fixed = artifact.fixed_batch
+    fixed = served_model.fixed_batch
     if fixed is None or rows == fixed:
         return runner.infer(feed)
     padded = {name: np.concatenate([value, np.zeros((fixed - rows, *value.shape[1:]), value.dtype)]) for name, value in feed.items()}
     return {name: value[:rows] for name, value in runner.infer(padded).items()}
 
 
-def _read_onnx(path: Path) -> Artifact:
+def _read_onnx(path: Path) -> ServedModel:
     proto = load_onnx(path)
     metadata = tome_metadata(proto, path)
     if metadata is None:
@@ -109,17 +90,17 @@ def _read_onnx(path: Path) -> Artifact:
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 2:
         raise InvalidInputError(f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output")
     metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
-    return Artifact(path, "onnx", inputs, outputs, metadata)
+    return ServedModel(path, "onnx", inputs, outputs, metadata)
 
 
-def _checked_input_size(artifact: Artifact) -> Artifact:
+def _checked_input_size(served_model: ServedModel) -> ServedModel:
     """tome.input_size decides what the image endpoint resizes to; it must be the graph's own [3, H, W], so a
     damaged or crafted value cannot choose what a request allocates."""
-    graph_size = list(artifact.image_input.shape[1:])
-    if artifact.metadata.input_size != graph_size:
-        raise InvalidInputError(f"{artifact.path.name}: tome.input_size {artifact.metadata.input_size!r} disagrees with the model input {graph_size}; "
+    graph_size = list(served_model.image_input.shape[1:])
+    if served_model.metadata.input_size != graph_size:
+        raise InvalidInputError(f"{served_model.path.name}: tome.input_size {served_model.metadata.input_size!r} disagrees with the model input {graph_size}; "
                                 "the metadata is damaged: re-export the model with tome-export")
-    return artifact
+    return served_model
 
 
 def _onnx_tensor(value) -> TensorSpec:
@@ -131,7 +112,7 @@ def _onnx_tensor(value) -> TensorSpec:
     return TensorSpec(value.name, datatype_of(dtype), shape)
 
 
-def _read_engine(path: Path) -> Artifact:
+def _read_engine(path: Path) -> ServedModel:
     """An engine is described by its tome-build sidecar alone (tensors, profile, ToMe metadata), so it can
     be served on a machine that does not have the ONNX file it was built from."""
     from tome_deploy.artifact.sidecar import read_sidecar
@@ -148,5 +129,5 @@ def _read_engine(path: Path) -> Artifact:
     # Exports take and give float32 (fp16 ones cast inside), and the runner returns float32.
     inputs = (TensorSpec(sidecar.input_name, "FP32", (batch, *sidecar.input_shape)),)
     outputs = (TensorSpec(sidecar.output_name, "FP32", (batch, *sidecar.output_shape)),)
-    return Artifact(path, "engine", inputs, outputs, sidecar.tome, max_batch=profile.max,
+    return ServedModel(path, "engine", inputs, outputs, sidecar.tome, max_batch=profile.max,
                     engine_backend=sidecar.backend)
