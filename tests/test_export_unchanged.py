@@ -55,6 +55,7 @@ def test_every_family_exports_what_it_exported_before(family, tmp_path):
                            validate=False)
     input_size = outcome.export.metadata.input_size
     pixels = np.random.default_rng(0).standard_normal((3, *input_size)).astype(np.float32)
-    (logits,) = OnnxRuntimeRunner(outcome.export.path).infer({"pixel_values": pixels}).values()
+    with OnnxRuntimeRunner(outcome.export.path) as runner:
+        (logits,) = runner.infer({"pixel_values": pixels}).values()
     assert logits.shape == golden.shape
     assert np.abs(logits - golden).max() <= 1e-5, f"max abs difference {np.abs(logits - golden).max():.3g}"

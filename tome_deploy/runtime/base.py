@@ -6,7 +6,7 @@ factory.py picks one for a file."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Self
+from typing import TypeVar
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from tome_deploy.errors import ToMeError
 
 class RunnerStateError(ToMeError, RuntimeError):
     """A runner used out of order: infer before activate, or activate twice."""
+
+
+RunnerT = TypeVar("RunnerT", bound="Runner")
 
 
 class Runner(ABC):
@@ -48,7 +51,7 @@ class Runner(ABC):
             raise RunnerStateError(f"the {self.name} runner is not active; call activate() first, or use it as `with runner:`")
         return self._run(feed)
 
-    def __enter__(self) -> Self:
+    def __enter__(self: RunnerT) -> RunnerT:
         self.activate()
         return self
 
