@@ -1,7 +1,7 @@
 """Plain eager ToMe references for the timm Eva, Hugging Face (ViT, DeiT with teacher, CLIP vision, SigLIP
 vision, DINOv2) and OpenCLIP families.
 
-Written from FACTS.md section 1 and the families' published forward passes, NOT from tome_deploy: each
+Written from the rules of docs/design.md and the families' published forward passes, NOT from tome_deploy: each
 block is spelled out from the model's own weights in float64 (attention by hand: q k^T * scale + log(size),
 softmax, times v), matching and merging one image at a time with reference_tome.reference_match /
 reference_merge. The RoPE rule (ours, see the README): every token carries the rotary angles of the patch it

@@ -1,6 +1,6 @@
-"""An independent, deliberately plain eager reference of Token Merging (FACTS.md section 1).
+"""An independent, deliberately plain eager reference of Token Merging (the rules of docs/design.md).
 
-Written from the FACTS text only; it does NOT import tome_deploy. Matching and merging are done one
+Written from those rules only; it does NOT import tome_deploy. Matching and merging are done one
 batch element at a time with Python loops and float64 arithmetic, so that the rules (A = even positions,
 B = odd positions, protected prefix tokens, tie-breaks, output order) are easy to read and check.
 

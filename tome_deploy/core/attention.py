@@ -3,7 +3,7 @@
 Eagerly it is torch's fused F.scaled_dot_product_attention. While onnx_export traces a model
 (`core.tracing`), it is the same math as MatMul/Softmax: the exporter's SDPA decomposition
 reshapes q/k/v to computed shapes, which leaves ONNX shape inference with unknown dims along the whole
-attention path (FACTS: only the batch may stay symbolic).
+attention path (docs/design.md#export-rules: only the batch may stay symbolic).
 
 Shapes: B batch, H heads, N query tokens, M key tokens, hd head dim."""
 

@@ -1,4 +1,4 @@
-"""Theoretical cost of a ViT forward with and without merging (FACTS §7 counting rule)."""
+"""Theoretical cost of a ViT forward with and without merging (docs/design.md#the-flop-rule)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Only the weights and activations become fp16. The merge math casts itself up: the metric is normalised
 and scored in fp32 (`bipartite_match`), sizes are fp32, so `log(size)` and the size-weighted average are
-computed in fp32 and only their results are cast back (FACTS §5: the sum of squares overflows fp16).
+computed in fp32 and only their results are cast back (docs/design.md#precision: the sum of squares
+overflows fp16).
 TensorRT 11 and TensorRT-RTX build strongly typed networks, so this is where fp16 has to come from."""
 
 from __future__ import annotations
