@@ -3,7 +3,7 @@
 # It is taken from the nvidia-pytriton wheel (pinned), downloaded WITHOUT its dependencies (the package pins
 # numpy<2) and unpacked, never installed. The stub of the interpreter that runs the tests is copied to
 # where the Python backend looks for it. Prints the tritonserver path; tests find it the same way
-# (tests/triton_server.py: $TOME_TRITONSERVER, else this cache folder).
+# (tome_deploy/serving/tritonserver.py: $TOME_TRITONSERVER, else this cache folder).
 set -euo pipefail
 version=0.7.0
 home="${TOME_TRITON_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/tome-deploy/pytriton-$version}"

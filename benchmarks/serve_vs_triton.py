@@ -49,11 +49,9 @@ from common import (
 )
 from serve_throughput import MODEL_NAME, ServerProcess, drive
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from triton_server import start_tritonserver, stop_tritonserver
-
 from tome_deploy.serving.served_model import read_served_model
 from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
+from tome_deploy.serving.tritonserver import start_tritonserver, stop_tritonserver, tritonserver_binary
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_LABELS = {"tome-serve": "tome-serve", "triton": "Triton"}
@@ -157,7 +155,8 @@ class Triton:
         options = TritonOptions(MODEL_NAME, max_batch=args.max_batch, max_queue_delay_us=round(args.max_delay_ms * 1000),
                                 backend="python", threads=args.threads)
         write_triton_repo(read_served_model(path), folder / "models", options)
-        self.server = start_tritonserver(folder / "models", folder / "tritonserver.log", timeout_s=300)
+        binary = tritonserver_binary(os.environ.get("TOME_TRITONSERVER"))
+        self.server = start_tritonserver(binary, folder / "models", folder / "tritonserver.log", timeout_s=300)
         self.url = self.server.http_url
 
     def settings(self) -> dict:

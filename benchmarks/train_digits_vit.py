@@ -2,6 +2,7 @@
 
     python benchmarks/train_digits_vit.py                 # writes tome_deploy/assets/digits_vit.{safetensors,json}
     python benchmarks/train_digits_vit.py --check         # retrain, compare with the committed record, write nothing
+    python benchmarks/train_digits_vit.py --write-data    # derive tome_deploy/assets/digits.npz again (scikit-learn)
 
 Deterministic: the same seed gives the same weights on one machine and thread count; on other hardware
 the float rounding of the kernels can differ, so the accuracy (not the bytes) is what reproduces.
@@ -17,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from digits_training import TrainConfig, save_digits_vit, train
 
-from tome_deploy.models.digits import ASSET_JSON, ASSET_WEIGHTS, recorded_accuracy
+from tome_deploy.models.digits import ASSET_DATA, ASSET_JSON, ASSET_WEIGHTS, recorded_accuracy
+from tome_deploy.models.digits_training import TrainConfig, save_digits_vit, train, write_digits_data
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 
 
@@ -32,11 +33,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--record", type=Path, default=ASSET_JSON, help="output JSON record")
     parser.add_argument("--check", action="store_true",
                         help="retrain and compare with the committed record (within 1 point); write nothing")
+    parser.add_argument("--write-data", action="store_true",
+                        help=f"only derive {ASSET_DATA.name} (the digits and the split) again from scikit-learn and write it")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    if args.write_data:
+        write_digits_data(ASSET_DATA)
+        print(f"wrote {ASSET_DATA}", file=sys.stderr)
+        return 0
     config = dataclasses.replace(TrainConfig(), epochs=args.epochs)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     say(f"training tome_digits_vit: seed {args.seed}, {config}, torch threads {torch.get_num_threads()}")

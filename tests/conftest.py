@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +13,6 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import export_onnx
 from tome_deploy.onnx_export.metadata import build_metadata
-
-# The benchmark scripts' shared modules (e.g. digits_training) are imported by name, as the scripts do.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # name -> (timm model, create kwargs, schedule, merge formulation). An export's cost grows with the number
 # of blocks traced, not with their width: small image sizes and 3 or 4 blocks keep exports fast (a block

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from digits_training import TrainConfig, build_model, train
 from PIL import Image
 
+from tome_deploy.errors import MissingDependencyError
 from tome_deploy.models import digits
 from tome_deploy.models.digits import (
     ARCH,
+    ASSET_DATA,
     ASSET_JSON,
     ASSET_WEIGHTS,
     digits_test_set,
@@ -23,6 +28,7 @@ from tome_deploy.models.digits import (
     pixels_from_digits,
     recorded_accuracy,
 )
+from tome_deploy.models.digits_training import TrainConfig, build_model, digits_data_from_sklearn, train
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
@@ -34,6 +40,9 @@ MODERATE_R = 3
 # Short-form runs on a subset of the training split (small batches: from scratch, a ViT needs steps).
 SHORT = TrainConfig(epochs=20, train_limit=240, batch_size=16, max_shift=0, weight_decay=0.0)
 TINY = dataclasses.replace(SHORT, epochs=3)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# A sitecustomize that makes scikit-learn (and SciPy, which comes with it) unimportable, as in a core install.
+WITHOUT_SCIKIT_LEARN = "import sys\nsys.modules.update(sklearn=None, scipy=None)  # importing either raises ImportError\n"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +68,40 @@ def test_split_is_fixed_and_stratified(record):
     test_counts = np.bincount(test_labels.numpy(), minlength=10)
     assert np.all(np.abs(test_counts - 0.2 * (train_counts + test_counts)) <= 1)  # stratified 80/20
     assert record["split"]["test_indices_sha256"] == digits.split_fingerprint()
+
+
+def test_shipped_data_is_what_scikit_learn_derives():
+    """tome_deploy/assets/digits.npz holds load_digits() and the train_test_split indices, exactly."""
+    pytest.importorskip("sklearn", reason="the digits extra (scikit-learn) derives the data")
+    shipped, derived = digits.digits_data(ASSET_DATA), digits_data_from_sklearn()
+    assert sorted(shipped) == sorted(derived) == ["images", "labels", "test_indices", "train_indices"]
+    for name, array in derived.items():
+        assert shipped[name].dtype == array.dtype and np.array_equal(shipped[name], array), name
+    assert shipped["images"].shape == (1797, 8, 8) and shipped["images"].max() == 16
+
+
+def test_deriving_the_data_without_scikit_learn_names_the_extra(monkeypatch):
+    for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(MissingDependencyError, match=r"tome-deploy\[digits\]"):
+        digits_data_from_sklearn()
+
+
+def test_export_and_validate_need_no_scikit_learn(tmp_path):
+    """The core install's path: tome-export of the embedded digits model (committed weights, validated on
+    random, constant and natural probes) and tome-validate of its file, with scikit-learn unimportable."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WITHOUT_SCIKIT_LEARN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO_ROOT)]))
+    blocked = subprocess.run([sys.executable, "-c", "import sklearn"], env=env, capture_output=True, text=True)
+    assert blocked.returncode == 1 and "ModuleNotFoundError" in blocked.stderr  # the block is in force
+    onnx = tmp_path / "digits.onnx"
+    for command in (["tome_deploy.cli.export", ARCH, "--r", str(MODERATE_R), "-o", str(onnx)],
+                    ["tome_deploy.cli.validate", ARCH, str(onnx)]):
+        result = subprocess.run([sys.executable, "-m", *command], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "natural" in result.stderr and "PASS" in result.stderr, result.stderr
 
 
 def test_pixels_match_the_exported_data_config(trained):

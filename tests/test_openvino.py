@@ -100,7 +100,8 @@ def test_openvino_ir_keeps_the_tome_metadata_and_the_numbers(export_cached, tmp_
 
 def test_openvino_profile_counts_the_matching_and_merging_layers(export_cached, release_export):
     """The benchmark's OpenVINO merge share: layers from TokenMerger nodes count (the score order's TopK, the
-    merge's ScatterND), the transformer's FullyConnected layers never do, and an unmerged export has none."""
+    merge's ScatterND), the transformer's FullyConnected layers never do, and an unmerged export has none.
+    Which layers count, not how long they take: times are not asserted."""
     from tome_deploy.runtime.profiling import profile_side_by_side
 
     exported = export_cached("vit_class_token", "scatter")
@@ -108,8 +109,7 @@ def test_openvino_profile_counts_the_matching_and_merging_layers(export_cached, 
     pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
     profiles = profile_side_by_side("openvino", {"tome": exported.path, "plain": unmerged}, "pixel_values", pixels, runs=1)
     tome = profiles["tome"]
-    assert 0 < tome.share.merge_share < 0.5
     merge_types, all_types = set(tome.op_types(merge_only=True)), set(tome.op_types())
     assert {"TopK", "ScatterNDUpdate"} <= merge_types and "FullyConnected" in all_types - merge_types
-    assert profiles["plain"].share.merge_us == 0 and profiles["plain"].share.other_us > 0
+    assert profiles["plain"].layers and not any(layer.merge for layer in profiles["plain"].layers)
 

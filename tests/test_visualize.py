@@ -15,6 +15,7 @@ from tome_deploy.cli import visualize as visualize_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.models.patch import apply_tome, track_sources
 from tome_deploy.models.timm_vit import data_config
+from tome_deploy.validation.probes import SAMPLE_PHOTOS, sample_photo
 from tome_deploy.viz.merges import (
     load_image,
     merge_groups,
@@ -26,11 +27,9 @@ from tome_deploy.viz.merges import (
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> str:
-    """A natural photo (scikit-learn's sample image) saved as a JPEG file."""
-    from sklearn.datasets import load_sample_image
-
+    """A natural photo (scikit-learn's sample image china.jpg, shipped with the package) saved as a JPEG file."""
     path = tmp_path_factory.mktemp("img") / "china.jpg"
-    Image.fromarray(load_sample_image("china.jpg")).save(path, quality=90)
+    sample_photo(SAMPLE_PHOTOS[0]).save(path, quality=90)
     return str(path)
 
 

@@ -1,13 +1,16 @@
-"""A small ViT trained on scikit-learn's digits: a real, reproducible model to measure what ToMe costs in accuracy.
+"""A small ViT trained on the 8x8 digits scikit-learn ships: a real, reproducible model to measure what ToMe costs in accuracy.
 
-The data is `sklearn.datasets.load_digits` (1797 greyscale 8x8 images, values 0..16, shipped with
-scikit-learn, so nothing is downloaded). Each image is scaled to [0, 1] (value / 16; the model's mean is 0
+The data is the UCI "Optical Recognition of Handwritten Digits" test set as scikit-learn's
+`sklearn.datasets.load_digits` ships it (1797 greyscale 8x8 images, values 0..16). A copy ships with this
+package, `tome_deploy/assets/digits.npz` (described in `digits.json`), so neither scikit-learn nor a
+download is needed. Each image is scaled to [0, 1] (value / 16; the model's mean is 0
 and std 1), enlarged 4x by pixel repetition
 to 32x32 and repeated over 3 channels, so every 4x4 patch of the ViT is exactly one original pixel and
 the model sees 64 patch tokens plus a class token.
 
-The split is fixed: `train_test_split(indices, test_size=0.2, stratify=labels, random_state=0)`, which
-gives 1437 training and 360 test images. Training is seeded and runs with deterministic algorithms on
+The split is fixed: the indices `train_test_split(indices, test_size=0.2, stratify=labels, random_state=0)`
+gave (1437 training and 360 test images) are stored in the same file, in the order it returned them.
+Training (`tome_deploy/models/digits_training.py`) is seeded and runs with deterministic algorithms on
 the CPU (a few minutes on 2 cores); `benchmarks/train_digits_vit.py` writes the result to
 `tome_deploy/assets/digits_vit.safetensors`, which ships with the package.
 
@@ -21,6 +24,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -30,6 +34,7 @@ ARCH = "tome_digits_vit"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ASSET_WEIGHTS = ASSETS / "digits_vit.safetensors"
 ASSET_JSON = ASSETS / "digits_vit.json"
+ASSET_DATA = ASSETS / "digits.npz"  # the digits and the split; digits.json says where they come from
 
 UPSCALE = 4  # 8x8 digits -> 32x32 images; one original pixel per 4x4 patch
 IMG_SIZE = 8 * UPSCALE
@@ -52,7 +57,7 @@ MODEL_ARGS = dict(
     global_pool="token",
 )
 
-# The held-out split, as data: what train_test_split is called with.
+# How the stored split was drawn: what train_test_split was called with.
 SPLIT = {
     "dataset": "sklearn.datasets.load_digits",
     "method": "sklearn.model_selection.train_test_split(stratify=target)",
@@ -99,23 +104,25 @@ def pixels_from_digits(images: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+def digits_data(path: Path = ASSET_DATA) -> dict[str, np.ndarray]:
+    """The shipped digits: images (uint8 [1797, 8, 8], values 0..16), labels (uint8 [1797]) and the
+    split's train_indices (int16 [1437]) and test_indices (int16 [360])."""
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
 def _split_indices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images [1797, 8, 8] float, labels [1797] int64, train indices, test indices)."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    labels = np.asarray(digits.target, dtype=np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=SPLIT["test_size"], stratify=labels, random_state=SPLIT["random_state"]
-    )
-    images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32))
-    return images, torch.from_numpy(labels), torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    data = digits_data()
+    images = torch.from_numpy(data["images"].astype(np.float32))
+    labels = torch.from_numpy(data["labels"].astype(np.int64))
+    train_idx = torch.from_numpy(data["train_indices"].astype(np.int64))
+    test_idx = torch.from_numpy(data["test_indices"].astype(np.int64))
+    return images, labels, train_idx, test_idx
 
 
 def split_fingerprint() -> str:
-    """sha256 of the sorted test indices: changes if scikit-learn ever splits differently."""
+    """sha256 of the sorted test indices (the first 16 hex digits), as the training record states it."""
     _, _, _, test_idx = _split_indices()
     return hashlib.sha256(json.dumps(sorted(test_idx.tolist())).encode()).hexdigest()[:16]
 

@@ -1,6 +1,9 @@
 """Training of the bundled digits ViT (`tome_digits_vit`): seeded init, shuffling and augmentation,
-deterministic kernels, and writing the result to tome_deploy/assets. Used by train_digits_vit.py and the tests;
-not part of the library."""
+deterministic kernels, and writing the weights and the digits data to tome_deploy/assets. Used by
+benchmarks/train_digits_vit.py and the tests; export and validation never import it.
+
+Only `digits_data_from_sklearn` (deriving tome_deploy/assets/digits.npz again) needs scikit-learn, the
+`digits` extra; training reads the shipped data."""
 
 from __future__ import annotations
 
@@ -12,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from tome_deploy.errors import MissingDependencyError
 from tome_deploy.models.digits import (
     ARCH,
+    ASSET_DATA,
     ASSET_JSON,
     ASSET_WEIGHTS,
     MODEL_ARGS,
@@ -29,6 +35,8 @@ from tome_deploy.models.digits import (
     pixels_from_digits,
     split_fingerprint,
 )
+
+DIGITS_EXTRA = "pip install 'tome-deploy[digits]' (or pip install scikit-learn)"
 
 
 def _random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
@@ -221,3 +229,35 @@ def _timm_version() -> str:
     import timm
 
     return timm.__version__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shipped data
+
+
+def digits_data_from_sklearn() -> dict[str, np.ndarray]:
+    """The arrays of tome_deploy/assets/digits.npz, derived again: scikit-learn's `load_digits()` and the
+    `train_test_split` that SPLIT describes (indices in the order it returns them)."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        raise MissingDependencyError(f"deriving the digits data needs scikit-learn: {DIGITS_EXTRA}") from err
+
+    digits = load_digits()
+    labels = np.asarray(digits.target)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=SPLIT["test_size"], stratify=labels, random_state=SPLIT["random_state"]
+    )
+    return {
+        "images": np.asarray(digits.images).astype(np.uint8),
+        "labels": labels.astype(np.uint8),
+        "train_indices": train_idx.astype(np.int16),
+        "test_indices": test_idx.astype(np.int16),
+    }
+
+
+def write_digits_data(path: Path = ASSET_DATA) -> None:
+    """Write `digits_data_from_sklearn()` as a compressed .npz (what ships as tome_deploy/assets/digits.npz)."""
+    np.savez_compressed(path, **digits_data_from_sklearn())
+    path.chmod(0o644)
