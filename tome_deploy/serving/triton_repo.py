@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from tome_deploy.artifact.formulations import all_formulations, either, formulation_named
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.output_files import current_umask, write_atomically
 from tome_deploy.serving.artifact import Artifact
@@ -94,16 +95,19 @@ def model_config(artifact: Artifact, options: TritonOptions) -> dict[str, Any]:
 
 
 def check_triton_can_run(artifact: Artifact, backend: str = "platform") -> None:
-    """Triton's ONNX Runtime backend has no tome::TokenMerge op, and its TensorRT backend loads full-TensorRT engines only.
-    The Python backend runs our ONNX Runtime runner (which has the op), on ONNX files."""
+    """Triton's ONNX Runtime backend knows no custom op (the plugin formulation's tome::TokenMerge), and its TensorRT
+    backend loads full-TensorRT engines only. The Python backend runs our ONNX Runtime runner (which registers the
+    op), on ONNX files."""
     if backend == "python":
         if artifact.kind != "onnx":
             raise InvalidInputError(f"{artifact.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
                                     "or drop --backend python to give the engine to Triton's TensorRT backend")
         return
-    if artifact.kind == "onnx" and artifact.metadata.merge == "plugin":
-        raise InvalidInputError(f"{artifact.path.name} uses the tome::TokenMerge op, which Triton's ONNX Runtime backend cannot run; "
-                                "export with --merge scatter or matmul, or build an engine with tome-build")
+    formulation = formulation_named(artifact.metadata.merge) if artifact.kind == "onnx" else None
+    if formulation is not None and formulation.needs_custom_op:
+        plain = either(f.name for f in all_formulations() if not f.needs_custom_op)
+        raise InvalidInputError(f"{artifact.path.name} uses the {formulation.custom_op} op, which Triton's ONNX Runtime backend cannot run; "
+                                f"export with --merge {plain}, or build an engine with tome-build")
     if artifact.kind == "engine" and artifact.engine_backend != "tensorrt":
         raise InvalidInputError(f"{artifact.path.name} was built by {artifact.engine_backend}, but Triton's TensorRT backend loads "
                                 "engines of full TensorRT only; build with tome-build --backend tensorrt, or give Triton the ONNX file")

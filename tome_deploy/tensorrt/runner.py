@@ -18,6 +18,7 @@ class TensorRTRunner:
     """
 
     def __init__(self, plan: str | Path):
+        from tome_deploy.artifact.formulations import formulation_named
         from tome_deploy.artifact.sidecar import (
             EngineMismatchError,
             check_runs_here,
@@ -29,10 +30,8 @@ class TensorRTRunner:
         backend = load_backend(self.sidecar.backend)
         check_runs_here(self.sidecar, backend.name, backend.version, local_compute_capability())
         self.trt, self.name = backend.trt, backend.name
-        if self.sidecar.tome is not None and self.sidecar.tome.merge == "plugin":
-            from tome_deploy.token_merge.tensorrt_plugin import register_tensorrt_plugin
-
-            register_tensorrt_plugin()
+        if self.sidecar.tome is not None:  # e.g. the plugin formulation registers its TensorRT plugin
+            formulation_named(self.sidecar.tome.merge).prepare_runtime("tensorrt")
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         if backend.runs_scatter_reduction:  # engines of `scatter` graphs use NVIDIA's ScatterElements plugin
             self.trt.init_libnvinfer_plugins(self._logger, "")
