@@ -9,7 +9,8 @@ import timm
 import torch
 from conftest import FAMILIES
 
-from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS
+from tome_deploy.artifact.formulations import formulation_names
+from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import export_onnx
 from tome_deploy.onnx_export.metadata import build_metadata
@@ -42,7 +43,7 @@ def assert_static_but_the_batch(path) -> None:
     assert batch_dims[0] == EXPORT_SPEC.batch_axis_name  # the batch stays dynamic
 
 
-@pytest.mark.parametrize("merge", MERGE_FORMULATIONS)
+@pytest.mark.parametrize("merge", formulation_names())
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_tensor_is_static_but_the_batch(export_cached, family, merge):
     """The timm VisionTransformer variants of tests/conftest.py (shared with the other export tests)."""
@@ -83,7 +84,7 @@ OTHER_FAMILIES = {
     "open_clip": (_open_clip, 8),
 }
 
-@pytest.mark.parametrize("merge", MERGE_FORMULATIONS)
+@pytest.mark.parametrize("merge", formulation_names())
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_other_families_are_static_but_the_batch(tmp_path, family, merge):
     factory, r = OTHER_FAMILIES[family]

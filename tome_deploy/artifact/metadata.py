@@ -15,9 +15,9 @@ from typing import Any, Mapping, Optional, Union
 
 from tome_deploy.artifact import checks
 from tome_deploy.artifact.checks import FieldError
+from tome_deploy.artifact.formulations import formulation_names
 from tome_deploy.artifact.spec import (
     EXPORT_SPEC,
-    MERGE_FORMULATIONS,
     PRECISIONS,
     TARGETS,
 )
@@ -161,7 +161,7 @@ _READERS = {
     "std": lambda v: checks.each(checks.real, v, 1e-6, 1e3),
     "interpolation": lambda v: checks.one_of(v, INTERPOLATIONS),
     "crop_pct": lambda v: checks.real(v, 0.25, 1.0),
-    "merge": lambda v: checks.one_of(v, MERGE_FORMULATIONS),
+    "merge": lambda v: checks.one_of(v, formulation_names()),
     "opset": lambda v: checks.whole(v, 1, 99),
     "schedule": _schedule,
     "r_requested": lambda v: checks.each(checks.whole, v, 0, MAX_TOKENS),

@@ -1,22 +1,16 @@
 """The one declarative export spec, read by both the exporter and the validator so they cannot disagree:
-tensor names, opsets, merge formulations, targets, precisions and parity tolerances. Imports no torch."""
+tensor names, opsets, targets and their default merge formulation, precisions and parity tolerances. Imports no torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from tome_deploy.errors import InvalidInputError
 
-# scatter: ScatterND(add) on whole token rows (ScatterElements(add) when not traced by tome-deploy's exporter). matmul: a one-hot matmul, no scatter op (runs on TensorRT / TensorRT-RTX).
-# plugin: one fused tome::TokenMerge node per block (tome_deploy/token_merge; needs the `plugin` extra to run).
-MergeFormulation = Literal["scatter", "matmul", "plugin"]
-MERGE_FORMULATIONS: tuple[str, ...] = ("scatter", "matmul", "plugin")
-
-# Where the export will run. tensorrt: a merge formulation TensorRT and TensorRT-RTX parse natively.
+# Where the export will run, and the merge formulation (artifact/formulations.py) an export for it uses
+# unless --merge says otherwise. tensorrt: a merge formulation TensorRT and TensorRT-RTX parse natively.
 TARGETS: tuple[str, ...] = ("onnxruntime", "tensorrt")
 TARGET_DEFAULT_MERGE = {"onnxruntime": "scatter", "tensorrt": "matmul"}
-TARGET_REFUSED_MERGES = {"onnxruntime": (), "tensorrt": ("scatter",)}
 # fp16: weights and activations in fp16, inputs/outputs fp32; matching and log(size) stay fp32.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 
@@ -28,21 +22,6 @@ class Tolerance:
     atol: float
     rtol: float
     min_cosine: float
-
-
-def merge_for_target(merge: str | None, target: str) -> str:
-    """The merge formulation an export for `target` uses; refuses one that `target` cannot run."""
-    if target not in TARGETS:
-        raise InvalidInputError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
-    if merge is None:
-        return TARGET_DEFAULT_MERGE[target]
-    if merge in TARGET_REFUSED_MERGES[target]:
-        raise InvalidInputError(
-            f"--merge {merge} cannot run on {target}: TensorRT's ONNX parser does not support ScatterND's sum "
-            "(the `scatter` merge); "
-            f"drop --merge (--target {target} picks {TARGET_DEFAULT_MERGE[target]}) or pass --merge matmul"
-        )
-    return merge
 
 
 @dataclass(frozen=True)

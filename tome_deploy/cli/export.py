@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tome_deploy.artifact.formulations import all_formulations, either, formulation_names
 from tome_deploy.artifact.spec import (
     EXPORT_SPEC,
-    MERGE_FORMULATIONS,
     PRECISIONS,
+    TARGET_DEFAULT_MERGE,
     TARGETS,
 )
 from tome_deploy.cli.common import (
@@ -48,13 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "least merging; implies --measure")
     parser.add_argument("--no-sparse", action="store_true",
                         help="with --target-speedup: search constant r only (every block merges), never a sparse schedule")
-    parser.add_argument("--merge", choices=MERGE_FORMULATIONS, default=None,
-                        help="merge formulation: scatter (ScatterND add on whole rows), matmul (one-hot, no scatter op; for TensorRT) "
-                             "or plugin (one fused tome::TokenMerge node per block; needs pip install 'tome-deploy[plugin]'); "
+    parser.add_argument("--merge", choices=formulation_names(), default=None,
+                        help=f"merge formulation: {either(f'{f.name} ({f.description})' for f in all_formulations())}; "
                              "default: the --target's")
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime",
-                        help="runtime the export is for: onnxruntime (default; --merge scatter) or tensorrt "
-                             "(TensorRT / TensorRT-RTX; --merge matmul, scatter refused)")
+                        help="runtime the export is for: onnxruntime (default) or tensorrt (TensorRT / TensorRT-RTX); "
+                             f"{'; '.join(target_merges(target) for target in TARGETS)}")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32, or fp16 weights and activations with fp32 matching and fp32 inputs/outputs "
                              "(what strongly typed TensorRT builds need for fp16)")
@@ -64,12 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=EXPORT_SPEC.default_opset, help=f"ONNX opset (default {EXPORT_SPEC.default_opset}, at least {EXPORT_SPEC.min_opset})")
     parser.add_argument("--runtime", choices=CPU_RUNTIMES, default="onnxruntime",
                         help="CPU runtime that validates and times the export: onnxruntime (default) or openvino "
-                             "(needs pip install 'tome-deploy[openvino]'; no --merge plugin)")
+                             f"(needs pip install 'tome-deploy[openvino]'; no --merge {either(refused_by('openvino'))})")
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check in --runtime")
     parser.add_argument("--measure", action="store_true", help="also export the plain model (torch.onnx.export of the same weights) and time both in --runtime")
     add_report_arguments(parser)
     add_debug_argument(parser)
     return parser
+
+
+def target_merges(target: str) -> str:
+    """'tensorrt: --merge matmul, scatter refused': the default formulation of `target` and those it refuses."""
+    refused = refused_by(target, targets=True)
+    return f"{target}: --merge {TARGET_DEFAULT_MERGE[target]}" + (f", {either(refused)} refused" if refused else "")
+
+
+def refused_by(place: str, targets: bool = False) -> list[str]:
+    """Names of the formulations that the target (targets=True) or runtime `place` refuses."""
+    return [f.name for f in all_formulations() if not (f.supports_target(place) if targets else f.supports_runtime(place))]
 
 
 def main(argv: list[str] | None = None) -> int:

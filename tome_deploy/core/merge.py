@@ -9,11 +9,11 @@ tokens (Na' = ceil(N/2) - ceil(p/2), Nb' = floor(N/2) - floor(p/2)), the only on
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.artifact.formulations import MergeFormulation, get_formulation
 from tome_deploy.core.tracing import exporting_onnx, topk_orders_ties
 
 
@@ -187,18 +187,22 @@ DESTINATION_ROWS_OVERLOAD = torch.ops.tome_deploy.destination_rows.default
 ADD_ROWS_OVERLOAD = torch.ops.tome_deploy.add_rows.default
 
 
-def row_adder(destination: torch.Tensor, num_rows: int, formulation: MergeFormulation):
-    """destination: [B, r, 1] -> add(x [B, num_rows, C], src [B, r, C]) summing each src row into its
-    destination row. Its index is built once and shared by every tensor merged with the same Match.
+def scatter_row_adder(destination: torch.Tensor, num_rows: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The `scatter` formulation's adder. destination: [B, r, 1] -> add(x [B, num_rows, C], src [B, r, C])
+    summing each src row into its destination row; the index is built once, shared by every tensor merged
+    with the same Match.
 
-    scatter: ScatterElements(add) eagerly; exported, ScatterND(add) on whole rows, which ONNX Runtime runs
-    ~6x faster (ScatterElements indexes every element). matmul: a one-hot matmul, no scatter op, so
-    every runtime (TensorRT-RTX too) takes it."""
-    if formulation == "scatter":
-        if exporting_onnx():
-            rows = destination_rows_op(destination)  # [B, r, 2]
-            return lambda x, src: add_rows_op(x, src, rows)
-        return lambda x, src: x.scatter_add(1, destination.expand(-1, -1, x.shape[-1]), src)
+    ScatterElements(add) eagerly; exported, ScatterND(add) on whole rows, which ONNX Runtime runs ~6x faster
+    (ScatterElements indexes every element)."""
+    if exporting_onnx():
+        rows = destination_rows_op(destination)  # [B, r, 2]
+        return lambda x, src: add_rows_op(x, src, rows)
+    return lambda x, src: x.scatter_add(1, destination.expand(-1, -1, x.shape[-1]), src)
+
+
+def onehot_row_adder(destination: torch.Tensor, num_rows: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The `matmul` formulation's adder: a one-hot matmul, no scatter op, so every runtime (TensorRT-RTX too)
+    takes it. destination: [B, r, 1] -> add(x [B, num_rows, C], src [B, r, C]) -> [B, num_rows, C]."""
     slots = torch.arange(num_rows, device=destination.device)  # [M]
     hits = destination == slots  # [B, r, M]
     onehot: dict[torch.dtype, torch.Tensor] = {}  # one Cast per dtype merged
@@ -211,15 +215,16 @@ def row_adder(destination: torch.Tensor, num_rows: int, formulation: MergeFormul
     return add
 
 
-def merge_sums(tensors: list[torch.Tensor], match: Match, formulation: MergeFormulation = "scatter") -> list[torch.Tensor]:
+def merge_sums(
+    tensors: list[torch.Tensor], match: Match, formulation: MergeFormulation | str = "scatter"
+) -> list[torch.Tensor]:
     """Sum every source token into its destination, then keep the output tokens in order, for each tensor.
 
     Each x: [B, N, C] -> [B, N - r, C] ordered [prefix tokens, unmerged A', B']. Sources are summed into the
-    B' rows only, and the output is one Concat: no gather over all N. The fused "plugin" op averages
-    rather than sums, so plain sums (source tracking) take the matmul form under it.
+    B' rows only, by the formulation's row adder, and the output is one Concat: no gather over all N.
     """
     num_b = match.num_tokens // 2 - match.num_prefix // 2  # Nb'
-    add = row_adder(match.destination_b, num_b, "scatter" if formulation == "scatter" else "matmul")
+    add = get_formulation(formulation).row_adder(match.destination_b, num_b)
     merged = []
     for x in tensors:
         prefix, a, b = split_tokens(x, match.num_prefix)  # [B, p, C], [B, Na', C], [B, Nb', C]
@@ -228,7 +233,7 @@ def merge_sums(tensors: list[torch.Tensor], match: Match, formulation: MergeForm
     return merged
 
 
-def merge_sum(x: torch.Tensor, match: Match, formulation: MergeFormulation = "scatter") -> torch.Tensor:
+def merge_sum(x: torch.Tensor, match: Match, formulation: MergeFormulation | str = "scatter") -> torch.Tensor:
     """merge_sums of one tensor: x [B, N, C] -> [B, N - r, C]."""
     return merge_sums([x], match, formulation)[0]
 
@@ -247,16 +252,16 @@ def kept_tokens(x: torch.Tensor, match: Match) -> torch.Tensor:
 
 
 def merge_weighted(
-    x: torch.Tensor, size: torch.Tensor, match: Match, formulation: MergeFormulation = "scatter"
+    x: torch.Tensor, size: torch.Tensor, match: Match, formulation: MergeFormulation | str = "scatter"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of each destination with its sources.
+    """Size-weighted average of each destination with its sources: the formulation's fused merge when it
+    has one (the plugin's single tome::token_merge op), else sums of x * size and of size, divided.
 
     x: [B, N, C], size: [B, N, 1] fp32 patch counts -> ([B, N - r, C], [B, N - r, 1]).
     """
-    if formulation == "plugin":  # one fused tome::token_merge op (tome_deploy/token_merge/contract.py)
-        from tome_deploy.token_merge.torch_op import token_merge
-
-        return token_merge(x, size, *(index.to(torch.int32) for index in (match.kept, match.source, match.destination)))
+    formulation = get_formulation(formulation)
+    if formulation.fused_merge is not None:
+        return formulation.fused_merge(x, size, match)
     weighted, size = merge_sums([x * size, size], match, formulation)  # [B, N - r, C], [B, N - r, 1]
     return (weighted / size).to(x.dtype), size
 

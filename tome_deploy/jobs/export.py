@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from tome_deploy.artifact.metadata import ToMeMetadata
-from tome_deploy.artifact.spec import EXPORT_SPEC, MergeFormulation, merge_for_target
+from tome_deploy.artifact.formulations import MergeFormulation, merge_for_target
+from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.core.schedule import RSpec, Schedule
 from tome_deploy.core.speedup import (
     SEARCH_STRIDES,
@@ -22,7 +23,7 @@ from tome_deploy.core.speedup import (
     sparse_schedule,
     stride_label,
 )
-from tome_deploy.errors import InvalidInputError, ScheduleError
+from tome_deploy.errors import ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.adapter import adapter_for
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
@@ -35,7 +36,6 @@ from tome_deploy.onnx_export.precision import check_precision, with_precision
 from tome_deploy.output_files import StagedOutput, check_outputs
 from tome_deploy.runtime.factory import RUNTIME_LABELS, check_runtime, open_runner
 from tome_deploy.runtime.throughput import Timing, time_interleaved
-from tome_deploy.token_merge.ort_op import require_extensions
 from tome_deploy.validation.parity import ValidationReport, validate_runners
 
 
@@ -63,7 +63,7 @@ def export_model(
     output: str | Path,
     *,
     r: RSpec = 16,
-    merge: Optional[MergeFormulation] = None,
+    merge: MergeFormulation | str | None = None,
     target: str = "onnxruntime",
     precision: str = "fp32",
     opset: int = EXPORT_SPEC.default_opset,
@@ -93,11 +93,12 @@ def export_model(
     the fixed cost of matching paid in fewer blocks), over the r that merge less than the constant r that
     reached the target; False searches constant r only.
     runtime: the CPU runtime that validates and times the export (onnxruntime or openvino).
-    merge: the formulation; None picks the one `target` runs best (scatter for ONNX Runtime, matmul for TensorRT).
+    merge: the formulation (artifact/formulations.py) or its name; None picks the one `target` runs best
+    (spec.TARGET_DEFAULT_MERGE: scatter for ONNX Runtime, matmul for TensorRT).
     precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
     """
     EXPORT_SPEC.check_opset(opset)
-    merge = merge_for_target(merge, target)
+    formulation = merge_for_target(merge, target)
     check_precision(precision)
     EXPORT_SPEC.check_batch(batch_size)
     if not isinstance(source, ModelSource):
@@ -105,11 +106,9 @@ def export_model(
     output = check_outputs({"-o": output}, inputs=(source.name, source.checkpoint))["-o"]
     check_runtime(runtime)
     runs = validate or measure or target_speedup is not None
-    if merge == "plugin" and runs:
-        if runtime == "openvino":
-            raise InvalidInputError("OpenVINO has no tome::TokenMerge op, so --merge plugin cannot run in it; "
-                                    "use --merge scatter or matmul with --runtime openvino")
-        require_extensions()  # ONNX Runtime runs tome::TokenMerge only through it: fail before the export
+    if runs:  # fail before the export: a runtime that cannot run the formulation, or a missing extra it needs
+        formulation.check_runtime(runtime)
+        formulation.prepare_runtime(runtime)
     if runtime == "openvino" and runs:
         from tome_deploy.runtime.openvino import import_openvino
 
@@ -117,7 +116,7 @@ def export_model(
     say(f"Loading {source.name} ...")
     loaded = load_model(source)
     say(f"  weights: {loaded.weights}")
-    options = dict(merge=merge, strict=strict, opset=opset, batch_size=batch_size, static_batch=static_batch,
+    options = dict(merge=formulation, strict=strict, opset=opset, batch_size=batch_size, static_batch=static_batch,
                    precision=precision, target=target)
     choice = search = None
     with tempfile.TemporaryDirectory() as folder:
@@ -136,7 +135,7 @@ def export_model(
                 )
             r = search.schedule
         tome, schedule, metadata = patch_for_export(loaded, r, **options)
-        say(f"Exporting ONNX (opset {opset}, merge={merge}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
+        say(f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
         with StagedOutput(output) as staged:
             result = export_onnx(tome, metadata, staged.temp)
             outcome = ExportOutcome(loaded, schedule, dataclasses.replace(result, path=output),
@@ -160,7 +159,7 @@ def export_model(
     return outcome
 
 
-def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge, strict, opset, batch_size, static_batch, precision, target):
+def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge: MergeFormulation, strict, opset, batch_size, static_batch, precision, target):
     """(ToMe model at the export's precision, its schedule, its metadata)."""
     tome, schedule = apply_tome(loaded.model, r, merge, strict=strict)
     metadata = build_metadata(
@@ -168,7 +167,7 @@ def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge, strict, opset, bat
         arch=loaded.arch or type(loaded.model).__name__,
         weights=loaded.weights,
         weights_sha256=weights_fingerprint(loaded.model),
-        merge=merge,
+        merge=merge.name,
         opset=opset,
         batch=batch_size if static_batch else None,
         example_batch=batch_size,

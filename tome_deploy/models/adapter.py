@@ -21,7 +21,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
-from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.errors import UnsupportedModelError
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.core.merge import Match, bipartite_match, merge_sum, merge_weighted
 from tome_deploy.errors import InvalidInputError
 
@@ -48,7 +48,7 @@ class TokenMerger(nn.Module):
         return (*self.merge(x, size, match, source), match)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, num_prefix={self.num_prefix}, formulation={self.formulation}"
+        return f"r={self.r}, num_prefix={self.num_prefix}, formulation={self.formulation.name}"
 
 
 # attention(attn module, x [B, N, C], size [B, N, 1] or None) -> (out [B, N, C], keys [B, H, N, hd])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason

@@ -8,10 +8,9 @@ import copy
 import torch
 from torch import nn
 
-from tome_deploy.artifact.spec import MERGE_FORMULATIONS, MergeFormulation
+from tome_deploy.artifact.formulations import MergeFormulation, get_formulation
 from tome_deploy.core.schedule import RSpec, Schedule, resolve_schedule
 from tome_deploy.core.speedup import SpeedupChoice, schedule_for_speedup
-from tome_deploy.errors import UnsupportedModelError
 from tome_deploy.models.adapter import adapter_for
 from tome_deploy.models.blocks import ToMeBlocks
 
@@ -30,15 +29,15 @@ def speedup_choice_for_model(model, target: float, *, strict: bool = False, stri
 def apply_tome(
     model: nn.Module,
     r: RSpec,
-    formulation: MergeFormulation = "scatter",
+    formulation: MergeFormulation | str = "scatter",
     strict: bool = False,
 ) -> tuple[nn.Module, Schedule]:
     """Return (a ToMe copy of `model`, its resolved schedule). `model` itself is left unchanged.
 
+    formulation: a registered MergeFormulation (artifact/formulations.py) or its name.
     Clamping is data: `schedule.clamped_layers` and `schedule.clamp_note()`; strict=True raises instead.
     """
-    if formulation not in MERGE_FORMULATIONS:
-        raise UnsupportedModelError(f"unknown merge formulation {formulation!r}; choose one of {MERGE_FORMULATIONS}")
+    formulation = get_formulation(formulation)
     adapter = adapter_for(model)
     schedule = resolve_schedule(
         r, adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model), strict

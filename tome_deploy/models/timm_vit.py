@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from tome_deploy.artifact.spec import MergeFormulation
+from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from tome_deploy.artifact.metadata import ToMeMetadata
-from tome_deploy.artifact.spec import EXPORT_SPEC, MERGE_FORMULATIONS, ExportSpec
+from tome_deploy.artifact.formulations import MergeFormulation, formulation_named, get_formulation
+from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
 from tome_deploy.core.merge import ADD_ROWS_OVERLOAD, DESTINATION_ROWS_OVERLOAD, GATHER_TOKENS_OVERLOAD
 from tome_deploy.core.tracing import onnx_export_tracing
-from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
+from tome_deploy.errors import ExportError, MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
-from tome_deploy.token_merge.onnx_translation import custom_translation_table
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,12 @@ def _add_rows_node(x, src, rows):
     return op.ScatterND(x, rows, src, reduction="add")
 
 
-def translation_table(merge: str) -> dict:
-    """{torch op overload: onnxscript translation} for every custom op a ToMe model traces to."""
+def translation_table(merge: MergeFormulation | str) -> dict:
+    """{torch op overload: onnxscript translation} for every custom op a ToMe model traces to: core.merge's
+    ops, and those of the merge formulation (the plugin's fused op becomes one tome::TokenMerge node per block)."""
     table = {GATHER_TOKENS_OVERLOAD: _gather_tokens_node, DESTINATION_ROWS_OVERLOAD: _destination_rows_node,
              ADD_ROWS_OVERLOAD: _add_rows_node}
-    if merge == "plugin":  # the fused op becomes one tome::TokenMerge node per block
-        table.update(custom_translation_table())
+    table.update(get_formulation(merge).onnx_translations())
     return table
 
 
@@ -120,8 +120,7 @@ def export_onnx(
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as err:
         raise MissingDependencyError(f"ONNX export needs onnx and onnxscript: pip install onnx onnxscript ({err})") from err
-    if metadata.merge not in MERGE_FORMULATIONS:
-        raise InvalidInputError(f"unknown --merge {metadata.merge!r}; choose one of {', '.join(MERGE_FORMULATIONS)}")
+    formulation = formulation_named(metadata.merge)
     spec.check_opset(metadata.opset)
     path = check_output_path(output)
     example_batch = metadata.example_batch
@@ -146,7 +145,7 @@ def export_onnx(
                 output_names=[spec.output_name],
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
-                custom_translation_table=translation_table(metadata.merge),
+                custom_translation_table=translation_table(formulation),
             )
     except Exception as err:  # the exporter raises many private types
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tome_deploy.artifact.formulations import formulation_named
 from tome_deploy.artifact.sidecar import (
     EngineMismatchError,
     check_runs_here,
@@ -36,10 +37,8 @@ class TensorRTRunner(Runner):
         self.output_names: list[str] = []
 
     def _load(self) -> None:
-        if self.sidecar.tome is not None and self.sidecar.tome.merge == "plugin":
-            from tome_deploy.token_merge.tensorrt_plugin import register_tensorrt_plugin
-
-            register_tensorrt_plugin()
+        if self.sidecar.tome is not None:  # e.g. the plugin formulation registers its TensorRT plugin
+            formulation_named(self.sidecar.tome.merge).prepare_runtime("tensorrt")
         logger = self.trt.Logger(self.trt.Logger.WARNING)
         if self.backend.runs_scatter_reduction:  # engines of `scatter` graphs use NVIDIA's ScatterElements plugin
             self.trt.init_libnvinfer_plugins(logger, "")

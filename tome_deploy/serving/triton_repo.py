@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from tome_deploy.artifact.formulations import all_formulations, either, formulation_named
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.output_files import current_umask, write_atomically
 from tome_deploy.serving.kserve import TensorSpec
@@ -94,16 +95,19 @@ def model_config(served_model: ServedModel, options: TritonOptions) -> dict[str,
 
 
 def check_triton_can_run(served_model: ServedModel, backend: str = "platform") -> None:
-    """Triton's ONNX Runtime backend has no tome::TokenMerge op, and its TensorRT backend loads full-TensorRT engines only.
-    The Python backend runs our ONNX Runtime runner (which has the op), on ONNX files."""
+    """Triton's ONNX Runtime backend knows no custom op (the plugin formulation's tome::TokenMerge), and its TensorRT
+    backend loads full-TensorRT engines only. The Python backend runs our ONNX Runtime runner (which registers the
+    op), on ONNX files."""
     if backend == "python":
         if served_model.kind != "onnx":
             raise InvalidInputError(f"{served_model.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
                                     "or drop --backend python to give the engine to Triton's TensorRT backend")
         return
-    if served_model.kind == "onnx" and served_model.metadata.merge == "plugin":
-        raise InvalidInputError(f"{served_model.path.name} uses the tome::TokenMerge op, which Triton's ONNX Runtime backend cannot run; "
-                                "export with --merge scatter or matmul, or build an engine with tome-build")
+    formulation = formulation_named(served_model.metadata.merge) if served_model.kind == "onnx" else None
+    if formulation is not None and formulation.needs_custom_op:
+        plain = either(f.name for f in all_formulations() if not f.needs_custom_op)
+        raise InvalidInputError(f"{served_model.path.name} uses the {formulation.custom_op} op, which Triton's ONNX Runtime backend cannot run; "
+                                f"export with --merge {plain}, or build an engine with tome-build")
     if served_model.kind == "engine" and served_model.engine_backend != "tensorrt":
         raise InvalidInputError(f"{served_model.path.name} was built by {served_model.engine_backend}, but Triton's TensorRT backend loads "
                                 "engines of full TensorRT only; build with tome-build --backend tensorrt, or give Triton the ONNX file")

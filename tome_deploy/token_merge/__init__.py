@@ -6,7 +6,8 @@
     onnx_translation.py the exporter's translation: one `tome::TokenMerge` node per merging block
     ort_op.py           the ONNX Runtime CPU implementation (onnxruntime-extensions Python op)
     tensorrt_plugin.py  the TensorRT plugin (`tensorrt.plugin`, AOT: the Triton kernel's PTX in the engine)
+    formulation.py      the `plugin` merge formulation (artifact/formulations.py), which ties them together
 
-Only contract.py is imported eagerly; everything that needs triton, onnxruntime-extensions or tensorrt
-imports it when it is used.
+Only contract.py and formulation.py are imported eagerly (by the formulation registry); everything that
+needs torch, triton, onnxruntime-extensions or tensorrt imports it when it is used.
 """

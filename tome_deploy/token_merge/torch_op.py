@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tome_deploy.core.merge import Match
 from tome_deploy.errors import MissingDependencyError
 from tome_deploy.token_merge import contract
 
@@ -23,6 +24,12 @@ def token_merge(
 
 # The overload torch.export records and the ONNX exporter translates (onnx_translation.py).
 TOKEN_MERGE_OVERLOAD = torch.ops.tome.token_merge.default
+
+
+def merge_weighted_fused(x: torch.Tensor, size: torch.Tensor, match: Match) -> tuple[torch.Tensor, torch.Tensor]:
+    """core.merge.merge_weighted as one op: x [B, N, C], size [B, N, 1] fp32 -> ([B, N - r, C], [B, N - r, 1]),
+    the Match's positions (kept [B, N - r], source and destination [B, r]) passed as int32."""
+    return token_merge(x, size, *(index.to(torch.int32) for index in (match.kept, match.source, match.destination)))
 
 
 def token_merge_reference(
