@@ -28,10 +28,10 @@ import torch
 
 from tome_deploy.core.schedule import resolve_schedule
 from tome_deploy.jobs.export import export_model
+from tome_deploy.models.adapter import adapter_for, describe
 from tome_deploy.models.digits import ARCH, digits_test_set, load_digits_vit
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
-from tome_deploy.models.timm_vit import tokens_at_input
 from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.throughput import time_interleaved
 
@@ -57,7 +57,8 @@ def parse_args() -> argparse.Namespace:
 def _unclamped(spec, model) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        schedule = resolve_schedule(spec, tokens_at_input(model), len(model.blocks), int(model.num_prefix_tokens))
+        shape = describe(adapter_for(model), model)
+        schedule = resolve_schedule(spec, shape.tokens, shape.depth, shape.num_prefix)
     return not schedule.clamped_layers
 
 

@@ -10,7 +10,10 @@ import copy
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import timm
@@ -25,10 +28,11 @@ from tome_deploy.errors import (
     UnsafePickleError,
     UnsupportedModelError,
 )
-from tome_deploy.models.loading import dispatch
+from tome_deploy.models.loading import timm_source
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.loading.safe_pickle import allowed_global
+from tome_deploy.models.loading.source import ModelSource
 
 ARCH = "test_vit"  # patch 16, a few hundred thousand parameters
 SIZE = 64
@@ -149,7 +153,7 @@ def test_pretrained_fetch_failure_points_at_checkpoint(monkeypatch):
         return real_create(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline_create)
-    monkeypatch.setattr(dispatch, "_hub_unreachable", lambda: False)  # the hub resolves, the fetch fails
+    monkeypatch.setattr(timm_source, "_hub_unreachable", lambda: False)  # the hub resolves, the fetch fails
     with pytest.raises(ModelLoadError) as info:
         load_model(ARCH, pretrained=True, img_size=SIZE)
     assert "could not be fetched" in str(info.value) and "--checkpoint" in str(info.value)
@@ -487,3 +491,68 @@ def test_plain_pickle_that_is_not_torch(tmp_path):
     path.write_bytes(pickle.dumps({"a": [1, 2, 3]}))
     with pytest.raises(ModelLoadError):
         load_model(str(path), arch=ARCH)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loading flow
+
+
+def package_visits(call) -> tuple[list[str], set[tuple[str, str]]]:
+    """While `call()` runs: the tome_deploy source files (names only) in the order control enters them, one
+    entry per visit (a visit lasts while any frame of the file is on the stack, so a file calling its own
+    helpers, or code elsewhere that returns to it, is one visit), and every (caller, callee) pair of files
+    where a frame of one started a frame of the other."""
+    package = Path(load_model.__code__.co_filename).resolve().parents[2]  # the tome_deploy folder under test
+    visits: list[str] = []
+    calls: set[tuple[str, str]] = set()
+    open_frames: dict[str, int] = {}
+
+    def file_of(frame) -> Optional[str]:
+        path = Path(frame.f_code.co_filename)
+        return path.name if package in path.parents else None
+
+    def record(frame, event, arg) -> None:
+        name = file_of(frame) if event in ("call", "return") else None
+        if name is None:
+            return
+        if event == "return":
+            open_frames[name] -= 1
+            return
+        if not open_frames.get(name):
+            visits.append(name)
+        open_frames[name] = open_frames.get(name, 0) + 1
+        caller = frame.f_back
+        while caller is not None and file_of(caller) is None:
+            caller = caller.f_back  # through library frames (importlib, torch) to the package code that called
+        if caller is not None and file_of(caller) != name:
+            calls.add((file_of(caller), name))
+
+    sys.setprofile(record)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return visits, calls
+
+
+def test_a_state_dict_load_enters_dispatch_and_checkpoint_once(sd_file):
+    """Dispatch picks the source form, whose loader does the whole job: the dispatcher never calls the
+    checkpoint code (nor it the dispatcher), and reading the file (checkpoint.py) is one visit, not a
+    back-and-forth."""
+    source = ModelSource(str(sd_file), arch=ARCH, img_size=SIZE)
+    load_model(source)  # imports every module first: an import runs module code, which would count as a visit
+    visits, calls = package_visits(lambda: load_model(source))
+    assert visits.count("dispatch.py") == 1 and visits.count("checkpoint.py") == 1, visits
+    assert visits.index("dispatch.py") < visits.index("checkpoint.py")
+    assert not {("dispatch.py", "checkpoint.py"), ("checkpoint.py", "dispatch.py")} & calls, sorted(calls)
+
+
+def test_loading_a_timm_checkpoint_imports_no_other_family_library(sd_file):
+    """Picking the source form is string and file checks: transformers and open_clip stay unimported."""
+    code = ("import sys\n"
+            "from tome_deploy.models.loading.dispatch import load_model\n"
+            f"load_model({str(sd_file)!r}, arch={ARCH!r}, img_size={SIZE})\n"
+            "print(sorted(m for m in ('transformers', 'open_clip') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -440,10 +440,11 @@ def test_serving_and_triton_repository_take_every_family(exported, tmp_path):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_target_speedup_plans_for_every_family(family):
-    from tome_deploy.models.patch import speedup_choice_for_model
+    from tome_deploy.core.speedup import speedup_choice
+    from tome_deploy.models.adapter import adapter_for, describe
 
     model = family_model(family)
-    choice = speedup_choice_for_model(model, 1.3)
+    choice = speedup_choice(describe(adapter_for(model), model), 1.3)
     tome, schedule = apply_tome(model, choice.r)
     meta = build_metadata(tome, schedule, choice.r, arch=family, weights="-", weights_sha256="-", merge="scatter",
                           opset=18, batch=None, example_batch=2)

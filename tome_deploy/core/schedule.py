@@ -54,6 +54,18 @@ def requested_r_per_layer(spec: RSpec, depth: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What schedules, FLOPs and merge maps need to know of a model (models/adapter.py `describe` gives it)."""
+
+    tokens: int  # patch plus prefix tokens entering the first block
+    depth: int  # transformer blocks
+    num_prefix: int  # tokens at the front that never merge (class, distillation, registers)
+    width: int  # C, the width of the tokens
+    mlp_ratio: float  # the MLP's real width as the FLOP rule's ratio (its weights over 2 C^2)
+    grid: tuple[int, int]  # the patch grid (rows, columns)
+
+
+@dataclass(frozen=True)
 class Schedule:
     """A schedule resolved against one model: what was asked and what will run."""
 

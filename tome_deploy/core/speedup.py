@@ -1,7 +1,7 @@
 """Pick a merge schedule from a speedup target: the smallest r whose FLOPs ratio reaches it, then the
 smallest whose measured speedup does.
 
-A schedule family is "r in every `stride`-th block": stride 1 is the paper's constant schedule; stride 2
+A sparse schedule is "r in every `stride`-th block": stride 1 is the paper's constant schedule; stride 2
 merges in blocks 1, 3, 5, ... (twice the r in half the blocks), which pays the fixed per-block cost of
 matching half as often: what small models and batch 1 need (`sparse_schedule`).
 
@@ -17,7 +17,7 @@ import numbers
 from dataclasses import dataclass
 
 from tome_deploy.core.flops import theoretical_speedup
-from tome_deploy.core.schedule import RSpec, requested_r_per_layer, resolve_schedule
+from tome_deploy.core.schedule import ModelShape, RSpec, requested_r_per_layer, resolve_schedule
 from tome_deploy.errors import ScheduleError
 
 
@@ -61,7 +61,7 @@ def max_useful_r(num_tokens: int, num_prefix: int) -> int:
 
 
 def largest_r(num_tokens: int, depth: int, num_prefix: int, strict: bool = False, stride: int = 1) -> int:
-    """The largest r worth trying in a stride's family: max_useful_r, or under strict the largest that needs
+    """The largest r worth trying at a stride: max_useful_r, or under strict the largest that needs
     no clamping."""
     r = max_useful_r(num_tokens, num_prefix)
     while strict and r > 0:
@@ -73,7 +73,7 @@ def largest_r(num_tokens: int, depth: int, num_prefix: int, strict: bool = False
     return r
 
 
-def family_speedup(r: int, num_tokens: int, depth: int, num_prefix: int, dim: int, mlp_ratio: float,
+def stride_speedup(r: int, num_tokens: int, depth: int, num_prefix: int, dim: int, mlp_ratio: float,
                    strict: bool = False, stride: int = 1) -> float:
     """The FLOPs ratio of sparse_schedule(r, stride, depth), clamping included (ScheduleError under strict
     when it clamps)."""
@@ -117,7 +117,7 @@ def schedule_for_speedup(
     best_r, best = 0, 1.0
     for r in range(0, max_useful_r(num_tokens, num_prefix) + 1):
         try:
-            ratio = family_speedup(r, num_tokens, depth, num_prefix, dim, mlp_ratio, strict, stride)
+            ratio = stride_speedup(r, num_tokens, depth, num_prefix, dim, mlp_ratio, strict, stride)
         except ScheduleError:
             break  # strict: this r and every larger one would be clamped somewhere
         if ratio >= target:
@@ -137,6 +137,14 @@ def schedule_for_speedup(
         f"layers: merging the most any schedule can (r={best_r}, half the patch tokens per layer) gives {best:.2f}x; "
         f"ask for at most {math.floor(best * 100) / 100:.2f}x (no constant, inflected or per-layer schedule merges more)"
     )
+
+
+def speedup_choice(shape: ModelShape, target: float, *, strict: bool = False, stride: int = 1) -> SpeedupChoice:
+    """schedule_for_speedup for a model's shape, with its real MLP width (as the export's metadata counts
+    it), so the predicted ratio is the one the export reports."""
+    r, predicted = schedule_for_speedup(shape.tokens, shape.depth, shape.num_prefix, shape.width, target,
+                                        shape.mlp_ratio, strict=strict, stride=stride)
+    return SpeedupChoice(float(target), r, predicted)
 
 
 @dataclass(frozen=True)
@@ -204,12 +212,12 @@ def every_block(stride: int) -> str:
 
 
 def stride_label(r: int, stride: int) -> str:
-    """How a family member reads in a line: "r=5", "r=10 in every 2nd block"."""
+    """How r at a stride reads in a line: "r=5", "r=10 in every 2nd block"."""
     return f"r={r}" if stride == 1 else f"r={r} in {every_block(stride)}"
 
 
 def schedule_option(r: int, stride: int, depth: int) -> str:
-    """The tome-export option that exports this family member: "--r 5" or "--schedule 0,10,0,10"."""
+    """The tome-export option that exports r at a stride: "--r 5" or "--schedule 0,10,0,10"."""
     spec = sparse_schedule(r, stride, depth)
     if isinstance(spec, int):
         return f"--r {spec}"
@@ -218,8 +226,8 @@ def schedule_option(r: int, stride: int, depth: int) -> str:
 
 @dataclass(frozen=True)
 class ScheduleSearch:
-    """A speedup target measured over schedule families: each stride's search (`search_measured_r`), in
-    the order searched. The choice is the last search that reached the target (each later family is only
+    """A speedup target measured over schedule strides: each stride's search (`search_measured_r`), in
+    the order searched. The choice is the last search that reached the target (each later stride is only
     searched below the FLOPs of the last reached one, so it merges the least); when none did, the best
     measured schedule of all."""
 
@@ -278,12 +286,12 @@ class ScheduleSearch:
         }
 
 
-def search_measured_schedule(target: float, depth: int, families, measure, flops) -> ScheduleSearch:
+def search_measured_schedule(target: float, depth: int, strides, measure, flops) -> ScheduleSearch:
     """The schedule that reaches a measured `target` with the least merging (the smallest FLOPs ratio,
-    so the least accuracy given up), over schedule families.
+    so the least accuracy given up), over schedule strides.
 
-    families: (stride, r_first, r_last) in the order to search; each is searched with `search_measured_r`.
-    Once one reached the target at FLOPs ratio F, a later family is searched only over its r whose
+    strides: (stride, r_first, r_last) in the order to search; each is searched with `search_measured_r`.
+    Once one reached the target at FLOPs ratio F, a later stride is searched only over its r whose
     FLOPs stay below F, and skipped when none does: a sparse schedule is chosen only when it merges
     less than the constant one that also reaches the target. measure(r, stride) -> measured speedup of
     sparse_schedule(r, stride, depth); flops(r, stride) -> its FLOPs ratio.
@@ -291,7 +299,7 @@ def search_measured_schedule(target: float, depth: int, families, measure, flops
     target = check_target(target)
     searches = []
     bound = math.inf
-    for stride, r_first, r_last in families:
+    for stride, r_first, r_last in strides:
         while r_last >= r_first and flops(r_last, stride) >= bound:
             r_last -= 1
         if r_last < r_first:
@@ -301,5 +309,5 @@ def search_measured_schedule(target: float, depth: int, families, measure, flops
         if search.reached:
             bound = flops(search.r, stride)
     if not searches:
-        raise ScheduleError(f"no schedule family to search for a {target:.2f}x target")
+        raise ScheduleError(f"no schedule stride to search for a {target:.2f}x target")
     return ScheduleSearch(target, depth, tuple(searches))

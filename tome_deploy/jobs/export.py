@@ -17,19 +17,20 @@ from tome_deploy.core.speedup import (
     ScheduleSearch,
     SpeedupChoice,
     every_block,
-    family_speedup,
     largest_r,
     search_measured_schedule,
     sparse_schedule,
+    speedup_choice,
     stride_label,
+    stride_speedup,
 )
 from tome_deploy.errors import ScheduleError
 from tome_deploy.jobs.progress import Say, silent
-from tome_deploy.models.adapter import adapter_for
+from tome_deploy.models.adapter import describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.loading.source import ModelSource
-from tome_deploy.models.patch import apply_tome, speedup_choice_for_model
+from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import check_precision, with_precision
@@ -121,7 +122,7 @@ def export_model(
     choice = search = None
     with tempfile.TemporaryDirectory() as folder:
         if target_speedup is not None:
-            choice = speedup_choice_for_model(loaded.model, target_speedup, strict=strict)
+            choice = speedup_choice(describe(loaded.adapter, loaded.model), target_speedup, strict=strict)
             say(f"  {choice.line()}; measuring from there in {RUNTIME_LABELS[runtime]} (batch {batch_size}) ...")
             strides = SEARCH_STRIDES if sparse else (1,)
             search, timings_by_r = measured_search(loaded, choice, runtime, Path(folder), say, strides, **options)
@@ -161,7 +162,7 @@ def export_model(
 
 def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge: MergeFormulation, strict, opset, batch_size, static_batch, precision, target):
     """(ToMe model at the export's precision, its schedule, its metadata)."""
-    tome, schedule = apply_tome(loaded.model, r, merge, strict=strict)
+    tome, schedule = apply_tome(loaded.model, r, merge, strict=strict, adapter=loaded.adapter)
     metadata = build_metadata(
         tome, schedule, r,
         arch=loaded.arch or type(loaded.model).__name__,
@@ -200,11 +201,8 @@ def measured_search(
     """Export and time r from the FLOPs choice upwards until the measured speedup reaches the target, for
     the constant schedule and then for each sparser stride, below the FLOPs of the last that reached it
     (`speedup.search_measured_schedule`); also returns the timings of every (r, stride) measured."""
-    model = loaded.model
-    adapter = adapter_for(model)
-    shape = (adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model))
-    depth, strict = shape[1], options["strict"]
-    width = (adapter.embed_dim(model), adapter.mlp_ratio(model))
+    shape = describe(loaded.adapter, loaded.model)
+    depth, strict = shape.depth, options["strict"]
     base_path = unmerged_export(loaded, folder, say, **options)
     timings_by_r: dict[tuple[int, int], dict[str, Timing]] = {}
 
@@ -219,16 +217,16 @@ def measured_search(
         return speedup
 
     def flops(r: int, stride: int) -> float:
-        return family_speedup(r, *shape, *width, stride=stride)
+        return stride_speedup(r, shape.tokens, depth, shape.num_prefix, shape.width, shape.mlp_ratio, stride=stride)
 
-    families = [(1, choice.r, max(choice.r, largest_r(*shape, strict)))]
+    searches = [(1, choice.r, max(choice.r, largest_r(shape.tokens, depth, shape.num_prefix, strict)))]
     for stride in strides[1:]:
         if stride > depth:
             break
         try:
-            r_first = speedup_choice_for_model(model, choice.target, strict=strict, stride=stride).r
+            r_first = speedup_choice(shape, choice.target, strict=strict, stride=stride).r
         except ScheduleError as err:
             say(f"  {err}: not searched")
             continue
-        families.append((stride, r_first, max(r_first, largest_r(*shape, strict, stride))))
-    return search_measured_schedule(choice.target, depth, families, measure, flops), timings_by_r
+        searches.append((stride, r_first, max(r_first, largest_r(shape.tokens, depth, shape.num_prefix, strict, stride))))
+    return search_measured_schedule(choice.target, depth, searches, measure, flops), timings_by_r

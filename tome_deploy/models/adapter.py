@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
+from tome_deploy.core.schedule import ModelShape
 from tome_deploy.errors import UnsupportedModelError
 
 
@@ -93,6 +94,18 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         )
     adapter.check_supported(model)
     return adapter
+
+
+def describe(adapter: ModelAdapter, model: nn.Module) -> ModelShape:
+    """`model`'s shape, read through its family's adapter."""
+    return ModelShape(
+        tokens=adapter.tokens_at_input(model),
+        depth=len(adapter.blocks(model)),
+        num_prefix=adapter.num_prefix_tokens(model),
+        width=adapter.embed_dim(model),
+        mlp_ratio=adapter.mlp_ratio(model),
+        grid=tuple(adapter.grid_size(model)),
+    )
 
 
 def mlp_width_ratio(mlp: nn.Module, dim: int) -> float:

@@ -26,9 +26,16 @@ from torch import nn
 from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
-from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason
-from tome_deploy.models.adapter import mlp_width_ratio
+from tome_deploy.errors import (
+    InvalidInputError,
+    MissingDependencyError,
+    ModelLoadError,
+    UnsupportedModelError,
+    error_reason,
+)
+from tome_deploy.models.adapter import adapter_for, mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
+from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceForm
 
 HUB_PREFIX = "hf:"
 
@@ -242,6 +249,29 @@ ADAPTER = HFTransformersAdapter()
 
 def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def claims(source: ModelSource) -> bool:
+    """`hf:<id>`, or a folder with config.json (what save_pretrained writes)."""
+    return source.name.startswith(HUB_PREFIX) or is_hf_folder(Path(source.name).expanduser())
+
+
+def load_source(source: ModelSource) -> LoadedModel:
+    """A claimed source as a LoadedModel at the image size its config.json gives."""
+    name = source.name
+    if source.checkpoint or source.arch:
+        raise InvalidInputError(f"{name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint and --model")
+    model, weights = load_hf(name if name.startswith(HUB_PREFIX) else str(Path(name).expanduser()),
+                             pretrained=source.pretrained)
+    adapter = adapter_for(model)
+    native = adapter.data_config(model)["input_size"][-1]
+    if source.img_size is not None and source.img_size != native:
+        raise InvalidInputError(f"{name} is configured for {native} px images; drop --img-size {source.img_size} "
+                                "(change image_size in its config.json to export another size)")
+    return LoadedModel(model, adapter, type(model.hf).__name__, weights, random_weights=False, seed=None)
+
+
+SOURCE_FORM = SourceForm("hf:<id> or save_pretrained folder", claims, load_source)
 
 
 def _processor_config(folder: Path) -> Optional[dict]:

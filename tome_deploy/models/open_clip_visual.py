@@ -19,9 +19,17 @@ from torch import nn
 from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
-from tome_deploy.errors import MissingDependencyError, ModelLoadError, UnsupportedModelError, error_reason
-from tome_deploy.models.adapter import mlp_width_ratio
+from tome_deploy.errors import (
+    InvalidInputError,
+    MissingDependencyError,
+    ModelLoadError,
+    UnsupportedModelError,
+    error_reason,
+)
+from tome_deploy.models.adapter import adapter_for, mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
+from tome_deploy.models.loading.checkpoint import existing_checkpoint, read_state_dict
+from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceForm
 
 PREFIX = "open_clip:"
 
@@ -157,3 +165,25 @@ def load_open_clip(name: str, *, checkpoint_state: Optional[dict], img_size: Opt
             )
     visual.preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     return visual.eval()
+
+
+def claims(source: ModelSource) -> bool:
+    return source.name.startswith(PREFIX)
+
+
+def load_source(source: ModelSource) -> LoadedModel:
+    """`open_clip:<arch>`, random (seeded) or with --checkpoint's weights, as a LoadedModel."""
+    name = source.name
+    if source.pretrained:
+        raise InvalidInputError(f"{name}: OpenCLIP weights are given with --checkpoint PATH (no hub is used)")
+    if not source.checkpoint:
+        visual = load_open_clip(name, checkpoint_state=None, img_size=source.img_size, seed=source.seed)
+        return LoadedModel(visual, adapter_for(visual), name, f"random init (seed {source.seed}) — no pretrained weights",
+                           random_weights=True, seed=source.seed)
+    path = existing_checkpoint(source.checkpoint)
+    state = read_state_dict(path, trust_pickle=source.trust_pickle)
+    visual = load_open_clip(name, checkpoint_state=state, img_size=source.img_size, seed=source.seed)
+    return LoadedModel(visual, adapter_for(visual), name, f"checkpoint {path.name}", random_weights=False, seed=None)
+
+
+SOURCE_FORM = SourceForm("open_clip:<arch>", claims, load_source)

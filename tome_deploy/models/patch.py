@@ -1,29 +1,17 @@
-"""apply_tome: a ToMe copy of any model a family adapter (models/adapter.py) accepts, and what follows
-from it: the schedule for a speedup target, source tracking."""
+"""apply_tome: a ToMe copy of any model a family adapter (models/adapter.py) accepts, and source tracking."""
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation, get_formulation
 from tome_deploy.core.schedule import RSpec, Schedule, resolve_schedule
-from tome_deploy.core.speedup import SpeedupChoice, schedule_for_speedup
-from tome_deploy.models.adapter import adapter_for
+from tome_deploy.models.adapter import ModelAdapter, adapter_for, describe
 from tome_deploy.models.blocks import ToMeBlocks
-
-
-def speedup_choice_for_model(model, target: float, *, strict: bool = False, stride: int = 1) -> SpeedupChoice:
-    """schedule_for_speedup for a supported model's shapes, with its real MLP width (as the export's
-    metadata counts it), so the predicted ratio is the one the export reports."""
-    adapter = adapter_for(model)
-    r, predicted = schedule_for_speedup(
-        adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model),
-        adapter.embed_dim(model), target, adapter.mlp_ratio(model), strict=strict, stride=stride,
-    )
-    return SpeedupChoice(float(target), r, predicted)
 
 
 def apply_tome(
@@ -31,17 +19,19 @@ def apply_tome(
     r: RSpec,
     formulation: MergeFormulation | str = "scatter",
     strict: bool = False,
+    adapter: Optional[ModelAdapter] = None,
 ) -> tuple[nn.Module, Schedule]:
     """Return (a ToMe copy of `model`, its resolved schedule). `model` itself is left unchanged.
 
     formulation: a registered MergeFormulation (artifact/formulations.py) or its name.
+    adapter: `model`'s, when the caller has it (`LoadedModel.adapter`); None finds it here.
+
     Clamping is data: `schedule.clamped_layers` and `schedule.clamp_note()`; strict=True raises instead.
     """
     formulation = get_formulation(formulation)
-    adapter = adapter_for(model)
-    schedule = resolve_schedule(
-        r, adapter.tokens_at_input(model), len(adapter.blocks(model)), adapter.num_prefix_tokens(model), strict
-    )
+    adapter = adapter or adapter_for(model)
+    shape = describe(adapter, model)
+    schedule = resolve_schedule(r, shape.tokens, shape.depth, shape.num_prefix, strict)
     tome = copy.deepcopy(model)
     blocks = [adapter.tome_block(block, r_eff, schedule.num_prefix, formulation)
               for block, r_eff in zip(adapter.blocks(tome), schedule.effective)]

@@ -1,13 +1,16 @@
-"""Where a model comes from: one object for the name or path and the options that go with it, checked once."""
+"""Where a model comes from (`ModelSource`, checked once), what loading it gave (`LoadedModel`), and the
+record a family registers to load its own sources (`SourceForm`, listed in loading/dispatch.py)."""
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
+
+from torch import nn
 
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.models.loading.checkpoint import check_img_size_value
+from tome_deploy.models.adapter import ModelAdapter
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
 
@@ -16,11 +19,25 @@ def check_seed(seed: int) -> None:
         raise InvalidInputError(f"--seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {seed!r}")
 
 
+def check_img_size_value(img_size: Optional[int]) -> None:
+    if img_size is None:
+        return
+    try:
+        valid = not isinstance(img_size, bool) and operator.index(img_size) == img_size
+    except TypeError:
+        valid = False
+    if not valid:
+        raise InvalidInputError(f"--img-size must be a positive integer, got {img_size!r}")
+    if img_size <= 0:
+        raise InvalidInputError(f"--img-size must be a positive integer, got {img_size}")
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """name: a timm model name or a checkpoint / pickled-module path. arch: the timm architecture of a
-    state-dict file without an 'arch' key. checkpoint: weights for a model name. img_size: the input
-    resolution (None: the model's). seed: of the random init when no weights are given."""
+    """name: a timm model name, a checkpoint / pickled-module path, or another family's source (`hf:<id>`,
+    a save_pretrained folder, `open_clip:<arch>`). arch: the timm architecture of a state-dict file
+    without an 'arch' key. checkpoint: weights for a model name. img_size: the input resolution (None:
+    the model's). seed: of the random init when no weights are given."""
 
     name: str
     arch: Optional[str] = None
@@ -42,3 +59,26 @@ class ModelSource:
     def at_img_size(self, img_size: Optional[int]) -> "ModelSource":
         """The same source at another input resolution."""
         return ModelSource(self.name, self.arch, self.checkpoint, self.pretrained, img_size, self.trust_pickle, self.seed)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # eval mode
+    adapter: ModelAdapter  # its family's adapter, support already checked: pass it on instead of finding it again
+    arch: Optional[str]  # timm architecture name when known
+    weights: str  # one human line: where the weights came from; files by name only (it goes into artifacts)
+    random_weights: bool
+    seed: Optional[int]
+
+
+@dataclass(frozen=True)
+class SourceForm:
+    """One way of naming a model, registered by the family module that loads it.
+
+    claims: a cheap test of the source's name and options alone (string prefixes, file system checks);
+    it imports no model library. load: the whole load of a claimed source (the family's library is
+    imported there), returning the model in eval mode."""
+
+    name: str  # e.g. "open_clip:<arch>"
+    claims: Callable[[ModelSource], bool]
+    load: Callable[[ModelSource], LoadedModel]
