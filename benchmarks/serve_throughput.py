@@ -98,7 +98,7 @@ def drive(url: str, images: np.ndarray, concurrency: int, requests: int) -> tupl
             start = time.perf_counter()
             try:
                 client.infer(MODEL_NAME, [tensor])
-            except BaseException as err:
+            except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
                 errors.append(err)
                 return
             with lock:
@@ -128,7 +128,7 @@ def main() -> None:
                    for label, path in paths.items() for mode in ("batch-1", "dynamic")}
         servers = {key: ServerProcess(path, max_batch, args.max_delay_ms) for key, (path, max_batch) in configs.items()}
         try:
-            for key, server in servers.items():  # warm up: ONNX Runtime allocates on the first calls of each batch size
+            for server in servers.values():  # warm up: ONNX Runtime allocates on the first calls of each batch size
                 drive(server.url, images, args.max_batch, 2 * args.max_batch)
             for concurrency in levels:
                 requests = args.requests or min(64, max(16, 8 * concurrency))

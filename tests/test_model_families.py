@@ -138,7 +138,7 @@ FAMILIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family_model(family: str) -> nn.Module:
     return FAMILIES[family][0]()
 

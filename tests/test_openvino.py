@@ -21,7 +21,7 @@ from tome_deploy.validation.parity import validate_runners
 
 pytest.importorskip("openvino", reason="the openvino extra (pip install 'tome-deploy[openvino]') is not installed")
 
-from tome_deploy.runtime.openvino import OpenVINORunner  # noqa: E402
+from tome_deploy.runtime.openvino import OpenVINORunner
 
 GOLDEN = Path(__file__).parent / "data" / "golden_logits.npz"
 

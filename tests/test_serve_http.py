@@ -81,12 +81,12 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(served_model, runner, limits: ConnectionLimits = ConnectionLimits(), **settings):
+def serving(served_model, runner, limits: ConnectionLimits | None = None, **settings):
     """The app under uvicorn in a thread on a free loopback port, the runner active while it serves (as
     tome-serve does); always shut down, even on failure."""
     app = build_app(served_model, runner, ServeSettings(model_name=MODEL, **settings))
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn_server(app, graceful_timeout_s=20, limits=limits)
+    server = uvicorn_server(app, graceful_timeout_s=20, limits=limits or ConnectionLimits())
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     runner.activate()
     thread.start()
@@ -179,7 +179,7 @@ def test_concurrent_clients_get_their_own_results_in_real_batches_while_health_a
             client = server.client()
             for i in range(per_client):
                 results[index, i] = infer(client, pixels(1000 + index * per_client + i))
-        except BaseException as err:  # surfaced in the main thread below
+        except BaseException as err:  # noqa: BLE001 - surfaced in the main thread below
             errors.append(err)
 
     def health_loop() -> None:
@@ -318,7 +318,7 @@ def start_in_thread(function, *args) -> tuple[threading.Thread, list]:
     def run():
         try:
             box.append(function(*args))
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - handed back to the caller
             box.append(err)
 
     thread = threading.Thread(target=run)

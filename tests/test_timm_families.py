@@ -116,13 +116,13 @@ FAMILY_NAMES = list(FAMILIES)
 SCHEDULE_CASES = [(name, spec) for name in FAMILY_NAMES for spec in FAMILIES[name][2]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_model(name: str) -> nn.Module:
     torch.manual_seed(0)
     return randomize_(FAMILIES[name][0](), seed=FAMILY_NAMES.index(name) + 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pixels(name: str) -> torch.Tensor:
     height, width = FAMILIES[name][1]
     return torch.randn(BATCH, 3, height, width, generator=torch.Generator().manual_seed(7))
@@ -142,9 +142,9 @@ def set_fused(model: nn.Module, fused: bool) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str, spec_key: str):
-    spec = eval(spec_key)  # noqa: S307 - our own repr of an int / tuple / list
+    spec = eval(spec_key)
     model = base_model(name)
     r_layers = reference_schedule(spec, len(model.blocks))
     feats = reference_tome_features(model, pixels(name), r_layers)
@@ -209,9 +209,9 @@ def test_tome_equals_reference(name, spec):
         message = f"fused_attn={fused}"
         assert got_tokens.shape == want_tokens.shape == (BATCH, schedule.tokens[-1], model.embed_dim)
         # the same tokens in the same order, then the same logits
-        torch.testing.assert_close(got_tokens, want_tokens, rtol=0, atol=1e-4, msg=lambda m: f"{message}: {m}")
-        torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4, msg=lambda m: f"{message}: {m}")
-        torch.testing.assert_close(direct, want_logits, rtol=0, atol=1e-4, msg=lambda m: f"{message}: {m}")
+        torch.testing.assert_close(got_tokens, want_tokens, rtol=0, atol=1e-4, msg=lambda m, message=message: f"{message}: {m}")
+        torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4, msg=lambda m, message=message: f"{message}: {m}")
+        torch.testing.assert_close(direct, want_logits, rtol=0, atol=1e-4, msg=lambda m, message=message: f"{message}: {m}")
 
 
 @pytest.mark.parametrize("name,spec", SCHEDULE_CASES[::2], ids=[f"{n}-{s}" for n, s in SCHEDULE_CASES[::2]])

@@ -82,7 +82,7 @@ def test_concurrent_clients_get_their_own_rows_from_batches_triton_formed(triton
         try:
             for i in range(per_client):
                 results[index, i] = infer(connection, protocol, pixels(100 + index * per_client + i))
-        except BaseException as err:  # surfaced below
+        except BaseException as err:  # noqa: BLE001 - surfaced below
             errors.append(err)
 
     threads = [threading.Thread(target=loop, args=(index,)) for index in range(clients)]

@@ -14,12 +14,12 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-from reference_tome import reference_token_merge  # noqa: E402
+import torch
+from reference_tome import reference_token_merge
 
-from tome_deploy.core.merge import bipartite_match  # noqa: E402
-from tome_deploy.token_merge.torch_op import token_merge_reference  # noqa: E402
-from tome_deploy.token_merge.triton_kernel import launch  # noqa: E402
+from tome_deploy.core.merge import bipartite_match
+from tome_deploy.token_merge.torch_op import token_merge_reference
+from tome_deploy.token_merge.triton_kernel import launch
 
 
 def random_indices(gen, batch, tokens, r, destinations=None):

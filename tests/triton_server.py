@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from tome_deploy.errors import MissingDependencyError
-from tome_deploy.serving.tritonserver import TritonServer, check_shared_libpython, stop_tritonserver, tritonserver_binary
+from tome_deploy.serving.tritonserver import (
+    TritonServer,
+    check_shared_libpython,
+    stop_tritonserver,
+    tritonserver_binary,
+)
 from tome_deploy.serving.tritonserver import start_tritonserver as start_binary
 
 __all__ = ["start_tritonserver", "stop_tritonserver"]

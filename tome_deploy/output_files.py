@@ -90,7 +90,7 @@ def _install(temp: Path, path: Path) -> None:
     os.replace(temp, path)
 
 
-def write_atomically(output: PathLike, write: Callable[[BinaryIO], None], *, flag: str = "-o") -> Path:
+def write_atomically(output: PathLike, write: Callable[[BinaryIO], object], *, flag: str = "-o") -> Path:
     """Write through a temporary file in the same folder, then rename over `output`."""
     path = check_output_path(output, flag=flag)
     temp = _writable_temp(path, flag)
@@ -137,7 +137,7 @@ class StagedOutput:
     def discard(self) -> None:
         self.temp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "StagedOutput":
+    def __enter__(self) -> StagedOutput:
         return self
 
     def __exit__(self, *exc) -> None:

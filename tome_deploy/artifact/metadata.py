@@ -88,7 +88,7 @@ class ToMeMetadata:
         return {METADATA_PREFIX + key: json.dumps(value) for key, value in self.to_dict().items()}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str) -> "ToMeMetadata":
+    def from_dict(cls, values: Mapping[str, Any], source: str) -> ToMeMetadata:
         """Typed and checked metadata from JSON values (version 1 or 2). Raises FieldError ("tome.KEY ...")
         for a damaged value and NewerSchemaError for a newer schema; `source` names the file in the latter."""
         version = 1
@@ -105,7 +105,7 @@ class ToMeMetadata:
         return metadata
 
     @classmethod
-    def from_props(cls, props: Mapping[str, str], source: str = "the ONNX file") -> "ToMeMetadata | None":
+    def from_props(cls, props: Mapping[str, str], source: str = "the ONNX file") -> ToMeMetadata | None:
         """None when the props hold no `tome.*` key (not a tome-deploy export)."""
         values = {}
         for key, raw in props.items():

@@ -77,7 +77,7 @@ class EngineSidecar:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, values: Any, source: str) -> "EngineSidecar":
+    def from_dict(cls, values: Any, source: str) -> EngineSidecar:
         """Typed and checked from JSON (version 1 or 2); FieldError for a damaged value, NewerSchemaError for a newer schema."""
         if not isinstance(values, dict):
             raise FieldError(f"must hold a JSON object, got {type(values).__name__}")

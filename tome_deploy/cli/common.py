@@ -107,6 +107,7 @@ def debug_enabled(flag: bool = False) -> bool:
 def run_command(main: Callable[[], int], debug: Optional[bool] = False) -> int:
     """Turn typed errors into one line on stderr and their exit code, and anything else into one
     'unexpected' line and exit 3; tracebacks only with --debug / TOME_DEBUG=1."""
+    caught: BaseException
     try:
         return main()
     except ToMeError as err:

@@ -125,7 +125,7 @@ def _export(args: argparse.Namespace) -> int:
         base, tome = outcome.timings["unmerged"], outcome.timings["tome"]
         say(f"Measured in {runtime} (CPU, batch {tome.batch}): unmerged {base.images_per_s:.1f} img/s, "
             f"ToMe {tome.images_per_s:.1f} img/s -> {outcome.measured_speedup:.2f}x")
-        if outcome.measured_speedup < 1:
+        if outcome.measured_speedup is not None and outcome.measured_speedup < 1:
             say(f"note: ToMe is SLOWER than the unmerged model here ({outcome.measured_speedup:.2f}x): matching and "
                 "merging add a fixed cost per block that the removed tokens do not pay back on a model this small "
                 f"at batch {tome.batch}; use the unmerged model, or measure at a larger --batch-size")

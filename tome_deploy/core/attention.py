@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tome_deploy.core.tracing import exporting_onnx
 
+
 def scaled_attention(
     q: torch.Tensor,
     k: torch.Tensor,

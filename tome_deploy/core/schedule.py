@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from tome_deploy.errors import ScheduleError
 
@@ -135,8 +135,7 @@ def parse_r_text(text: str) -> int | float | str:
 
 def parse_r_arguments(r: str | int, inflect: float | None, layers: str | None) -> RSpec:
     """The CLI's --r / --r-inflect / --schedule trio -> one RSpec (--r as text or a number)."""
-    if isinstance(r, str):
-        r = parse_r_text(r)
+    value: Any = parse_r_text(r) if isinstance(r, str) else r  # its type is checked by resolve_schedule
     if layers is not None:
         try:
             return [int(v) for v in layers.replace(" ", "").split(",") if v != ""]
@@ -145,5 +144,5 @@ def parse_r_arguments(r: str | int, inflect: float | None, layers: str | None) -
     if inflect is not None:
         if not math.isfinite(inflect):
             raise ScheduleError(f"--r-inflect must be a finite number in [-1, 1], got {inflect}")
-        return (r, inflect)
-    return r
+        return (value, inflect)
+    return value

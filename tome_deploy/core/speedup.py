@@ -192,7 +192,7 @@ def search_measured_r(target: float, r_first: int, r_last: int, measure) -> Meas
     if at(r_first) >= target:
         return MeasuredChoice(target, r_first, True, measured)
     if r_last <= r_first or at(r_last) < target:
-        best = max(measured, key=measured.get)
+        best = max(measured, key=lambda candidate: measured[candidate])
         return MeasuredChoice(target, best, False, measured)
     low, high = r_first, r_last  # at(low) < target <= at(high)
     while high - low > 1:

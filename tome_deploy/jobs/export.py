@@ -6,10 +6,10 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.formulations import MergeFormulation, merge_for_target
+from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.core.schedule import RSpec, Schedule
 from tome_deploy.core.speedup import (
@@ -117,7 +117,7 @@ def export_model(
     say(f"Loading {source.name} ...")
     loaded = load_model(source)
     say(f"  weights: {loaded.weights}")
-    options = dict(merge=formulation, strict=strict, opset=opset, batch_size=batch_size, static_batch=static_batch,
+    options: dict[str, Any] = dict(merge=formulation, strict=strict, opset=opset, batch_size=batch_size, static_batch=static_batch,
                    precision=precision, target=target)
     choice = search = None
     with tempfile.TemporaryDirectory() as folder:

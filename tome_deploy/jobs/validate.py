@@ -86,7 +86,7 @@ def validate_model(
         say(f"  wrote the PyTorch reference for Polygraphy: {outputs} (inputs: {inputs}); check with\n"
             f"    polygraphy run {onnx_file} --trt --load-inputs {inputs} --load-outputs {outputs} "
             f"--atol {tolerance.atol:g} --rtol {tolerance.rtol:g}")
-    if not engine:
+    if sidecar is None:  # an ONNX file
         say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
         return metadata, validate_runners(tome, candidates, metadata, str(artifact), batch_sizes=batch_sizes, atol=atol, rtol=rtol)
     candidates += _source_onnx_runner(sidecar, say)

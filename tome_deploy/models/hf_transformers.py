@@ -106,7 +106,7 @@ def hf_tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Ten
     batch, tokens, _ = x.shape
     q, k, v = (proj(x).reshape(batch, tokens, -1, attn.head_dim).transpose(1, 2)
                for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, H, N, hd]
-    scale = getattr(attn, "scaling", None) or getattr(attn, "scale")
+    scale = getattr(attn, "scaling", None) or attn.scale
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     dropout = float(getattr(attn, "attention_dropout", 0.0) or getattr(attn, "dropout", 0.0)) if attn.training else 0.0
     out = scaled_attention(q, k, v, bias, scale, dropout)  # [B, H, N, hd]
@@ -303,7 +303,7 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
         raise ModelLoadError(f"{source} names hub weights; pass --pretrained to download them (or a local save_pretrained folder)")
     try:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=local)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         if local:
             raise ModelLoadError(f"{source} has no readable config.json: {error_reason(err)}") from err
         raise ModelLoadError(
@@ -317,7 +317,7 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
         )
     try:
         hf_model = getattr(transformers, arch).from_pretrained(where, local_files_only=local, use_safetensors=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ModelLoadError(
             f"cannot load {arch} from {source} ({error_reason(err)}); the folder needs model.safetensors "
             "(pickled pytorch_model.bin is not read)"

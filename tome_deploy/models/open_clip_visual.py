@@ -150,7 +150,7 @@ def load_open_clip(name: str, *, checkpoint_state: Optional[dict], img_size: Opt
         logging.disable(logging.WARNING)  # open_clip logs "no pretrained weights" on the root logger; we report it
         try:
             model = open_clip.create_model(arch, pretrained=None, **kwargs)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise ModelLoadError(f"OpenCLIP could not create {arch}: {error_reason(err)}") from err
         finally:
             logging.disable(logging.NOTSET)

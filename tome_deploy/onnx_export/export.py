@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.formulations import MergeFormulation, formulation_named, get_formulation
+from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
 from tome_deploy.core.merge import ADD_ROWS_OVERLOAD, DESTINATION_ROWS_OVERLOAD, GATHER_TOKENS_OVERLOAD
 from tome_deploy.core.tracing import onnx_export_tracing
@@ -56,11 +56,11 @@ def explicit_attention(model: torch.nn.Module):
     fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
     try:
         for module in fused:
-            module.fused_attn = False
+            setattr(module, "fused_attn", False)  # noqa: B010 - a plain bool on a torch module
         yield
     finally:
         for module in fused:
-            module.fused_attn = True
+            setattr(module, "fused_attn", True)  # noqa: B010
 
 
 def _gather_tokens_node(x, index):
@@ -151,7 +151,7 @@ def export_onnx(
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(f"torch.onnx.export failed: {first_line}") from err
 
-    model_proto = program.model_proto
+    model_proto = _model_proto(program)
     for key, value in metadata.to_props().items():
         entry = model_proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -187,4 +187,12 @@ def export_plain(model: torch.nn.Module, metadata: ToMeMetadata, output: str | P
     except Exception as err:  # the exporter raises many private types
         raise ExportError(f"torch.onnx.export of the plain model failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
     path = check_output_path(output)
-    return write_atomically(path, lambda stream: stream.write(program.model_proto.SerializeToString()))
+    model_proto = _model_proto(program)
+    return write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))
+
+
+def _model_proto(program):
+    """The ONNX model of what torch.onnx.export returned (an ONNXProgram; None only from the legacy exporter)."""
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program; tome-deploy exports with dynamo=True")
+    return program.model_proto

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, path: str | Path, providers: Sequence[str] = CPU_PROVIDERS, threads: int | None = None):
         super().__init__()
         self.path, self.providers, self.threads = path, tuple(providers), threads
-        self.session = None
+        self.session: Any = None  # onnxruntime.InferenceSession while active
         self.input_names: list[str] = []
         self.output_names: list[str] = []
 
@@ -42,7 +42,7 @@ class OnnxRuntimeRunner(Runner):
         # Graphs with tome::TokenMerge nodes (--merge plugin) get the op registered (onnxruntime-extensions).
         try:
             session = ort.InferenceSession(session_model(self.path, options), options, providers=list(self.providers))
-        except Exception as err:  # noqa: BLE001 - InvalidGraph, Fail, NoSuchFile, ... from the C++ side
+        except Exception as err:
             if isinstance(err, ToMeError):
                 raise
             raise InvalidInputError(f"ONNX Runtime cannot load {self.path} ({error_reason(err)}); re-export it with "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,14 +46,14 @@ class OpenVINORunner(Runner):
         super().__init__()
         check_runs_in_openvino(path)
         self.path, self.threads, self.device, self.profile = path, threads, device, profile
-        self.compiled = None
-        self.request = None
+        self.compiled: Any = None  # openvino.CompiledModel while active
+        self.request: Any = None  # its InferRequest
         self.input_names: list[str] = []
         self.output_names: list[str] = []
 
     def _load(self) -> None:
         ov = import_openvino()
-        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
         if self.profile:
             config["PERF_COUNT"] = "YES"
         if self.threads:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ class TensorRTRunner(Runner):
         self.backend = load_backend(self.sidecar.backend)
         check_runs_here(self.sidecar, self.backend.name, self.backend.version, local_compute_capability())
         self.trt, self.name = self.backend.trt, self.backend.name
-        self.engine = None
-        self.context = None
+        self.engine: Any = None  # trt.ICudaEngine while active
+        self.context: Any = None  # its IExecutionContext
         self.output_names: list[str] = []
 
     def _load(self) -> None:

@@ -4,6 +4,7 @@ machine noise hits all alike (ONNX Runtime or OpenVINO files, or any calls, GPU 
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ def time_interleaved(
     feed = {input_name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
     with contextlib.ExitStack() as active:
         runners = {name: active.enter_context(open_runner(path, runtime, threads=threads)) for name, path in models.items()}
-        medians = time_side_by_side({name: (lambda r=runner: r.infer(feed)) for name, runner in runners.items()},
+        medians = time_side_by_side({name: functools.partial(runner.infer, feed) for name, runner in runners.items()},
                                     rounds=rounds, warmup=warmup)
     return {name: Timing(name, batch, median) for name, median in medians.items()}
 

@@ -172,7 +172,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, [p.feed for p in batch], [p.rows for p in batch])
-        except Exception as err:  # the model's own error types vary by backend
+        except Exception as err:  # noqa: BLE001 - the model's own error types vary by backend
             failure = InferenceFailedError(f"the model failed on a batch of {sum(p.rows for p in batch)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             for pending in batch:
                 if not pending.future.done():

@@ -75,7 +75,8 @@ def uvicorn_server(app, *, graceful_timeout_s: float = 30.0, log_level: str = "w
     (up to graceful_timeout_s), then runs the app's lifespan shutdown, which drains the batcher."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s, lifespan="on", access_log=False,
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,  # type: ignore[arg-type]  # uvicorn waits float seconds
+                            lifespan="on", access_log=False,
                             http=header_timeout_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
                             timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=limits.max_header_bytes)
     return uvicorn.Server(config)

@@ -99,8 +99,8 @@ class TritonPythonModel:
         if feeds:
             try:
                 outputs = run_padded(self.runner, self.served_model, concatenate([feed for _, feed in feeds]))
-                parts = split(outputs, [len(feed[self.input_name]) for _, feed in feeds])
-            except Exception as err:  # the runner's error types vary by backend
+                parts: list[Optional[dict[str, np.ndarray]]] = list(split(outputs, [len(feed[self.input_name]) for _, feed in feeds]))
+            except Exception as err:  # noqa: BLE001 - the runner's error types vary by backend
                 message = f"the model failed on a batch of {sum(len(f[self.input_name]) for _, f in feeds)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
                 parts = [None] * len(feeds)
                 for index, _ in feeds:

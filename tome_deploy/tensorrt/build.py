@@ -168,7 +168,7 @@ def build_engine(
     start = time.perf_counter()
     plan_bytes, timing_cache = _build_serialized(backend, onnx_path, profile, capability, options, graph)
     seconds = time.perf_counter() - start
-    if timing_cache is not None:
+    if timing_cache is not None and options.timing_cache is not None:
         write_atomically(options.timing_cache, lambda stream: stream.write(timing_cache), flag="--timing-cache")
     sidecar = EngineSidecar(
         backend=backend.name,

@@ -15,7 +15,6 @@ and the PTX assembles with ptxas (tests/test_token_merge_triton.py).
 No `from __future__ import annotations` here: tensorrt.plugin reads the registration's type hints.
 """
 
-from typing import Tuple
 
 from tome_deploy.errors import MissingDependencyError
 from tome_deploy.token_merge import contract
@@ -50,7 +49,7 @@ def register_tensorrt_plugin() -> None:
     def token_merge_shapes(
         x: trtp.TensorDesc, size: trtp.TensorDesc, kept: trtp.TensorDesc, source: trtp.TensorDesc,
         destination: trtp.TensorDesc,
-    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
         x_shape, size_shape = contract.output_shapes(x.shape_expr, kept.shape_expr)
         return trtp.from_shape_expr(x_shape, dtype=x.dtype), trtp.from_shape_expr(size_shape, dtype=size.dtype)
 

@@ -84,7 +84,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...
+    except Exception as err:
         raise ModelLoadError(
             f"{display_path(path)} is not a readable safetensors file (corrupt or truncated?): {error_reason(err)}"
         ) from err

@@ -212,7 +212,7 @@ def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
     _refuse_constructor_calls(shown, calls)
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ModelLoadError(f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}") from err
     allowed, offending = _split_globals(needed)
     if offending:
@@ -229,7 +229,7 @@ def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
             f"{shown} cannot be loaded with weights_only=True ({error_reason(err)}); if you trust the file, re-run "
             "with --trust-pickle"
         ) from err
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ModelLoadError(f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}") from err
 
 
@@ -271,7 +271,7 @@ def _read_torch_legacy(path: Path, *, trust_pickle: bool) -> Any:
                     return _torch_load_unsafe(path)
                 raise _unsafe_error(shown, [name]) from err
             allowed.append(obj)
-        except Exception as err:  # noqa: BLE001 - EOFError, RuntimeError, UnicodeDecodeError, ...
+        except Exception as err:
             raise ModelLoadError(
                 f"{shown} is not a PyTorch checkpoint: neither a zip archive nor a readable pickle ({error_reason(err)})"
             ) from err
@@ -297,7 +297,7 @@ def _torch_load_unsafe(path: Path) -> Any:
             f"{shown} needs Python code that is not importable here ({error_reason(err)}); run where the module that "
             "defined the pickled classes is importable, or save a state dict instead"
         ) from err
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ModelLoadError(f"{shown} could not be unpickled: {error_reason(err)}") from err
 
 

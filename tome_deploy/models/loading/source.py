@@ -56,7 +56,7 @@ class ModelSource:
         if self.pretrained and self.checkpoint:
             raise InvalidInputError("pass either --pretrained or --checkpoint PATH, not both")
 
-    def at_img_size(self, img_size: Optional[int]) -> "ModelSource":
+    def at_img_size(self, img_size: Optional[int]) -> ModelSource:
         """The same source at another input resolution."""
         return ModelSource(self.name, self.arch, self.checkpoint, self.pretrained, img_size, self.trust_pickle, self.seed)
 
