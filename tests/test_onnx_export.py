@@ -11,7 +11,7 @@ from conftest import export_family
 
 from tome_deploy.artifact.onnx_file import read_metadata
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.models.patch import track_sources
+from tome_deploy.models.patch import tome_blocks, track_sources
 from tome_deploy.validation.parity import validate_onnx
 from tome_deploy.validation.probes import constant_images
 
@@ -40,7 +40,7 @@ def test_only_the_batch_dimension_is_symbolic(exported_family):
 def test_metadata_round_trips_and_describes_the_schedule(exported_family):
     meta = read_metadata(exported_family.path)
     assert meta == exported_family.metadata
-    schedule = exported_family.tome.tome_schedule
+    schedule = tome_blocks(exported_family.tome).schedule
     assert meta.r_effective == list(schedule.effective)
     assert meta.tokens_per_layer == list(schedule.tokens)
     tokens = exported_family.tome.patch_embed.num_patches + exported_family.model.num_prefix_tokens

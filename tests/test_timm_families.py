@@ -27,8 +27,10 @@ from timm.models.vision_transformer import (
 )
 from torch import nn
 
-from tome_deploy.errors import ToMeError, UnsupportedModelError
-from tome_deploy.models.patch import apply_tome, track_sources
+from tome_deploy.errors import InvalidInputError, ToMeError, UnsupportedModelError
+from tome_deploy.models import timm_vit
+from tome_deploy.models.adapter import describe
+from tome_deploy.models.patch import apply_tome, tome_blocks, track_sources
 
 BATCH = 2
 
@@ -308,7 +310,7 @@ def test_original_model_unchanged(name):
         after = model(x)
     assert model.blocks is blocks_module and isinstance(model.blocks, nn.Sequential)
     assert [type(block) for block in model.blocks] == block_types == [Block] * len(block_types)
-    assert not hasattr(model, "tome_schedule")
+    assert not any(hasattr(m, "tome_schedule") or hasattr(m, "tome_adapter") for m in (model, tome))
     new_state = model.state_dict()
     assert new_state.keys() == state.keys()
     for key, value in state.items():
@@ -391,10 +393,29 @@ def test_track_sources_without_merging():
 def test_schedule_attached_and_token_count():
     model = model_copy("registers4")
     tome, schedule = apply_tome(model, 8)
-    assert tome.tome_schedule == schedule
+    assert tome_blocks(tome).schedule == schedule
     assert schedule.num_prefix == 5 and schedule.tokens[0] == 16 + 5
     _, tokens = reference_clamp(reference_schedule(8, 4), 21, 5)
     assert list(schedule.tokens) == tokens
+
+
+def test_tome_blocks_record_the_adapter_shape_and_schedule():
+    model = model_copy("registers4")
+    tome, schedule = apply_tome(model, 8)
+    record = tome_blocks(tome)
+    assert record.adapter is timm_vit.ADAPTER
+    assert record.shape == describe(timm_vit.ADAPTER, model) and record.schedule == schedule
+    # plain attributes: no submodule, parameter or buffer, so the state_dict holds the model's weights only
+    assert not any(m is record.adapter for m in tome.modules())
+    assert not any(k.startswith(("blocks.adapter", "blocks.shape", "blocks.schedule")) for k in tome.state_dict())
+    with torch.no_grad():
+        want = tome(pixels("registers4"))
+        clone = copy.deepcopy(tome)
+        torch.testing.assert_close(clone(pixels("registers4")), want, rtol=0, atol=0)
+    assert tome_blocks(clone).shape == record.shape and tome_blocks(clone).schedule == schedule
+    assert tome_blocks(clone).adapter.family == record.adapter.family
+    with pytest.raises(InvalidInputError, match="apply_tome"):
+        tome_blocks(model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.core.merge import Match, bipartite_match, merge_sum, merge_weighted
+from tome_deploy.core.schedule import ModelShape, Schedule
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.models.adapter import ModelAdapter
 
 
 class TokenMerger(nn.Module):
@@ -88,12 +90,23 @@ class ToMeBlocks(nn.Module):
 
     context: what a family's blocks need besides the tokens (e.g. rotary tables), passed along and
     updated by each block; None for families whose blocks need nothing.
+
+    Also the ToMe model's record of what apply_tome built it from (models/patch.py `tome_blocks` finds it):
+    `adapter`, the family's ModelAdapter; `shape`, the original model's ModelShape; `schedule`, the resolved
+    Schedule. Plain attributes, not submodules, parameters or buffers: no state_dict or exported graph holds them.
     """
 
-    def __init__(self, blocks: list[nn.Module], num_tokens: int):
+    adapter: ModelAdapter
+    shape: ModelShape
+    schedule: Schedule
+
+    def __init__(self, blocks: list[nn.Module], adapter: ModelAdapter, shape: ModelShape, schedule: Schedule):
         super().__init__()
+        if isinstance(adapter, nn.Module):
+            raise TypeError(f"a ModelAdapter is a plain object, not a module: got {type(adapter).__name__}")
         self.layers = nn.ModuleList(blocks)
-        self.num_tokens = num_tokens  # the per-layer r were clamped for exactly this many tokens
+        self.adapter, self.shape, self.schedule = adapter, shape, schedule
+        self.num_tokens = schedule.tokens[0]  # the per-layer r were clamped for exactly this many tokens
 
     def check_tokens(self, x: torch.Tensor) -> None:
         if x.shape[1] != self.num_tokens:

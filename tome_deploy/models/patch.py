@@ -10,6 +10,7 @@ from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation, get_formulation
 from tome_deploy.core.schedule import RSpec, Schedule, resolve_schedule
+from tome_deploy.errors import InvalidInputError
 from tome_deploy.models.adapter import ModelAdapter, adapter_for, describe
 from tome_deploy.models.blocks import ToMeBlocks
 
@@ -27,6 +28,7 @@ def apply_tome(
     adapter: `model`'s, when the caller has it (`LoadedModel.adapter`); None finds it here.
 
     Clamping is data: `schedule.clamped_layers` and `schedule.clamp_note()`; strict=True raises instead.
+    The copy's `tome_blocks(tome)` records the adapter, the model's shape and the schedule.
     """
     formulation = get_formulation(formulation)
     adapter = adapter or adapter_for(model)
@@ -35,20 +37,22 @@ def apply_tome(
     tome = copy.deepcopy(model)
     blocks = [adapter.tome_block(block, r_eff, schedule.num_prefix, formulation)
               for block, r_eff in zip(adapter.blocks(tome), schedule.effective)]
-    adapter.install(tome, ToMeBlocks(blocks, schedule.tokens[0]))
-    tome.tome_schedule = schedule
-    tome.tome_adapter = adapter
+    adapter.install(tome, ToMeBlocks(blocks, adapter, shape, schedule))
     return tome, schedule
 
 
 def track_sources(tome_model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Which input tokens each final token stands for: (source [B, N, N0], size [B, N, 1])."""
-    adapter = tome_model.tome_adapter
-    x, context = adapter.embed(tome_model, pixels)
-    _, size, source = tome_blocks(tome_model).forward_with_sources(x, context)
+    blocks = tome_blocks(tome_model)
+    x, context = blocks.adapter.embed(tome_model, pixels)
+    _, size, source = blocks.forward_with_sources(x, context)
     return source, size
 
 
 def tome_blocks(tome_model: nn.Module) -> ToMeBlocks:
-    """The ToMeBlocks apply_tome installed."""
-    return next(m for m in tome_model.modules() if isinstance(m, ToMeBlocks))
+    """The ToMeBlocks apply_tome installed: the ToMe layers, and the record of the model's family adapter,
+    shape and schedule (`.adapter`, `.shape`, `.schedule`)."""
+    found = next((m for m in tome_model.modules() if isinstance(m, ToMeBlocks)), None)
+    if found is None:
+        raise InvalidInputError(f"{type(tome_model).__name__} has no ToMe blocks: pass the model apply_tome returned")
+    return found

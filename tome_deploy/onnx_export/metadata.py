@@ -13,6 +13,7 @@ from tome_deploy import __version__
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.core.flops import theoretical_speedup
 from tome_deploy.core.schedule import Schedule
+from tome_deploy.models.patch import tome_blocks
 
 
 def build_metadata(
@@ -30,8 +31,9 @@ def build_metadata(
     precision: str = "fp32",
     target: str = "onnxruntime",
 ) -> ToMeMetadata:
-    """model: the ToMe model apply_tome returned (its family adapter gives width, MLP width and preprocessing)."""
-    adapter = model.tome_adapter
+    """model: the ToMe model apply_tome returned (its recorded shape gives width and MLP width, its family
+    adapter the preprocessing)."""
+    record = tome_blocks(model)
     return ToMeMetadata(
         tool_version=__version__,
         model=arch,
@@ -45,9 +47,9 @@ def build_metadata(
         r_effective=list(schedule.effective),
         tokens_per_layer=list(schedule.tokens),
         num_prefix_tokens=schedule.num_prefix,
-        theoretical_speedup=round(theoretical_speedup(schedule.tokens, adapter.embed_dim(model), adapter.mlp_ratio(model)), 4),
+        theoretical_speedup=round(theoretical_speedup(schedule.tokens, record.shape.width, record.shape.mlp_ratio), 4),
         example_batch=example_batch,
         precision=precision,
         target=target,
-        **adapter.data_config(model),
+        **record.adapter.data_config(model),
     )

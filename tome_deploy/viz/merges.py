@@ -63,15 +63,16 @@ def merge_groups(tome_model, pixels) -> tuple[np.ndarray, np.ndarray]:
     """
     import torch
 
-    from tome_deploy.models.patch import track_sources
+    from tome_deploy.models.patch import tome_blocks, track_sources
 
     pixels = torch.as_tensor(pixels, dtype=torch.float32)
     if pixels.ndim == 3:
         pixels = pixels[None]
     if pixels.ndim != 4 or pixels.shape[0] != 1:
         raise InvalidInputError(f"merge_groups takes one image [3, H, W] or [1, 3, H, W], got shape {tuple(pixels.shape)}")
-    prefix = tome_model.tome_schedule.num_prefix
-    grid_h, grid_w = tome_model.tome_adapter.grid_size(tome_model)
+    shape = tome_blocks(tome_model).shape
+    prefix = shape.num_prefix
+    grid_h, grid_w = shape.grid
     was_training = tome_model.training
     try:
         with torch.no_grad():
