@@ -45,12 +45,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     parser.add_argument("--merge", default="scatter", choices=("scatter", "matmul"))
     parser.add_argument("--points", type=int, default=10, help="about this many constant-r points (default 10)")
-    parser.add_argument("--inflected", default="mid,max",
-                        help="(r, -1) schedules: comma list of r values, or mid/max of the constant range")
+    parser.add_argument(
+        "--inflected",
+        default="mid,max",
+        help="(r, -1) schedules: comma list of r values, or mid/max of the constant range",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out", help="plot and JSON folder")
-    parser.add_argument("--docs", type=Path, default=None, metavar="PNG",
-                        help="also copy the plot there, e.g. docs/accuracy_vs_speed.png to update the tracked README "
-                             "image (default: benchmarks/out/ only)")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also copy the plot there, e.g. docs/accuracy_vs_speed.png to update the tracked README "
+        "image (default: benchmarks/out/ only)",
+    )
     return parser.parse_args()
 
 
@@ -103,7 +111,9 @@ def main() -> int:
             with torch.inference_mode():
                 torch_logits = tome(pixels).numpy()
             start = time.perf_counter()
-            export = export_model(ARCH, Path(folder) / f"{label}.onnx", r=spec, merge=args.merge, strict=True, validate=False).export
+            export = export_model(
+                ARCH, Path(folder) / f"{label}.onnx", r=spec, merge=args.merge, strict=True, validate=False
+            ).export
             meta, paths[label] = export.metadata, export.path
             if meta.weights_sha256 != fingerprint:
                 raise SystemExit(f"the export of {label} did not use the bundled weights ({meta.weights})")
@@ -113,26 +123,35 @@ def main() -> int:
             differ = np.flatnonzero(torch_pred != ort_pred)
             for index in differ:
                 top2 = np.sort(torch_logits[index])[-2:]
-                say(f"  MISMATCH {label} image {index}: PyTorch {torch_pred[index]} vs ORT {ort_pred[index]} "
-                    f"(label {int(labels[index])}, PyTorch top-2 margin {top2[1] - top2[0]:.2e})")
+                say(
+                    f"  MISMATCH {label} image {index}: PyTorch {torch_pred[index]} vs ORT {ort_pred[index]} "
+                    f"(label {int(labels[index])}, PyTorch top-2 margin {top2[1] - top2[0]:.2e})"
+                )
             mismatches_total += len(differ)
             labels_np = labels.numpy()
-            rows.append({
-                "schedule": label,
-                "spec": list(spec) if isinstance(spec, tuple) else spec,
-                "r_per_layer": list(schedule.effective),
-                "tokens_out": schedule.tokens[-1],
-                "flops_speedup": meta.theoretical_speedup,
-                "torch_top1": float((torch_pred == labels_np).mean()),
-                "ort_top1": float((ort_pred == labels_np).mean()),
-                "mismatches": int(len(differ)),
-                "max_abs_logit_diff": float(np.abs(torch_logits - ort_logits).max()),
-            })
-            say(f"  {label}: exported in {time.perf_counter() - start:.1f} s, PyTorch top-1 {rows[-1]['torch_top1']:.2%}, "
-                f"ORT top-1 {rows[-1]['ort_top1']:.2%}, {len(differ)} prediction mismatches")
-        say(f"timing {len(paths)} exports interleaved in ONNX Runtime (CPU, batch {args.batch}, {args.rounds} rounds) ...")
-        timings = time_interleaved(paths, "pixel_values", list(pixels.shape[1:]), args.batch, rounds=args.rounds,
-                                   threads=args.threads)
+            rows.append(
+                {
+                    "schedule": label,
+                    "spec": list(spec) if isinstance(spec, tuple) else spec,
+                    "r_per_layer": list(schedule.effective),
+                    "tokens_out": schedule.tokens[-1],
+                    "flops_speedup": meta.theoretical_speedup,
+                    "torch_top1": float((torch_pred == labels_np).mean()),
+                    "ort_top1": float((ort_pred == labels_np).mean()),
+                    "mismatches": int(len(differ)),
+                    "max_abs_logit_diff": float(np.abs(torch_logits - ort_logits).max()),
+                }
+            )
+            say(
+                f"  {label}: exported in {time.perf_counter() - start:.1f} s, PyTorch top-1 {rows[-1]['torch_top1']:.2%}, "
+                f"ORT top-1 {rows[-1]['ort_top1']:.2%}, {len(differ)} prediction mismatches"
+            )
+        say(
+            f"timing {len(paths)} exports interleaved in ONNX Runtime (CPU, batch {args.batch}, {args.rounds} rounds) ..."
+        )
+        timings = time_interleaved(
+            paths, "pixel_values", list(pixels.shape[1:]), args.batch, rounds=args.rounds, threads=args.threads
+        )
     base = timings["r=0"].median_s
     for row in rows:
         timing = timings[row["schedule"]]
@@ -179,18 +198,28 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e \".[viz]\"); no plot written", file=sys.stderr)
+        print('matplotlib is not installed (pip install -e ".[viz]"); no plot written', file=sys.stderr)
         return None
     constant = [row for row in rows if not isinstance(row["spec"], list)]
     ramps = [row for row in rows if isinstance(row["spec"], list)]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.plot([r["ort_img_s"] for r in constant], [100 * r["ort_top1"] for r in constant], "o-", label="constant r")
     if ramps:
-        ax.plot([r["ort_img_s"] for r in ramps], [100 * r["ort_top1"] for r in ramps], "s", color="tab:red",
-                label="decreasing (r, -1)")
+        ax.plot(
+            [r["ort_img_s"] for r in ramps],
+            [100 * r["ort_top1"] for r in ramps],
+            "s",
+            color="tab:red",
+            label="decreasing (r, -1)",
+        )
     for row in rows:
-        ax.annotate(row["schedule"].replace("r=", ""), (row["ort_img_s"], 100 * row["ort_top1"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            row["schedule"].replace("r=", ""),
+            (row["ort_img_s"], 100 * row["ort_top1"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     base = rows[0]
     ax.axhline(100 * base["ort_top1"] - 2, color="grey", linestyle=":", linewidth=1, label="r=0 minus 2 points")
     ax.set_xlabel(f"ONNX Runtime CPU throughput (images/s, batch {args.batch})")

@@ -21,8 +21,9 @@ BASELINE = "unmerged"
 SCHEDULES: dict[str, RSpec] = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
 
 
-def export_variants(model: str, schedules: dict[str, RSpec], folder: Path, *, plain: bool = False,
-                    **options) -> dict[str, ExportOutcome]:
+def export_variants(
+    model: str, schedules: dict[str, RSpec], folder: Path, *, plain: bool = False, **options
+) -> dict[str, ExportOutcome]:
     """tome-export's job for r=0 ("unmerged") and each labelled schedule, unvalidated. The same model name
     and seed give every variant the same weights (checked on the recorded fingerprints). plain=True: the
     baseline is instead what a user has without ToMe, a plain torch.onnx.export of the same weights."""
@@ -30,11 +31,15 @@ def export_variants(model: str, schedules: dict[str, RSpec], folder: Path, *, pl
     stem = file_stem(model)
     for label, r in {BASELINE: 0, **schedules}.items():
         start = time.perf_counter()
-        outcomes[label] = export_model(model, folder / f"{stem}_{file_stem(label)}.onnx", r=r, validate=False, **options)
+        outcomes[label] = export_model(
+            model, folder / f"{stem}_{file_stem(label)}.onnx", r=r, validate=False, **options
+        )
         print(f"  exported {model} {label} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     fingerprints = {outcome.export.metadata.weights_sha256 for outcome in outcomes.values()}
     if len(fingerprints) != 1:
-        raise SystemExit(f"the exports of {model} do not share their weights; a side-by-side timing would compare different models")
+        raise SystemExit(
+            f"the exports of {model} do not share their weights; a side-by-side timing would compare different models"
+        )
     if plain:
         base = outcomes[BASELINE]
         path = export_plain(base.loaded.model, base.export.metadata, folder / f"{stem}_plain.onnx")

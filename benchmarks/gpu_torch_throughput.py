@@ -40,8 +40,12 @@ def time_variants(variants: dict, pixels: torch.Tensor, rounds: int, iterations:
     """Median seconds per forward pass for each callable, interleaved (runtime/throughput.py, CUDA-synchronised);
     the first round warms up and compiles."""
     with torch.inference_mode():
-        return time_side_by_side({name: functools.partial(fn, pixels) for name, fn in variants.items()}, rounds=rounds,
-                                 iterations=iterations, sync=torch.cuda.synchronize)
+        return time_side_by_side(
+            {name: functools.partial(fn, pixels) for name, fn in variants.items()},
+            rounds=rounds,
+            iterations=iterations,
+            sync=torch.cuda.synchronize,
+        )
 
 
 def main() -> None:
@@ -58,17 +62,33 @@ def main() -> None:
             variants = {"unmerged eager": model, "ToMe eager": tome}
             if not args.no_compile:
                 variants.update({"unmerged compile": torch.compile(model), "ToMe compile": torch.compile(tome)})
-            pixels = torch.randn(batch, *model.patch_embed.proj.weight.shape[1:2], *model.patch_embed.img_size,
-                                 device="cuda", dtype=dtype)
+            pixels = torch.randn(
+                batch,
+                *model.patch_embed.proj.weight.shape[1:2],
+                *model.patch_embed.img_size,
+                device="cuda",
+                dtype=dtype,
+            )
             seconds = time_variants(variants, pixels, args.rounds, args.iterations)
             for mode in ("eager", "compile"):
                 if f"ToMe {mode}" in seconds:
-                    row = {"model": arch, "r": args.r, "merge": args.merge, "dtype": args.dtype, "batch": batch, "mode": mode,
-                           "unmerged_img_s": batch / seconds[f"unmerged {mode}"], "tome_img_s": batch / seconds[f"ToMe {mode}"],
-                           "speedup": seconds[f"unmerged {mode}"] / seconds[f"ToMe {mode}"]}
+                    row = {
+                        "model": arch,
+                        "r": args.r,
+                        "merge": args.merge,
+                        "dtype": args.dtype,
+                        "batch": batch,
+                        "mode": mode,
+                        "unmerged_img_s": batch / seconds[f"unmerged {mode}"],
+                        "tome_img_s": batch / seconds[f"ToMe {mode}"],
+                        "speedup": seconds[f"unmerged {mode}"] / seconds[f"ToMe {mode}"],
+                    }
                     rows.append(row)
-                    print(f"{arch:<24} batch {batch:>3} {mode:<8} unmerged {row['unmerged_img_s']:>8.1f} img/s  "
-                          f"ToMe {row['tome_img_s']:>8.1f} img/s  {row['speedup']:.2f}x", flush=True)
+                    print(
+                        f"{arch:<24} batch {batch:>3} {mode:<8} unmerged {row['unmerged_img_s']:>8.1f} img/s  "
+                        f"ToMe {row['tome_img_s']:>8.1f} img/s  {row['speedup']:.2f}x",
+                        flush=True,
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -76,12 +76,16 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--schedules", nargs="+", default=["16"], help="r values, '16,-1' ramps, or r=8 / r=16 / r=(16,-1)")
+    parser.add_argument(
+        "--schedules", nargs="+", default=["16"], help="r values, '16,-1' ramps, or r=8 / r=16 / r=(16,-1)"
+    )
     parser.add_argument("--merges", default="scatter,matmul", help="merge formulations (scatter, matmul)")
     parser.add_argument("--runtimes", default=",".join(CPU_RUNTIMES), help="onnxruntime, openvino")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per batch size")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    parser.add_argument("--sweep", metavar="R0,R1,...", help="instead of --schedules: every r listed, first --merges only")
+    parser.add_argument(
+        "--sweep", metavar="R0,R1,...", help="instead of --schedules: every r listed, first --merges only"
+    )
     parser.add_argument("--plot", metavar="PNG", help="with --sweep: plot measured speedup vs FLOP ratio")
     parser.add_argument("--profile", action="store_true", help="print time per op type, plain vs ToMe, per runtime")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -100,13 +104,27 @@ def fusion_text(found: dict[str, int]) -> str:
     return " ".join(f"{op}:{n}" for op, n in sorted(found.items())) or "-"
 
 
-def measure_model(arch: str, source: str, schedules: list, merges: list[str], runtimes: list[str], batches: list[int], args, folder: Path) -> list[dict]:
+def measure_model(
+    arch: str,
+    source: str,
+    schedules: list,
+    merges: list[str],
+    runtimes: list[str],
+    batches: list[int],
+    args,
+    folder: Path,
+) -> list[dict]:
     rows = []
     plain_paths = None
     for merge in merges:
         (folder / merge).mkdir(exist_ok=True)
-        outcomes = export_variants(source, {schedule_label(s): SCHEDULES.get(s, s) for s in schedules}, folder / merge,
-                                   plain=plain_paths is None, merge=merge)
+        outcomes = export_variants(
+            source,
+            {schedule_label(s): SCHEDULES.get(s, s) for s in schedules},
+            folder / merge,
+            plain=plain_paths is None,
+            merge=merge,
+        )
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
         metas = {label: outcome.export.metadata for label, outcome in outcomes.items()}
         if plain_paths is None:
@@ -124,20 +142,31 @@ def measure_model(arch: str, source: str, schedules: list, merges: list[str], ru
                 kernels = {label: profile.share for label, profile in profiles.items()}
                 if args.profile:
                     print_profile(runtime, arch, merge, batch, profiles, labels[-1])
-                timings = time_interleaved(paths, "pixel_values", input_size, batch, rounds=args.rounds,
-                                           threads=args.threads, runtime=runtime)
+                timings = time_interleaved(
+                    paths, "pixel_values", input_size, batch, rounds=args.rounds, threads=args.threads, runtime=runtime
+                )
                 for label in labels:
                     measured = timings["unmerged"].median_s / timings[label].median_s
                     flops = metas[label].theoretical_speedup
-                    rows.append({
-                        "model": arch, "tokens": metas[label].tokens_per_layer[0], "schedule": label, "merge": merge,
-                        "runtime": runtime, "batch": batch,
-                        "plain_img_s": timings["unmerged"].images_per_s, "tome_img_s": timings[label].images_per_s,
-                        "measured_speedup": measured, "flops_speedup": flops, "ratio_to_flops": measured / flops,
-                        "merge_share": kernels[label].merge_share,
-                        "kernel_speedup": kernels["unmerged"].total_us / kernels[label].total_us,
-                        "ort_fusions_plain": fusion_text(fusions["unmerged"]), "ort_fusions_tome": fusion_text(fusions[label]),
-                    })
+                    rows.append(
+                        {
+                            "model": arch,
+                            "tokens": metas[label].tokens_per_layer[0],
+                            "schedule": label,
+                            "merge": merge,
+                            "runtime": runtime,
+                            "batch": batch,
+                            "plain_img_s": timings["unmerged"].images_per_s,
+                            "tome_img_s": timings[label].images_per_s,
+                            "measured_speedup": measured,
+                            "flops_speedup": flops,
+                            "ratio_to_flops": measured / flops,
+                            "merge_share": kernels[label].merge_share,
+                            "kernel_speedup": kernels["unmerged"].total_us / kernels[label].total_us,
+                            "ort_fusions_plain": fusion_text(fusions["unmerged"]),
+                            "ort_fusions_tome": fusion_text(fusions[label]),
+                        }
+                    )
                     say(f"  {arch} {label} {merge} {runtime} batch {batch}: {measured:.2f}x (FLOPs {flops:.2f}x)")
     return rows
 
@@ -150,7 +179,9 @@ def print_profile(runtime: str, arch: str, merge: str, batch: int, profiles: dic
     for op in sorted(set(plain) | set(tome), key=lambda o: -(tome.get(o, (0, 0))[1] + plain.get(o, (0, 0))[1]))[:18]:
         print(f"{op:<28} {plain.get(op, (0, 0))[1]:>10.0f} {tome.get(op, (0, 0))[1]:>10.0f}")
     print(f"{'total':<28} {profiles['unmerged'].share.total_us:>10.0f} {profiles[label].share.total_us:>10.0f}\n")
-    print(f"matching + merging {'layers' if runtime == 'openvino' else 'nodes'} by op type, ToMe {label} ({merge}), all blocks")
+    print(
+        f"matching + merging {'layers' if runtime == 'openvino' else 'nodes'} by op type, ToMe {label} ({merge}), all blocks"
+    )
     print(f"{'op type':<28} {'count':>6} {'us/pass':>8} {'us each':>8}")
     for op, (count, us) in profiles[label].op_types(merge_only=True).items():
         print(f"{op:<28} {count:>6} {us:>8.0f} {us / count:>8.1f}")
@@ -158,13 +189,17 @@ def print_profile(runtime: str, arch: str, merge: str, batch: int, profiles: dic
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'model':<22} {'tokens':>6} {'schedule':<10} {'merge':<8} {'runtime':<12} {'batch':>5} {'plain img/s':>11} "
-          f"{'ToMe img/s':>10} {'measured':>8} {'FLOPs':>6} {'meas/FLOPs':>10} {'kernels':>7} {'merge share':>11}  ORT fusions (plain | ToMe)")
+    print(
+        f"{'model':<22} {'tokens':>6} {'schedule':<10} {'merge':<8} {'runtime':<12} {'batch':>5} {'plain img/s':>11} "
+        f"{'ToMe img/s':>10} {'measured':>8} {'FLOPs':>6} {'meas/FLOPs':>10} {'kernels':>7} {'merge share':>11}  ORT fusions (plain | ToMe)"
+    )
     for row in rows:
-        print(f"{row['model']:<22} {row['tokens']:>6} {row['schedule']:<10} {row['merge']:<8} {RUNTIME_LABELS[row['runtime']]:<12} "
-              f"{row['batch']:>5} {row['plain_img_s']:>11.1f} {row['tome_img_s']:>10.1f} {row['measured_speedup']:>7.2f}x "
-              f"{row['flops_speedup']:>5.2f}x {row['ratio_to_flops']:>9.0%} {row['kernel_speedup']:>6.2f}x {row['merge_share']:>10.1%}  "
-              f"{row['ort_fusions_plain']} | {row['ort_fusions_tome']}")
+        print(
+            f"{row['model']:<22} {row['tokens']:>6} {row['schedule']:<10} {row['merge']:<8} {RUNTIME_LABELS[row['runtime']]:<12} "
+            f"{row['batch']:>5} {row['plain_img_s']:>11.1f} {row['tome_img_s']:>10.1f} {row['measured_speedup']:>7.2f}x "
+            f"{row['flops_speedup']:>5.2f}x {row['ratio_to_flops']:>9.0%} {row['kernel_speedup']:>6.2f}x {row['merge_share']:>10.1%}  "
+            f"{row['ort_fusions_plain']} | {row['ort_fusions_tome']}"
+        )
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -174,8 +209,10 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
-    for (runtime, batch) in sorted({(r["runtime"], r["batch"]) for r in rows}):
-        points = sorted((r["flops_speedup"], r["measured_speedup"]) for r in rows if (r["runtime"], r["batch"]) == (runtime, batch))
+    for runtime, batch in sorted({(r["runtime"], r["batch"]) for r in rows}):
+        points = sorted(
+            (r["flops_speedup"], r["measured_speedup"]) for r in rows if (r["runtime"], r["batch"]) == (runtime, batch)
+        )
         axis.plot(*zip(*points), marker="o", label=f"{RUNTIME_LABELS[runtime]}, batch {batch}")
     top = max(max(r["flops_speedup"], r["measured_speedup"]) for r in rows)
     axis.plot([1, top], [1, top], color="grey", linestyle="--", label="measured = FLOP ratio")
@@ -193,7 +230,11 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     runtimes = [r for r in args.runtimes.split(",") if r]
     merges = [m for m in args.merges.split(",") if m]
-    schedules = [int(r) for r in args.sweep.split(",") if int(r) > 0] if args.sweep else [parse_schedule(s) for s in args.schedules]
+    schedules = (
+        [int(r) for r in args.sweep.split(",") if int(r) > 0]
+        if args.sweep
+        else [parse_schedule(s) for s in args.schedules]
+    )
     if args.sweep:
         merges = merges[:1]
     rows = []
@@ -201,11 +242,15 @@ def main() -> None:
         for arch, source in model_sources(args.models, Path(tmp)).items():
             rows += measure_model(arch, source, schedules, merges, runtimes, batches, args, Path(tmp))
     print_rows(rows)
-    print("\nkernels: the speedup in the row's runtime's profiler time alone (ONNX Runtime kernel events, OpenVINO "
-          "per-layer counters; plain / ToMe, every node); what the wall clock loses beyond it is per-node executor overhead")
-    print("merge share: that profiler's time in the TokenMerger nodes (the keys' mean over heads, matching, merging) "
-          "/ ToMe total; matching is the [B, N/2, N/2] score matmul plus, in TensorRT exports, the counting rank's "
-          "(N/2)^2 comparisons per layer")
+    print(
+        "\nkernels: the speedup in the row's runtime's profiler time alone (ONNX Runtime kernel events, OpenVINO "
+        "per-layer counters; plain / ToMe, every node); what the wall clock loses beyond it is per-node executor overhead"
+    )
+    print(
+        "merge share: that profiler's time in the TokenMerger nodes (the keys' mean over heads, matching, merging) "
+        "/ ToMe total; matching is the [B, N/2, N/2] score matmul plus, in TensorRT exports, the counting rank's "
+        "(N/2)^2 comparisons per layer"
+    )
     if args.plot:
         plot(rows, args.plot)
     if args.json:

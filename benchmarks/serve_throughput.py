@@ -41,7 +41,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--schedule", default="r=16", choices=list(SCHEDULES))
     parser.add_argument("--concurrency", default="1,4,16", help="client counts, comma-separated")
-    parser.add_argument("--requests", type=int, default=0, help="requests per measurement (default: 8 x concurrency, at least 16, at most 64)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per measurement (default: 8 x concurrency, at least 16, at most 64)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=8, help="dynamic batching limit")
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
@@ -54,9 +59,27 @@ class ServerProcess:
 
     def __init__(self, path: Path, max_batch: int, max_delay_ms: float, extra_args: tuple[str, ...] = ()):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tome_deploy.cli.serve", str(path), "--port", "0", "--name", MODEL_NAME,
-             "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--max-queue", "1024", "--timeout-s", "600", *extra_args],
-            stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tome_deploy.cli.serve",
+                str(path),
+                "--port",
+                "0",
+                "--name",
+                MODEL_NAME,
+                "--max-batch",
+                str(max_batch),
+                "--max-delay-ms",
+                str(max_delay_ms),
+                "--max-queue",
+                "1024",
+                "--timeout-s",
+                "600",
+                *extra_args,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
         )
         line = self.process.stderr.readline()
         if "http://" not in line:
@@ -124,8 +147,11 @@ def main() -> None:
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
         input_size = outcomes[BASELINE].export.metadata.input_size
         images = np.random.default_rng(0).standard_normal((64, *input_size)).astype(np.float32)
-        configs = {(label, mode): (path, 1 if mode == "batch-1" else args.max_batch)
-                   for label, path in paths.items() for mode in ("batch-1", "dynamic")}
+        configs = {
+            (label, mode): (path, 1 if mode == "batch-1" else args.max_batch)
+            for label, path in paths.items()
+            for mode in ("batch-1", "dynamic")
+        }
         servers = {key: ServerProcess(path, max_batch, args.max_delay_ms) for key, (path, max_batch) in configs.items()}
         try:
             for server in servers.values():  # warm up: ONNX Runtime allocates on the first calls of each batch size
@@ -144,15 +170,26 @@ def main() -> None:
                     rows_after, batches_after = server.batches()
                     label, mode = key
                     throughput = requests / statistics.median(seconds[key])
-                    rows.append({
-                        "model": args.model, "schedule": label, "serving": mode,
-                        "concurrency": concurrency, "requests": requests, "rounds": args.rounds,
-                        "img_s": throughput,
-                        "p50_ms": 1000 * float(np.percentile(latencies[key], 50)),
-                        "p99_ms": 1000 * float(np.percentile(latencies[key], 99)),
-                        "mean_batch": (rows_after - batch_before[key][0]) / max(1.0, batches_after - batch_before[key][1]),
-                    })
-                    print(f"  concurrency {concurrency:>2} {label:<9} {mode:<8} {throughput:6.1f} img/s", file=sys.stderr, flush=True)
+                    rows.append(
+                        {
+                            "model": args.model,
+                            "schedule": label,
+                            "serving": mode,
+                            "concurrency": concurrency,
+                            "requests": requests,
+                            "rounds": args.rounds,
+                            "img_s": throughput,
+                            "p50_ms": 1000 * float(np.percentile(latencies[key], 50)),
+                            "p99_ms": 1000 * float(np.percentile(latencies[key], 99)),
+                            "mean_batch": (rows_after - batch_before[key][0])
+                            / max(1.0, batches_after - batch_before[key][1]),
+                        }
+                    )
+                    print(
+                        f"  concurrency {concurrency:>2} {label:<9} {mode:<8} {throughput:6.1f} img/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             for server in servers.values():
                 server.stop()
@@ -162,10 +199,24 @@ def main() -> None:
         row["vs_unmerged_batch1"] = row["img_s"] / baseline[row["concurrency"]]
     header = ["clients", "model", "serving", "img/s", "p50 ms", "p99 ms", "mean batch", "vs unmerged batch-1"]
     ordered = sorted(rows, key=lambda r: (r["concurrency"], r["schedule"] != BASELINE, r["serving"]))
-    print(markdown_table(header, [
-        [r["concurrency"], r["schedule"], "batch-1" if r["serving"] == "batch-1" else f"dynamic<={args.max_batch}",
-         f"{r['img_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch']:.1f}", f"{r['vs_unmerged_batch1']:.2f}x"]
-        for r in ordered]))
+    print(
+        markdown_table(
+            header,
+            [
+                [
+                    r["concurrency"],
+                    r["schedule"],
+                    "batch-1" if r["serving"] == "batch-1" else f"dynamic<={args.max_batch}",
+                    f"{r['img_s']:.1f}",
+                    f"{r['p50_ms']:.0f}",
+                    f"{r['p99_ms']:.0f}",
+                    f"{r['mean_batch']:.1f}",
+                    f"{r['vs_unmerged_batch1']:.2f}x",
+                ]
+                for r in ordered
+            ],
+        )
+    )
     write_json(rows, args.json)
 
 

@@ -62,9 +62,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--schedule", default="r=16", choices=("r=8", "r=16", "r=(16,-1)"))
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=0, help="requests per measurement (default: 8 x concurrency, 16 to 64)")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per measurement (default: 8 x concurrency, 16 to 64)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads, the same for both servers")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="ONNX Runtime intra-op threads, the same for both servers"
+    )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -100,7 +104,7 @@ def thread_cpu(pid: int) -> dict[tuple[int, int, str], float]:
                     stat = stream.read()
             except OSError:  # the thread ended meanwhile
                 continue
-            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
             seconds[process, int(task), name] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return seconds
 
@@ -115,12 +119,20 @@ class Sample:
     batches: collections.Counter  # batch size -> batches run
 
     def __add__(self, other: Sample) -> Sample:
-        return Sample(self.front_end_s + other.front_end_s, self.model_s + other.model_s, self.compute_s + other.compute_s,
-                      self.batches + other.batches)
+        return Sample(
+            self.front_end_s + other.front_end_s,
+            self.model_s + other.model_s,
+            self.compute_s + other.compute_s,
+            self.batches + other.batches,
+        )
 
     def __sub__(self, other: Sample) -> Sample:
-        return Sample(self.front_end_s - other.front_end_s, self.model_s - other.model_s, self.compute_s - other.compute_s,
-                      self.batches - other.batches)
+        return Sample(
+            self.front_end_s - other.front_end_s,
+            self.model_s - other.model_s,
+            self.compute_s - other.compute_s,
+            self.batches - other.batches,
+        )
 
 
 class TomeServe:
@@ -137,8 +149,14 @@ class TomeServe:
 
     def sample(self) -> Sample:
         text = urllib.request.urlopen(f"http://{self.url}/metrics", timeout=30).read().decode()
-        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(("tome_batch_size_bucket", "tome_compute_seconds_sum")))
-        cumulative = sorted((float(key.split('le="')[1].split('"')[0]), float(value)) for key, value in values.items() if "le=" in key)
+        values = dict(
+            line.rsplit(" ", 1)
+            for line in text.splitlines()
+            if line.startswith(("tome_batch_size_bucket", "tome_compute_seconds_sum"))
+        )
+        cumulative = sorted(
+            (float(key.split('le="')[1].split('"')[0]), float(value)) for key, value in values.items() if "le=" in key
+        )
         batches, below = collections.Counter(), 0.0
         for size, count in cumulative:
             if size != float("inf") and count > below:
@@ -152,8 +170,13 @@ class TomeServe:
 
 class Triton:
     def __init__(self, path: Path, folder: Path, args: argparse.Namespace):
-        options = TritonOptions(MODEL_NAME, max_batch=args.max_batch, max_queue_delay_us=round(args.max_delay_ms * 1000),
-                                backend="python", threads=args.threads)
+        options = TritonOptions(
+            MODEL_NAME,
+            max_batch=args.max_batch,
+            max_queue_delay_us=round(args.max_delay_ms * 1000),
+            backend="python",
+            threads=args.threads,
+        )
         write_triton_repo(read_served_model(path), folder / "models", options)
         binary = tritonserver_binary(os.environ.get("TOME_TRITONSERVER"))
         self.server = start_tritonserver(binary, folder / "models", folder / "tritonserver.log", timeout_s=300)
@@ -161,16 +184,25 @@ class Triton:
 
     def settings(self) -> dict:
         config = get_json(f"http://{self.url}/v2/models/{MODEL_NAME}/config")
-        return {"max batch": config["max_batch_size"], "delay us": int(config["dynamic_batching"].get("max_queue_delay_microseconds", 0)),
-                "threads": int(config["parameters"]["tome.threads"]["string_value"])}
+        return {
+            "max batch": config["max_batch_size"],
+            "delay us": int(config["dynamic_batching"].get("max_queue_delay_microseconds", 0)),
+            "threads": int(config["parameters"]["tome.threads"]["string_value"]),
+        }
 
     def is_front_end(self, pid: int, tid: int, name: str) -> bool:
         return pid == self.server.process.pid
 
     def sample(self) -> Sample:
         stats = get_json(f"http://{self.url}/v2/models/{MODEL_NAME}/stats")["model_stats"][0].get("batch_stats", [])
-        batches = collections.Counter({int(entry["batch_size"]): int(entry["compute_infer"]["count"]) for entry in stats})
-        compute_ns = sum(int(entry[part].get("ns", 0)) for entry in stats for part in ("compute_input", "compute_infer", "compute_output"))
+        batches = collections.Counter(
+            {int(entry["batch_size"]): int(entry["compute_infer"]["count"]) for entry in stats}
+        )
+        compute_ns = sum(
+            int(entry[part].get("ns", 0))
+            for entry in stats
+            for part in ("compute_input", "compute_infer", "compute_output")
+        )
         return Sample(*split_cpu(self, self.server.process.pid), compute_ns / 1e9, batches)
 
     def stop(self) -> None:
@@ -213,13 +245,21 @@ def measure(servers: dict, images: np.ndarray, concurrency: int, requests: int, 
     return {key: row(key, concurrency, requests, seconds[key], latencies[key], used[key]) for key in servers}
 
 
-def row(key: tuple[str, str], concurrency: int, requests: int, seconds: list[float], latencies: list[float], used: Sample) -> dict:
+def row(
+    key: tuple[str, str], concurrency: int, requests: int, seconds: list[float], latencies: list[float], used: Sample
+) -> dict:
     label, kind = key
     images = requests * len(seconds)
     return {
-        "clients": concurrency, "model": label, "server": kind, "requests": requests, "rounds": len(seconds),
-        "img_s": requests / statistics.median(seconds), "img_s_per_round": [requests / took for took in seconds],
-        "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+        "clients": concurrency,
+        "model": label,
+        "server": kind,
+        "requests": requests,
+        "rounds": len(seconds),
+        "img_s": requests / statistics.median(seconds),
+        "img_s_per_round": [requests / took for took in seconds],
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
         "mean_batch": sum(size * count for size, count in used.batches.items()) / max(1, sum(used.batches.values())),
         "batches": dict(sorted(used.batches.items())),
         "model_busy": used.compute_s / sum(seconds),
@@ -237,22 +277,55 @@ def table(header: list[str], rows: list[list]) -> str:
     """Markdown, as the README has it: model and server columns left-aligned, numbers right-aligned."""
     align = ["---" if name in ("model", "server") else "---:" for name in header]
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in [header, *rows]).replace(
-        "\n", "\n|" + "|".join(align) + "|\n", 1)
+        "\n", "\n|" + "|".join(align) + "|\n", 1
+    )
 
 
 def print_report(rows: list[dict], args: argparse.Namespace, load_before: tuple, load_after: tuple) -> None:
     triton = {(r["clients"], r["model"]): r["img_s"] for r in rows if r["server"] == "triton"}
     ordered = sorted(rows, key=lambda r: (r["clients"], r["model"] != BASELINE, r["server"] != "tome-serve"))
-    header = ["clients", "model", "server", "img/s", "p50 ms", "p99 ms", "vs Triton", "mean batch", "model busy", "cores used", "CPU ms/img", "front end ms/img"]
+    header = [
+        "clients",
+        "model",
+        "server",
+        "img/s",
+        "p50 ms",
+        "p99 ms",
+        "vs Triton",
+        "mean batch",
+        "model busy",
+        "cores used",
+        "CPU ms/img",
+        "front end ms/img",
+    ]
     print(f"command: python benchmarks/serve_vs_triton.py {shlex.join(sys.argv[1:])}".rstrip())
-    print(f"load average (1/5/15 min): {' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"load average (1/5/15 min): {' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after; "
+        f"{os.cpu_count()} CPUs"
+    )
     print()
-    print(table(header, [
-        [r["clients"], model_label(r["model"]), SERVER_LABELS[r["server"]], f"{r['img_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
-         f"{r['img_s'] / triton[r['clients'], r['model']]:.2f}x", f"{r['mean_batch']:.1f}", f"{100 * r['model_busy']:.0f}%",
-         f"{r['cores_used']:.2f}", f"{r['cpu_ms_per_img']:.0f}", f"{r['front_end_ms_per_img']:.1f}"]
-        for r in ordered]))
+    print(
+        table(
+            header,
+            [
+                [
+                    r["clients"],
+                    model_label(r["model"]),
+                    SERVER_LABELS[r["server"]],
+                    f"{r['img_s']:.1f}",
+                    f"{r['p50_ms']:.0f}",
+                    f"{r['p99_ms']:.0f}",
+                    f"{r['img_s'] / triton[r['clients'], r['model']]:.2f}x",
+                    f"{r['mean_batch']:.1f}",
+                    f"{100 * r['model_busy']:.0f}%",
+                    f"{r['cores_used']:.2f}",
+                    f"{r['cpu_ms_per_img']:.0f}",
+                    f"{r['front_end_ms_per_img']:.1f}",
+                ]
+                for r in ordered
+            ],
+        )
+    )
     print()
     print("batch sizes formed (size x batches):")
     for r in ordered:
@@ -268,7 +341,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         outcomes = export_variants(args.model, {args.schedule: SCHEDULES[args.schedule]}, Path(tmp), merge="scatter")
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
-        images = np.random.default_rng(0).standard_normal((64, *outcomes[BASELINE].export.metadata.input_size)).astype(np.float32)
+        images = (
+            np.random.default_rng(0)
+            .standard_normal((64, *outcomes[BASELINE].export.metadata.input_size))
+            .astype(np.float32)
+        )
         servers = {}
         try:
             for label, path in paths.items():
@@ -283,8 +360,12 @@ def main() -> None:
                 requests = args.requests or min(64, max(16, 8 * concurrency))
                 for key, result in measure(servers, images, concurrency, requests, args.rounds).items():
                     rows.append(result)
-                    print(f"  clients {concurrency:>2} {key[0]:<9} {key[1]:<10} {result['img_s']:6.1f} img/s  "
-                          f"{result['cpu_ms_per_img']:5.0f} CPU ms/img", file=sys.stderr, flush=True)
+                    print(
+                        f"  clients {concurrency:>2} {key[0]:<9} {key[1]:<10} {result['img_s']:6.1f} img/s  "
+                        f"{result['cpu_ms_per_img']:5.0f} CPU ms/img",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             for server in servers.values():
                 server.stop()

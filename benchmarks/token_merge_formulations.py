@@ -44,10 +44,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
     parser.add_argument("--batches", default="1,8,64")
-    parser.add_argument("--backends", default="torch,ort", help="torch (eager, on the device present), ort (ONNX Runtime CPU)")
+    parser.add_argument(
+        "--backends", default="torch,ort", help="torch (eager, on the device present), ort (ONNX Runtime CPU)"
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--ort-rounds", type=int, default=3, help="rounds for ONNX Runtime (its Python op is slow)")
-    parser.add_argument("--threads", type=int, default=None, help="PyTorch and ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="PyTorch and ONNX Runtime intra-op threads (default: all cores)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return parser.parse_args()
 
@@ -62,7 +66,7 @@ class MergeSteps(torch.nn.Module):
 
     def forward(self, x, size, indices: tuple):
         for layer, tokens in enumerate(self.tokens):
-            match = Match(*indices[3 * layer: 3 * layer + 3], tokens, PREFIX)
+            match = Match(*indices[3 * layer : 3 * layer + 3], tokens, PREFIX)
             x, size = merge_weighted(x, size, match, self.formulation)
         return x, size
 
@@ -100,7 +104,11 @@ def export_merge_steps(formulation: str, inputs: tuple, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with onnx_export_tracing(topk_ties=True):  # the merge ops tome-export writes (GatherND, ScatterND)
         program = torch.onnx.export(
-            MergeSteps(formulation, [n for n, _ in merging_blocks()]).eval(), inputs, dynamo=True, opset_version=18, verbose=False,
+            MergeSteps(formulation, [n for n, _ in merging_blocks()]).eval(),
+            inputs,
+            dynamo=True,
+            opset_version=18,
+            verbose=False,
             dynamic_shapes=({0: batch}, {0: batch}, tuple({0: batch} for _ in inputs[2])),
             custom_translation_table=translation_table(formulation),
         )
@@ -135,18 +143,47 @@ def main() -> None:
                     on = device if backend == "torch" else "cpu"
                     inputs = make_inputs(batch, channels, on)
                     with contextlib.ExitStack() as active:
-                        runs = torch_runs(inputs) if backend == "torch" else ort_runs(paths, inputs, args.threads, active)
+                        runs = (
+                            torch_runs(inputs) if backend == "torch" else ort_runs(paths, inputs, args.threads, active)
+                        )
                         rounds = args.rounds if backend == "torch" else args.ort_rounds
-                        medians = time_side_by_side(runs, rounds=rounds, sync=torch.cuda.synchronize if on == "cuda" else None)
+                        medians = time_side_by_side(
+                            runs, rounds=rounds, sync=torch.cuda.synchronize if on == "cuda" else None
+                        )
                     label = f"torch-{on}" if backend == "torch" else "ort-cpu"
-                    rows.append({"model": model, "batch": batch, "backend": label,
-                                 **{f"{f}_ms": 1000 * medians[f] for f in FORMULATIONS}})
-                    print(f"  {model} batch {batch} {label}: " + ", ".join(f"{f} {1000 * medians[f]:.2f} ms" for f in FORMULATIONS),
-                          file=sys.stderr, flush=True)
+                    rows.append(
+                        {
+                            "model": model,
+                            "batch": batch,
+                            "backend": label,
+                            **{f"{f}_ms": 1000 * medians[f] for f in FORMULATIONS},
+                        }
+                    )
+                    print(
+                        f"  {model} batch {batch} {label}: "
+                        + ", ".join(f"{f} {1000 * medians[f]:.2f} ms" for f in FORMULATIONS),
+                        file=sys.stderr,
+                        flush=True,
+                    )
     header = ["model", "batch", "backend", "scatter ms", "matmul ms", "fused ms", "fused vs scatter", "fused vs matmul"]
-    print(markdown_table(header, [
-        [r["model"], r["batch"], r["backend"], f"{r['scatter_ms']:.2f}", f"{r['matmul_ms']:.2f}", f"{r['plugin_ms']:.2f}",
-         f"{r['scatter_ms'] / r['plugin_ms']:.2f}x", f"{r['matmul_ms'] / r['plugin_ms']:.2f}x"] for r in rows]))
+    print(
+        markdown_table(
+            header,
+            [
+                [
+                    r["model"],
+                    r["batch"],
+                    r["backend"],
+                    f"{r['scatter_ms']:.2f}",
+                    f"{r['matmul_ms']:.2f}",
+                    f"{r['plugin_ms']:.2f}",
+                    f"{r['scatter_ms'] / r['plugin_ms']:.2f}x",
+                    f"{r['matmul_ms'] / r['plugin_ms']:.2f}x",
+                ]
+                for r in rows
+            ],
+        )
+    )
     write_json(rows, args.json)
 
 

@@ -31,10 +31,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--weights", type=Path, default=ASSET_WEIGHTS, help="output safetensors file")
     parser.add_argument("--record", type=Path, default=ASSET_JSON, help="output JSON record")
-    parser.add_argument("--check", action="store_true",
-                        help="retrain and compare with the committed record (within 1 point); write nothing")
-    parser.add_argument("--write-data", action="store_true",
-                        help=f"only derive {ASSET_DATA.name} (the digits and the split) again from scikit-learn and write it")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="retrain and compare with the committed record (within 1 point); write nothing",
+    )
+    parser.add_argument(
+        "--write-data",
+        action="store_true",
+        help=f"only derive {ASSET_DATA.name} (the digits and the split) again from scikit-learn and write it",
+    )
     return parser.parse_args()
 
 
@@ -55,11 +61,27 @@ def main() -> int:
         committed = recorded_accuracy(args.record)
         delta = 100 * (accuracy - committed)
         verdict = "PASS" if abs(delta) <= 1.0 else "FAIL"
-        print(json.dumps({"retrained_accuracy": accuracy, "committed_accuracy": committed,
-                          "delta_points": round(delta, 3), "seconds": round(seconds, 1), "verdict": verdict}))
+        print(
+            json.dumps(
+                {
+                    "retrained_accuracy": accuracy,
+                    "committed_accuracy": committed,
+                    "delta_points": round(delta, 3),
+                    "seconds": round(seconds, 1),
+                    "verdict": verdict,
+                }
+            )
+        )
         return 0 if verdict == "PASS" else 1
-    info = save_digits_vit(model, accuracy, args.seed, config, weights=args.weights, record=args.record,
-                           extra={"train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads()})
+    info = save_digits_vit(
+        model,
+        accuracy,
+        args.seed,
+        config,
+        weights=args.weights,
+        record=args.record,
+        extra={"train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads()},
+    )
     say(f"wrote {args.weights} ({args.weights.stat().st_size / 1e6:.2f} MB) and {args.record}")
     print(json.dumps({key: info[key] for key in ("test_accuracy", "test_correct", "test_size", "seed")}))
     return 0

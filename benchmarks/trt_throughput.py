@@ -53,8 +53,12 @@ def seconds_per_pass(engines: dict[str, TensorRTRunner], batch: int, rounds: int
     import torch
 
     buffers = [bind(runner, batch) for runner in engines.values()]  # kept alive while the engines use their addresses
-    seconds = time_side_by_side({label: runner.enqueue for label, runner in engines.items()}, rounds=rounds,
-                                iterations=iterations, sync=torch.cuda.synchronize)
+    seconds = time_side_by_side(
+        {label: runner.enqueue for label, runner in engines.items()},
+        rounds=rounds,
+        iterations=iterations,
+        sync=torch.cuda.synchronize,
+    )
     del buffers
     return seconds
 
@@ -95,25 +99,57 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for arch in args.models.split(","):
-            outcomes = export_variants(arch, {"tome": args.r}, Path(folder), target="tensorrt", precision=args.precision)
+            outcomes = export_variants(
+                arch, {"tome": args.r}, Path(folder), target="tensorrt", precision=args.precision
+            )
             onnx_files = {label: outcome.export.path for label, outcome in outcomes.items()}
             flops = outcomes["tome"].export.metadata.theoretical_speedup
             with contextlib.ExitStack() as active:
-                engines = {label: active.enter_context(open_runner(build_engine(path, path.with_suffix(".plan"), options).plan))
-                           for label, path in onnx_files.items()}
+                engines = {
+                    label: active.enter_context(
+                        open_runner(build_engine(path, path.with_suffix(".plan"), options).plan)
+                    )
+                    for label, path in onnx_files.items()
+                }
                 for batch in batches:
                     seconds = seconds_per_pass(engines, batch, args.rounds, args.iterations)
                     base, tome = seconds[BASELINE], seconds["tome"]
                     rows.append([arch, batch, batch / base, batch / tome, base / tome, flops, None])
                     print(f"  {arch} batch {batch}: {base / tome:.2f}x", file=sys.stderr, flush=True)
-                for row in rows[-len(batches):]:  # profiled last: an attached profiler slows the engine down
+                for row in rows[-len(batches) :]:  # profiled last: an attached profiler slows the engine down
                     row[-1] = merge_share(engines["tome"], onnx_files["tome"], row[1])
     backend = engines["tome"].sidecar
-    print(f"{backend.backend} {backend.backend_version}, {args.precision}, r={args.r}, GPU compute capability {local_compute_capability()}")
-    header = ["model", "batch", "unmerged img/s", "ToMe img/s", "measured", "FLOPs ratio", "measured / FLOPs", "merge share"]
-    print(markdown_table(header, [[arch, batch, f"{base_ips:.0f}", f"{tome_ips:.0f}", f"{ratio:.2f}x", f"{flops:.2f}x",
-                                   f"{ratio / flops:.0%}", f"{share:.1%}"]
-                                  for arch, batch, base_ips, tome_ips, ratio, flops, share in rows]))
+    print(
+        f"{backend.backend} {backend.backend_version}, {args.precision}, r={args.r}, GPU compute capability {local_compute_capability()}"
+    )
+    header = [
+        "model",
+        "batch",
+        "unmerged img/s",
+        "ToMe img/s",
+        "measured",
+        "FLOPs ratio",
+        "measured / FLOPs",
+        "merge share",
+    ]
+    print(
+        markdown_table(
+            header,
+            [
+                [
+                    arch,
+                    batch,
+                    f"{base_ips:.0f}",
+                    f"{tome_ips:.0f}",
+                    f"{ratio:.2f}x",
+                    f"{flops:.2f}x",
+                    f"{ratio / flops:.0%}",
+                    f"{share:.1%}",
+                ]
+                for arch, batch, base_ips, tome_ips, ratio, flops, share in rows
+            ],
+        )
+    )
     return 0
 
 

@@ -23,7 +23,12 @@ FAMILIES = {
     "registers_meanpool_layerscale": ("test_vit2", {"depth": 3}, (8, -1.0), "matmul"),
     "map_pool": ("test_vit3", {"depth": 3}, 6, "scatter"),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 96, "depth": 3}, 4, "scatter"),
-    "deit3_qknorm": ("vit_tiny_patch16_224", {"img_size": 96, "qk_norm": True, "init_values": 0.1, "depth": 4}, [6, 5, 4], "matmul"),
+    "deit3_qknorm": (
+        "vit_tiny_patch16_224",
+        {"img_size": 96, "qk_norm": True, "init_values": 0.1, "depth": 4},
+        [6, 5, 4],
+        "matmul",
+    ),
 }
 
 
@@ -53,8 +58,18 @@ def export_family(family: str, folder: Path, *, merge: str | None = None, batch:
     merge = merge or default_merge
     model = make_model(name, kwargs)
     tome, schedule = apply_tome(model, r, merge)
-    metadata = build_metadata(tome, schedule, r, arch=name, weights="random init (test)", weights_sha256="test",
-                              merge=merge, opset=18, batch=batch, example_batch=example_batch)
+    metadata = build_metadata(
+        tome,
+        schedule,
+        r,
+        arch=name,
+        weights="random init (test)",
+        weights_sha256="test",
+        merge=merge,
+        opset=18,
+        batch=batch,
+        example_batch=example_batch,
+    )
     path = export_onnx(tome, metadata, folder / f"{family}_{merge}_{batch or 'dynamic'}.onnx").path
     return Exported(family, model, tome, metadata, path)
 

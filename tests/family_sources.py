@@ -39,8 +39,15 @@ def hf_vit_folder(folder: Path) -> ModelSource:
     """A save_pretrained ViTForImageClassification: 3 layers, width 32, 8 x 8 patches of 4 px, 10 labels."""
     import transformers
 
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                                    image_size=32, patch_size=4, num_labels=10)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=4,
+        num_labels=10,
+    )
     model = transformers.ViTForImageClassification(config)
     model.load_state_dict(seeded_state_dict(model.state_dict(), seed=1))
     model.save_pretrained(folder)
@@ -67,7 +74,9 @@ def open_clip_checkpoint(folder: Path) -> ModelSource:
     config.write_text(json.dumps(OPEN_CLIP_TINY))
     open_clip.add_model_config(config)
     visual = open_clip.create_model("tome-test-tiny", pretrained=None).visual
-    state = {f"visual.{key}": value.contiguous() for key, value in seeded_state_dict(visual.state_dict(), seed=2).items()}
+    state = {
+        f"visual.{key}": value.contiguous() for key, value in seeded_state_dict(visual.state_dict(), seed=2).items()
+    }
     save_file(state, str(folder / "visual.safetensors"))
     return ModelSource("open_clip:tome-test-tiny", checkpoint=str(folder / "visual.safetensors"))
 

@@ -70,7 +70,7 @@ def reference_eva(model, pixels, r_per_layer, dtype=torch.float64):
         rope = table[position]  # [B, N - p, 2 hd]
         q = torch.cat([q[:, :, :p], _rotate_cat(q[:, :, p:], rope)], dim=2)
         k = torch.cat([k[:, :, :p], _rotate_cat(k[:, :, p:], rope)], dim=2)
-        out = attn.proj(attn.norm(_attention(q, k, v, size, attn.head_dim ** -0.5)))
+        out = attn.proj(attn.norm(_attention(q, k, v, size, attn.head_dim**-0.5)))
         x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
         r = max(0, min(r, (x.shape[1] - p) // 2))
         ids = torch.cat([torch.full((batch, p), -1), position], dim=1)
@@ -179,8 +179,15 @@ def reference_hf_dinov2(model, pixels, r_per_layer, dtype=torch.float64):
     model = copy.deepcopy(model).to(dtype).eval()
     p = 1 + getattr(model.config, "num_register_tokens", 0)
     x = model.embeddings(pixels.to(dtype))
-    x = _hf_encoder(x, model.encoder.layer, r_per_layer, p, model.config.num_attention_heads,
-                    ("norm1", "attention", "norm2", "mlp"), _dinov2_scales)
+    x = _hf_encoder(
+        x,
+        model.encoder.layer,
+        r_per_layer,
+        p,
+        model.config.num_attention_heads,
+        ("norm1", "attention", "norm2", "mlp"),
+        _dinov2_scales,
+    )
     return model.layernorm(x)[:, 0].float()
 
 
@@ -193,7 +200,10 @@ def reference_open_clip(visual, pixels, r_per_layer, dtype=torch.float64):
     size = torch.ones(batch, n0, dtype=dtype)
     for block, r in zip(visual.transformer.resblocks, r_per_layer):
         attn, h = block.attn, block.ln_1(x)
-        q, k, v = (_heads(t, attn.num_heads) for t in torch.nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+        q, k, v = (
+            _heads(t, attn.num_heads)
+            for t in torch.nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        )
         x = x + block.ls_1(attn.out_proj(_attention(q, k, v, size, (width // attn.num_heads) ** -0.5)))
         x, size, _ = _merge_all(x, size, k.mean(dim=1), max(0, min(r, (x.shape[1] - 1) // 2)), 1)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))

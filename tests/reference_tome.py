@@ -153,7 +153,7 @@ def reference_attention(attn, x: torch.Tensor, size: torch.Tensor):
     v = qkv[:, :, 2].transpose(1, 2)
     q = attn.q_norm(q)
     k = attn.k_norm(k)
-    logits = (q @ k.transpose(-1, -2)) * (head_dim ** -0.5)  # [B, H, N, N]
+    logits = (q @ k.transpose(-1, -2)) * (head_dim**-0.5)  # [B, H, N, N]
     logits = logits + size.log()[:, None, None, :]  # log(size_j) for every key j
     probs = logits.softmax(dim=-1)
     out = probs @ v  # [B, H, N, hd]

@@ -31,8 +31,19 @@ ALLOWED = {
     "viz": {"core", "models"},
     "serving": {"artifact", "runtime", "tensorrt"},
     "jobs": {"artifact", "core", "models", "onnx_export", "runtime", "tensorrt", "token_merge", "validation", "viz"},
-    "cli": {"artifact", "core", "jobs", "models", "onnx_export", "runtime", "serving", "tensorrt", "token_merge",
-            "validation", "viz"},
+    "cli": {
+        "artifact",
+        "core",
+        "jobs",
+        "models",
+        "onnx_export",
+        "runtime",
+        "serving",
+        "tensorrt",
+        "token_merge",
+        "validation",
+        "viz",
+    },
 }
 
 
@@ -126,7 +137,14 @@ def test_no_import_cycles(import_graph):
 def test_the_checker_sees_a_violation(tmp_path):
     """The rules above can fail: a core module that imports the CLI and serving is reported."""
     root = tmp_path / "tome_deploy"
-    for name in ("__init__.py", "core/__init__.py", "cli/__init__.py", "cli/common.py", "serving/__init__.py", "serving/app.py"):
+    for name in (
+        "__init__.py",
+        "core/__init__.py",
+        "cli/__init__.py",
+        "cli/common.py",
+        "serving/__init__.py",
+        "serving/app.py",
+    ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).touch()
     offender = root / "core" / "bad.py"
@@ -136,12 +154,22 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert all(layer_of(target) not in ALLOWED["core"] for target in imports)
 
 
-@pytest.mark.parametrize("module", ["tome_deploy.artifact", "tome_deploy.artifact.metadata", "tome_deploy.artifact.spec",
-                                    "tome_deploy.artifact.sidecar", "tome_deploy.artifact.onnx_file"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "tome_deploy.artifact",
+        "tome_deploy.artifact.metadata",
+        "tome_deploy.artifact.spec",
+        "tome_deploy.artifact.sidecar",
+        "tome_deploy.artifact.onnx_file",
+    ],
+)
 def test_artifact_layer_imports_neither_torch_nor_timm(module):
-    code = (f"import sys, {module}\n"
-            "heavy = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)\n"
-            "assert not heavy, heavy\n")
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -150,10 +178,12 @@ def test_listing_every_merge_formulation_imports_no_torch():
     """artifact/formulations.py imports the built-in formulation modules (core/formulations.py,
     token_merge/formulation.py) by module path, which the import scan above cannot see: listing them, as
     `tome-export --help` and metadata readers do, must pull in neither torch nor any layer's torch code."""
-    code = ("import sys\n"
-            "from tome_deploy.artifact.formulations import all_formulations\n"
-            "assert [f.name for f in all_formulations()] == ['scatter', 'matmul', 'plugin']\n"
-            "heavy = sorted(m for m in ('torch', 'timm', 'onnx', 'tome_deploy.core.merge') if m in sys.modules)\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys\n"
+        "from tome_deploy.artifact.formulations import all_formulations\n"
+        "assert [f.name for f in all_formulations()] == ['scatter', 'matmul', 'plugin']\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'onnx', 'tome_deploy.core.merge') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -75,14 +75,20 @@ def main() -> int:
             ref_x, ref_size = token_merge_reference(x_in, size, kept, source, destination)
             plain_x, plain_size = reference_token_merge(x_in, size, kept, source, destination)
             scale = plain_x.abs().max().item()
-            print(json.dumps({
-                "case": f"{name}-{str(dtype).rsplit('.', 1)[-1]}",
-                "dtype_ok": got_x.dtype == dtype and got_size.dtype == torch.float32,
-                "shape_ok": tuple(got_x.shape) == (x.shape[0], kept.shape[1], x.shape[2]) and tuple(got_size.shape) == (x.shape[0], kept.shape[1], 1),
-                "bit_equal_reference": torch.equal(got_x, ref_x) and torch.equal(got_size, ref_size),
-                "max_rel_error_plain": (got_x.double() - plain_x).abs().max().item() / scale,
-                "size_equal_plain": torch.equal(got_size.double(), plain_size),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "case": f"{name}-{str(dtype).rsplit('.', 1)[-1]}",
+                        "dtype_ok": got_x.dtype == dtype and got_size.dtype == torch.float32,
+                        "shape_ok": tuple(got_x.shape) == (x.shape[0], kept.shape[1], x.shape[2])
+                        and tuple(got_size.shape) == (x.shape[0], kept.shape[1], 1),
+                        "bit_equal_reference": torch.equal(got_x, ref_x) and torch.equal(got_size, ref_size),
+                        "max_rel_error_plain": (got_x.double() - plain_x).abs().max().item() / scale,
+                        "size_equal_plain": torch.equal(got_size.double(), plain_size),
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -36,12 +36,15 @@ def _check_folder(path: Path, flag: str) -> None:
     if path.is_dir():
         raise InvalidInputError(f"{flag} {path} is a directory; pass a file path inside it")
     if not folder.is_dir():
-        raise InvalidInputError(f"output directory {folder} does not exist; create it first (mkdir -p {folder}) or choose another {flag} path")
+        raise InvalidInputError(
+            f"output directory {folder} does not exist; create it first (mkdir -p {folder}) or choose another {flag} path"
+        )
     try:  # a real probe: os.access says yes to root on read-only mounts and ignores ACLs
         os.unlink(_temp_next_to(folder / path.name))
     except OSError as err:
-        raise InvalidInputError(f"output directory {folder} is not writable ({err.strerror or err}); choose another "
-                                f"{flag} path") from err
+        raise InvalidInputError(
+            f"output directory {folder} is not writable ({err.strerror or err}); choose another {flag} path"
+        ) from err
 
 
 def check_output_path(output: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, flag: str = "-o") -> Path:
@@ -49,7 +52,9 @@ def check_output_path(output: PathLike, inputs: Iterable[Optional[PathLike]] = (
     return check_outputs({flag: output}, inputs)[flag]
 
 
-def check_outputs(outputs: Mapping[str, Optional[PathLike]], inputs: Iterable[Optional[PathLike]] = ()) -> dict[str, Path]:
+def check_outputs(
+    outputs: Mapping[str, Optional[PathLike]], inputs: Iterable[Optional[PathLike]] = ()
+) -> dict[str, Path]:
     """Every output of one command (flag -> path; None: not written) against the policy above.
 
     `inputs` are the files the command reads (model, checkpoint, artifact...); entries that are not existing
@@ -64,8 +69,10 @@ def check_outputs(outputs: Mapping[str, Optional[PathLike]], inputs: Iterable[Op
         _check_folder(path, flag)
         for given in existing_inputs:
             if _same_file(path, given):
-                raise InvalidInputError(f"{flag} {path} is also an input of this command ({given}); choose another "
-                                        f"{flag} path so nothing you passed in is overwritten")
+                raise InvalidInputError(
+                    f"{flag} {path} is also an input of this command ({given}); choose another "
+                    f"{flag} path so nothing you passed in is overwritten"
+                )
         for other_flag, other in checked.items():
             if _same_file(path, other):
                 raise InvalidInputError(f"{flag} {path} is also the {other_flag} output; give each output its own path")

@@ -53,7 +53,12 @@ def whole(value: Any, low: int, high: int) -> int:
 
 def real(value: Any, low: float, high: float) -> float:
     """A finite number in [low, high], as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise FieldError(f"must be a number from {low:g} to {high:g}, got {_shown(value)}")
     return float(value)
 

@@ -5,7 +5,7 @@ metadata's `tome.merge` say), a one-line description, the targets and runtimes i
 is refused elsewhere, how it sums token rows eagerly and while traced, an optional fused weighted merge,
 the translations the ONNX exporter needs for its custom ops, and what a runtime must do before it loads
 one of its graphs. Every caller asks the object; no module outside the formulation modules branches on a
-formulation's name (tests/test_formulations.py scans the package for it).
+formulation's name (tests/artifact/test_formulations.py scans the package for it).
 
 Imports no torch. The built-in formulations live in the layers that implement them
 (`core/formulations.py`: scatter, matmul; `token_merge/formulation.py`: plugin); those modules import
@@ -86,8 +86,10 @@ class MergeFormulation:
         """Raise InvalidInputError, naming the formulations that can, unless `runtime` runs its graphs."""
         if not self.supports_runtime(runtime):
             others = [f.name for f in all_formulations() if f.supports_runtime(runtime)]
-            raise InvalidInputError(f"{self.why_not(runtime)}, so --merge {self.name} cannot run in it; "
-                                    f"use --merge {either(others)} with --runtime {runtime}")
+            raise InvalidInputError(
+                f"{self.why_not(runtime)}, so --merge {self.name} cannot run in it; "
+                f"use --merge {either(others)} with --runtime {runtime}"
+            )
 
     def prepare_runtime(self, runtime: str) -> None:
         """Run what `runtime` needs before it loads one of this formulation's graphs (nothing for most)."""
@@ -115,7 +117,9 @@ def register(formulation: MergeFormulation) -> MergeFormulation:
     """Make `formulation` known by its name to apply_tome, the exporter, tome-export and metadata readers."""
     registry = _formulations()
     if formulation.name in registry:
-        raise InvalidInputError(f"a merge formulation named {formulation.name!r} is already registered; pick another name")
+        raise InvalidInputError(
+            f"a merge formulation named {formulation.name!r} is already registered; pick another name"
+        )
     registry[formulation.name] = formulation
     return formulation
 

@@ -77,8 +77,10 @@ class ToMeMetadata:
     def check_input(self, name: str, shape: list[int], source: str) -> None:
         """Refuse metadata that disagrees with the graph's (or engine's) image input [C, H, W] it describes."""
         if (name, list(shape)) != (self.input_name, self.input_size):
-            raise MetadataError(f"{source}: tome.input_name/tome.input_size say {self.input_name} {self.input_size} but the "
-                                f"model's input is {name} {list(shape)}; re-export with tome-export")
+            raise MetadataError(
+                f"{source}: tome.input_name/tome.input_size say {self.input_name} {self.input_size} but the "
+                f"model's input is {name} {list(shape)}; re-export with tome-export"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values, with the schema version first."""
@@ -93,13 +95,22 @@ class ToMeMetadata:
         for a damaged value and NewerSchemaError for a newer schema; `source` names the file in the latter."""
         version = 1
         if "schema_version" in values:
-            version = checks.checked(SCHEMA_VERSION_KEY, lambda v: checks.schema_version(v, SCHEMA_VERSION, "ToMe metadata", source),
-                                    values["schema_version"])
+            version = checks.checked(
+                SCHEMA_VERSION_KEY,
+                lambda v: checks.schema_version(v, SCHEMA_VERSION, "ToMe metadata", source),
+                values["schema_version"],
+            )
         values = _upgrade_v1(values) if version == 1 else dict(values)
         missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING]
         if missing:
-            raise FieldError(f"tome.{missing[0]} is missing ({len(missing)} required key{'s' if len(missing) > 1 else ''} missing)")
-        typed = {name: checks.checked(METADATA_PREFIX + name, reader, values[name]) for name, reader in _READERS.items() if name in values}
+            raise FieldError(
+                f"tome.{missing[0]} is missing ({len(missing)} required key{'s' if len(missing) > 1 else ''} missing)"
+            )
+        typed = {
+            name: checks.checked(METADATA_PREFIX + name, reader, values[name])
+            for name, reader in _READERS.items()
+            if name in values
+        }
         metadata = cls(**typed)
         _check_consistent(metadata)
         return metadata
@@ -111,9 +122,11 @@ class ToMeMetadata:
         for key, raw in props.items():
             if key.startswith(METADATA_PREFIX):
                 try:
-                    values[key[len(METADATA_PREFIX):]] = json.loads(raw)
+                    values[key[len(METADATA_PREFIX) :]] = json.loads(raw)
                 except ValueError as err:
-                    raise MetadataError(f"{source}: {key} is not valid JSON ({err}); re-export with tome-export") from None
+                    raise MetadataError(
+                        f"{source}: {key} is not valid JSON ({err}); re-export with tome-export"
+                    ) from None
         if not values:
             return None
         try:
@@ -185,13 +198,19 @@ def _check_consistent(meta: ToMeMetadata) -> None:
         raise FieldError(f"tome.input_size has {channels} channels; at most {MAX_CHANNELS}")
     for name in ("mean", "std"):
         if len(getattr(meta, name)) != channels:
-            raise FieldError(f"tome.{name} must have {channels} entries (one per channel of tome.input_size), got {len(getattr(meta, name))}")
+            raise FieldError(
+                f"tome.{name} must have {channels} entries (one per channel of tome.input_size), got {len(getattr(meta, name))}"
+            )
     if not 1 <= depth <= MAX_DEPTH:
         raise FieldError(f"tome.r_effective must have 1 to {MAX_DEPTH} entries (one per block), got {depth}")
     if len(meta.r_requested) != depth:
-        raise FieldError(f"tome.r_requested must have {depth} entries (as tome.r_effective), got {len(meta.r_requested)}")
+        raise FieldError(
+            f"tome.r_requested must have {depth} entries (as tome.r_effective), got {len(meta.r_requested)}"
+        )
     if len(meta.tokens_per_layer) != depth + 1:
-        raise FieldError(f"tome.tokens_per_layer must have {depth + 1} entries (blocks + 1), got {len(meta.tokens_per_layer)}")
+        raise FieldError(
+            f"tome.tokens_per_layer must have {depth + 1} entries (blocks + 1), got {len(meta.tokens_per_layer)}"
+        )
     if isinstance(meta.schedule, list) and len(meta.schedule) > max(depth, 2):
         raise FieldError(f"tome.schedule has {len(meta.schedule)} entries for {depth} blocks")
     tokens, prefix = meta.tokens_per_layer, meta.num_prefix_tokens
@@ -199,5 +218,7 @@ def _check_consistent(meta: ToMeMetadata) -> None:
         raise FieldError(f"tome.num_prefix_tokens is {prefix}, more than the {tokens[0]} tokens at the input")
     for layer, (asked, r) in enumerate(zip(meta.r_requested, meta.r_effective)):
         if r > asked or r > (tokens[layer] - prefix) // 2 or tokens[layer + 1] != tokens[layer] - r:
-            raise FieldError(f"tome.r_effective and tome.tokens_per_layer disagree at block {layer} "
-                             f"({tokens[layer]} tokens, r {r} of {asked} asked, {tokens[layer + 1]} out)")
+            raise FieldError(
+                f"tome.r_effective and tome.tokens_per_layer disagree at block {layer} "
+                f"({tokens[layer]} tokens, r {r} of {asked} asked, {tokens[layer + 1]} out)"
+            )

@@ -19,7 +19,9 @@ def load_onnx(path: str | Path):
         return onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError, OSError, ...
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InvalidInputError(f"{path} is not a readable ONNX file ({detail}); pass a file written by tome-export") from err
+        raise InvalidInputError(
+            f"{path} is not a readable ONNX file ({detail}); pass a file written by tome-export"
+        ) from err
 
 
 def tome_metadata(model_proto, source: str | Path = "the ONNX file") -> ToMeMetadata | None:

@@ -82,12 +82,19 @@ class EngineSidecar:
         if not isinstance(values, dict):
             raise FieldError(f"must hold a JSON object, got {type(values).__name__}")
         # Versions 1 and 2 hold the same keys; 2 is read with the checks below, and so is 1.
-        checks.checked("'schema_version'", lambda v: checks.schema_version(v, SIDECAR_SCHEMA_VERSION, "sidecar", source),
-                      values.get("schema_version", values.get("format", 1)))
+        checks.checked(
+            "'schema_version'",
+            lambda v: checks.schema_version(v, SIDECAR_SCHEMA_VERSION, "sidecar", source),
+            values.get("schema_version", values.get("format", 1)),
+        )
         missing = [f.name for f in fields(cls) if f.name not in values and f.name not in ("tome", "warnings")]
         if missing:
             raise FieldError(f"'{missing[0]}' is missing")
-        typed = {name: checks.checked(f"'{name}'", reader, values[name]) for name, reader in _READERS.items() if name in values}
+        typed = {
+            name: checks.checked(f"'{name}'", reader, values[name])
+            for name, reader in _READERS.items()
+            if name in values
+        }
         if values.get("tome") is not None:
             typed["tome"] = ToMeMetadata.from_dict(checks.checked("'tome'", _mapping, values["tome"]), source)
         return cls(**typed)
@@ -106,7 +113,9 @@ class EngineSidecar:
         if self.tome is None:
             lines.append("tome         no ToMe schedule known (the ONNX file is not a tome-deploy export)")
         else:
-            lines.append(f"tome         {self.tome.model}, r per layer {self.tome.r_effective}, merge={self.tome.merge}")
+            lines.append(
+                f"tome         {self.tome.model}, r per layer {self.tome.r_effective}, merge={self.tome.merge}"
+            )
             lines.append(f"tokens       {self.tome.tokens_per_layer}")
         lines += [f"warning      {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -126,17 +135,21 @@ def _sha256(value: Any) -> str:
 
 def _capability(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9]{2,4}", value):
-        raise FieldError(f"must be a compute capability such as \"89\", got {value!r:.40}")
+        raise FieldError(f'must be a compute capability such as "89", got {value!r:.40}')
     return value
 
 
 def _profile(value: Any) -> BatchProfile:
     value = _mapping(value)
     try:
-        profile = BatchProfile(checks.text(value.get("input_name")),
-                               *(checks.whole(value.get(key), 1, EXPORT_SPEC.max_batch) for key in ("min", "opt", "max")))
+        profile = BatchProfile(
+            checks.text(value.get("input_name")),
+            *(checks.whole(value.get(key), 1, EXPORT_SPEC.max_batch) for key in ("min", "opt", "max")),
+        )
     except FieldError as err:
-        raise FieldError(f"must be {{input_name, min, opt, max}} with batches from 1 to {EXPORT_SPEC.max_batch} ({err})") from None
+        raise FieldError(
+            f"must be {{input_name, min, opt, max}} with batches from 1 to {EXPORT_SPEC.max_batch} ({err})"
+        ) from None
     if not profile.min <= profile.opt <= profile.max:
         raise FieldError(f"must have min <= opt <= max, got {profile.min}, {profile.opt}, {profile.max}")
     return profile
@@ -198,7 +211,9 @@ def read_sidecar(plan: str | Path) -> EngineSidecar:
     try:
         values = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise SidecarError(f"{path} is not a tome-build sidecar (not JSON: {err}); rebuild the engine with tome-build") from None
+        raise SidecarError(
+            f"{path} is not a tome-build sidecar (not JSON: {err}); rebuild the engine with tome-build"
+        ) from None
     try:
         sidecar = EngineSidecar.from_dict(values, str(path))
     except FieldError as err:
@@ -212,7 +227,9 @@ def read_sidecar(plan: str | Path) -> EngineSidecar:
     return sidecar
 
 
-def check_runs_here(sidecar: EngineSidecar, backend_name: str, backend_version: str, gpu_capability: Optional[str]) -> None:
+def check_runs_here(
+    sidecar: EngineSidecar, backend_name: str, backend_version: str, gpu_capability: Optional[str]
+) -> None:
     """Refuse an engine built by another TensorRT or for another GPU than the installed ones."""
     if (sidecar.backend, sidecar.backend_version) != (backend_name, backend_version):
         raise EngineMismatchError(

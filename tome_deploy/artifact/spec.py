@@ -46,7 +46,9 @@ class ExportSpec:
 
     def check_batch(self, batch: int, flag: str = "--batch-size") -> int:
         if not 1 <= batch <= self.max_batch:
-            raise InvalidInputError(f"{flag} must be from 1 to {self.max_batch}, got {batch}; pass a batch size in that range")
+            raise InvalidInputError(
+                f"{flag} must be from 1 to {self.max_batch}, got {batch}; pass a batch size in that range"
+            )
         return batch
 
     def check_opset(self, opset: int) -> int:

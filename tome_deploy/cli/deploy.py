@@ -10,7 +10,9 @@ from tome_deploy.cli.serve import default_model_name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tome-deploy", description="Package a ToMe artifact for a serving system.", epilog=exit_codes_help())
+    parser = argparse.ArgumentParser(
+        prog="tome-deploy", description="Package a ToMe artifact for a serving system.", epilog=exit_codes_help()
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     triton = commands.add_parser(
         "triton-repo",
@@ -19,18 +21,46 @@ def build_parser() -> argparse.ArgumentParser:
         "for NVIDIA Triton Inference Server, and print the tritonserver command.",
         epilog=exit_codes_help(),
     )
-    triton.add_argument("artifact", metavar="ARTIFACT", help="a .onnx file written by tome-export, or a .plan engine written by tome-build")
-    triton.add_argument("repo", metavar="DIR", help="model repository folder (created if missing; other models in it are kept)")
+    triton.add_argument(
+        "artifact",
+        metavar="ARTIFACT",
+        help="a .onnx file written by tome-export, or a .plan engine written by tome-build",
+    )
+    triton.add_argument(
+        "repo", metavar="DIR", help="model repository folder (created if missing; other models in it are kept)"
+    )
     triton.add_argument("--name", metavar="NAME", help="model name (default: the file name without suffix)")
-    triton.add_argument("--max-batch", type=int, metavar="N", help="max_batch_size for a dynamic batch (default 8; an engine: its profile maximum)")
-    triton.add_argument("--max-delay-ms", type=float, default=5.0, metavar="MS", help="dynamic_batching max queue delay (default 5)")
-    triton.add_argument("--instances", type=int, default=1, metavar="N", help="model instances (instance_group count, default 1)")
-    triton.add_argument("--gpu", action="store_true", help="run ONNX models on the GPU (instance_group KIND_GPU; default KIND_CPU)")
-    triton.add_argument("--backend", choices=["platform", "python"], default="platform",
-                        help="platform (default): Triton's onnxruntime_onnx / tensorrt_plan backends (GPU Triton images); "
-                        "python: runs the ONNX file through tome-deploy's ONNX Runtime runner in Triton's Python backend")
-    triton.add_argument("--threads", type=int, metavar="N", help="--backend python: ONNX Runtime intra-op threads per instance (default: all cores)")
-    triton.add_argument("--overwrite", action="store_true", help="replace DIR/<name> (every version in it) if it exists")
+    triton.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="N",
+        help="max_batch_size for a dynamic batch (default 8; an engine: its profile maximum)",
+    )
+    triton.add_argument(
+        "--max-delay-ms", type=float, default=5.0, metavar="MS", help="dynamic_batching max queue delay (default 5)"
+    )
+    triton.add_argument(
+        "--instances", type=int, default=1, metavar="N", help="model instances (instance_group count, default 1)"
+    )
+    triton.add_argument(
+        "--gpu", action="store_true", help="run ONNX models on the GPU (instance_group KIND_GPU; default KIND_CPU)"
+    )
+    triton.add_argument(
+        "--backend",
+        choices=["platform", "python"],
+        default="platform",
+        help="platform (default): Triton's onnxruntime_onnx / tensorrt_plan backends (GPU Triton images); "
+        "python: runs the ONNX file through tome-deploy's ONNX Runtime runner in Triton's Python backend",
+    )
+    triton.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="--backend python: ONNX Runtime intra-op threads per instance (default: all cores)",
+    )
+    triton.add_argument(
+        "--overwrite", action="store_true", help="replace DIR/<name> (every version in it) if it exists"
+    )
     add_debug_argument(triton)
     return parser
 
@@ -46,7 +76,9 @@ def _triton_repo(args: argparse.Namespace) -> int:
     from tome_deploy.serving.triton_repo import TritonOptions, write_triton_repo
 
     if not 0 <= args.max_delay_ms <= 60_000:  # also refuses nan
-        raise InvalidInputError(f"--max-delay-ms must be from 0 to 60000, got {args.max_delay_ms}; pass a delay in milliseconds")
+        raise InvalidInputError(
+            f"--max-delay-ms must be from 0 to 60000, got {args.max_delay_ms}; pass a delay in milliseconds"
+        )
     options = TritonOptions(
         model_name=args.name or default_model_name(args.artifact),
         max_batch=args.max_batch,

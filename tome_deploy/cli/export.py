@@ -41,32 +41,66 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="ONNX file to write")
     schedule = add_schedule_arguments(parser, DEFAULT_R)
-    schedule.add_argument("--target-speedup", type=float, metavar="X",
-                          help="pick the smallest r whose speedup, measured in --runtime at --batch-size against the "
-                               "unmerged export, reaches X (the search starts where the FLOPs reach X); then it "
-                               "searches r in every 2nd and every 3rd block (fewer blocks pay the fixed cost of "
-                               "matching) below the FLOPs of that r, and exports the schedule that reaches X with the "
-                               "least merging; implies --measure")
-    parser.add_argument("--no-sparse", action="store_true",
-                        help="with --target-speedup: search constant r only (every block merges), never a sparse schedule")
-    parser.add_argument("--merge", choices=formulation_names(), default=None,
-                        help=f"merge formulation: {either(f'{f.name} ({f.description})' for f in all_formulations())}; "
-                             "default: the --target's")
-    parser.add_argument("--target", choices=TARGETS, default="onnxruntime",
-                        help="runtime the export is for: onnxruntime (default) or tensorrt (TensorRT / TensorRT-RTX); "
-                             f"{'; '.join(target_merges(target) for target in TARGETS)}")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32, or fp16 weights and activations with fp32 matching and fp32 inputs/outputs "
-                             "(what strongly typed TensorRT builds need for fp16)")
+    schedule.add_argument(
+        "--target-speedup",
+        type=float,
+        metavar="X",
+        help="pick the smallest r whose speedup, measured in --runtime at --batch-size against the "
+        "unmerged export, reaches X (the search starts where the FLOPs reach X); then it "
+        "searches r in every 2nd and every 3rd block (fewer blocks pay the fixed cost of "
+        "matching) below the FLOPs of that r, and exports the schedule that reaches X with the "
+        "least merging; implies --measure",
+    )
+    parser.add_argument(
+        "--no-sparse",
+        action="store_true",
+        help="with --target-speedup: search constant r only (every block merges), never a sparse schedule",
+    )
+    parser.add_argument(
+        "--merge",
+        choices=formulation_names(),
+        default=None,
+        help=f"merge formulation: {either(f'{f.name} ({f.description})' for f in all_formulations())}; "
+        "default: the --target's",
+    )
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="onnxruntime",
+        help="runtime the export is for: onnxruntime (default) or tensorrt (TensorRT / TensorRT-RTX); "
+        f"{'; '.join(target_merges(target) for target in TARGETS)}",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, or fp16 weights and activations with fp32 matching and fp32 inputs/outputs "
+        "(what strongly typed TensorRT builds need for fp16)",
+    )
     parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="batch size of the traced example (default 1)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, metavar="N", help="batch size of the traced example (default 1)"
+    )
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to --batch-size")
-    parser.add_argument("--opset", type=int, default=EXPORT_SPEC.default_opset, help=f"ONNX opset (default {EXPORT_SPEC.default_opset}, at least {EXPORT_SPEC.min_opset})")
-    parser.add_argument("--runtime", choices=CPU_RUNTIMES, default="onnxruntime",
-                        help="CPU runtime that validates and times the export: onnxruntime (default) or openvino "
-                             f"(needs pip install 'tome-deploy[openvino]'; no --merge {either(refused_by('openvino'))})")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=EXPORT_SPEC.default_opset,
+        help=f"ONNX opset (default {EXPORT_SPEC.default_opset}, at least {EXPORT_SPEC.min_opset})",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=CPU_RUNTIMES,
+        default="onnxruntime",
+        help="CPU runtime that validates and times the export: onnxruntime (default) or openvino "
+        f"(needs pip install 'tome-deploy[openvino]'; no --merge {either(refused_by('openvino'))})",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check in --runtime")
-    parser.add_argument("--measure", action="store_true", help="also export the plain model (torch.onnx.export of the same weights) and time both in --runtime")
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also export the plain model (torch.onnx.export of the same weights) and time both in --runtime",
+    )
     add_report_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -80,7 +114,9 @@ def target_merges(target: str) -> str:
 
 def refused_by(place: str, targets: bool = False) -> list[str]:
     """Names of the formulations that the target (targets=True) or runtime `place` refuses."""
-    return [f.name for f in all_formulations() if not (f.supports_target(place) if targets else f.supports_runtime(place))]
+    return [
+        f.name for f in all_formulations() if not (f.supports_target(place) if targets else f.supports_runtime(place))
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +131,14 @@ def _export(args: argparse.Namespace) -> int:
     target = args.target_speedup
     if target is not None:
         if args.r is not None:
-            raise InvalidInputError("--target-speedup picks r itself; drop --r (or drop --target-speedup to set r by hand)")
+            raise InvalidInputError(
+                "--target-speedup picks r itself; drop --r (or drop --target-speedup to set r by hand)"
+            )
         target = check_target(target)
     elif args.no_sparse:
-        raise InvalidInputError("--no-sparse only shapes the --target-speedup search; add --target-speedup X, or drop --no-sparse")
+        raise InvalidInputError(
+            "--no-sparse only shapes the --target-speedup search; add --target-speedup X, or drop --no-sparse"
+        )
 
     from tome_deploy.jobs.export import (
         export_model,
@@ -107,10 +147,23 @@ def _export(args: argparse.Namespace) -> int:
     r_spec = schedule_spec(args, DEFAULT_R)
     quiet = args.quiet
     outcome = export_model(
-        model_source(args), args.output, r=r_spec, merge=args.merge, target=args.target, precision=args.precision,
-        opset=args.opset, batch_size=args.batch_size, static_batch=args.static_batch, strict=args.strict,
-        validate=not args.no_validate, atol=args.atol, rtol=args.rtol, measure=args.measure or target is not None,
-        target_speedup=target, runtime=args.runtime, sparse=not args.no_sparse,
+        model_source(args),
+        args.output,
+        r=r_spec,
+        merge=args.merge,
+        target=args.target,
+        precision=args.precision,
+        opset=args.opset,
+        batch_size=args.batch_size,
+        static_batch=args.static_batch,
+        strict=args.strict,
+        validate=not args.no_validate,
+        atol=args.atol,
+        rtol=args.rtol,
+        measure=args.measure or target is not None,
+        target_speedup=target,
+        runtime=args.runtime,
+        sparse=not args.no_sparse,
         say=(lambda _: None) if quiet else say,
     )
     meta = outcome.export.metadata
@@ -119,16 +172,22 @@ def _export(args: argparse.Namespace) -> int:
         say(f"\nSchedule ({meta.model}, {outcome.schedule.depth} blocks, {prefix}):")
         say(outcome.schedule.table())
         say_clamp_note(outcome.schedule, say)
-        say(f"\nTokens {meta.tokens_per_layer[0]} -> {meta.tokens_per_layer[-1]}; theoretical speedup (FLOPs): {meta.theoretical_speedup:.2f}x")
+        say(
+            f"\nTokens {meta.tokens_per_layer[0]} -> {meta.tokens_per_layer[-1]}; theoretical speedup (FLOPs): {meta.theoretical_speedup:.2f}x"
+        )
     runtime = RUNTIME_LABELS[outcome.runtime]
     if outcome.timings:
         base, tome = outcome.timings["unmerged"], outcome.timings["tome"]
-        say(f"Measured in {runtime} (CPU, batch {tome.batch}): unmerged {base.images_per_s:.1f} img/s, "
-            f"ToMe {tome.images_per_s:.1f} img/s -> {outcome.measured_speedup:.2f}x")
+        say(
+            f"Measured in {runtime} (CPU, batch {tome.batch}): unmerged {base.images_per_s:.1f} img/s, "
+            f"ToMe {tome.images_per_s:.1f} img/s -> {outcome.measured_speedup:.2f}x"
+        )
         if outcome.measured_speedup is not None and outcome.measured_speedup < 1:
-            say(f"note: ToMe is SLOWER than the unmerged model here ({outcome.measured_speedup:.2f}x): matching and "
+            say(
+                f"note: ToMe is SLOWER than the unmerged model here ({outcome.measured_speedup:.2f}x): matching and "
                 "merging add a fixed cost per block that the removed tokens do not pay back on a model this small "
-                f"at batch {tome.batch}; use the unmerged model, or measure at a larger --batch-size")
+                f"at batch {tome.batch}; use the unmerged model, or measure at a larger --batch-size"
+            )
     if outcome.search is not None and not quiet:
         say(outcome.search.line(f"{runtime} (CPU)"))
     if outcome.validation is not None:
@@ -139,9 +198,13 @@ def _export(args: argparse.Namespace) -> int:
         failed = sum(not v.passed for v in outcome.validation.verdicts)
         say(f"{'PASS' if outcome.validation.passed else 'FAIL'}: {checks - failed}/{checks} parity checks passed")
     if not outcome.written:
-        say(f"{args.output} was not written (an existing file there is unchanged); fix the cause, or pass --no-validate to keep a failing export")
+        say(
+            f"{args.output} was not written (an existing file there is unchanged); fix the cause, or pass --no-validate to keep a failing export"
+        )
     if outcome.loaded.random_weights:
-        say(f"note: {meta.model} has random weights (seed {outcome.loaded.seed}); pass --pretrained or --checkpoint for a useful model")
+        say(
+            f"note: {meta.model} has random weights (seed {outcome.loaded.seed}); pass --pretrained or --checkpoint for a useful model"
+        )
     emit_report(
         {
             "onnx": str(outcome.export.path) if outcome.written else None,

@@ -31,15 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=exit_codes_help(),
     )
     add_model_arguments(parser)
-    parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...); it goes through the model's eval transform")
+    parser.add_argument(
+        "image", metavar="IMAGE", help="image file (PNG, JPEG, ...); it goes through the model's eval transform"
+    )
     parser.add_argument("-o", "--output", required=True, metavar="PATH.png", help="PNG file to write")
     add_schedule_arguments(parser, DEFAULT_R)
     parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
-    parser.add_argument("--style", choices=STYLES, default="mean",
-                        help="mean: each group filled with its mean colour (default); overlay: a distinct tint per group")
-    parser.add_argument("--scale", type=int, default=None, metavar="K",
-                        help=f"upscale the drawing K times (default: enough for {DEFAULT_WIDTH} px)")
-    parser.add_argument("--merges-only", action="store_true", help="write only the merge drawing, not the input next to it")
+    parser.add_argument(
+        "--style",
+        choices=STYLES,
+        default="mean",
+        help="mean: each group filled with its mean colour (default); overlay: a distinct tint per group",
+    )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"upscale the drawing K times (default: enough for {DEFAULT_WIDTH} px)",
+    )
+    parser.add_argument(
+        "--merges-only", action="store_true", help="write only the merge drawing, not the input next to it"
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     add_debug_argument(parser)
     return parser
@@ -54,7 +67,9 @@ def _check_output(args: argparse.Namespace) -> Path:
     from tome_deploy.output_files import check_outputs
 
     if Path(args.output).suffix.lower() != ".png":
-        raise InvalidInputError(f"-o {args.output} must name a .png file (tome-visualize writes PNG); e.g. -o merges.png")
+        raise InvalidInputError(
+            f"-o {args.output} must name a .png file (tome-visualize writes PNG); e.g. -o merges.png"
+        )
     return check_outputs({"-o": args.output}, inputs=(args.image, args.source, args.checkpoint))["-o"]
 
 
@@ -92,12 +107,16 @@ def _visualize(args: argparse.Namespace) -> int:
 
     grid_h, grid_w = groups.shape
     name = loaded.arch or type(loaded.model).__name__
-    report(f"{name}: {grid_h}x{grid_w} = {grid_h * grid_w} patches -> {len(sizes)} merged tokens after "
-           f"{schedule.depth} blocks (r per layer {list(schedule.effective)}); largest token covers {int(sizes.max())} patches")
+    report(
+        f"{name}: {grid_h}x{grid_w} = {grid_h * grid_w} patches -> {len(sizes)} merged tokens after "
+        f"{schedule.depth} blocks (r per layer {list(schedule.effective)}); largest token covers {int(sizes.max())} patches"
+    )
     report(f"wrote {output} ({drawing.width}x{drawing.height})")
     if loaded.random_weights:
-        report(f"note: {name} has random weights (seed {loaded.seed}): merges then follow colour and position, not "
-               "meaning; pass --pretrained or --checkpoint to see what a trained model merges")
+        report(
+            f"note: {name} has random weights (seed {loaded.seed}): merges then follow colour and position, not "
+            "meaning; pass --pretrained or --checkpoint to see what a trained model merges"
+        )
     return 0
 
 

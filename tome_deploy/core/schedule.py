@@ -35,7 +35,9 @@ def requested_r_per_layer(spec: RSpec, depth: int) -> list[int]:
         r = _check_r(spec[0], "r")
         inflect = spec[1]
         if not isinstance(inflect, (int, float)) or isinstance(inflect, bool) or not -1 <= inflect <= 1:
-            raise ScheduleError(f"inflect must be a number in [-1, 1], got {inflect!r}; -1 is the paper's decreasing schedule")
+            raise ScheduleError(
+                f"inflect must be a number in [-1, 1], got {inflect!r}; -1 is the paper's decreasing schedule"
+            )
         first = int(r * (1.0 - inflect))
         last = 2 * r - first
         if depth == 1:

@@ -73,8 +73,16 @@ def largest_r(num_tokens: int, depth: int, num_prefix: int, strict: bool = False
     return r
 
 
-def stride_speedup(r: int, num_tokens: int, depth: int, num_prefix: int, dim: int, mlp_ratio: float,
-                   strict: bool = False, stride: int = 1) -> float:
+def stride_speedup(
+    r: int,
+    num_tokens: int,
+    depth: int,
+    num_prefix: int,
+    dim: int,
+    mlp_ratio: float,
+    strict: bool = False,
+    stride: int = 1,
+) -> float:
     """The FLOPs ratio of sparse_schedule(r, stride, depth), clamping included (ScheduleError under strict
     when it clamps)."""
     schedule = resolve_schedule(sparse_schedule(r, stride, depth), num_tokens, depth, num_prefix, strict=strict)
@@ -124,8 +132,10 @@ def schedule_for_speedup(
             return r, ratio
         best_r, best = r, ratio
     if stride > 1:
-        raise ScheduleError(f"a {target:.2f}x FLOPs speedup is out of reach merging in {every_block(stride)}: "
-                            f"the most (r={best_r}) gives {best:.2f}x")
+        raise ScheduleError(
+            f"a {target:.2f}x FLOPs speedup is out of reach merging in {every_block(stride)}: "
+            f"the most (r={best_r}) gives {best:.2f}x"
+        )
     if strict:
         raise ScheduleError(
             f"a {target:.2f}x FLOPs speedup needs clamping at this depth: the best constant r without clamping "
@@ -142,8 +152,9 @@ def schedule_for_speedup(
 def speedup_choice(shape: ModelShape, target: float, *, strict: bool = False, stride: int = 1) -> SpeedupChoice:
     """schedule_for_speedup for a model's shape, with its real MLP width (as the export's metadata counts
     it), so the predicted ratio is the one the export reports."""
-    r, predicted = schedule_for_speedup(shape.tokens, shape.depth, shape.num_prefix, shape.width, target,
-                                        shape.mlp_ratio, strict=strict, stride=stride)
+    r, predicted = schedule_for_speedup(
+        shape.tokens, shape.depth, shape.num_prefix, shape.width, target, shape.mlp_ratio, strict=strict, stride=stride
+    )
     return SpeedupChoice(float(target), r, predicted)
 
 
@@ -164,12 +175,18 @@ class MeasuredChoice:
         tried = ", ".join(f"r={r}: {s:.2f}x" for r, s in self.measured.items())
         if self.reached:
             return f"target {self.target:.2f}x -> r={self.r}, measured {self.speedup:.2f}x in {where} (tried {tried})"
-        return (f"target {self.target:.2f}x not reached in {where}: the best measured is r={self.r} at "
-                f"{self.speedup:.2f}x (tried {tried})")
+        return (
+            f"target {self.target:.2f}x not reached in {where}: the best measured is r={self.r} at "
+            f"{self.speedup:.2f}x (tried {tried})"
+        )
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "r": self.r, "reached": self.reached,
-                "measured": {str(r): round(s, 4) for r, s in self.measured.items()}}
+        return {
+            "target": self.target,
+            "r": self.r,
+            "reached": self.reached,
+            "measured": {str(r): round(s, 4) for r, s in self.measured.items()},
+        }
 
 
 def search_measured_r(target: float, r_first: int, r_last: int, measure) -> MeasuredChoice:
@@ -205,7 +222,7 @@ def search_measured_r(target: float, r_first: int, r_last: int, measure) -> Meas
 
 
 def every_block(stride: int) -> str:
-    """"every block", "every 2nd block", "every 3rd block", "every 4th block", ..."""
+    """ "every block", "every 2nd block", "every 3rd block", "every 4th block", ..."""
     if stride == 1:
         return "every block"
     return f"every {stride}{ {2: 'nd', 3: 'rd'}.get(stride, 'th') } block"
@@ -269,20 +286,33 @@ class ScheduleSearch:
         return schedule_option(self.r, self.stride, self.depth)
 
     def line(self, where: str) -> str:
-        tried = ", ".join(f"{stride_label(r, stride)}: {s:.2f}x"
-                          for stride, search in self.searches for r, s in search.measured.items())
+        tried = ", ".join(
+            f"{stride_label(r, stride)}: {s:.2f}x"
+            for stride, search in self.searches
+            for r, s in search.measured.items()
+        )
         if self.reached:
-            return (f"target {self.target:.2f}x -> {self.label()} ({self.option()}), measured {self.speedup:.2f}x "
-                    f"in {where} (tried {tried})")
-        return (f"target {self.target:.2f}x not reached in {where}: the best measured is {self.label()} "
-                f"({self.option()}) at {self.speedup:.2f}x (tried {tried})")
+            return (
+                f"target {self.target:.2f}x -> {self.label()} ({self.option()}), measured {self.speedup:.2f}x "
+                f"in {where} (tried {tried})"
+            )
+        return (
+            f"target {self.target:.2f}x not reached in {where}: the best measured is {self.label()} "
+            f"({self.option()}) at {self.speedup:.2f}x (tried {tried})"
+        )
 
     def to_dict(self) -> dict:
         return {
-            "target": self.target, "reached": self.reached, "stride": self.stride, "r": self.r,
+            "target": self.target,
+            "reached": self.reached,
+            "stride": self.stride,
+            "r": self.r,
             "r_per_layer": requested_r_per_layer(self.schedule, self.depth),
-            "measured": [{"stride": stride, "r": r, "speedup": round(s, 4)}
-                         for stride, search in self.searches for r, s in search.measured.items()],
+            "measured": [
+                {"stride": stride, "r": r, "speedup": round(s, 4)}
+                for stride, search in self.searches
+                for r, s in search.measured.items()
+            ],
         }
 
 

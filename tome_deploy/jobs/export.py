@@ -117,8 +117,15 @@ def export_model(
     say(f"Loading {source.name} ...")
     loaded = load_model(source)
     say(f"  weights: {loaded.weights}")
-    options: dict[str, Any] = dict(merge=formulation, strict=strict, opset=opset, batch_size=batch_size, static_batch=static_batch,
-                   precision=precision, target=target)
+    options: dict[str, Any] = dict(
+        merge=formulation,
+        strict=strict,
+        opset=opset,
+        batch_size=batch_size,
+        static_batch=static_batch,
+        precision=precision,
+        target=target,
+    )
     choice = search = None
     with tempfile.TemporaryDirectory() as folder:
         if target_speedup is not None:
@@ -136,15 +143,24 @@ def export_model(
                 )
             r = search.schedule
         tome, schedule, metadata = patch_for_export(loaded, r, **options)
-        say(f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ...")
+        say(
+            f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ..."
+        )
         with StagedOutput(output) as staged:
             result = export_onnx(tome, metadata, staged.temp)
-            outcome = ExportOutcome(loaded, schedule, dataclasses.replace(result, path=output),
-                                    target=choice, search=search, runtime=runtime)
+            outcome = ExportOutcome(
+                loaded,
+                schedule,
+                dataclasses.replace(result, path=output),
+                target=choice,
+                search=search,
+                runtime=runtime,
+            )
             if validate:
                 say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
-                outcome.validation = validate_runners(tome, [open_runner(staged.temp, runtime)], metadata, str(output),
-                                                      atol=atol, rtol=rtol)
+                outcome.validation = validate_runners(
+                    tome, [open_runner(staged.temp, runtime)], metadata, str(output), atol=atol, rtol=rtol
+                )
             outcome.written = outcome.validation is None or outcome.validation.passed
             if not outcome.written:
                 say(f"  the export failed validation and was not written to {output} (an existing file there is kept)")
@@ -160,11 +176,24 @@ def export_model(
     return outcome
 
 
-def patch_for_export(loaded: LoadedModel, r: RSpec, *, merge: MergeFormulation, strict, opset, batch_size, static_batch, precision, target):
+def patch_for_export(
+    loaded: LoadedModel,
+    r: RSpec,
+    *,
+    merge: MergeFormulation,
+    strict,
+    opset,
+    batch_size,
+    static_batch,
+    precision,
+    target,
+):
     """(ToMe model at the export's precision, its schedule, its metadata)."""
     tome, schedule = apply_tome(loaded.model, r, merge, strict=strict, adapter=loaded.adapter)
     metadata = build_metadata(
-        tome, schedule, r,
+        tome,
+        schedule,
+        r,
         arch=loaded.arch or type(loaded.model).__name__,
         weights=loaded.weights,
         weights_sha256=weights_fingerprint(loaded.model),
@@ -189,10 +218,18 @@ def unmerged_export(loaded: LoadedModel, folder: Path, say: Say, **options) -> P
     return path
 
 
-def time_against(base_path: Path, tome_path: Path, metadata: ToMeMetadata, runtime: str, rounds: int = 10) -> dict[str, Timing]:
+def time_against(
+    base_path: Path, tome_path: Path, metadata: ToMeMetadata, runtime: str, rounds: int = 10
+) -> dict[str, Timing]:
     """Unmerged and ToMe timed in `runtime`, interleaved, at the export's batch."""
-    return time_interleaved({"unmerged": base_path, "tome": tome_path}, metadata.input_name, metadata.input_size,
-                            metadata.example_batch, rounds=rounds, runtime=runtime)
+    return time_interleaved(
+        {"unmerged": base_path, "tome": tome_path},
+        metadata.input_name,
+        metadata.input_size,
+        metadata.example_batch,
+        rounds=rounds,
+        runtime=runtime,
+    )
 
 
 def measured_search(
@@ -228,5 +265,7 @@ def measured_search(
         except ScheduleError as err:
             say(f"  {err}: not searched")
             continue
-        searches.append((stride, r_first, max(r_first, largest_r(shape.tokens, depth, shape.num_prefix, strict, stride))))
+        searches.append(
+            (stride, r_first, max(r_first, largest_r(shape.tokens, depth, shape.num_prefix, strict, stride)))
+        )
     return search_measured_schedule(choice.target, depth, searches, measure, flops), timings_by_r

@@ -62,8 +62,10 @@ def validate_model(
     metadata = _artifact_metadata(artifact, sidecar)
     candidates = [open_runner(artifact, runtime)]  # checked now, before the model loads; activated to compare
     if save_reference is not None:
-        check_outputs({"--save-reference": save_reference, "--save-reference inputs": inputs_path_for(save_reference)},
-                      inputs=(source.name, source.checkpoint, *validation_inputs(artifact)))
+        check_outputs(
+            {"--save-reference": save_reference, "--save-reference inputs": inputs_path_for(save_reference)},
+            inputs=(source.name, source.checkpoint, *validation_inputs(artifact)),
+        )
     say(f"Loading {source.name} ...")
     loaded = load_model(source.at_img_size(metadata.input_size[-1]))
     if weights_fingerprint(loaded.model) != metadata.weights_sha256:
@@ -83,17 +85,23 @@ def validate_model(
         outputs, inputs = save_polygraphy_reference(tome, metadata, save_reference, batch)
         tolerance = EXPORT_SPEC.tolerance(metadata.precision)
         onnx_file = sidecar.onnx_path if sidecar else artifact
-        say(f"  wrote the PyTorch reference for Polygraphy: {outputs} (inputs: {inputs}); check with\n"
+        say(
+            f"  wrote the PyTorch reference for Polygraphy: {outputs} (inputs: {inputs}); check with\n"
             f"    polygraphy run {onnx_file} --trt --load-inputs {inputs} --load-outputs {outputs} "
-            f"--atol {tolerance.atol:g} --rtol {tolerance.rtol:g}")
+            f"--atol {tolerance.atol:g} --rtol {tolerance.rtol:g}"
+        )
     if sidecar is None:  # an ONNX file
         say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
-        return metadata, validate_runners(tome, candidates, metadata, str(artifact), batch_sizes=batch_sizes, atol=atol, rtol=rtol)
+        return metadata, validate_runners(
+            tome, candidates, metadata, str(artifact), batch_sizes=batch_sizes, atol=atol, rtol=rtol
+        )
     candidates += _source_onnx_runner(sidecar, say)
     profile = sidecar.profiles[0]
     batches = batch_sizes or sorted({min(max(b, profile.min), profile.max) for b in default_batch_sizes(metadata)})
     say(f"Validating {' and '.join(c.name for c in candidates)} against PyTorch ...")
-    return metadata, validate_runners(tome, candidates, metadata, str(artifact), batch_sizes=batches, atol=atol, rtol=rtol)
+    return metadata, validate_runners(
+        tome, candidates, metadata, str(artifact), batch_sizes=batches, atol=atol, rtol=rtol
+    )
 
 
 def _source_onnx_runner(sidecar: EngineSidecar, say: Say) -> list[Runner]:
@@ -124,5 +132,7 @@ def _artifact_metadata(artifact: str | Path, sidecar: Optional[EngineSidecar]) -
     else:
         metadata = sidecar.tome
     if metadata is None:
-        raise InvalidInputError(f"{artifact} carries no tome-deploy metadata; validate files written by tome-export / tome-build")
+        raise InvalidInputError(
+            f"{artifact} carries no tome-deploy metadata; validate files written by tome-export / tome-build"
+        )
     return metadata

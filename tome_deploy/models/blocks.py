@@ -65,9 +65,19 @@ class PreNormToMeBlock(nn.Module):
     `attention` is the family's attention with proportional attention; `after_attn` / `after_mlp` are the
     layers (LayerScale, drop path, dropout) between each branch and its residual add, in call order."""
 
-    def __init__(self, attention: ToMeAttention, norm1: nn.Module, attn: nn.Module, after_attn: Sequence[nn.Module],
-                 norm2: nn.Module, mlp: nn.Module, after_mlp: Sequence[nn.Module],
-                 r: int, num_prefix: int, formulation: MergeFormulation):
+    def __init__(
+        self,
+        attention: ToMeAttention,
+        norm1: nn.Module,
+        attn: nn.Module,
+        after_attn: Sequence[nn.Module],
+        norm2: nn.Module,
+        mlp: nn.Module,
+        after_mlp: Sequence[nn.Module],
+        r: int,
+        num_prefix: int,
+        formulation: MergeFormulation,
+    ):
         super().__init__()
         self.attention = attention  # a function, not a module: it owns no weights
         self.norm1, self.attn, self.after_attn = norm1, attn, nn.Sequential(*after_attn)

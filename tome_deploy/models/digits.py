@@ -146,8 +146,8 @@ def evaluate(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch
     model.eval()
     correct = 0
     for start in range(0, len(labels), batch_size):
-        logits = model(pixels[start:start + batch_size])
-        correct += int((logits.argmax(dim=-1) == labels[start:start + batch_size]).sum())
+        logits = model(pixels[start : start + batch_size])
+        correct += int((logits.argmax(dim=-1) == labels[start : start + batch_size]).sum())
     model.train(was_training)
     return correct / len(labels)
 

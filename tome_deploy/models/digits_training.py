@@ -127,8 +127,9 @@ def build_model(seed: int = 0, drop_path_rate: float = 0.0) -> VisionTransformer
     return model
 
 
-def train(seed: int = 0, config: TrainConfig = TrainConfig(),
-          log: Optional[Callable[[str], None]] = None) -> tuple[VisionTransformer, float]:
+def train(
+    seed: int = 0, config: TrainConfig = TrainConfig(), log: Optional[Callable[[str], None]] = None
+) -> tuple[VisionTransformer, float]:
     """Train `tome_digits_vit` from scratch on the fixed training split -> (model in eval mode, test accuracy).
 
     Same seed and config, same weights (deterministic algorithms, seeded init, shuffling and augmentation;
@@ -137,7 +138,7 @@ def train(seed: int = 0, config: TrainConfig = TrainConfig(),
     """
     images, labels = digits_train_set()
     if config.train_limit is not None:
-        images, labels = images[:config.train_limit], labels[:config.train_limit]
+        images, labels = images[: config.train_limit], labels[: config.train_limit]
     test_pixels, test_labels = digits_test_set()
     generator = torch.Generator().manual_seed(seed)
 
@@ -148,7 +149,9 @@ def train(seed: int = 0, config: TrainConfig = TrainConfig(),
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(0.9, 0.999), foreach=False,
+            lr=config.lr,
+            betas=(0.9, 0.999),
+            foreach=False,
         )
         steps_per_epoch = math.ceil(len(labels) / config.batch_size)
         total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
@@ -158,22 +161,25 @@ def train(seed: int = 0, config: TrainConfig = TrainConfig(),
             order = torch.randperm(len(labels), generator=generator)
             running = 0.0
             for first in range(0, len(order), config.batch_size):
-                batch = order[first:first + config.batch_size]
+                batch = order[first : first + config.batch_size]
                 digits = images[batch]
                 if config.max_shift > 0:
                     digits = _random_shift(digits, generator, config.max_shift)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, total, warmup, config.lr)
-                loss = F.cross_entropy(model(pixels_from_digits(digits)), labels[batch],
-                                       label_smoothing=config.label_smoothing)
+                loss = F.cross_entropy(
+                    model(pixels_from_digits(digits)), labels[batch], label_smoothing=config.label_smoothing
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 running += float(loss.detach()) * len(batch)
                 step += 1
             if log is not None:
-                log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {running / len(labels):.4f}  "
-                    f"{time.perf_counter() - start:6.1f} s")
+                log(
+                    f"epoch {epoch + 1:>3}/{config.epochs}  loss {running / len(labels):.4f}  "
+                    f"{time.perf_counter() - start:6.1f} s"
+                )
         model.eval()
     accuracy = evaluate(model, test_pixels, test_labels)
     # Training-only settings leave no trace in the weights; hand back the plain architecture.
@@ -186,8 +192,15 @@ def train(seed: int = 0, config: TrainConfig = TrainConfig(),
 # Committed weights
 
 
-def save_digits_vit(model: nn.Module, accuracy: float, seed: int, config: TrainConfig,
-                    weights: Path = ASSET_WEIGHTS, record: Path = ASSET_JSON, extra: Optional[dict] = None) -> dict:
+def save_digits_vit(
+    model: nn.Module,
+    accuracy: float,
+    seed: int,
+    config: TrainConfig,
+    weights: Path = ASSET_WEIGHTS,
+    record: Path = ASSET_JSON,
+    extra: Optional[dict] = None,
+) -> dict:
     """Write the weights (safetensors with arch/accuracy/seed/split metadata) and the JSON record."""
     from safetensors.torch import save_file
 

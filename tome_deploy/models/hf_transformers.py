@@ -61,7 +61,14 @@ LAYERS = {
     "CLIPEncoderLayer": ("layer_norm1", "self_attn", (), "layer_norm2", "mlp", ()),
     "SiglipEncoderLayer": ("layer_norm1", "self_attn", (), "layer_norm2", "mlp", ()),
     "Dinov2Layer": ("norm1", "attention", ("layer_scale1", "drop_path"), "norm2", "mlp", ("layer_scale2", "drop_path")),
-    "Dinov2WithRegistersLayer": ("norm1", "attention", ("layer_scale1", "drop_path"), "norm2", "mlp", ("layer_scale2", "drop_path")),
+    "Dinov2WithRegistersLayer": (
+        "norm1",
+        "attention",
+        ("layer_scale1", "drop_path"),
+        "norm2",
+        "mlp",
+        ("layer_scale2", "drop_path"),
+    ),
 }
 
 # family defaults when the folder has no preprocessor_config.json (the HF image processors' defaults)
@@ -100,12 +107,16 @@ class HFImageModel(nn.Module):
         return out
 
 
-def hf_tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_tome_attention(
+    attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention from a transformers attention module's q/k/v/output projections, with proportional
     attention. x: [B, N, C], size: [B, N, 1] or None -> (out [B, N, C], keys [B, H, N, hd])."""
     batch, tokens, _ = x.shape
-    q, k, v = (proj(x).reshape(batch, tokens, -1, attn.head_dim).transpose(1, 2)
-               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, H, N, hd]
+    q, k, v = (
+        proj(x).reshape(batch, tokens, -1, attn.head_dim).transpose(1, 2)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+    )  # [B, H, N, hd]
     scale = getattr(attn, "scaling", None) or attn.scale
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     dropout = float(getattr(attn, "attention_dropout", 0.0) or getattr(attn, "dropout", 0.0)) if attn.training else 0.0
@@ -128,8 +139,10 @@ class _PoolingAttention(nn.Module):
         """query: [B, M, C], key and value: [B, N, C] -> (out [B, M, C], None), as the module returns."""
         attn = self.attn
         biases = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
-        q, k, v = (F.linear(t, weight, bias).reshape(t.shape[0], t.shape[1], attn.num_heads, -1).transpose(1, 2)
-                   for t, weight, bias in zip((query, key, value), attn.in_proj_weight.chunk(3), biases))  # [B, H, *, hd]
+        q, k, v = (
+            F.linear(t, weight, bias).reshape(t.shape[0], t.shape[1], attn.num_heads, -1).transpose(1, 2)
+            for t, weight, bias in zip((query, key, value), attn.in_proj_weight.chunk(3), biases)
+        )  # [B, H, *, hd]
         out = scaled_attention(q, k, v, dropout=attn.dropout if attn.training else 0.0)  # [B, H, M, hd]
         return attn.out_proj(out.transpose(1, 2).reshape(query.shape)), None
 
@@ -183,11 +196,20 @@ class HFTransformersAdapter:
 
     def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
         norm1, attn, after_attn, norm2, mlp, after_mlp = LAYERS[type(block).__name__]
+
         def layers(*names: str) -> list[nn.Module]:
             return [getattr(block, name) for name in names]
 
-        return PreNormToMeBlock(hf_tome_attention, *layers(norm1, attn), layers(*after_attn),
-                                *layers(norm2, mlp), layers(*after_mlp), r, num_prefix, formulation)
+        return PreNormToMeBlock(
+            hf_tome_attention,
+            *layers(norm1, attn),
+            layers(*after_attn),
+            *layers(norm2, mlp),
+            layers(*after_mlp),
+            r,
+            num_prefix,
+            formulation,
+        )
 
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         parent, attr, _ = _layer_list(model)
@@ -203,8 +225,10 @@ class HFTransformersAdapter:
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         embeddings, _ = _embeddings(model)
-        count = sum(isinstance(getattr(embeddings, n, None), torch.Tensor)
-                    for n in ("cls_token", "distillation_token", "class_embedding"))
+        count = sum(
+            isinstance(getattr(embeddings, n, None), torch.Tensor)
+            for n in ("cls_token", "distillation_token", "class_embedding")
+        )
         registers = getattr(embeddings, "register_tokens", None)
         return count + (int(registers.shape[1]) if isinstance(registers, torch.Tensor) else 0)
 
@@ -260,14 +284,19 @@ def load_source(source: ModelSource) -> LoadedModel:
     """A claimed source as a LoadedModel at the image size its config.json gives."""
     name = source.name
     if source.checkpoint or source.arch:
-        raise InvalidInputError(f"{name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint and --model")
-    model, weights = load_hf(name if name.startswith(HUB_PREFIX) else str(Path(name).expanduser()),
-                             pretrained=source.pretrained)
+        raise InvalidInputError(
+            f"{name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint and --model"
+        )
+    model, weights = load_hf(
+        name if name.startswith(HUB_PREFIX) else str(Path(name).expanduser()), pretrained=source.pretrained
+    )
     adapter = adapter_for(model)
     native = adapter.data_config(model)["input_size"][-1]
     if source.img_size is not None and source.img_size != native:
-        raise InvalidInputError(f"{name} is configured for {native} px images; drop --img-size {source.img_size} "
-                                "(change image_size in its config.json to export another size)")
+        raise InvalidInputError(
+            f"{name} is configured for {native} px images; drop --img-size {source.img_size} "
+            "(change image_size in its config.json to export another size)"
+        )
     return LoadedModel(model, adapter, type(model.hf).__name__, weights, random_weights=False, seed=None)
 
 
@@ -295,12 +324,16 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
     try:
         import transformers
     except ImportError as err:
-        raise MissingDependencyError(f"Hugging Face models need transformers: pip install 'tome-deploy[families]' ({err})") from err
+        raise MissingDependencyError(
+            f"Hugging Face models need transformers: pip install 'tome-deploy[families]' ({err})"
+        ) from err
     transformers.utils.logging.disable_progress_bar()  # keep stderr to our lines
     local = not source.startswith(HUB_PREFIX)
-    where = source if local else source[len(HUB_PREFIX):]
+    where = source if local else source[len(HUB_PREFIX) :]
     if not local and not pretrained:
-        raise ModelLoadError(f"{source} names hub weights; pass --pretrained to download them (or a local save_pretrained folder)")
+        raise ModelLoadError(
+            f"{source} names hub weights; pass --pretrained to download them (or a local save_pretrained folder)"
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=local)
     except Exception as err:

@@ -38,7 +38,9 @@ def _open_clip():
     try:
         import open_clip
     except ImportError as err:
-        raise MissingDependencyError(f"OpenCLIP models need open_clip_torch: pip install 'tome-deploy[families]' ({err})") from err
+        raise MissingDependencyError(
+            f"OpenCLIP models need open_clip_torch: pip install 'tome-deploy[families]' ({err})"
+        ) from err
     return open_clip
 
 
@@ -51,8 +53,10 @@ def mha_tome_attention(
     """
     batch, tokens, dim = x.shape
     heads = attn.num_heads
-    q, k, v = (t.reshape(batch, tokens, heads, dim // heads).transpose(1, 2)
-               for t in F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))  # [B, H, N, hd]
+    q, k, v = (
+        t.reshape(batch, tokens, heads, dim // heads).transpose(1, 2)
+        for t in F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    )  # [B, H, N, hd]
     bias = None if size is None else proportional_attention_bias(size).to(q.dtype)  # [B, 1, 1, N]
     out = scaled_attention(q, k, v, bias, dropout=attn.dropout if attn.training else 0.0)  # [B, H, N, hd]
     return attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim)), k
@@ -83,22 +87,44 @@ class OpenClipAdapter:
         from open_clip.transformer import ResidualAttentionBlock
 
         if not getattr(model.transformer, "batch_first", False):
-            raise UnsupportedModelError("this OpenCLIP tower runs its transformer sequence-first; ToMe supports batch_first towers (open_clip >= 2.22)")
+            raise UnsupportedModelError(
+                "this OpenCLIP tower runs its transformer sequence-first; ToMe supports batch_first towers (open_clip >= 2.22)"
+            )
         if getattr(model, "output_tokens", False):
-            raise UnsupportedModelError("the OpenCLIP tower returns its tokens (output_tokens=True); ToMe exports the pooled image embedding only")
+            raise UnsupportedModelError(
+                "the OpenCLIP tower returns its tokens (output_tokens=True); ToMe exports the pooled image embedding only"
+            )
         for i, block in enumerate(model.transformer.resblocks):
             attn = getattr(block, "attn", None)
-            if type(block) is not ResidualAttentionBlock or not isinstance(attn, nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
-                raise UnsupportedModelError(f"block {i} of the OpenCLIP tower is {type(block).__name__}; ToMe supports ResidualAttentionBlock with nn.MultiheadAttention")
+            if (
+                type(block) is not ResidualAttentionBlock
+                or not isinstance(attn, nn.MultiheadAttention)
+                or hasattr(block, "ln_1_kv")
+            ):
+                raise UnsupportedModelError(
+                    f"block {i} of the OpenCLIP tower is {type(block).__name__}; ToMe supports ResidualAttentionBlock with nn.MultiheadAttention"
+                )
             if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
-                raise UnsupportedModelError(f"block {i}'s nn.MultiheadAttention has separate q/k/v weights or extra key/value bias; ToMe supports the packed in_proj form")
+                raise UnsupportedModelError(
+                    f"block {i}'s nn.MultiheadAttention has separate q/k/v weights or extra key/value bias; ToMe supports the packed in_proj form"
+                )
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.transformer.resblocks)
 
     def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
-        return PreNormToMeBlock(mha_tome_attention, block.ln_1, block.attn, [block.ls_1],
-                                block.ln_2, block.mlp, [block.ls_2], r, num_prefix, formulation)
+        return PreNormToMeBlock(
+            mha_tome_attention,
+            block.ln_1,
+            block.attn,
+            [block.ls_1],
+            block.ln_2,
+            block.mlp,
+            [block.ls_2],
+            r,
+            num_prefix,
+            formulation,
+        )
 
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         model.transformer = _TransformerCall(blocks)
@@ -141,9 +167,11 @@ ADAPTER = OpenClipAdapter()
 def load_open_clip(name: str, *, checkpoint_state: Optional[dict], img_size: Optional[int], seed: int) -> nn.Module:
     """open_clip:<arch> -> its image tower (eval mode), random (seeded) or with `checkpoint_state` loaded."""
     open_clip = _open_clip()
-    arch = name[len(PREFIX):]
+    arch = name[len(PREFIX) :]
     if arch not in open_clip.list_models():
-        raise ModelLoadError(f"unknown OpenCLIP architecture {arch!r}; see open_clip.list_models() (e.g. open_clip:ViT-B-32)")
+        raise ModelLoadError(
+            f"unknown OpenCLIP architecture {arch!r}; see open_clip.list_models() (e.g. open_clip:ViT-B-32)"
+        )
     kwargs = {} if img_size is None else {"force_image_size": img_size}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -156,7 +184,9 @@ def load_open_clip(name: str, *, checkpoint_state: Optional[dict], img_size: Opt
             logging.disable(logging.NOTSET)
     visual = model.visual
     if checkpoint_state is not None:
-        state = {k[len("visual."):]: v for k, v in checkpoint_state.items() if k.startswith("visual.")} or dict(checkpoint_state)
+        state = {k[len("visual.") :]: v for k, v in checkpoint_state.items() if k.startswith("visual.")} or dict(
+            checkpoint_state
+        )
         missing, unexpected = visual.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ModelLoadError(
@@ -178,8 +208,14 @@ def load_source(source: ModelSource) -> LoadedModel:
         raise InvalidInputError(f"{name}: OpenCLIP weights are given with --checkpoint PATH (no hub is used)")
     if not source.checkpoint:
         visual = load_open_clip(name, checkpoint_state=None, img_size=source.img_size, seed=source.seed)
-        return LoadedModel(visual, adapter_for(visual), name, f"random init (seed {source.seed}) — no pretrained weights",
-                           random_weights=True, seed=source.seed)
+        return LoadedModel(
+            visual,
+            adapter_for(visual),
+            name,
+            f"random init (seed {source.seed}) — no pretrained weights",
+            random_weights=True,
+            seed=source.seed,
+        )
     path = existing_checkpoint(source.checkpoint)
     state = read_state_dict(path, trust_pickle=source.trust_pickle)
     visual = load_open_clip(name, checkpoint_state=state, img_size=source.img_size, seed=source.seed)

@@ -35,8 +35,10 @@ def apply_tome(
     shape = describe(adapter, model)
     schedule = resolve_schedule(r, shape.tokens, shape.depth, shape.num_prefix, strict)
     tome = copy.deepcopy(model)
-    blocks = [adapter.tome_block(block, r_eff, schedule.num_prefix, formulation)
-              for block, r_eff in zip(adapter.blocks(tome), schedule.effective)]
+    blocks = [
+        adapter.tome_block(block, r_eff, schedule.num_prefix, formulation)
+        for block, r_eff in zip(adapter.blocks(tome), schedule.effective)
+    ]
     adapter.install(tome, ToMeBlocks(blocks, adapter, shape, schedule))
     return tome, schedule
 

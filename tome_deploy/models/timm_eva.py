@@ -55,8 +55,10 @@ def eva_tome_attention(
             qkv = F.linear(x, attn.qkv.weight, bias)
         q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
-        q, k, v = (proj(x).reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, H, N, hd] each
+        q, k, v = (
+            proj(x).reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )  # [B, H, N, hd] each
     q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         p, half = attn.num_prefix_tokens, attn.rotate_half
@@ -82,7 +84,11 @@ class EvaToMeBlock(nn.Module):
         self.merger = TokenMerger(r, num_prefix, formulation) if r > 0 else None
 
     def forward(
-        self, x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor], rope: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        size: Optional[torch.Tensor],
+        source: Optional[torch.Tensor],
+        rope: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         attn_out, keys = eva_tome_attention(self.attn, self.norm1(x), size, rope)
         if self.gamma_1 is not None:
@@ -123,12 +129,18 @@ class TimmEvaAdapter:
         _, block_cls, attention_cls = _eva_classes()
         name = type(model).__name__
         if getattr(model, "rope_mixed", False):
-            raise UnsupportedModelError(f"{name} uses mixed (per-depth, learned) RoPE; ToMe supports Eva models with one rotary table")
+            raise UnsupportedModelError(
+                f"{name} uses mixed (per-depth, learned) RoPE; ToMe supports Eva models with one rotary table"
+            )
         if getattr(model, "dynamic_img_size", False):
-            raise UnsupportedModelError(f"{name} was built with dynamic_img_size; ToMe needs a fixed image size (create it without dynamic_img_size)")
+            raise UnsupportedModelError(
+                f"{name} was built with dynamic_img_size; ToMe needs a fixed image size (create it without dynamic_img_size)"
+            )
         rope = getattr(model, "rope", None)
         if rope is not None and not hasattr(rope, "feat_shape"):
-            raise UnsupportedModelError(f"{name} uses {type(rope).__name__}, whose table needs a grid at run time; ToMe supports RotaryEmbeddingCat-style tables")
+            raise UnsupportedModelError(
+                f"{name} uses {type(rope).__name__}, whose table needs a grid at run time; ToMe supports RotaryEmbeddingCat-style tables"
+            )
         for i, block in enumerate(model.blocks):
             if type(block) is not block_cls or type(block.attn) is not attention_cls:
                 raise UnsupportedModelError(

@@ -64,13 +64,13 @@ def tokens_at_input(model: nn.Module) -> int:
 
 def mlp_ratio(model: nn.Module) -> float:
     """The MLP's width as the FLOP rule's ratio: 16 N C^2 FLOPs for a 4x MLP (two C x 4C matmuls)."""
-    mlp = next(m.mlp for m in model.blocks.modules() if isinstance(getattr(m, "mlp", None), nn.Module))  # timm or ToMe blocks
+    mlp = next(
+        m.mlp for m in model.blocks.modules() if isinstance(getattr(m, "mlp", None), nn.Module)
+    )  # timm or ToMe blocks
     return mlp_width_ratio(mlp, int(model.embed_dim))
 
 
-def tome_attention(
-    attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tome_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """timm Attention.forward with proportional attention; also returns the keys, which matching averages over heads.
 
     x: [B, N, C], size: [B, N, 1] or None (all ones) -> (out [B, N, C], keys [B, H, N, hd]).
@@ -108,8 +108,18 @@ class TimmViTAdapter:
         return list(model.blocks)
 
     def tome_block(self, block: nn.Module, r: int, num_prefix: int, formulation: MergeFormulation) -> nn.Module:
-        return PreNormToMeBlock(tome_attention, block.norm1, block.attn, [block.ls1, block.drop_path1],
-                                block.norm2, block.mlp, [block.ls2, block.drop_path2], r, num_prefix, formulation)
+        return PreNormToMeBlock(
+            tome_attention,
+            block.norm1,
+            block.attn,
+            [block.ls1, block.drop_path1],
+            block.norm2,
+            block.mlp,
+            [block.ls2, block.drop_path2],
+            r,
+            num_prefix,
+            formulation,
+        )
 
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         model.grad_checkpointing = False  # checkpoint_seq would call the blocks without sizes

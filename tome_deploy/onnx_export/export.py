@@ -90,8 +90,11 @@ def _add_rows_node(x, src, rows):
 def translation_table(merge: MergeFormulation | str) -> dict:
     """{torch op overload: onnxscript translation} for every custom op a ToMe model traces to: core.merge's
     ops, and those of the merge formulation (the plugin's fused op becomes one tome::TokenMerge node per block)."""
-    table = {GATHER_TOKENS_OVERLOAD: _gather_tokens_node, DESTINATION_ROWS_OVERLOAD: _destination_rows_node,
-             ADD_ROWS_OVERLOAD: _add_rows_node}
+    table = {
+        GATHER_TOKENS_OVERLOAD: _gather_tokens_node,
+        DESTINATION_ROWS_OVERLOAD: _destination_rows_node,
+        ADD_ROWS_OVERLOAD: _add_rows_node,
+    }
     table.update(get_formulation(merge).onnx_translations())
     return table
 
@@ -119,7 +122,9 @@ def export_onnx(
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as err:
-        raise MissingDependencyError(f"ONNX export needs onnx and onnxscript: pip install onnx onnxscript ({err})") from err
+        raise MissingDependencyError(
+            f"ONNX export needs onnx and onnxscript: pip install onnx onnxscript ({err})"
+        ) from err
     formulation = formulation_named(metadata.merge)
     spec.check_opset(metadata.opset)
     path = check_output_path(output)
@@ -135,7 +140,13 @@ def export_onnx(
     start = time.perf_counter()
     tome_model = tome_model.eval()
     try:
-        with _quiet_exporter(), explicit_attention(tome_model), onnx_export_tracing(topk_ties=metadata.target != "tensorrt"), torch.inference_mode(False), torch.no_grad():
+        with (
+            _quiet_exporter(),
+            explicit_attention(tome_model),
+            onnx_export_tracing(topk_ties=metadata.target != "tensorrt"),
+            torch.inference_mode(False),
+            torch.no_grad(),
+        ):
             program = torch.onnx.export(
                 tome_model,
                 (example,),
@@ -173,7 +184,9 @@ def export_onnx(
     return ExportResult(path, metadata, time.perf_counter() - start)
 
 
-def export_plain(model: torch.nn.Module, metadata: ToMeMetadata, output: str | Path, *, spec: ExportSpec = EXPORT_SPEC) -> Path:
+def export_plain(
+    model: torch.nn.Module, metadata: ToMeMetadata, output: str | Path, *, spec: ExportSpec = EXPORT_SPEC
+) -> Path:
     """The baseline a user has without ToMe: torch.onnx.export of the unpatched model as it is (its own
     attention kernels, no tome-deploy rewriting), same input size, batch and opset as `metadata`."""
     dynamic = metadata.batch is None
@@ -181,11 +194,20 @@ def export_plain(model: torch.nn.Module, metadata: ToMeMetadata, output: str | P
     dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=spec.max_batch)},) if dynamic else None
     try:
         with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
-            program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=metadata.opset, verbose=False,
-                                        input_names=[spec.input_name], output_names=[spec.output_name],
-                                        dynamic_shapes=dynamic_shapes)
+            program = torch.onnx.export(
+                model.eval(),
+                (example,),
+                dynamo=True,
+                opset_version=metadata.opset,
+                verbose=False,
+                input_names=[spec.input_name],
+                output_names=[spec.output_name],
+                dynamic_shapes=dynamic_shapes,
+            )
     except Exception as err:  # the exporter raises many private types
-        raise ExportError(f"torch.onnx.export of the plain model failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
+        raise ExportError(
+            f"torch.onnx.export of the plain model failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        ) from err
     path = check_output_path(output)
     model_proto = _model_proto(program)
     return write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))

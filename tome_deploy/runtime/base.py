@@ -35,7 +35,9 @@ class Runner(ABC):
     def activate(self) -> None:
         """Load the session or engine; infer works from now until deactivate."""
         if self._active:
-            raise RunnerStateError(f"the {self.name} runner is already active; deactivate it before activating it again")
+            raise RunnerStateError(
+                f"the {self.name} runner is already active; deactivate it before activating it again"
+            )
         self._load()
         self._active = True
 
@@ -48,7 +50,9 @@ class Runner(ABC):
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._active:
-            raise RunnerStateError(f"the {self.name} runner is not active; call activate() first, or use it as `with runner:`")
+            raise RunnerStateError(
+                f"the {self.name} runner is not active; call activate() first, or use it as `with runner:`"
+            )
         return self._run(feed)
 
     def __enter__(self: RunnerT) -> RunnerT:

@@ -19,8 +19,13 @@ RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 OPENVINO_IR_SUFFIX = ".xml"
 
 
-def open_runner(path: str | Path, runtime: str = "onnxruntime", *, providers: Sequence[str] = CPU_PROVIDERS,
-                threads: int | None = None) -> Runner:
+def open_runner(
+    path: str | Path,
+    runtime: str = "onnxruntime",
+    *,
+    providers: Sequence[str] = CPU_PROVIDERS,
+    threads: int | None = None,
+) -> Runner:
     """The inactive runner for `path`: a tome-build engine in TensorRT (MissingDependencyError without an
     importable TensorRT; an engine built for another TensorRT or GPU is refused), an OpenVINO IR (.xml) in
     OpenVINO, an ONNX file in `runtime`: ONNX Runtime with exactly `providers` active, or OpenVINO on CPU."""
@@ -46,7 +51,9 @@ def _engine_runner(path: str | Path, runtime: str, providers: Sequence[str], thr
     if runtime != "onnxruntime":
         raise InvalidInputError(f"--runtime {runtime} runs ONNX files; an engine runs in TensorRT: drop --runtime")
     if tuple(providers) != CPU_PROVIDERS or threads:
-        raise InvalidInputError("--device, --providers and --threads apply to ONNX files; an engine runs on the GPU it was built for, drop them")
+        raise InvalidInputError(
+            "--device, --providers and --threads apply to ONNX files; an engine runs on the GPU it was built for, drop them"
+        )
     from tome_deploy.runtime.tensorrt import TensorRTRunner
 
     return TensorRTRunner(path)

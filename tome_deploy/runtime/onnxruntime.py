@@ -45,12 +45,15 @@ class OnnxRuntimeRunner(Runner):
         except Exception as err:
             if isinstance(err, ToMeError):
                 raise
-            raise InvalidInputError(f"ONNX Runtime cannot load {self.path} ({error_reason(err)}); re-export it with "
-                                    "tome-export") from err
+            raise InvalidInputError(
+                f"ONNX Runtime cannot load {self.path} ({error_reason(err)}); re-export it with tome-export"
+            ) from err
         active = session.get_providers()
         missing = [p for p in self.providers if p not in active]
         if missing:
-            raise InvalidInputError(f"ONNX Runtime providers {missing} are not active (active: {active}); install the matching onnxruntime build")
+            raise InvalidInputError(
+                f"ONNX Runtime providers {missing} are not active (active: {active}); install the matching onnxruntime build"
+            )
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]

@@ -18,7 +18,9 @@ def import_openvino():
     try:
         import openvino
     except ImportError as err:
-        raise MissingDependencyError(f"--runtime openvino needs OpenVINO, which is not installed: {OPENVINO_EXTRA}") from err
+        raise MissingDependencyError(
+            f"--runtime openvino needs OpenVINO, which is not installed: {OPENVINO_EXTRA}"
+        ) from err
     return openvino
 
 

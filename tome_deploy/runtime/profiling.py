@@ -70,8 +70,14 @@ def merger_node_names(onnx_path: str | Path) -> set[str]:
     return names
 
 
-def profile_side_by_side(runtime: str, models: dict[str, str | Path], input_name: str, batch_input: np.ndarray,
-                         runs: int = 5, threads: int | None = None) -> dict[str, Profile]:
+def profile_side_by_side(
+    runtime: str,
+    models: dict[str, str | Path],
+    input_name: str,
+    batch_input: np.ndarray,
+    runs: int = 5,
+    threads: int | None = None,
+) -> dict[str, Profile]:
     """Per-node time of each model over `runs` passes, the models taking turns pass by pass: ONNX Runtime's
     profiler (full graph optimisation, as deployed; merge nodes keep their export names) or OpenVINO's
     per-layer counters (CPU, fp32)."""
@@ -99,7 +105,9 @@ def _onnxruntime_profiles(models, input_name, batch_input, runs, threads) -> dic
                 key = (event["name"][: -len("_kernel_time")], event.get("args", {}).get("op_name", "?"))
                 per_node[key] = per_node.get(key, 0.0) + event["dur"] / (runs + 1)
         # Fusions (attention, LayerNorm, GELU) rename the nodes they absorb: those count as "other".
-        profiles[label] = Profile([LayerTime(node, op, us, node in merger_nodes) for (node, op), us in per_node.items()])
+        profiles[label] = Profile(
+            [LayerTime(node, op, us, node in merger_nodes) for (node, op), us in per_node.items()]
+        )
     return profiles
 
 
@@ -126,7 +134,9 @@ def _openvino_profiles(models, input_name, batch_input, runs, threads) -> dict[s
         for label, path in models.items():
             runners[label] = active.enter_context(OpenVINORunner(path, threads=threads, profile=True))
             onnx_nodes = {node.name for node in load_onnx(path).graph.node}
-            merge_layers[label] = openvino_merge_layers(runners[label].compiled.get_runtime_model(), merger_node_names(path), onnx_nodes)
+            merge_layers[label] = openvino_merge_layers(
+                runners[label].compiled.get_runtime_model(), merger_node_names(path), onnx_nodes
+            )
         totals: dict[str, dict[tuple[str, str], float]] = {label: {} for label in models}
         for index in range(runs + 1):
             for label, runner in runners.items():
@@ -137,8 +147,10 @@ def _openvino_profiles(models, input_name, batch_input, runs, threads) -> dict[s
                     if layer.status == layer.Status.EXECUTED:
                         key = (layer.node_name, layer.node_type)
                         totals[label][key] = totals[label].get(key, 0.0) + layer.real_time.total_seconds() * 1e6 / runs
-    return {label: Profile([LayerTime(name, op, us, name in merge_layers[label]) for (name, op), us in found.items()])
-            for label, found in totals.items()}
+    return {
+        label: Profile([LayerTime(name, op, us, name in merge_layers[label]) for (name, op), us in found.items()])
+        for label, found in totals.items()
+    }
 
 
 def openvino_merge_layers(runtime_model, merger_nodes: set[str], onnx_nodes: set[str]) -> set[str]:
@@ -152,16 +164,32 @@ def openvino_merge_layers(runtime_model, merger_nodes: set[str], onnx_nodes: set
     merge = {name for name, sources in origins.items() if sources & onnx_nodes and sources & onnx_nodes <= merger_nodes}
     for op in reversed(ops):  # readers before the layers they read
         name = op.get_friendly_name()
-        readers = [target.get_node().get_friendly_name() for output in op.outputs() for target in output.get_target_inputs()]
+        readers = [
+            target.get_node().get_friendly_name() for output in op.outputs() for target in output.get_target_inputs()
+        ]
         if not origins[name] & onnx_nodes and readers and all(reader in merge for reader in readers):
             merge.add(name)
     return merge
 
 
 # Op types that only exist after a fusion (ONNX Runtime's com.microsoft contrib ops and fused kernels).
-FUSED_OP_TYPES = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "SimplifiedLayerNormalization",
-                  "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "FusedMatMul", "FusedGemm", "FusedConv", "MatMulNBits",
-                  "BiasSoftmax", "NhwcConv")
+FUSED_OP_TYPES = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "Gelu",
+    "FastGelu",
+    "BiasGelu",
+    "QuickGelu",
+    "FusedMatMul",
+    "FusedGemm",
+    "FusedConv",
+    "MatMulNBits",
+    "BiasSoftmax",
+    "NhwcConv",
+)
 
 
 def fusions_fired(onnx_path: str | Path) -> dict[str, int]:
@@ -186,4 +214,3 @@ def fusions_fired(onnx_path: str | Path) -> dict[str, int]:
         after = counts(onnx.load(optimized))
     before = counts(onnx.load(str(onnx_path), load_external_data=False))
     return {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
-

@@ -45,7 +45,9 @@ class TensorRTRunner(Runner):
             self.trt.init_libnvinfer_plugins(logger, "")
         engine = self.trt.Runtime(logger).deserialize_cuda_engine(self.plan.read_bytes())
         if engine is None:
-            raise EngineMismatchError(f"{self.backend.name} {self.backend.version} could not load {self.plan}; rebuild it with tome-build")
+            raise EngineMismatchError(
+                f"{self.backend.name} {self.backend.version} could not load {self.plan}; rebuild it with tome-build"
+            )
         self.engine, self.context = engine, engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.OUTPUT]
@@ -66,7 +68,9 @@ class TensorRTRunner(Runner):
         self.context.set_tensor_address(name, device_input.data_ptr())
         outputs = {}
         for output in self.output_names:
-            buffer = torch.empty(tuple(self.context.get_tensor_shape(output)), dtype=self._torch_dtype(output), device="cuda")
+            buffer = torch.empty(
+                tuple(self.context.get_tensor_shape(output)), dtype=self._torch_dtype(output), device="cuda"
+            )
             self.context.set_tensor_address(output, buffer.data_ptr())
             outputs[output] = buffer
         return outputs
@@ -80,7 +84,9 @@ class TensorRTRunner(Runner):
         name = self.sidecar.input_name
         pixels = np.asarray(feed[name])
         if list(pixels.shape[1:]) != self.sidecar.input_shape:
-            raise InvalidInputError(f"{name} must be [batch, {', '.join(map(str, self.sidecar.input_shape))}], got {list(pixels.shape)}")
+            raise InvalidInputError(
+                f"{name} must be [batch, {', '.join(map(str, self.sidecar.input_shape))}], got {list(pixels.shape)}"
+            )
         self.sidecar.profiles[0].check(pixels.shape[0])
         device_input = torch.from_numpy(np.ascontiguousarray(pixels)).to("cuda", self._torch_dtype(name))
         outputs = self.bind(device_input)

@@ -55,7 +55,9 @@ class TensorRTBackend:
         key = "SM" + capability.lower().removeprefix("sm").replace(".", "")
         if key not in members or key in ("SMNONE", "SMCURRENT"):
             offered = ", ".join(m.removeprefix("SM") for m in members if m.startswith("SM"))
-            raise InvalidInputError(f"--compute-capability {capability} is not offered by {self.name} {self.version}; choose one of {offered}")
+            raise InvalidInputError(
+                f"--compute-capability {capability} is not offered by {self.name} {self.version}; choose one of {offered}"
+            )
         return members[key]
 
 

@@ -41,14 +41,23 @@ def time_interleaved(
     """Median latency per model over `rounds`, each round running every model once in turn."""
     feed = {input_name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
     with contextlib.ExitStack() as active:
-        runners = {name: active.enter_context(open_runner(path, runtime, threads=threads)) for name, path in models.items()}
-        medians = time_side_by_side({name: functools.partial(runner.infer, feed) for name, runner in runners.items()},
-                                    rounds=rounds, warmup=warmup)
+        runners = {
+            name: active.enter_context(open_runner(path, runtime, threads=threads)) for name, path in models.items()
+        }
+        medians = time_side_by_side(
+            {name: functools.partial(runner.infer, feed) for name, runner in runners.items()},
+            rounds=rounds,
+            warmup=warmup,
+        )
     return {name: Timing(name, batch, median) for name, median in medians.items()}
 
 
 def time_side_by_side(
-    runs: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1, iterations: int = 1,
+    runs: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int = 1,
+    iterations: int = 1,
     sync: Optional[Callable[[], None]] = None,
 ) -> dict[str, float]:
     """Median seconds per call of each entry; each round calls every entry `iterations` times in a row, in

@@ -121,11 +121,20 @@ def model_metadata(served_model: ServedModel, settings: ServeSettings) -> dict:
         "outputs": [spec.to_json() for spec in served_model.outputs],
         "max_batch_size": settings.policy.max_batch,
         "tome": {
-            "model": meta.model, "schedule": meta.schedule, "r_effective": meta.r_effective,
-            "tokens_per_layer": meta.tokens_per_layer, "num_prefix_tokens": meta.num_prefix_tokens,
-            "theoretical_speedup": meta.theoretical_speedup, "merge": meta.merge, "precision": meta.precision,
-            "input_size": meta.input_size, "mean": meta.mean, "std": meta.std,
-            "interpolation": meta.interpolation, "crop_pct": meta.crop_pct, "exported_batch": meta.batch,
+            "model": meta.model,
+            "schedule": meta.schedule,
+            "r_effective": meta.r_effective,
+            "tokens_per_layer": meta.tokens_per_layer,
+            "num_prefix_tokens": meta.num_prefix_tokens,
+            "theoretical_speedup": meta.theoretical_speedup,
+            "merge": meta.merge,
+            "precision": meta.precision,
+            "input_size": meta.input_size,
+            "mean": meta.mean,
+            "std": meta.std,
+            "interpolation": meta.interpolation,
+            "crop_pct": meta.crop_pct,
+            "exported_batch": meta.batch,
         },
     }
 
@@ -140,8 +149,12 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
 
     settings = settings_for(served_model, settings)
     metrics = ServingMetrics(settings.policy.max_batch, lambda: batcher.queued)
-    batcher = DynamicBatcher(lambda feed: run_padded(runner, served_model, feed), settings.policy, on_batch=metrics.record_batch)
-    decoder = named_executor("tome-decode")  # request bodies -> arrays, off the event loop (JSON and images take a while)
+    batcher = DynamicBatcher(
+        lambda feed: run_padded(runner, served_model, feed), settings.policy, on_batch=metrics.record_batch
+    )
+    decoder = named_executor(
+        "tome-decode"
+    )  # request bodies -> arrays, off the event loop (JSON and images take a while)
     metadata = model_metadata(served_model, settings)
     image_input, output_name = served_model.image_input, served_model.outputs[0].name
 
@@ -154,7 +167,9 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
     def check_model(request: Request) -> None:
         name, version = request.path_params["model"], request.path_params.get("version", MODEL_VERSION)
         if name != settings.model_name or version != MODEL_VERSION:
-            raise UnknownModelError(f"model {name!r} version {version!r} is not served here; this server serves {settings.model_name!r} version {MODEL_VERSION}")
+            raise UnknownModelError(
+                f"model {name!r} version {version!r} is not served here; this server serves {settings.model_name!r} version {MODEL_VERSION}"
+            )
 
     async def read_body(request: Request) -> bytes:
         """The whole body, refused past max_body_bytes. A refused body is still read to its end (and dropped):
@@ -167,11 +182,17 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
                     if size <= settings.max_body_bytes:
                         chunks.append(chunk)
         except TimeoutError:
-            raise BodyTimeoutError(f"the body did not arrive within {settings.body_timeout_s:g}s ({size} bytes so far); send it at once, or raise --body-timeout-s") from None
+            raise BodyTimeoutError(
+                f"the body did not arrive within {settings.body_timeout_s:g}s ({size} bytes so far); send it at once, or raise --body-timeout-s"
+            ) from None
         if size > settings.max_body_bytes:
-            raise BodyTooLargeError(f"the body has {size} bytes, over the limit of {settings.max_body_bytes}; send fewer rows per request or raise --max-body-mb")
+            raise BodyTooLargeError(
+                f"the body has {size} bytes, over the limit of {settings.max_body_bytes}; send fewer rows per request or raise --max-body-mb"
+            )
         if request.headers.get("content-encoding", "identity").lower() != "identity":
-            raise UnsupportedEncodingError(f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed")
+            raise UnsupportedEncodingError(
+                f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
+            )
         return b"".join(chunks)
 
     def counted(endpoint: str, handler: Callable[[Request], Awaitable[Response]]):
@@ -190,7 +211,14 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
 
     async def infer(request: Request) -> Response:
         body = await read_body(request)
-        parsed = await decode(parse_infer_request, body, request.headers.get(HEADER_LENGTH), served_model.inputs, served_model.outputs, settings.policy.max_batch)
+        parsed = await decode(
+            parse_infer_request,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            served_model.inputs,
+            served_model.outputs,
+            settings.policy.max_batch,
+        )
         results = await batcher.infer(parsed.inputs, parsed.timeout_s)
         payload, header_length = encode_infer_response(settings.model_name, MODEL_VERSION, parsed, results)
         if header_length is None:
@@ -199,13 +227,18 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
 
     async def classify(request: Request) -> Response:
         k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k, served_model.num_classes)
-        pixels = await decode(image_to_input, await read_body(request), served_model.metadata, settings.max_image_pixels)
+        pixels = await decode(
+            image_to_input, await read_body(request), served_model.metadata, settings.max_image_pixels
+        )
         results = await batcher.infer({image_input.name: pixels.astype(DATATYPES[image_input.datatype])})
         check_finite_output(output_name, results[output_name])
-        return JSONResponse({
-            "model_name": settings.model_name, "model_version": MODEL_VERSION,
-            "predictions": top_k(results[output_name][0], k, settings.labels),
-        })
+        return JSONResponse(
+            {
+                "model_name": settings.model_name,
+                "model_version": MODEL_VERSION,
+                "predictions": top_k(results[output_name][0], k, settings.labels),
+            }
+        )
 
     async def model_info(request: Request) -> Response:
         try:

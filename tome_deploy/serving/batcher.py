@@ -48,9 +48,17 @@ class BatchPolicy:
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1:
-            raise InvalidInputError(f"max batch ({self.max_batch}) and max queue ({self.max_queue}) must be >= 1; pass positive values")
-        if not (math.isfinite(self.max_delay_s) and math.isfinite(self.timeout_s)) or self.max_delay_s < 0 or self.timeout_s <= 0:
-            raise InvalidInputError(f"max delay ({self.max_delay_s}s) must be >= 0 and timeout ({self.timeout_s}s) > 0; pass valid values")
+            raise InvalidInputError(
+                f"max batch ({self.max_batch}) and max queue ({self.max_queue}) must be >= 1; pass positive values"
+            )
+        if (
+            not (math.isfinite(self.max_delay_s) and math.isfinite(self.timeout_s))
+            or self.max_delay_s < 0
+            or self.timeout_s <= 0
+        ):
+            raise InvalidInputError(
+                f"max delay ({self.max_delay_s}s) must be >= 0 and timeout ({self.timeout_s}s) > 0; pass valid values"
+            )
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,9 @@ def split(outputs: Feed, rows: list[int]) -> list[Feed]:
 class DynamicBatcher:
     """Use from one event loop: `start()`, then `await infer(feed)`, and `await drain()` at shutdown."""
 
-    def __init__(self, run_batch: RunBatch, policy: BatchPolicy, on_batch: Optional[Callable[[BatchRecord], None]] = None):
+    def __init__(
+        self, run_batch: RunBatch, policy: BatchPolicy, on_batch: Optional[Callable[[BatchRecord], None]] = None
+    ):
         self.policy, self._run_batch, self._on_batch = policy, run_batch, on_batch
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
@@ -113,7 +123,9 @@ class DynamicBatcher:
         if not self.accepting:
             raise ServerBusyError("the server is shutting down; retry on another instance")
         if len(self._queue) >= self.policy.max_queue:
-            raise ServerBusyError(f"the queue is full ({self.policy.max_queue} requests waiting); retry later or raise --max-queue")
+            raise ServerBusyError(
+                f"the queue is full ({self.policy.max_queue} requests waiting); retry later or raise --max-queue"
+            )
         pending = _Pending(feed, rows, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._arrived.set()
@@ -124,7 +136,9 @@ class DynamicBatcher:
         except asyncio.TimeoutError:
             if pending in self._queue:
                 self._queue.remove(pending)  # never started: nobody computes it
-            raise RequestTimeoutError(f"the request did not finish within {limit:g}s; retry, send smaller batches, or raise the timeout") from None
+            raise RequestTimeoutError(
+                f"the request did not finish within {limit:g}s; retry, send smaller batches, or raise the timeout"
+            ) from None
 
     async def drain(self) -> None:
         """Refuse new requests, finish every queued and running one, then stop the worker thread."""
@@ -171,9 +185,13 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, [p.feed for p in batch], [p.rows for p in batch])
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._compute, [p.feed for p in batch], [p.rows for p in batch]
+            )
         except Exception as err:  # noqa: BLE001 - the model's own error types vary by backend
-            failure = InferenceFailedError(f"the model failed on a batch of {sum(p.rows for p in batch)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            failure = InferenceFailedError(
+                f"the model failed on a batch of {sum(p.rows for p in batch)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            )
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(failure)
@@ -183,4 +201,8 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result(result)
         if self._on_batch is not None:
-            self._on_batch(BatchRecord(sum(p.rows for p in batch), len(batch), tuple(started - p.enqueued for p in batch), compute_s))
+            self._on_batch(
+                BatchRecord(
+                    sum(p.rows for p in batch), len(batch), tuple(started - p.enqueued for p in batch), compute_s
+                )
+            )

@@ -21,14 +21,22 @@ def image_to_input(body: bytes, metadata: ToMeMetadata, max_pixels: int) -> np.n
     try:
         image = Image.open(io.BytesIO(body))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise InvalidInputError(f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file") from None
+        raise InvalidInputError(
+            f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file"
+        ) from None
     if image.width * image.height > max_pixels:
-        raise InvalidInputError(f"the image has {image.width}x{image.height} pixels, over --max-image-pixels {max_pixels}; send a smaller image (the model sees {metadata.input_size[1]}x{metadata.input_size[2]})")
+        raise InvalidInputError(
+            f"the image has {image.width}x{image.height} pixels, over --max-image-pixels {max_pixels}; send a smaller image (the model sees {metadata.input_size[1]}x{metadata.input_size[2]})"
+        )
     try:
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise InvalidInputError(f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file") from None
-    pixels = eval_transform(image, metadata.input_size, metadata.mean, metadata.std, metadata.crop_pct, metadata.interpolation)
+        raise InvalidInputError(
+            f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file"
+        ) from None
+    pixels = eval_transform(
+        image, metadata.input_size, metadata.mean, metadata.std, metadata.crop_pct, metadata.interpolation
+    )
     return pixels[None]  # [1, 3, H, W]
 
 
@@ -38,8 +46,7 @@ def top_k(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None) ->
     probabilities = np.exp(shifted) / np.exp(shifted).sum()
     order = np.argsort(-probabilities, kind="stable")[:k]
     return [
-        {"index": int(i), "score": float(probabilities[i]), **({"label": labels[i]} if labels else {})}
-        for i in order
+        {"index": int(i), "score": float(probabilities[i]), **({"label": labels[i]} if labels else {})} for i in order
     ]
 
 
@@ -61,7 +68,11 @@ def read_labels(path: str | Path, num_classes: int) -> tuple[str, ...]:
     try:
         labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"cannot read labels file {path} ({type(err).__name__}); pass a UTF-8 text file with one class name per line") from None
+        raise InvalidInputError(
+            f"cannot read labels file {path} ({type(err).__name__}); pass a UTF-8 text file with one class name per line"
+        ) from None
     if len(labels) != num_classes:
-        raise InvalidInputError(f"labels file {path} has {len(labels)} names but the model has {num_classes} classes; give one name per class, one per line")
+        raise InvalidInputError(
+            f"labels file {path} has {len(labels)} names but the model has {num_classes} classes; give one name per class, one per line"
+        )
     return labels

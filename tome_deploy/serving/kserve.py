@@ -31,12 +31,23 @@ class NonFiniteOutputError(ToMeError):
 
     exit_code = 3
 
+
 # KServe v2 datatype -> little-endian numpy dtype (BYTES and BF16 are not tensor types these models use).
 DATATYPES: dict[str, np.dtype] = {
     name: np.dtype(code).newbyteorder("<")
     for name, code in {
-        "BOOL": "?", "UINT8": "u1", "UINT16": "u2", "UINT32": "u4", "UINT64": "u8", "INT8": "i1", "INT16": "i2",
-        "INT32": "i4", "INT64": "i8", "FP16": "f2", "FP32": "f4", "FP64": "f8",
+        "BOOL": "?",
+        "UINT8": "u1",
+        "UINT16": "u2",
+        "UINT32": "u4",
+        "UINT64": "u8",
+        "INT8": "i1",
+        "INT16": "i2",
+        "INT32": "i4",
+        "INT64": "i8",
+        "FP16": "f2",
+        "FP32": "f4",
+        "FP64": "f8",
     }.items()
 }
 
@@ -45,7 +56,9 @@ def datatype_of(dtype: np.dtype) -> str:
     for name, candidate in DATATYPES.items():
         if np.dtype(dtype) == candidate:
             return name
-    raise InvalidInputError(f"tensor type {dtype} has no KServe v2 datatype; export the model with float32 inputs and outputs")
+    raise InvalidInputError(
+        f"tensor type {dtype} has no KServe v2 datatype; export the model with float32 inputs and outputs"
+    )
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,9 @@ def parse_infer_request(
     max_batch: int,
 ) -> InferRequest:
     """Decode and check one infer request against the model's tensors; axis 0 is the batch (1..max_batch)."""
-    json_limit = JSON_OVERHEAD_BYTES + JSON_BYTES_PER_VALUE * max_batch * sum(math.prod(spec.shape[1:]) for spec in inputs)
+    json_limit = JSON_OVERHEAD_BYTES + JSON_BYTES_PER_VALUE * max_batch * sum(
+        math.prod(spec.shape[1:]) for spec in inputs
+    )
     header, binary = _split_body(body, header_length, json_limit)
     request = _object(header, "the request")
     parameters = _object(request.get("parameters", {}), "'parameters'")
@@ -101,13 +116,17 @@ def parse_infer_request(
         array, offset = _decode_tensor(raw, by_name[name], binary, offset, max_batch)
         arrays[name] = array
     if offset != len(binary):
-        raise InvalidInputError(f"the body has {len(binary) - offset} binary bytes that no input claims; make binary_data_size match the data")
+        raise InvalidInputError(
+            f"the body has {len(binary) - offset} binary bytes that no input claims; make binary_data_size match the data"
+        )
     missing = [spec.name for spec in inputs if spec.name not in arrays]
     if missing:
         raise InvalidInputError(f"missing input(s) {missing}; this model takes {_names(inputs)}")
     rows = {len(array) for array in arrays.values()}
     if len(rows) > 1:
-        raise InvalidInputError(f"inputs disagree on the batch size ({sorted(rows)}); send the same number of rows for every input")
+        raise InvalidInputError(
+            f"inputs disagree on the batch size ({sorted(rows)}); send the same number of rows for every input"
+        )
     return InferRequest(
         id=_request_id(request.get("id")),
         inputs=arrays,
@@ -116,7 +135,9 @@ def parse_infer_request(
     )
 
 
-def encode_infer_response(model_name: str, version: str, request: InferRequest, results: dict[str, np.ndarray]) -> tuple[bytes, Optional[int]]:
+def encode_infer_response(
+    model_name: str, version: str, request: InferRequest, results: dict[str, np.ndarray]
+) -> tuple[bytes, Optional[int]]:
     """The response body and, when some outputs are binary, the JSON header's length (for the HTTP header)."""
     outputs, blobs = [], []
     for wanted in request.outputs:
@@ -141,8 +162,10 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest, 
 def check_finite_output(name: str, value: np.ndarray) -> None:
     if value.dtype.kind == "f" and not np.isfinite(value).all():
         bad = int(value.size - np.isfinite(value).sum())
-        raise NonFiniteOutputError(f"the model's output {name!r} has {bad} non-finite values (NaN or inf); the artifact is broken: "
-                                   "check it with tome-validate and re-export (binary_data outputs carry the raw values)")
+        raise NonFiniteOutputError(
+            f"the model's output {name!r} has {bad} non-finite values (NaN or inf); the artifact is broken: "
+            "check it with tome-validate and re-export (binary_data outputs carry the raw values)"
+        )
 
 
 def _split_body(body: bytes, header_length: Optional[str], json_limit: int) -> tuple[Any, bytes]:
@@ -154,15 +177,21 @@ def _split_body(body: bytes, header_length: Optional[str], json_limit: int) -> t
         except ValueError:
             raise InvalidInputError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
         if not 0 < length <= len(body):
-            raise InvalidInputError(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes; send the JSON header's byte length")
+            raise InvalidInputError(
+                f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes; send the JSON header's byte length"
+            )
         json_part, binary = body[:length], body[length:]
     if len(json_part) > json_limit:
-        raise InvalidInputError(f"the JSON part of the request has {len(json_part)} bytes, more than this model's largest request can need ({json_limit}); "
-                                "send fewer rows, or the tensors as binary data (Inference-Header-Content-Length)")
+        raise InvalidInputError(
+            f"the JSON part of the request has {len(json_part)} bytes, more than this model's largest request can need ({json_limit}); "
+            "send fewer rows, or the tensors as binary data (Inference-Header-Content-Length)"
+        )
     try:
         return json.loads(json_part), binary
     except RecursionError:
-        raise InvalidInputError("the request JSON is nested too deeply; send a KServe v2 infer request (tensors as flat 'data' lists)") from None
+        raise InvalidInputError(
+            "the request JSON is nested too deeply; send a KServe v2 infer request (tensors as flat 'data' lists)"
+        ) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise InvalidInputError(f"the request is not valid JSON ({err}); send a KServe v2 infer request") from None
 
@@ -170,44 +199,62 @@ def _split_body(body: bytes, header_length: Optional[str], json_limit: int) -> t
 def _decode_tensor(raw: dict, spec: TensorSpec, binary: bytes, offset: int, max_batch: int) -> tuple[np.ndarray, int]:
     """One request input -> array of the model's dtype and shape [n, ...]; also the new binary offset."""
     if raw.get("datatype") != spec.datatype:
-        raise InvalidInputError(f"input {spec.name!r} has datatype {raw.get('datatype')!r}; the model takes {spec.datatype}")
+        raise InvalidInputError(
+            f"input {spec.name!r} has datatype {raw.get('datatype')!r}; the model takes {spec.datatype}"
+        )
     shape = raw.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInputError(f"input {spec.name!r} needs 'shape' as a list of integers, e.g. {[1, *spec.shape[1:]]}")
     if len(shape) != len(spec.shape) or shape[1:] != list(spec.shape[1:]):
-        raise InvalidInputError(f"input {spec.name!r} has shape {shape}; the model takes [batch, {', '.join(map(str, spec.shape[1:]))}]")
+        raise InvalidInputError(
+            f"input {spec.name!r} has shape {shape}; the model takes [batch, {', '.join(map(str, spec.shape[1:]))}]"
+        )
     if not 1 <= shape[0] <= max_batch:
         raise InvalidInputError(f"input {spec.name!r} has batch {shape[0]}; send 1 to {max_batch} rows per request")
     dtype, count = DATATYPES[spec.datatype], math.prod(shape)
     parameters = _object(raw.get("parameters", {}), f"input {spec.name!r} 'parameters'")
     if "shared_memory_region" in parameters:
-        raise InvalidInputError(f"input {spec.name!r} uses shared memory, which this server does not offer; send the data in the body")
+        raise InvalidInputError(
+            f"input {spec.name!r} uses shared memory, which this server does not offer; send the data in the body"
+        )
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
-            raise InvalidInputError(f"input {spec.name!r} declares binary_data_size {size!r}; shape {shape} of {spec.datatype} needs {count * dtype.itemsize} bytes in the body")
+            raise InvalidInputError(
+                f"input {spec.name!r} declares binary_data_size {size!r}; shape {shape} of {spec.datatype} needs {count * dtype.itemsize} bytes in the body"
+            )
         array = np.frombuffer(binary, dtype, count, offset).reshape(shape)
         offset += size
     else:
         array = _json_tensor(raw.get("data"), spec, shape, dtype)
     if dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(array.size - np.isfinite(array).sum())
-        raise InvalidInputError(f"input {spec.name!r} has {bad} non-finite values (NaN or inf); send finite, normalised pixels")
+        raise InvalidInputError(
+            f"input {spec.name!r} has {bad} non-finite values (NaN or inf); send finite, normalised pixels"
+        )
     return array.astype(dtype.newbyteorder("="), copy=False), offset
 
 
 def _json_tensor(data: Any, spec: TensorSpec, shape: list[int], dtype: np.dtype) -> np.ndarray:
     if data is None:
-        raise InvalidInputError(f"input {spec.name!r} has neither 'data' nor a binary_data_size parameter; send one of them")
+        raise InvalidInputError(
+            f"input {spec.name!r} has neither 'data' nor a binary_data_size parameter; send one of them"
+        )
     try:
         values = np.asarray(data)
     except ValueError:
-        raise InvalidInputError(f"input {spec.name!r} 'data' is ragged; send a flat or evenly nested list of numbers") from None
+        raise InvalidInputError(
+            f"input {spec.name!r} 'data' is ragged; send a flat or evenly nested list of numbers"
+        ) from None
     allowed = "biuf" if dtype.kind == "f" else "biu" if dtype.kind in "iu" else "b"
     if values.dtype.kind not in allowed:
-        raise InvalidInputError(f"input {spec.name!r} 'data' holds {values.dtype.kind!r}-kind values, not {spec.datatype} numbers; send numbers only")
+        raise InvalidInputError(
+            f"input {spec.name!r} 'data' holds {values.dtype.kind!r}-kind values, not {spec.datatype} numbers; send numbers only"
+        )
     if values.size != math.prod(shape):
-        raise InvalidInputError(f"input {spec.name!r} 'data' has {values.size} values but shape {shape} needs {math.prod(shape)}")
+        raise InvalidInputError(
+            f"input {spec.name!r} 'data' has {values.size} values but shape {shape} needs {math.prod(shape)}"
+        )
     with np.errstate(over="ignore"):  # an out-of-range float becomes inf and is refused as non-finite
         return values.reshape(shape).astype(dtype)
 
@@ -224,7 +271,9 @@ def _requested_outputs(raw: Any, outputs: Sequence[TensorSpec], binary_default: 
         if not isinstance(entry.get("name"), str) or entry.get("name") not in known:
             raise InvalidInputError(f"unknown output {entry.get('name')!r}; this model returns {sorted(known)}")
         if parameters.get("class_count", 0) or "shared_memory_region" in parameters:
-            raise InvalidInputError("class_count and shared-memory outputs are not offered; ask for raw outputs, or POST an image to the classify endpoint for top-k")
+            raise InvalidInputError(
+                "class_count and shared-memory outputs are not offered; ask for raw outputs, or POST an image to the classify endpoint for top-k"
+            )
         wanted.append(RequestedOutput(entry["name"], bool(parameters.get("binary_data", binary_default))))
     return tuple(wanted)
 

@@ -26,12 +26,34 @@ class ServingMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("tome_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "code"], registry=self.registry)
-        self.request_seconds = Histogram("tome_request_seconds", "Time from request to response of infer and classify calls", ["endpoint"],
-                                         buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.batch_size = Histogram("tome_batch_size", "Rows per model call (dynamic batching)", buckets=batch_buckets(max_batch), registry=self.registry)
-        self.queue_seconds = Histogram("tome_queue_seconds", "Time a request waited in the queue before its batch ran", buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.compute_seconds = Histogram("tome_compute_seconds", "Model time per batch", buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.requests = Counter(
+            "tome_requests",
+            "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "tome_request_seconds",
+            "Time from request to response of infer and classify calls",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "tome_batch_size",
+            "Rows per model call (dynamic batching)",
+            buckets=batch_buckets(max_batch),
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "tome_queue_seconds",
+            "Time a request waited in the queue before its batch ran",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.compute_seconds = Histogram(
+            "tome_compute_seconds", "Model time per batch", buckets=LATENCY_BUCKETS_S, registry=self.registry
+        )
         Gauge("tome_queue_depth", "Requests waiting in the queue now", registry=self.registry).set_function(queue_depth)
 
     def record_batch(self, record: BatchRecord) -> None:

@@ -66,7 +66,9 @@ def read_served_model(path: str | Path) -> ServedModel:
         return _checked_input_size(_read_onnx(path))
     if suffix in ENGINE_SUFFIXES:
         return _checked_input_size(_read_engine(path))
-    raise InvalidInputError(f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output")
+    raise InvalidInputError(
+        f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output"
+    )
 
 
 def run_padded(runner: Runner, served_model: ServedModel, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -75,7 +77,10 @@ def run_padded(runner: Runner, served_model: ServedModel, feed: dict[str, np.nda
     fixed = served_model.fixed_batch
     if fixed is None or rows == fixed:
         return runner.infer(feed)
-    padded = {name: np.concatenate([value, np.zeros((fixed - rows, *value.shape[1:]), value.dtype)]) for name, value in feed.items()}
+    padded = {
+        name: np.concatenate([value, np.zeros((fixed - rows, *value.shape[1:]), value.dtype)])
+        for name, value in feed.items()
+    }
     return {name: value[:rows] for name, value in runner.infer(padded).items()}
 
 
@@ -83,12 +88,16 @@ def _read_onnx(path: Path) -> ServedModel:
     proto = load_onnx(path)
     metadata = tome_metadata(proto, path)
     if metadata is None:
-        raise InvalidInputError(f"{path} has no tome-deploy metadata (tome.* properties); export it with tome-export first")
+        raise InvalidInputError(
+            f"{path} has no tome-deploy metadata (tome.* properties); export it with tome-export first"
+        )
     initializers = {init.name for init in proto.graph.initializer}
     inputs = tuple(_onnx_tensor(value) for value in proto.graph.input if value.name not in initializers)
     outputs = tuple(_onnx_tensor(value) for value in proto.graph.output)
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 2:
-        raise InvalidInputError(f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output")
+        raise InvalidInputError(
+            f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output"
+        )
     metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
     return ServedModel(path, "onnx", inputs, outputs, metadata)
 
@@ -98,8 +107,10 @@ def _checked_input_size(served_model: ServedModel) -> ServedModel:
     damaged or crafted value cannot choose what a request allocates."""
     graph_size = list(served_model.image_input.shape[1:])
     if served_model.metadata.input_size != graph_size:
-        raise InvalidInputError(f"{served_model.path.name}: tome.input_size {served_model.metadata.input_size!r} disagrees with the model input {graph_size}; "
-                                "the metadata is damaged: re-export the model with tome-export")
+        raise InvalidInputError(
+            f"{served_model.path.name}: tome.input_size {served_model.metadata.input_size!r} disagrees with the model input {graph_size}; "
+            "the metadata is damaged: re-export the model with tome-export"
+        )
     return served_model
 
 
@@ -119,15 +130,20 @@ def _read_engine(path: Path) -> ServedModel:
 
     sidecar = read_sidecar(path)
     if sidecar.tome is None:
-        raise InvalidInputError(f"{path.name} was built from an ONNX file without tome-deploy metadata; "
-                                "build the engine from a tome-export output")
+        raise InvalidInputError(
+            f"{path.name} was built from an ONNX file without tome-deploy metadata; "
+            "build the engine from a tome-export output"
+        )
     sidecar.tome.check_input(sidecar.input_name, sidecar.input_shape, str(path))
     profile = sidecar.profiles[0]
     if profile.min > 1 and profile.min != profile.max:
-        raise InvalidInputError(f"{path.name}'s profile starts at batch {profile.min}; rebuild with tome-build --min-batch 1 so single requests can run")
+        raise InvalidInputError(
+            f"{path.name}'s profile starts at batch {profile.min}; rebuild with tome-build --min-batch 1 so single requests can run"
+        )
     batch = profile.max if profile.min == profile.max else -1
     # Exports take and give float32 (fp16 ones cast inside), and the runner returns float32.
     inputs = (TensorSpec(sidecar.input_name, "FP32", (batch, *sidecar.input_shape)),)
     outputs = (TensorSpec(sidecar.output_name, "FP32", (batch, *sidecar.output_shape)),)
-    return ServedModel(path, "engine", inputs, outputs, sidecar.tome, max_batch=profile.max,
-                    engine_backend=sidecar.backend)
+    return ServedModel(
+        path, "engine", inputs, outputs, sidecar.tome, max_batch=profile.max, engine_backend=sidecar.backend
+    )

@@ -22,7 +22,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise InvalidInputError(f"--host {host!r} does not resolve ({err.strerror}); pass an address such as 127.0.0.1") from None
+        raise InvalidInputError(
+            f"--host {host!r} does not resolve ({err.strerror}); pass an address such as 127.0.0.1"
+        ) from None
     family, kind, protocol, _, address = infos[0]
     # proto must say TCP: asyncio sets TCP_NODELAY only on such sockets, and without it every response
     # (headers, then body) stalls on the client's delayed ACK.
@@ -32,7 +34,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise InvalidInputError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port (0 picks a free one)") from None
+        raise InvalidInputError(
+            f"cannot listen on {host}:{port} ({err.strerror}); pass another --port (0 picks a free one)"
+        ) from None
     sock.listen(2048)
     return sock
 
@@ -70,24 +74,41 @@ def header_timeout_protocol(timeout_s: float):
     return HeaderDeadlineH11Protocol
 
 
-def uvicorn_server(app, *, graceful_timeout_s: float = 30.0, log_level: str = "warning", limits: ConnectionLimits = ConnectionLimits()):
+def uvicorn_server(
+    app, *, graceful_timeout_s: float = 30.0, log_level: str = "warning", limits: ConnectionLimits = ConnectionLimits()
+):
     """A uvicorn Server for the app: on SIGINT/SIGTERM it stops accepting, lets in-flight requests finish
     (up to graceful_timeout_s), then runs the app's lifespan shutdown, which drains the batcher."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,  # type: ignore[arg-type]  # uvicorn waits float seconds
-                            lifespan="on", access_log=False,
-                            http=header_timeout_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
-                            timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=limits.max_header_bytes)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=graceful_timeout_s,  # type: ignore[arg-type]  # uvicorn waits float seconds
+        lifespan="on",
+        access_log=False,
+        http=header_timeout_protocol(limits.header_timeout_s),
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=limits.keep_alive_s,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )
     return uvicorn.Server(config)
 
 
-def run_server(app, sock: socket.socket, *, graceful_timeout_s: float = 30.0, log_level: str = "warning",
-               limits: ConnectionLimits = ConnectionLimits()) -> None:
+def run_server(
+    app,
+    sock: socket.socket,
+    *,
+    graceful_timeout_s: float = 30.0,
+    log_level: str = "warning",
+    limits: ConnectionLimits = ConnectionLimits(),
+) -> None:
     """Serve until SIGINT or SIGTERM (blocks). After its graceful stop uvicorn re-raises the signal it caught;
     SIGTERM, the normal way to stop a service, then returns here instead of killing the process."""
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn_server(app, graceful_timeout_s=graceful_timeout_s, log_level=log_level, limits=limits).run(sockets=[sock])
+        uvicorn_server(app, graceful_timeout_s=graceful_timeout_s, log_level=log_level, limits=limits).run(
+            sockets=[sock]
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -63,7 +63,9 @@ def _non_finite(name: str, array: np.ndarray) -> Optional[str]:
 
 
 def _quiet_capsule_rename(args, default=sys.unraisablehook) -> None:
-    if isinstance(args.exc_value, ValueError) and "PyCapsule_GetPointer called with incorrect name" in str(args.exc_value):
+    if isinstance(args.exc_value, ValueError) and "PyCapsule_GetPointer called with incorrect name" in str(
+        args.exc_value
+    ):
         return
     default(args)
 
@@ -80,7 +82,9 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         onnx_files = sorted(folder.glob("*.onnx"))
         if len(onnx_files) != 1:
-            raise pb_utils.TritonModelException(f"{folder} must hold exactly one .onnx file next to model.py, found {len(onnx_files)}; rewrite it with tome-deploy triton-repo --backend python")
+            raise pb_utils.TritonModelException(
+                f"{folder} must hold exactly one .onnx file next to model.py, found {len(onnx_files)}; rewrite it with tome-deploy triton-repo --backend python"
+            )
         self.served_model = read_served_model(onnx_files[0])
         self.runner = open_runner(self.served_model.path, threads=_threads(_parameters(config)))
         self.runner.activate()
@@ -99,7 +103,9 @@ class TritonPythonModel:
         if feeds:
             try:
                 outputs = run_padded(self.runner, self.served_model, concatenate([feed for _, feed in feeds]))
-                parts: list[Optional[dict[str, np.ndarray]]] = list(split(outputs, [len(feed[self.input_name]) for _, feed in feeds]))
+                parts: list[Optional[dict[str, np.ndarray]]] = list(
+                    split(outputs, [len(feed[self.input_name]) for _, feed in feeds])
+                )
             except Exception as err:  # noqa: BLE001 - the runner's error types vary by backend
                 message = f"the model failed on a batch of {sum(len(f[self.input_name]) for _, f in feeds)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
                 parts = [None] * len(feeds)

@@ -32,7 +32,17 @@ VERSION = "1"
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 BACKENDS = ("platform", "python")  # Triton's ONNX Runtime / TensorRT backend, or ours inside its Python backend
 # The ToMe facts a Triton user may want to see next to the model (Triton parameters are strings).
-TOME_PARAMETERS = ("model", "schedule", "r_effective", "tokens_per_layer", "num_prefix_tokens", "theoretical_speedup", "merge", "precision", "input_size")
+TOME_PARAMETERS = (
+    "model",
+    "schedule",
+    "r_effective",
+    "tokens_per_layer",
+    "num_prefix_tokens",
+    "theoretical_speedup",
+    "merge",
+    "precision",
+    "input_size",
+)
 
 
 class ProtoEnumValue(str):
@@ -51,15 +61,21 @@ class TritonOptions:
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name) or self.model_name in (".", ".."):
-            raise InvalidInputError(f"model name {self.model_name!r} is not a valid directory name; use letters, digits, '_', '.' and '-'")
+            raise InvalidInputError(
+                f"model name {self.model_name!r} is not a valid directory name; use letters, digits, '_', '.' and '-'"
+            )
         if (self.max_batch is not None and self.max_batch < 1) or self.instances < 1 or self.max_queue_delay_us < 0:
-            raise InvalidInputError("--max-batch and --instances must be >= 1 and --max-delay-ms >= 0; pass valid values")
+            raise InvalidInputError(
+                "--max-batch and --instances must be >= 1 and --max-delay-ms >= 0; pass valid values"
+            )
         if self.kind not in INSTANCE_KINDS:
             raise InvalidInputError(f"instance kind {self.kind!r} is not one of {INSTANCE_KINDS}")
         if self.backend not in BACKENDS:
             raise InvalidInputError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.threads is not None and (self.backend != "python" or self.threads < 1):
-            raise InvalidInputError("--threads applies to --backend python and must be >= 1; drop it or pass --backend python")
+            raise InvalidInputError(
+                "--threads applies to --backend python and must be >= 1; drop it or pass --backend python"
+            )
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,9 @@ def model_config(served_model: ServedModel, options: TritonOptions) -> dict[str,
     kind = "KIND_GPU" if served_model.kind == "engine" else options.kind
     config["instance_group"] = [{"count": options.instances, "kind": ProtoEnumValue(kind)}]
     meta = served_model.metadata.to_dict()
-    config["parameters"] = [{"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS]
+    config["parameters"] = [
+        {"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS
+    ]
     if options.threads is not None:
         config["parameters"].append({"key": THREADS_PARAMETER, "value": {"string_value": str(options.threads)}})
     return config
@@ -100,24 +118,32 @@ def check_triton_can_run(served_model: ServedModel, backend: str = "platform") -
     op), on ONNX files."""
     if backend == "python":
         if served_model.kind != "onnx":
-            raise InvalidInputError(f"{served_model.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
-                                    "or drop --backend python to give the engine to Triton's TensorRT backend")
+            raise InvalidInputError(
+                f"{served_model.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
+                "or drop --backend python to give the engine to Triton's TensorRT backend"
+            )
         return
     formulation = formulation_named(served_model.metadata.merge) if served_model.kind == "onnx" else None
     if formulation is not None and formulation.needs_custom_op:
         plain = either(f.name for f in all_formulations() if not f.needs_custom_op)
-        raise InvalidInputError(f"{served_model.path.name} uses the {formulation.custom_op} op, which Triton's ONNX Runtime backend cannot run; "
-                                f"export with --merge {plain}, or build an engine with tome-build")
+        raise InvalidInputError(
+            f"{served_model.path.name} uses the {formulation.custom_op} op, which Triton's ONNX Runtime backend cannot run; "
+            f"export with --merge {plain}, or build an engine with tome-build"
+        )
     if served_model.kind == "engine" and served_model.engine_backend != "tensorrt":
-        raise InvalidInputError(f"{served_model.path.name} was built by {served_model.engine_backend}, but Triton's TensorRT backend loads "
-                                "engines of full TensorRT only; build with tome-build --backend tensorrt, or give Triton the ONNX file")
+        raise InvalidInputError(
+            f"{served_model.path.name} was built by {served_model.engine_backend}, but Triton's TensorRT backend loads "
+            "engines of full TensorRT only; build with tome-build --backend tensorrt, or give Triton the ONNX file"
+        )
 
 
 def triton_max_batch(served_model: ServedModel, requested: Optional[int]) -> int:
     if requested is None:
         return served_model.max_batch or 8
     if served_model.max_batch is not None and requested > served_model.max_batch:
-        raise InvalidInputError(f"--max-batch {requested} is over the engine's profile maximum {served_model.max_batch}; pass at most that, or rebuild with a larger --max-batch")
+        raise InvalidInputError(
+            f"--max-batch {requested} is over the engine's profile maximum {served_model.max_batch}; pass at most that, or rebuild with a larger --max-batch"
+        )
     return requested
 
 
@@ -141,7 +167,9 @@ def tritonserver_command(root: Path) -> str:
     return f"tritonserver --model-repository={shlex.quote(str(root.resolve()))}"
 
 
-def write_triton_repo(served_model: ServedModel, root: str | Path, options: TritonOptions, *, overwrite: bool = False) -> TritonRepo:
+def write_triton_repo(
+    served_model: ServedModel, root: str | Path, options: TritonOptions, *, overwrite: bool = False
+) -> TritonRepo:
     """Copy the artifact (unchanged) and write its config; an existing model folder needs overwrite=True.
 
     The model folder is assembled in a temporary folder inside `root` and renamed into place, so a refused
@@ -158,7 +186,9 @@ def write_triton_repo(served_model: ServedModel, root: str | Path, options: Trit
         root.mkdir(exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{options.model_name}.", suffix=".tmp", dir=root))
     except OSError as err:
-        raise InvalidInputError(f"cannot create the model repository {root} ({err.strerror}); choose another directory") from err
+        raise InvalidInputError(
+            f"cannot create the model repository {root} ({err.strerror}); choose another directory"
+        ) from err
     try:
         (staging / VERSION).mkdir()
         write_atomically(staging / VERSION / MODEL_FILE[served_model.kind], lambda out: _copy(served_model.path, out))
@@ -170,7 +200,9 @@ def write_triton_repo(served_model: ServedModel, root: str | Path, options: Trit
         _swap_in(staging, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return TritonRepo(root, model_dir, model_dir / "config.pbtxt", model_dir / VERSION / MODEL_FILE[served_model.kind], command)
+    return TritonRepo(
+        root, model_dir, model_dir / "config.pbtxt", model_dir / VERSION / MODEL_FILE[served_model.kind], command
+    )
 
 
 def _check_repo(served_model: ServedModel, root: Path, model_name: str, overwrite: bool) -> Path:
@@ -183,15 +215,21 @@ def _check_repo(served_model: ServedModel, root: Path, model_name: str, overwrit
     try:  # a real probe: os.access says yes to root on read-only mounts
         tempfile.TemporaryFile(dir=writable).close()
     except OSError as err:
-        raise InvalidInputError(f"{writable} is not writable ({err.strerror}); choose another directory for the model repository") from err
+        raise InvalidInputError(
+            f"{writable} is not writable ({err.strerror}); choose another directory for the model repository"
+        ) from err
     model_dir = root / model_name
     if model_dir.exists() and not overwrite:
-        raise InvalidInputError(f"{model_dir} already exists; pass --overwrite to replace it or --name for another model name")
+        raise InvalidInputError(
+            f"{model_dir} already exists; pass --overwrite to replace it or --name for another model name"
+        )
     if model_dir.exists() and not model_dir.is_dir():
         raise InvalidInputError(f"{model_dir} is a file; remove it or pass --name for another model name")
     if model_dir.is_dir() and served_model.path.resolve().is_relative_to(model_dir.resolve()):
-        raise InvalidInputError(f"{served_model.path} is inside {model_dir}, which --overwrite would replace; copy the "
-                                "artifact elsewhere first or pass --name for another model name")
+        raise InvalidInputError(
+            f"{served_model.path} is inside {model_dir}, which --overwrite would replace; copy the "
+            "artifact elsewhere first or pass --name for another model name"
+        )
     return model_dir
 
 

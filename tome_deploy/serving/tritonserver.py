@@ -23,7 +23,9 @@ from pathlib import Path
 from tome_deploy.errors import MissingDependencyError
 
 DEFAULT_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tome-deploy" / "pytriton-0.7.0"
-HOW_TO_GET = "run .ci/tritonserver.sh (downloads the nvidia-pytriton wheel and unpacks tritonserver) or set TOME_TRITONSERVER"
+HOW_TO_GET = (
+    "run .ci/tritonserver.sh (downloads the nvidia-pytriton wheel and unpacks tritonserver) or set TOME_TRITONSERVER"
+)
 # The folder tome_deploy is imported from: Triton's Python stub puts it on sys.path (see triton_python.py).
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +45,15 @@ class TritonServer:
 def tritonserver_binary(named: str | None) -> Path:
     """The tritonserver at `named` (a path), or else in the default cache folder; MissingDependencyError
     when there is none with its Python backend stub."""
-    binary = Path(named) if named else Path(os.environ.get("TOME_TRITON_HOME", DEFAULT_HOME)) / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+    binary = (
+        Path(named)
+        if named
+        else Path(os.environ.get("TOME_TRITON_HOME", DEFAULT_HOME))
+        / "pytriton"
+        / "tritonserver"
+        / "bin"
+        / "tritonserver"
+    )
     stub = binary.parent.parent / "backends" / "python" / "triton_python_backend_stub"
     if binary.is_file() and stub.is_file():
         return binary
@@ -54,7 +64,8 @@ def check_shared_libpython() -> None:
     """Triton's Python stub embeds this interpreter's libpython: MissingDependencyError when there is none."""
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         raise MissingDependencyError(
-            f"this Python ({sys.executable}) has no shared libpython for Triton's Python stub to load; use a --enable-shared build")
+            f"this Python ({sys.executable}) has no shared libpython for Triton's Python stub to load; use a --enable-shared build"
+        )
 
 
 def free_ports(count: int) -> list[int]:
@@ -84,10 +95,20 @@ def start_tritonserver(binary: Path, repository: Path, log: Path, timeout_s: flo
     check_shared_libpython()
     http_port, grpc_port, metrics_port = free_ports(3)
     command = [
-        str(binary), f"--model-repository={repository}", f"--backend-directory={binary.parent.parent / 'backends'}",
-        "--http-address=127.0.0.1", f"--http-port={http_port}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
-        "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false", f"--metrics-port={metrics_port}",
-        "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
+        str(binary),
+        f"--model-repository={repository}",
+        f"--backend-directory={binary.parent.parent / 'backends'}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=false",
+        "--allow-cpu-metrics=false",
+        f"--metrics-port={metrics_port}",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        "--exit-timeout-secs=5",
     ]
     with open(log, "wb") as stream:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=server_environment())

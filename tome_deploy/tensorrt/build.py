@@ -139,13 +139,17 @@ def _onnx_input(model_proto) -> tuple[str, Optional[int], list[int]]:
 
 
 def build_engine(
-    onnx_path: str | Path, output: str | Path, options: BuildOptions = BuildOptions(), say: Callable[[str], None] = lambda _: None
+    onnx_path: str | Path,
+    output: str | Path,
+    options: BuildOptions = BuildOptions(),
+    say: Callable[[str], None] = lambda _: None,
 ) -> BuildResult:
     onnx_path = Path(onnx_path)
     model_proto = load_onnx(onnx_path)
     # The timing cache is read and updated: an output, checked against the ONNX file and the engine.
-    output = check_outputs({"-o": output, "sidecar": sidecar_path(output), "--timing-cache": options.timing_cache},
-                           inputs=(onnx_path,))["-o"]
+    output = check_outputs(
+        {"-o": output, "sidecar": sidecar_path(output), "--timing-cache": options.timing_cache}, inputs=(onnx_path,)
+    )["-o"]
     metadata = tome_metadata(model_proto, onnx_path)
     input_name, static_batch, input_shape = _onnx_input(model_proto)
     output_name, output_shape = _onnx_output(model_proto)
@@ -163,8 +167,10 @@ def build_engine(
     for note in notes:
         say(f"note: {note}")
 
-    say(f"Building with {backend.name} {backend.version} for compute capability {capability}, "
-        f"batch {profile.min}/{profile.opt}/{profile.max} ...")
+    say(
+        f"Building with {backend.name} {backend.version} for compute capability {capability}, "
+        f"batch {profile.min}/{profile.opt}/{profile.max} ..."
+    )
     start = time.perf_counter()
     plan_bytes, timing_cache = _build_serialized(backend, onnx_path, profile, capability, options, graph)
     seconds = time.perf_counter() - start
@@ -206,7 +212,11 @@ def _graph_precision(model_proto) -> str:
 
 
 def _build_serialized(
-    backend: TensorRTBackend, onnx_path: Path, profile: BatchProfile, capability: str, options: BuildOptions,
+    backend: TensorRTBackend,
+    onnx_path: Path,
+    profile: BatchProfile,
+    capability: str,
+    options: BuildOptions,
     graph: GraphCheck,
 ) -> tuple[bytes, Optional[bytes]]:
     trt = backend.trt
@@ -224,7 +234,9 @@ def _build_serialized(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        detail = "; ".join(f"node {e.node_name() or e.node()}: {e.desc()}" for e in errors[:3]) or _first_line(messages, "unknown error")
+        detail = "; ".join(f"node {e.node_name() or e.node()}: {e.desc()}" for e in errors[:3]) or _first_line(
+            messages, "unknown error"
+        )
         raise EngineBuildError(f"{backend.name} {backend.version} cannot parse {onnx_path.name}: {detail}")
 
     config = builder.create_builder_config()
@@ -247,7 +259,9 @@ def _build_serialized(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"{backend.name} {backend.version} failed to build {onnx_path.name}: "
-                               f"{_first_line(messages, 'no error message')}")
+        raise EngineBuildError(
+            f"{backend.name} {backend.version} failed to build {onnx_path.name}: "
+            f"{_first_line(messages, 'no error message')}"
+        )
     cache_bytes = bytes(config.get_timing_cache().serialize()) if timing_cache is not None else None
     return bytes(serialized), cache_bytes

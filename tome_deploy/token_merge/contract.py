@@ -80,9 +80,13 @@ def check_inputs(x, size, kept, source, destination) -> None:
                 problems.append(f"{name} must be {list(s if s is not None else '*' for s in shape)}, got {list(got)}")
         if not problems:
             if source.shape[1] != destination.shape[1]:
-                problems.append(f"source and destination must both be [B, r], got r={source.shape[1]} and r={destination.shape[1]}")
+                problems.append(
+                    f"source and destination must both be [B, r], got r={source.shape[1]} and r={destination.shape[1]}"
+                )
             elif kept.shape[1] + source.shape[1] != tokens:
-                problems.append(f"kept ({kept.shape[1]}) + source ({source.shape[1]}) must be the N={tokens} input tokens")
+                problems.append(
+                    f"kept ({kept.shape[1]}) + source ({source.shape[1]}) must be the N={tokens} input tokens"
+                )
     if _dtype_name(x.dtype) not in X_DTYPES:
         problems.append(f"x must be {' or '.join(X_DTYPES)}, got {_dtype_name(x.dtype)}")
     if _dtype_name(size.dtype) != SIZE_DTYPE:
@@ -91,7 +95,9 @@ def check_inputs(x, size, kept, source, destination) -> None:
         if _dtype_name(array.dtype) != INDEX_DTYPE:
             problems.append(f"{name} must be {INDEX_DTYPE}, got {_dtype_name(array.dtype)}")
     if problems:
-        raise InvalidInputError(f"{OP_TYPE} inputs break its contract: {'; '.join(problems)}; see tome_deploy/token_merge/contract.py")
+        raise InvalidInputError(
+            f"{OP_TYPE} inputs break its contract: {'; '.join(problems)}; see tome_deploy/token_merge/contract.py"
+        )
 
 
 def output_shapes(x_shape, kept_shape) -> tuple[tuple, tuple]:
@@ -119,15 +125,23 @@ def onnx_schema():
         OP_DOMAIN,
         OP_DOMAIN_VERSION,
         (__doc__ or "").strip(),
-        inputs=[param("x", "T"), param("size", "S"), param("kept", "I"), param("source", "I"), param("destination", "I")],
+        inputs=[
+            param("x", "T"),
+            param("size", "S"),
+            param("kept", "I"),
+            param("source", "I"),
+            param("destination", "I"),
+        ],
         outputs=[param("merged_x", "T"), param("merged_size", "S")],
         type_constraints=[
             ("T", [f"tensor({'float' if d == 'float32' else d})" for d in X_DTYPES], "token dtype"),
             ("S", ["tensor(float)"], "sizes are float32"),
             ("I", [f"tensor({INDEX_DTYPE})"], "token positions"),
         ],
-        attributes=[attribute(name, OpSchema.AttrType.STRING, f"TensorRT plugin lookup, always {value!r}")
-                    for name, value in NODE_ATTRIBUTES.items()],
+        attributes=[
+            attribute(name, OpSchema.AttrType.STRING, f"TensorRT plugin lookup, always {value!r}")
+            for name, value in NODE_ATTRIBUTES.items()
+        ],
     )
 
 

@@ -78,11 +78,15 @@ def rewrite_for_python_op(model, python_domain: str):
         node.domain = python_domain
         if elem_types.get(node.input[0]) == TensorProto.FLOAT16:
             x_fp32, merged_fp32 = f"{node.input[0]}__{node.name}_fp32", f"{node.output[0]}__fp32"
-            nodes.append(helper.make_node("Cast", [node.input[0]], [x_fp32], to=TensorProto.FLOAT, name=f"{node.name}_to_fp32"))
+            nodes.append(
+                helper.make_node("Cast", [node.input[0]], [x_fp32], to=TensorProto.FLOAT, name=f"{node.name}_to_fp32")
+            )
             merged = node.output[0]
             node.input[0], node.output[0] = x_fp32, merged_fp32
             nodes.append(node)
-            nodes.append(helper.make_node("Cast", [merged_fp32], [merged], to=TensorProto.FLOAT16, name=f"{node.name}_to_fp16"))
+            nodes.append(
+                helper.make_node("Cast", [merged_fp32], [merged], to=TensorProto.FLOAT16, name=f"{node.name}_to_fp16")
+            )
         else:
             nodes.append(node)
     del model.graph.node[:]
@@ -104,4 +108,3 @@ def session_model(path: str | Path, options) -> str | bytes:
     options.register_custom_ops_library(register_python_op())
     onnx.load_external_data_for_model(model, str(Path(path).parent))
     return rewrite_for_python_op(model, require_extensions().default_opset_domain()).SerializeToString()
-

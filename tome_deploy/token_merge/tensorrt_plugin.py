@@ -10,11 +10,10 @@ launch parameters in the engine, which then runs without Python (trtexec, Triton
 NOT EXECUTED in this repository's CI: tensorrt does not install on its CPU machines. What CI does check
 is the part that needs no GPU: the same kernel compiles to PTX for sm_80 and sm_90, its entry point
 takes exactly the arguments TensorRT passes (input pointers, the scalar arguments, output pointers),
-and the PTX assembles with ptxas (tests/test_token_merge_triton.py).
+and the PTX assembles with ptxas (tests/token_merge/test_token_merge_triton.py).
 
 No `from __future__ import annotations` here: tensorrt.plugin reads the registration's type hints.
 """
-
 
 from tome_deploy.errors import MissingDependencyError
 from tome_deploy.token_merge import contract
@@ -47,7 +46,10 @@ def register_tensorrt_plugin() -> None:
 
     @trtp.register(contract.PLUGIN_ID)
     def token_merge_shapes(
-        x: trtp.TensorDesc, size: trtp.TensorDesc, kept: trtp.TensorDesc, source: trtp.TensorDesc,
+        x: trtp.TensorDesc,
+        size: trtp.TensorDesc,
+        kept: trtp.TensorDesc,
+        source: trtp.TensorDesc,
         destination: trtp.TensorDesc,
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
         x_shape, size_shape = contract.output_shapes(x.shape_expr, kept.shape_expr)

@@ -88,8 +88,16 @@ def launch(
     merged_x, merged_size = x.new_empty(x_shape), size.new_empty(size_shape)
     if merged_x.numel():
         token_merge_kernel[grid(x.shape, kept.shape)](
-            x, size, kept, source, destination, *scalar_arguments(x.shape, kept.shape, source.shape),
-            merged_x, merged_size, BLOCK_C=BLOCK_C, **COMPILE_OPTIONS,
+            x,
+            size,
+            kept,
+            source,
+            destination,
+            *scalar_arguments(x.shape, kept.shape, source.shape),
+            merged_x,
+            merged_size,
+            BLOCK_C=BLOCK_C,
+            **COMPILE_OPTIONS,
         )
     return merged_x, merged_size
 
@@ -117,7 +125,9 @@ def compile_ptx(x_dtype: str, capability: int | None = None) -> CompiledKernel:
     if x_dtype not in _TRITON_DTYPES:
         raise ValueError(f"x dtype must be one of {contract.X_DTYPES}, got {x_dtype!r}")
     names = [name for name in token_merge_kernel.arg_names if name != "BLOCK_C"]
-    signature = {name: kind.format(t=_TRITON_DTYPES[x_dtype]) for name, kind in zip(names, _ARGUMENT_TYPES, strict=True)}
+    signature = {
+        name: kind.format(t=_TRITON_DTYPES[x_dtype]) for name, kind in zip(names, _ARGUMENT_TYPES, strict=True)
+    }
     source = triton.compiler.ASTSource(
         fn=token_merge_kernel, signature={**signature, "BLOCK_C": "constexpr"}, constexprs={"BLOCK_C": BLOCK_C}
     )

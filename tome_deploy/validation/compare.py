@@ -41,11 +41,20 @@ def _top_k_sets(logits: np.ndarray, k: int) -> list[frozenset]:
 
 
 def compare_output(
-    reference: np.ndarray, candidate: np.ndarray, *, probe: str, output: str, atol: float, rtol: float, min_cosine: float
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    *,
+    probe: str,
+    output: str,
+    atol: float,
+    rtol: float,
+    min_cosine: float,
 ) -> OutputVerdict:
     batch = int(reference.shape[0]) if reference.ndim else 1
     if reference.shape != candidate.shape:
-        return OutputVerdict(probe, batch, output, np.inf, np.inf, 0.0, 0.0, 0.0, False, f"shape {candidate.shape} != {reference.shape}")
+        return OutputVerdict(
+            probe, batch, output, np.inf, np.inf, 0.0, 0.0, 0.0, False, f"shape {candidate.shape} != {reference.shape}"
+        )
     ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
     finite = bool(np.isfinite(ref).all() and np.isfinite(cand).all())
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -53,7 +62,11 @@ def compare_output(
         max_abs = float(np.nanmax(diff)) if finite else float("nan")
         max_rel = float(np.nanmax(diff / np.maximum(np.abs(ref), 1e-12))) if finite else float("nan")
         norm = np.linalg.norm(ref) * np.linalg.norm(cand)
-        cosine = float(np.sum(ref * cand) / norm) if finite and norm > 0 else (1.0 if finite and not diff.any() else float("nan"))
+        cosine = (
+            float(np.sum(ref * cand) / norm)
+            if finite and norm > 0
+            else (1.0 if finite and not diff.any() else float("nan"))
+        )
     rows_ref = ref.reshape(batch, -1)
     rows_cand = cand.reshape(batch, -1)
     top1 = float(np.mean(rows_ref.argmax(-1) == rows_cand.argmax(-1)))

@@ -31,7 +31,9 @@ class ValidationReport:
             return "\n".join([VERDICT_HEADER] + [v.line() for v in self.verdicts])
         sections = []
         for runner in runners:
-            sections += [f"PyTorch vs {runner}:", VERDICT_HEADER] + [v.line() for v in self.verdicts if v.runner == runner]
+            sections += [f"PyTorch vs {runner}:", VERDICT_HEADER] + [
+                v.line() for v in self.verdicts if v.runner == runner
+            ]
         return "\n".join(sections)
 
     def to_dict(self) -> dict:
@@ -54,7 +56,9 @@ def validate_onnx(
     **options,
 ) -> ValidationReport:
     """PyTorch vs ONNX Runtime; `options` as for validate_runners."""
-    return validate_runners(tome_model, [open_runner(onnx_path, providers=providers)], metadata, str(onnx_path), **options)
+    return validate_runners(
+        tome_model, [open_runner(onnx_path, providers=providers)], metadata, str(onnx_path), **options
+    )
 
 
 def validate_runners(

@@ -29,12 +29,16 @@ def save_polygraphy_reference(tome_model, metadata: ToMeMetadata, path: str | Pa
         from polygraphy.comparator.struct import IterationResult
         from polygraphy.json import to_json
     except ImportError as err:
-        raise MissingDependencyError(f"--save-reference writes Polygraphy's format and needs it: pip install polygraphy ({err})") from err
+        raise MissingDependencyError(
+            f"--save-reference writes Polygraphy's format and needs it: pip install polygraphy ({err})"
+        ) from err
     path = check_output_path(path)
     inputs_path = check_output_path(inputs_path_for(path))
     feeds = [{metadata.input_name: probe_images(kind, batch, metadata)} for kind in PROBE_KINDS]
     with TorchRunner(tome_model, metadata.input_name, metadata.output_name) as reference:
-        results = RunResults([("pytorch", [IterationResult(reference.infer(feed), runner_name="pytorch") for feed in feeds])])
+        results = RunResults(
+            [("pytorch", [IterationResult(reference.infer(feed), runner_name="pytorch") for feed in feeds])]
+        )
     write_atomically(path, lambda stream: stream.write(results.to_json().encode()))
     write_atomically(inputs_path, lambda stream: stream.write(to_json(feeds).encode()))
     return path, inputs_path

@@ -31,7 +31,12 @@ def sample_photo(path: Path) -> Image.Image:
 
 
 def natural_images(
-    batch: int, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float], crop_pct: float, interpolation: str
+    batch: int,
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float,
+    interpolation: str,
 ) -> np.ndarray:
     from tome_deploy.preprocess import eval_transform
 

@@ -46,8 +46,14 @@ def model_input(image: Image.Image, config: dict) -> tuple[np.ndarray, np.ndarra
     """
     from tome_deploy.preprocess import eval_transform
 
-    pixels = eval_transform(image, config["input_size"], config["mean"], config["std"],
-                            crop_pct=config["crop_pct"], interpolation=config["interpolation"])
+    pixels = eval_transform(
+        image,
+        config["input_size"],
+        config["mean"],
+        config["std"],
+        crop_pct=config["crop_pct"],
+        interpolation=config["interpolation"],
+    )
     mean = np.asarray(config["mean"], np.float32)[:, None, None]
     std = np.asarray(config["std"], np.float32)[:, None, None]
     rgb = np.clip(np.rint((pixels * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
@@ -69,7 +75,9 @@ def merge_groups(tome_model, pixels) -> tuple[np.ndarray, np.ndarray]:
     if pixels.ndim == 3:
         pixels = pixels[None]
     if pixels.ndim != 4 or pixels.shape[0] != 1:
-        raise InvalidInputError(f"merge_groups takes one image [3, H, W] or [1, 3, H, W], got shape {tuple(pixels.shape)}")
+        raise InvalidInputError(
+            f"merge_groups takes one image [3, H, W] or [1, 3, H, W], got shape {tuple(pixels.shape)}"
+        )
     shape = tome_blocks(tome_model).shape
     prefix = shape.num_prefix
     grid_h, grid_w = shape.grid
@@ -163,8 +171,11 @@ def render_merges(
         at_output = _pixel_groups(labels, out_h, out_w)
         canvas = means[at_output]
     else:
-        photo = image_rgb if scale == 1 else np.asarray(
-            Image.fromarray(image_rgb).resize((out_w, out_h), Image.Resampling.BICUBIC))
+        photo = (
+            image_rgb
+            if scale == 1
+            else np.asarray(Image.fromarray(image_rgb).resize((out_w, out_h), Image.Resampling.BICUBIC))
+        )
         at_output = _pixel_groups(labels, out_h, out_w)
         tint = group_colours(count)[at_output].astype(np.float32)
         canvas = np.rint((1 - alpha) * photo.astype(np.float32) + alpha * tint).astype(np.uint8)
@@ -175,7 +186,9 @@ def render_merges(
     return Image.fromarray(canvas, "RGB")
 
 
-def side_by_side(panels: Sequence[Image.Image], gap: int = 8, background: Sequence[int] = (255, 255, 255)) -> Image.Image:
+def side_by_side(
+    panels: Sequence[Image.Image], gap: int = 8, background: Sequence[int] = (255, 255, 255)
+) -> Image.Image:
     """Panels left to right, top-aligned, `gap` pixels apart."""
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     height = max(p.height for p in panels)

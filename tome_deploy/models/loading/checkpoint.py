@@ -25,7 +25,9 @@ class CheckpointFile:
 
     state_dict: dict[str, torch.Tensor]  # the module's own when the file holds a pickled module
     module: Optional[nn.Module]  # the pickled module (unwrapped from DataParallel / a checkpoint entry), else None
-    arch_names: tuple[tuple[str, str], ...]  # (where, name): the 'arch' key, args.model (timm train.py), metadata 'arch'
+    arch_names: tuple[
+        tuple[str, str], ...
+    ]  # (where, name): the 'arch' key, args.model (timm train.py), metadata 'arch'
 
 
 def read_state_dict(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor]:
@@ -99,8 +101,10 @@ _CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "modul
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 

@@ -51,4 +51,6 @@ def claiming_form(source: ModelSource) -> SourceForm:
     for form in source_forms():
         if form.claims(source):
             return form
-    raise AssertionError(f"no source form claims {source.name}; the last of SOURCE_FORM_MODULES must claim every source")
+    raise AssertionError(
+        f"no source form claims {source.name}; the last of SOURCE_FORM_MODULES must claim every source"
+    )

@@ -38,18 +38,29 @@ ALLOWED_PACKAGES = ("torch", "timm")
 # Parts of torch whose modules carry code or process state (TorchScript, FX graphs, torch.package,
 # DDP process groups): never allowed, even though their classes subclass nn.Module.
 _DENIED_PREFIXES = (
-    "torch.jit.", "torch.fx.", "torch.package.", "torch._dynamo.", "torch.export.", "torch.distributed.",
-    "torch._C.", "torch.utils.", "torch.hub.", "torch.multiprocessing.", "torch.compiler.",
+    "torch.jit.",
+    "torch.fx.",
+    "torch.package.",
+    "torch._dynamo.",
+    "torch.export.",
+    "torch.distributed.",
+    "torch._C.",
+    "torch.utils.",
+    "torch.hub.",
+    "torch.multiprocessing.",
+    "torch.compiler.",
 )
 # Plain data holders a pickled timm model or a timm train.py checkpoint needs (found empirically by
 # pickling every vision_transformer / deit / hybrid architecture of timm 1.0 and a train.py checkpoint).
-ALLOWED_GLOBALS = frozenset({
-    "collections.OrderedDict",  # nn.Module's _parameters/_buffers/_modules (already safe in torch)
-    "builtins.set",  # (already safe in torch)
-    "functools.partial",  # norm_layer=partial(LayerNorm, eps=...) kept as an attribute by some versions
-    "argparse.Namespace",  # the `args` entry of a timm train.py checkpoint
-    "timm.models._features.FeatureInfo",  # feature_info of hybrid (CNN-backbone) ViTs
-})
+ALLOWED_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",  # nn.Module's _parameters/_buffers/_modules (already safe in torch)
+        "builtins.set",  # (already safe in torch)
+        "functools.partial",  # norm_layer=partial(LayerNorm, eps=...) kept as an attribute by some versions
+        "argparse.Namespace",  # the `args` entry of a timm train.py checkpoint
+        "timm.models._features.FeatureInfo",  # feature_info of hybrid (CNN-backbone) ViTs
+    }
+)
 
 
 def allowed_global(name: str) -> Optional[Any]:
@@ -67,7 +78,9 @@ def allowed_global(name: str) -> Optional[Any]:
     return None
 
 
-_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"})
+_STRING_OPS = frozenset(
+    {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+)
 _MARK = object()
 
 
@@ -177,11 +190,15 @@ def _check_zip_crcs(archive: zipfile.ZipFile, shown: str) -> None:
     try:
         bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, NotImplementedError) as err:
-        raise ModelLoadError(f"{shown} is corrupt: its zip archive cannot be read ({error_reason(err)}); "
-                             "re-download or re-save the checkpoint") from err
+        raise ModelLoadError(
+            f"{shown} is corrupt: its zip archive cannot be read ({error_reason(err)}); "
+            "re-download or re-save the checkpoint"
+        ) from err
     if bad is not None:
-        raise ModelLoadError(f"{shown} is corrupt: {bad} inside the zip archive fails its CRC check (flipped or "
-                             "damaged bytes); re-download or re-save the checkpoint")
+        raise ModelLoadError(
+            f"{shown} is corrupt: {bad} inside the zip archive fails its CRC check (flipped or "
+            "damaged bytes); re-download or re-save the checkpoint"
+        )
 
 
 def read_torch(path: Path, kind: str, *, trust_pickle: bool) -> Any:
@@ -195,13 +212,20 @@ def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise ModelLoadError(f"{shown} is corrupt or truncated: not a readable zip archive ({error_reason(err)})") from err
+        raise ModelLoadError(
+            f"{shown} is corrupt or truncated: not a readable zip archive ({error_reason(err)})"
+        ) from err
     with archive:
         names = archive.namelist()
         _check_zip_crcs(archive, shown)
         pickles = [name for name in names if name.endswith("data.pkl")]
-        calls = [] if trust_pickle or not pickles else module_constructor_calls(
-            _BoundedStream(archive.open(pickles[0]), archive.getinfo(pickles[0]).file_size))
+        calls = (
+            []
+            if trust_pickle or not pickles
+            else module_constructor_calls(
+                _BoundedStream(archive.open(pickles[0]), archive.getinfo(pickles[0]).file_size)
+            )
+        )
     if any("/code/" in name or name.endswith("constants.pkl") for name in names):
         raise ModelLoadError(
             f"{shown} is a TorchScript archive (torch.jit.save), which is not supported: pass the eager module "
@@ -213,7 +237,9 @@ def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as err:
-        raise ModelLoadError(f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}") from err
+        raise ModelLoadError(
+            f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}"
+        ) from err
     allowed, offending = _split_globals(needed)
     if offending:
         if not trust_pickle:
@@ -230,7 +256,9 @@ def _read_torch_zip(path: Path, *, trust_pickle: bool) -> Any:
             "with --trust-pickle"
         ) from err
     except Exception as err:
-        raise ModelLoadError(f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}") from err
+        raise ModelLoadError(
+            f"{shown} is not a readable PyTorch checkpoint (corrupt or truncated?): {error_reason(err)}"
+        ) from err
 
 
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL (\S+) was not an allowed global")
@@ -275,7 +303,9 @@ def _read_torch_legacy(path: Path, *, trust_pickle: bool) -> Any:
             raise ModelLoadError(
                 f"{shown} is not a PyTorch checkpoint: neither a zip archive nor a readable pickle ({error_reason(err)})"
             ) from err
-    raise ModelLoadError(f"{shown} needs too many pickle globals to load safely; re-run with --trust-pickle if you trust it")
+    raise ModelLoadError(
+        f"{shown} needs too many pickle globals to load safely; re-run with --trust-pickle if you trust it"
+    )
 
 
 def _legacy_constructor_calls(path: Path) -> list[str]:

@@ -14,6 +14,7 @@ from tome_deploy.models.adapter import ModelAdapter
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
 
+
 def check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise InvalidInputError(f"--seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {seed!r}")
@@ -58,7 +59,9 @@ class ModelSource:
 
     def at_img_size(self, img_size: Optional[int]) -> ModelSource:
         """The same source at another input resolution."""
-        return ModelSource(self.name, self.arch, self.checkpoint, self.pretrained, img_size, self.trust_pickle, self.seed)
+        return ModelSource(
+            self.name, self.arch, self.checkpoint, self.pretrained, img_size, self.trust_pickle, self.seed
+        )
 
 
 @dataclass(frozen=True)

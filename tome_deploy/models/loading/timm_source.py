@@ -84,14 +84,21 @@ def _load_named(source: ModelSource) -> LoadedModel:
     local = _local_pretrained_file(name)
     if local is not None:  # the pretrained config names a file on disk: those weights, nothing to fetch
         model, adapter = _build(name, img_size=img_size, seed=seed, pretrained=True)
-        return LoadedModel(model, adapter, name, f"local pretrained weights {local.name} (timm pretrained_cfg)",
-                           random_weights=False, seed=None)
+        return LoadedModel(
+            model,
+            adapter,
+            name,
+            f"local pretrained weights {local.name} (timm pretrained_cfg)",
+            random_weights=False,
+            seed=None,
+        )
     if source.pretrained:
         model, adapter = _build(name, img_size=img_size, seed=seed, pretrained=True)
         return LoadedModel(model, adapter, name, "pretrained (timm hub)", random_weights=False, seed=None)
     model, adapter = _build(name, img_size=img_size, seed=seed)
-    return LoadedModel(model, adapter, name, f"random init (seed {seed}) — no pretrained weights",
-                       random_weights=True, seed=seed)
+    return LoadedModel(
+        model, adapter, name, f"random init (seed {seed}) — no pretrained weights", random_weights=True, seed=seed
+    )
 
 
 def _local_pretrained_file(name: str) -> Optional[Path]:
@@ -105,8 +112,14 @@ def _local_pretrained_file(name: str) -> Optional[Path]:
     return Path(file) if file and Path(file).is_file() else None
 
 
-def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = False,
-           state_dict: Optional[Mapping[str, Any]] = None) -> tuple[nn.Module, ModelAdapter]:
+def _build(
+    name: str,
+    *,
+    img_size: Optional[int],
+    seed: int,
+    pretrained: bool = False,
+    state_dict: Optional[Mapping[str, Any]] = None,
+) -> tuple[nn.Module, ModelAdapter]:
     """(timm.create_model under a forked, seeded RNG, its adapter), after a cheap check on the meta device
     that the architecture is supported and img_size fits it (so nothing is downloaded for a model we
     reject). The adapter is found once: on the meta build when there is one, else on the model."""
@@ -139,7 +152,9 @@ def _build(name: str, *, img_size: Optional[int], seed: int, pretrained: bool = 
         from timm.models import is_model_pretrained
 
         if not is_model_pretrained(name):
-            raise ModelLoadError(f"timm has no pretrained weights for {name}; pass --checkpoint PATH or drop --pretrained")
+            raise ModelLoadError(
+                f"timm has no pretrained weights for {name}; pass --checkpoint PATH or drop --pretrained"
+            )
 
     offline = pretrained and _hub_unreachable()
     with torch.random.fork_rng(devices=[]), _hub_offline(offline):
@@ -256,8 +271,10 @@ def _as_file(model: str) -> Optional[Path]:
     if path.is_dir():
         if is_timm_name(model):
             return None
-        raise ModelLoadError(f"{model} is a directory without config.json; pass a checkpoint file ({'/'.join(CHECKPOINT_SUFFIXES)}), "
-                             "a timm model name, or a Hugging Face save_pretrained folder")
+        raise ModelLoadError(
+            f"{model} is a directory without config.json; pass a checkpoint file ({'/'.join(CHECKPOINT_SUFFIXES)}), "
+            "a timm model name, or a Hugging Face save_pretrained folder"
+        )
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise ModelLoadError(f"no such file: {model}")
     if path.exists():
@@ -267,7 +284,9 @@ def _as_file(model: str) -> Optional[Path]:
 
 def _load_file(path: Path, source: ModelSource) -> LoadedModel:
     if source.pretrained:
-        raise InvalidInputError(f"--pretrained applies to a timm model name; {source.name} is a file that holds the weights")
+        raise InvalidInputError(
+            f"--pretrained applies to a timm model name; {source.name} is a file that holds the weights"
+        )
     checkpoint = read_checkpoint(path, trust_pickle=source.trust_pickle)
     if checkpoint.module is not None:
         return _from_module(checkpoint.module, path, source)
@@ -297,7 +316,9 @@ def _from_module(module: nn.Module, path: Path, source: ModelSource) -> LoadedMo
         try:
             module.set_input_size(img_size=(img_size, img_size))
         except Exception as err:
-            raise InvalidInputError(f"cannot resize {display_path(path)} to image size {img_size}: {error_reason(err)}") from err
+            raise InvalidInputError(
+                f"cannot resize {display_path(path)} to image size {img_size}: {error_reason(err)}"
+            ) from err
     if source.checkpoint:
         ckpt_path = existing_checkpoint(source.checkpoint)
         state_dict = read_state_dict(ckpt_path, trust_pickle=source.trust_pickle)
@@ -347,7 +368,7 @@ def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         changed = False
         for prefix in ("module.", "_orig_mod."):
             if all(key.startswith(prefix) for key in out):
-                out = {key[len(prefix):]: value for key, value in out.items()}
+                out = {key[len(prefix) :]: value for key, value in out.items()}
                 changed = True
     return out
 
@@ -396,13 +417,18 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], *, source: str
     mismatched = [
         f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}"
         for key in expected
-        if key in state_dict and isinstance(state_dict[key], torch.Tensor) and isinstance(expected[key], torch.Tensor)
+        if key in state_dict
+        and isinstance(state_dict[key], torch.Tensor)
+        and isinstance(expected[key], torch.Tensor)
         and state_dict[key].shape != expected[key].shape
     ]
     if missing or unexpected or mismatched:
         problems = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatch (checkpoint vs model)", mismatched)):
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch (checkpoint vs model)", mismatched),
+        ):
             if items:
                 more = f" and {len(items) - 5} more" if len(items) > 5 else ""
                 problems.append(f"{label}: {', '.join(items[:5])}{more}")

@@ -1,0 +1,169 @@
+"""`tome-deploy triton-repo`: the config.pbtxt parses with Triton's own ModelConfig schema (shipped in
+tritonclient) and every field agrees with the ONNX file, read independently with `onnx`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import tritonclient
+from conftest import assert_one_line_error
+from google.protobuf import text_format
+
+from tome_deploy.cli import deploy as deploy_cli
+
+
+def triton_model_config_schema():
+    """tritonclient/grpc/model_config_pb2.py needs only protobuf; its package __init__ needs grpcio, so load the file itself."""
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return triton_model_config_schema()
+
+
+def parse_config(path: Path, schema):
+    return text_format.Parse(path.read_text(), schema.ModelConfig())
+
+
+def dims(value) -> list[int]:
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+
+def graph_tensors(path: Path) -> tuple[list, list]:
+    graph = onnx.load(str(path)).graph
+    return [(v.name, dims(v)) for v in graph.input], [(v.name, dims(v)) for v in graph.output]
+
+
+def test_dynamic_batch_export_gives_batched_onnxruntime_config(export_cached, tmp_path, schema, capsys):
+    exported = export_cached("vit_class_token")
+    repo = tmp_path / "models"
+    code = deploy_cli.main(
+        [
+            "triton-repo",
+            str(exported.path),
+            str(repo),
+            "--name",
+            "vit_tome",
+            "--max-batch",
+            "16",
+            "--max-delay-ms",
+            "2.5",
+            "--instances",
+            "2",
+        ]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"tritonserver --model-repository={repo.resolve()}" in err
+
+    config = parse_config(repo / "vit_tome" / "config.pbtxt", schema)
+    ((input_name, input_dims),) = graph_tensors(exported.path)[0]
+    ((output_name, output_dims),) = graph_tensors(exported.path)[1]
+    assert input_dims[0] == -1 and output_dims[0] == -1  # the export's batch is dynamic
+    assert config.name == "vit_tome" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    assert [(t.name, list(t.dims), t.data_type) for t in config.input] == [
+        (input_name, input_dims[1:], schema.TYPE_FP32)
+    ]
+    assert [(t.name, list(t.dims), t.data_type) for t in config.output] == [
+        (output_name, output_dims[1:], schema.TYPE_FP32)
+    ]
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 2500
+    assert [(g.count, g.kind) for g in config.instance_group] == [(2, schema.ModelInstanceGroup.KIND_CPU)]
+    props = {p.key: p.value for p in onnx.load(str(exported.path)).metadata_props}
+    for key in ("tome.tokens_per_layer", "tome.r_effective", "tome.theoretical_speedup"):
+        assert json.loads(config.parameters[key].string_value) == json.loads(props[key])
+    assert config.parameters["tome.model"].string_value == json.loads(props["tome.model"]) == "test_vit"
+
+    assert (repo / "vit_tome" / "1" / "model.onnx").read_bytes() == exported.path.read_bytes()
+    assert f"tritonserver --model-repository={repo.resolve()}" in (repo / "vit_tome" / "README.md").read_text()
+
+
+def test_fixed_batch_export_gives_unbatched_config_with_full_dims(export_cached, tmp_path, schema):
+    exported = export_cached("vit_class_token", batch=2)
+    assert deploy_cli.main(["triton-repo", str(exported.path), str(tmp_path), "--gpu"]) == 0
+    name = exported.path.stem
+    config = parse_config(tmp_path / name / "config.pbtxt", schema)
+    ((input_name, input_dims),) = graph_tensors(exported.path)[0]
+    assert input_dims[0] == 2
+    assert config.name == name and config.max_batch_size == 0
+    assert [(t.name, list(t.dims)) for t in config.input] == [(input_name, input_dims)]
+    assert list(config.output[0].dims) == [2, 1000]
+    assert not config.HasField("dynamic_batching")  # Triton cannot batch a model whose batch is fixed
+    assert config.instance_group[0].kind == schema.ModelInstanceGroup.KIND_GPU
+
+
+def test_existing_model_folder_is_kept_unless_overwrite(export_cached, tmp_path, capsys):
+    exported = export_cached("vit_class_token")
+    args = ["triton-repo", str(exported.path), str(tmp_path), "--name", "m"]
+    assert deploy_cli.main(args) == 0
+    marker = tmp_path / "m" / "config.pbtxt"
+    marker.write_text("# edited by hand\n")
+    capsys.readouterr()
+    assert deploy_cli.main(args) == 2
+    assert_one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
+    assert marker.read_text() == "# edited by hand\n"
+    assert deploy_cli.main(args + ["--overwrite"]) == 0
+    assert "platform" in marker.read_text()
+
+
+@pytest.mark.parametrize(
+    "args, code, fragments",
+    [
+        (["{missing}", "{repo}"], 2, ["no such artifact"]),
+        (["{not_tome}", "{repo}"], 2, ["no tome-deploy metadata", "tome-export"]),
+        (["{onnx}", "{repo}", "--name", "a/b"], 2, ["not a valid directory name"]),
+        (["{onnx}", "{deep}"], 2, ["does not exist", "mkdir -p"]),
+        (["{onnx}", "{repo}", "--max-batch", "0"], 2, ["must be >= 1"]),
+    ],
+    ids=["missing", "not-tome", "bad-name", "no-parent", "max-batch"],
+)
+def test_bad_input_is_a_one_line_error(export_cached, tmp_path, capsys, args, code, fragments):
+    exported = export_cached("vit_class_token")
+    not_tome = tmp_path / "plain.onnx"
+    proto = onnx.load(str(exported.path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(not_tome))
+    values = {
+        "missing": str(tmp_path / "nope.onnx"),
+        "not_tome": str(not_tome),
+        "onnx": str(exported.path),
+        "repo": str(tmp_path / "repo"),
+        "deep": str(tmp_path / "a" / "b"),
+    }
+    assert deploy_cli.main(["triton-repo", *[a.format(**values) for a in args]]) == code
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+
+
+def test_python_backend_repository_runs_our_runner_next_to_the_onnx_file(export_cached, tmp_path, schema):
+    exported = export_cached("vit_class_token")
+    assert (
+        deploy_cli.main(
+            ["triton-repo", str(exported.path), str(tmp_path), "--name", "vit", "--backend", "python", "--threads", "2"]
+        )
+        == 0
+    )
+    config = parse_config(tmp_path / "vit" / "config.pbtxt", schema)
+    assert config.backend == "python" and config.platform == ""
+    assert config.max_batch_size == 8 and config.HasField("dynamic_batching")
+    assert config.parameters["tome.threads"].string_value == "2"
+    assert (tmp_path / "vit" / "1" / "model.onnx").read_bytes() == exported.path.read_bytes()
+    model_py = (tmp_path / "vit" / "1" / "model.py").read_text()
+    assert "from tome_deploy.serving.triton_python import TritonPythonModel" in model_py
+    compile(model_py, "model.py", "exec")
+    assert "TOME_DEPLOY_PYTHONPATH" in (tmp_path / "vit" / "README.md").read_text()
+
+
+def test_threads_without_the_python_backend_is_a_one_line_error(export_cached, tmp_path, capsys):
+    exported = export_cached("vit_class_token")
+    assert deploy_cli.main(["triton-repo", str(exported.path), str(tmp_path), "--threads", "2"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--threads applies to --backend python")

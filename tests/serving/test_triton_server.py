@@ -1,0 +1,123 @@
+"""`tome-deploy triton-repo --backend python` on a real Triton Inference Server (CPU, Python backend):
+the repository loads, tritonclient.http and tritonclient.grpc get what ONNX Runtime gives directly,
+concurrent clients are batched by Triton (its own metrics say so) and each gets its own rows back."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.triton
+
+MODEL = "vit"
+PROTOCOLS = {"http": triton_http, "grpc": triton_grpc}
+
+
+@pytest.fixture(scope="module")
+def triton(triton_server):
+    return triton_server[0]
+
+
+@pytest.fixture(scope="module")
+def session(triton_server):
+    return ort.InferenceSession(str(triton_server[1].path), providers=["CPUExecutionProvider"])
+
+
+def client(triton, protocol: str):
+    module = PROTOCOLS[protocol]
+    return module.InferenceServerClient(triton.http_url if protocol == "http" else triton.grpc_url)
+
+
+def pixels(seed: int, batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 160, 160)).astype(np.float32)
+
+
+def infer(connection, protocol: str, x: np.ndarray, name: str = "pixel_values", datatype: str = "FP32") -> np.ndarray:
+    module = PROTOCOLS[protocol]
+    tensor = module.InferInput(name, list(x.shape), datatype)
+    tensor.set_data_from_numpy(x)
+    return connection.infer(MODEL, [tensor], outputs=[module.InferRequestedOutput("logits")]).as_numpy("logits")
+
+
+def triton_metrics(triton) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{triton.metrics_url}/metrics", timeout=10).read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("model") == MODEL
+    }
+
+
+def test_generated_repository_loads_as_a_python_backend_model(triton):
+    http = client(triton, "http")
+    assert http.is_server_live() and http.is_server_ready() and http.is_model_ready(MODEL)
+    config = http.get_model_config(MODEL)
+    assert config["backend"] == "python" and config["max_batch_size"] == 8
+    assert "dynamic_batching" in config
+    assert json.loads(config["parameters"]["tome.tokens_per_layer"]["string_value"]) == [101 - 8 * i for i in range(7)]
+    assert config["parameters"]["tome.threads"]["string_value"] == "1"
+    grpc = client(triton, "grpc")
+    assert grpc.is_server_ready() and grpc.is_model_ready(MODEL)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_infer_equals_direct_onnx_runtime(triton, session, protocol):
+    x = pixels(7, batch=3)
+    got = infer(client(triton, protocol), protocol, x)
+    np.testing.assert_allclose(got, session.run(None, {"pixel_values": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_clients_get_their_own_rows_from_batches_triton_formed(triton, session):
+    clients, per_client = 16, 4
+    before = triton_metrics(triton)
+    results, errors = {}, []
+
+    def loop(index: int) -> None:
+        protocol = "grpc" if index % 2 else "http"
+        connection = client(triton, protocol)
+        try:
+            for i in range(per_client):
+                results[index, i] = infer(connection, protocol, pixels(100 + index * per_client + i))
+        except BaseException as err:  # noqa: BLE001 - surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=loop, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[0]
+    for (index, i), logits in results.items():
+        np.testing.assert_allclose(
+            logits, session.run(None, {"pixel_values": pixels(100 + index * per_client + i)})[0], rtol=1e-4, atol=1e-4
+        )
+    assert len(results) == clients * per_client
+    after = triton_metrics(triton)
+    rows = after["nv_inference_count_total"] - before.get("nv_inference_count_total", 0)
+    executions = after["nv_inference_exec_count_total"] - before.get("nv_inference_exec_count_total", 0)
+    assert rows == clients * per_client
+    assert executions < rows  # Triton's dynamic batcher ran several requests per model call
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("case", ["shape", "dtype", "name"])
+def test_wrong_shape_dtype_or_name_is_refused(triton, protocol, case):
+    x = {"shape": pixels(1)[:, :, :100], "dtype": pixels(1).astype(np.float64), "name": pixels(1)}[case]
+    kwargs = {"name": {"name": "image"}, "dtype": {"datatype": "FP64"}}.get(case, {})
+    with pytest.raises(InferenceServerException) as caught:
+        infer(client(triton, protocol), protocol, x, **kwargs)
+    assert caught.value.status() in ("400", "StatusCode.INVALID_ARGUMENT"), (
+        caught.value.status(),
+        caught.value.message(),
+    )
+    assert client(triton, protocol).is_model_ready(MODEL)
