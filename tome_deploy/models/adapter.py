@@ -66,6 +66,9 @@ class ModelAdapter(Protocol):
     def data_config(self, model: nn.Module) -> dict:
         """input_size [3, H, W], mean, std, interpolation, crop_pct: the preprocessing the export records."""
 
+    def output_kind(self, model: nn.Module) -> str:
+        """ "logits" for a classifier, "embedding" for an encoder: which quality metrics compare its outputs."""
+
 
 _FAMILY_MODULES = (
     "tome_deploy.models.timm_vit",

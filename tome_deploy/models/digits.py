@@ -169,3 +169,25 @@ def load_digits_vit(weights: Path | str = ASSET_WEIGHTS) -> VisionTransformer:
 def recorded_accuracy(record: Path = ASSET_JSON) -> float:
     """The test accuracy the training run recorded next to the committed weights (a fraction)."""
     return float(json.loads(Path(record).read_text())["test_accuracy"])
+
+
+def write_digits_folder(root: Path | str, split: str = "test") -> list[Path]:
+    """The digits of `split` ("test": the 360 the model never trained on; "all": 1797) as an image folder for
+    tome-tune and tome-validate --data: root/<label>/<index>.png, 8x8 greyscale, value * 255 / 16 rounded.
+    The model's preprocessing (nearest-neighbour resize to 32x32, pixels / 255) gives back value / 16 to
+    within 1/510. Returns the files written."""
+    from PIL import Image
+
+    if split not in ("test", "all"):
+        raise ValueError(f"split is 'test' or 'all', got {split!r}")
+    data = digits_data()
+    indices = data["test_indices"] if split == "test" else np.arange(len(data["labels"]))
+    written = []
+    for index in sorted(int(i) for i in indices):
+        folder = Path(root) / str(int(data["labels"][index]))
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(data["images"][index].astype(np.float32) * 255.0 / 16.0).astype(np.uint8)  # [8, 8]
+        path = folder / f"{index:04d}.png"
+        Image.fromarray(pixels, mode="L").save(path)
+        written.append(path)
+    return written

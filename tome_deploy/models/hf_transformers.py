@@ -267,6 +267,9 @@ class HFTransformersAdapter:
             "crop_pct": float(crop_pct),
         }
 
+    def output_kind(self, model: nn.Module) -> str:
+        return "logits" if model.output == "logits" else "embedding"
+
 
 ADAPTER = HFTransformersAdapter()
 

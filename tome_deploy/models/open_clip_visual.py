@@ -160,6 +160,9 @@ class OpenClipAdapter:
             "crop_pct": 1.0,  # OpenCLIP resizes the shortest side to the input size, then center-crops
         }
 
+    def output_kind(self, model: nn.Module) -> str:
+        return "embedding"  # the image tower's embedding
+
 
 ADAPTER = OpenClipAdapter()
 

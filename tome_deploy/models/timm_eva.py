@@ -184,5 +184,8 @@ class TimmEvaAdapter:
 
         return data_config(model)
 
+    def output_kind(self, model: nn.Module) -> str:
+        return "logits" if getattr(model, "num_classes", 0) else "embedding"
+
 
 ADAPTER = TimmEvaAdapter()

@@ -149,5 +149,8 @@ class TimmViTAdapter:
     def data_config(self, model: nn.Module) -> dict:
         return data_config(model)
 
+    def output_kind(self, model: nn.Module) -> str:
+        return "logits" if getattr(model, "num_classes", 0) else "embedding"
+
 
 ADAPTER = TimmViTAdapter()
