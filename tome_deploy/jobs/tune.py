@@ -44,7 +44,7 @@ from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import export_onnx
 from tome_deploy.output_files import check_outputs, write_atomically
 from tome_deploy.quality.budget import Budget
-from tome_deploy.quality.data import DataConfig, ImageSet, read_image_folder
+from tome_deploy.quality.data import DataConfig, ImageSet, check_decoded, read_image_folder
 from tome_deploy.quality.metrics import Estimate, quality_metrics
 from tome_deploy.quality.split import split_indices
 from tome_deploy.runtime.factory import check_runtime, open_runner
@@ -173,8 +173,7 @@ def tune_model(
     store = _Cache(paths.get("--cache"), _context_key(loaded, images, runtime, batch_size, held_out_fraction, split_seed))
 
     pixels, kept = images.pixels(calibration, config)
-    if not kept:
-        raise InvalidInputError(f"none of the {len(calibration)} calibration images of {data} could be read; pass a folder of images")
+    check_decoded(images, len(kept))
     calibration_labels = _labels_of(images, kept)
     score = _calibration_scorer(loaded, kind, pixels, calibration_labels, store)
     schedules = structured_candidates(shape)
@@ -284,8 +283,7 @@ def _measure_in_runtime(
     """Speed against the plain export and held-out quality, in `runtime`, for each finalist until the deadline
     (at least one is always measured)."""
     pixels, kept = images.pixels(held_out, config)
-    if not kept:
-        raise InvalidInputError(f"none of the {len(held_out)} held-out images could be read; pass a folder of images")
+    check_decoded(images, len(kept))
     labels = _labels_of(images, kept)
     options: dict[str, Any] = dict(
         merge=merge_for_target(None, "onnxruntime"),
