@@ -50,6 +50,12 @@ class ValidationFailedError(ToMeError):
     exit_code = 1
 
 
+class QualityBudgetError(ToMeError):
+    """The model ran on the user's images (tome-validate --data) and a quality bound does not hold."""
+
+    exit_code = 5
+
+
 def display_path(path: Path) -> str:
     """A path as the user should see it in a message (absolute when it resolves)."""
     try:

@@ -481,7 +481,7 @@ def test_unexpected_errors_are_one_line_exit_3_with_traceback_only_on_request(ca
     "command, codes",
     [
         ("export", {0, 1, 2, 3, 4, 130}),
-        ("validate", {0, 1, 2, 3, 4, 130}),
+        ("validate", {0, 1, 2, 3, 4, 5, 130}),
         ("build", {0, 2, 3, 4, 130}),
         ("deploy", {0, 2, 3, 130}),
         ("visualize", {0, 2, 3, 130}),

@@ -3,7 +3,7 @@
 Exit codes (each command's --help lists the ones it can return): 0 success; 1 parity validation failed;
 2 bad input (arguments, model, checkpoint, schedule, paths, damaged artifacts); 3 export/build failed, or an
 unexpected error (a bug: one line asking for a report; the traceback with --debug or TOME_DEBUG=1);
-4 an optional dependency is missing; 130 interrupted.
+4 an optional dependency is missing; 5 a quality budget is not met (tome-validate --data); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ EXIT_CODES = {
     2: "bad input (arguments, model, checkpoint, schedule, paths, damaged artifacts)",
     3: "unexpected error (please report it)",
     4: "missing optional dependency",
+    5: "quality budget not met",
     130: "interrupted",
 }
 DEBUG_VARIABLE = "TOME_DEBUG"  # TOME_DEBUG=1: print the traceback of any error, as --debug does

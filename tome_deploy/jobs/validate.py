@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.onnx_file import read_metadata
@@ -20,10 +23,15 @@ from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
-from tome_deploy.models.loading.source import ModelSource
+from tome_deploy.models.loading.source import LoadedModel, ModelSource
 from tome_deploy.models.patch import apply_tome
+from tome_deploy.onnx_export.export import export_plain
 from tome_deploy.onnx_export.precision import with_precision
 from tome_deploy.output_files import check_outputs
+from tome_deploy.quality.budget import Budget
+from tome_deploy.quality.data import DataConfig, read_image_folder
+from tome_deploy.quality.metrics import quality_metrics
+from tome_deploy.quality.report import QualityReport, headline_metric, output_kind, paired_outputs
 from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.factory import RUNTIME_LABELS, open_runner
 from tome_deploy.validation.parity import (
@@ -67,12 +75,7 @@ def validate_model(
             inputs=(source.name, source.checkpoint, *validation_inputs(artifact)),
         )
     say(f"Loading {source.name} ...")
-    loaded = load_model(source.at_img_size(metadata.input_size[-1]))
-    if weights_fingerprint(loaded.model) != metadata.weights_sha256:
-        raise InvalidInputError(
-            f"the weights of {source.name} ({loaded.weights}) differ from those {artifact} was exported from "
-            f"({metadata.weights}); pass the same model, --checkpoint and --seed as for tome-export"
-        )
+    loaded = _load_exported_model(source, artifact, metadata)
     try:
         tome, _ = apply_tome(loaded.model, list(metadata.r_effective), metadata.merge, strict=True)
         tome = with_precision(tome, metadata.precision)
@@ -102,6 +105,94 @@ def validate_model(
     return metadata, validate_runners(
         tome, candidates, metadata, str(artifact), batch_sizes=batches, atol=atol, rtol=rtol
     )
+
+
+def validate_quality(
+    source: ModelSource | str,
+    artifact: str | Path,
+    data: str | Path,
+    *,
+    labels_file: Optional[str | Path] = None,
+    budget: Optional[Budget] = None,
+    metric: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    runtime: str = "onnxruntime",
+    say: Say = silent,
+) -> QualityReport:
+    """The artifact's quality on every image under `data` against the plain (unmerged) model it came from.
+
+    The plain model is exported with export_plain to a temporary folder (same weights, input size, batch and
+    opset; removed afterwards) and both files run in `runtime` on the images as the artifact's metadata
+    preprocesses them. The output kind is "logits" for an output named "logits" of shape [n, classes > 1]
+    unless `metric` names an embedding metric, else "embedding". The report's `violations` list the broken
+    bounds of `budget` (None: no bound). InvalidInputError for bad data (before any model loads) and, after
+    the run (they depend on the output kind), for a bound or metric that does not apply.
+    batch_size: images per run (default: the artifact's fixed batch, else 8)."""
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source)
+    images = read_image_folder(data, labels_file)
+    engine = is_engine_file(artifact)
+    metadata = _artifact_metadata(artifact, read_sidecar(artifact) if engine else None)
+    batch = _quality_batch(batch_size, metadata)
+    candidate = open_runner(artifact, runtime)
+    say(f"Loading {source.name} ...")
+    loaded = _load_exported_model(source, artifact, metadata)
+    config = DataConfig(metadata.input_size, metadata.mean, metadata.std, metadata.interpolation, metadata.crop_pct)
+    with tempfile.TemporaryDirectory(prefix="tome-validate-") as folder:
+        say("Exporting the plain model for reference ...")
+        plain = export_plain(loaded.model, metadata, Path(folder) / "plain.onnx")
+        say(f"Running {len(images.files)} images of {data} through both models ({RUNTIME_LABELS[runtime]}) ...")
+        with open_runner(plain, runtime) as reference, candidate:
+            expected, got, decoded = paired_outputs(
+                reference,
+                candidate,
+                images,
+                range(len(images.files)),
+                config,
+                input_name=metadata.input_name,
+                output_name=metadata.output_name,
+                batch_size=batch,
+                fixed_batch=metadata.batch is not None,
+            )
+    kind = output_kind(metadata.output_name, expected.shape, metric)
+    has_labels = images.labels is not None
+    budget = budget or Budget()
+    budget.check(kind, has_labels)
+    labels = np.asarray([images.labels[i] for i in decoded]) if images.labels is not None else None
+    return QualityReport(
+        artifact=str(artifact),
+        data=str(data),
+        fingerprint=images.fingerprint,
+        images=len(images.files),
+        unreadable=len(images.unreadable),
+        kind=kind,
+        metric=headline_metric(kind, has_labels, metric),
+        metrics=quality_metrics(kind, expected.reshape(len(expected), -1), got.reshape(len(got), -1), labels),
+        budget=budget,
+    )
+
+
+def _quality_batch(batch_size: Optional[int], metadata: ToMeMetadata) -> int:
+    """--batch-size, checked against the spec and a fixed-batch artifact; default its batch, else 8."""
+    if batch_size is None:
+        return metadata.batch or 8
+    EXPORT_SPEC.check_batch(batch_size, "--batch-size")
+    if metadata.batch is not None and batch_size != metadata.batch:
+        raise InvalidInputError(
+            f"the artifact has a fixed batch of {metadata.batch}; drop --batch-size or pass {metadata.batch}"
+        )
+    return batch_size
+
+
+def _load_exported_model(source: ModelSource, artifact: str | Path, metadata: ToMeMetadata) -> LoadedModel:
+    """The model `artifact` was exported from, at its input size; InvalidInputError for other weights."""
+    loaded = load_model(source.at_img_size(metadata.input_size[-1]))
+    if weights_fingerprint(loaded.model) != metadata.weights_sha256:
+        raise InvalidInputError(
+            f"the weights of {source.name} ({loaded.weights}) differ from those {artifact} was exported from "
+            f"({metadata.weights}); pass the same model, --checkpoint and --seed as for tome-export"
+        )
+    return loaded
 
 
 def _source_onnx_runner(sidecar: EngineSidecar, say: Say) -> list[Runner]:
