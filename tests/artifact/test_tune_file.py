@@ -10,11 +10,13 @@ import onnx
 import pytest
 
 from tome_deploy.artifact.metadata import MetadataError, ToMeMetadata
+from tome_deploy.artifact.sidecar import EngineSidecar
 from tome_deploy.artifact.tune_file import MAX_TUNE_BYTES, TuneFileError, read_tune_file
 from tome_deploy.errors import InvalidInputError
 
 DATA = Path(__file__).parents[1] / "data"
 RELEASE_ONNX = DATA / "release_0.1.0_test_vit_r4_scatter.onnx"
+RELEASE_SIDECAR = DATA / "release_0.1.0_test_vit_r4_matmul.plan.json"
 FINGERPRINT = "ab" * 32
 QUALITY = {
     "metric": "accuracy_drop",
@@ -171,6 +173,16 @@ def test_metadata_round_trips_with_and_without_quality():
     assert json.loads(props["tome.quality"]) == QUALITY
     back = ToMeMetadata.from_props(props, "x.onnx")
     assert back == tuned and back.quality == QUALITY
+
+
+def test_an_engine_sidecar_keeps_the_quality_of_its_onnx_file():
+    sidecar = EngineSidecar.from_dict(json.loads(RELEASE_SIDECAR.read_text()), "release.plan.json")
+    assert sidecar.tome is not None and sidecar.tome.quality is None
+    tuned = EngineSidecar(**{**vars(sidecar), "tome": ToMeMetadata(**{**vars(sidecar.tome), "quality": QUALITY})})
+    written = json.loads(tuned.to_json())
+    assert written["tome"]["quality"] == QUALITY and "quality" not in json.loads(sidecar.to_json())["tome"]
+    back = EngineSidecar.from_dict(written, "model.plan.json")
+    assert back.tome is not None and back.tome.quality == QUALITY
 
 
 def test_a_quality_record_with_keys_it_does_not_know_reads_without_them():
