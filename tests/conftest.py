@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import pytest
 import timm
 import torch
@@ -113,6 +115,15 @@ def release_export(tmp_path_factory):
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def exported_family(request, export_cached) -> Exported:
     return export_cached(request.param)
+
+
+def copy_with_quality(source: Path, path: Path, quality: dict) -> Path:
+    """The ONNX file `source` copied to `path` with `quality` recorded as tome-export --schedule-from records it."""
+    model = onnx.load(str(source))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "tome.quality", json.dumps(quality)
+    onnx.save(model, str(path))
+    return path
 
 
 def assert_one_line_error(err: str, *fragments: str) -> None:

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton_http
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, copy_with_quality
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
@@ -163,9 +163,33 @@ def test_health_and_metadata_match_the_artifact(server, exported):
     props = {p.key: json.loads(p.value) for p in onnx.load(str(exported.path)).metadata_props}
     assert meta["tome"]["tokens_per_layer"] == props["tome.tokens_per_layer"] == [101 - 8 * i for i in range(7)]
     assert meta["tome"]["r_effective"] == props["tome.r_effective"] and meta["tome"]["model"] == "test_vit"
+    assert "parameters" not in meta  # no quality recorded: the export was not tuned
     assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
     assert client.get_model_metadata(MODEL, model_version="1")["name"] == MODEL
     assert not client.is_model_ready("other")
+
+
+def test_model_metadata_shows_the_recorded_quality(exported, tmp_path):
+    quality = {
+        "metric": "top1_agreement",
+        "value": 0.98,
+        "count": 512,
+        "data_fingerprint": "12" * 32,
+        "metrics": {"top1_agreement": 0.98, "mean_kl": 0.01},
+    }
+    served_model = read_served_model(copy_with_quality(exported.path, tmp_path / "tuned.onnx", quality))
+    with serving(served_model, OnnxRuntimeRunner(served_model.path)) as served:
+        meta = served.client().get_model_metadata(MODEL)
+    assert meta["parameters"] == {
+        "tome_quality": {
+            "metric": "top1_agreement",
+            "value": 0.98,
+            "count": 512,
+            "data_fingerprint": "12" * 32,
+            "metrics": {"top1_agreement": 0.98, "mean_kl": 0.01},
+        }
+    }
+    assert meta["tome"]["r_effective"] == [8] * 6
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 import tritonclient
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, copy_with_quality
 from google.protobuf import text_format
 
 from tome_deploy.cli import deploy as deploy_cli
@@ -83,9 +83,30 @@ def test_dynamic_batch_export_gives_batched_onnxruntime_config(export_cached, tm
     for key in ("tome.tokens_per_layer", "tome.r_effective", "tome.theoretical_speedup"):
         assert json.loads(config.parameters[key].string_value) == json.loads(props[key])
     assert config.parameters["tome.model"].string_value == json.loads(props["tome.model"]) == "test_vit"
+    assert "tome.quality" not in config.parameters  # not tuned
 
     assert (repo / "vit_tome" / "1" / "model.onnx").read_bytes() == exported.path.read_bytes()
     assert f"tritonserver --model-repository={repo.resolve()}" in (repo / "vit_tome" / "README.md").read_text()
+
+
+def test_a_recorded_quality_becomes_a_parameter(export_cached, tmp_path, schema):
+    quality = {
+        "metric": "accuracy_drop",
+        "value": 0.4,
+        "count": 899,
+        "data_fingerprint": "ab" * 32,
+        "metrics": {"accuracy_drop": 0.4, "top1_agreement": 0.98},
+    }
+    tuned = copy_with_quality(export_cached("vit_class_token").path, tmp_path / "tuned.onnx", quality)
+    assert deploy_cli.main(["triton-repo", str(tuned), str(tmp_path / "models")]) == 0
+    config = parse_config(tmp_path / "models" / "tuned" / "config.pbtxt", schema)
+    assert json.loads(config.parameters["tome.quality"].string_value) == {
+        "metric": "accuracy_drop",
+        "value": 0.4,
+        "count": 899,
+        "data_fingerprint": "ab" * 32,
+        "metrics": {"accuracy_drop": 0.4, "top1_agreement": 0.98},
+    }
 
 
 def test_fixed_batch_export_gives_unbatched_config_with_full_dims(export_cached, tmp_path, schema):

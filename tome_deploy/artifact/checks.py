@@ -7,6 +7,7 @@ Bounds are generous for real models and small enough that a crafted file cannot 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Sequence
 
 from tome_deploy.errors import InvalidInputError
@@ -95,3 +96,25 @@ def each(check: Callable[..., Any], value: Any, *bounds: Any, length: int | None
         except FieldError as err:
             raise FieldError(f"entry {index} {err}") from None
     return checked
+
+
+def name(value: Any, max_length: int) -> str:
+    """A name of 1 to `max_length` ASCII letters, digits and _ . : @ + - (a metric's name, a hex fingerprint)."""
+    if not isinstance(value, str) or len(value) > max_length or not re.fullmatch(r"[A-Za-z0-9_.:@+-]+", value):
+        raise FieldError(f"must be 1 to {max_length} ASCII letters, digits or _ . : @ + -, got {_shown(value)}")
+    return value
+
+
+def numbers_by_name(value: Any, low: float, high: float, *, max_entries: int, max_name: int) -> dict[str, float]:
+    """A JSON object of at most `max_entries` names (`name`) to finite numbers in [low, high]; a failure
+    names the entry."""
+    if not isinstance(value, dict):
+        raise FieldError(f"must be a JSON object, got {_shown(value)}")
+    if len(value) > max_entries:
+        raise FieldError(f"must have at most {max_entries} entries, got {len(value)}")
+    return {
+        checked("has a key that", lambda n: name(n, max_name), key): checked(
+            f"entry {key!r}", lambda v: real(v, low, high), number
+        )
+        for key, number in value.items()
+    }

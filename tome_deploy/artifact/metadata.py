@@ -4,6 +4,9 @@ Each key holds one JSON value. `tome.schema_version` says how to read them:
   1  files of tome-deploy 0.1.0 (no `tome.schema_version` key): the batch is the text "dynamic" or a
      number as text, and the example batch sits in `tome.extra` = {"example_batch": N}.
   2  this version: `tome.batch` is a number or null (dynamic), `tome.example_batch` a number.
+Optional keys that only inform (they change nothing in how the graph is run or its inputs prepared) are
+added within a version: `tome.quality`, the quality tome-tune measured for the schedule, is such a key;
+a reader that predates one ignores it, as every reader ignores `tome.*` keys it does not know.
 A reader refuses a newer version (NewerSchemaError: upgrade tome-deploy) and damaged values
 (MetadataError: one line naming the file and the key; re-export with tome-export)."""
 
@@ -33,6 +36,11 @@ MAX_IMAGE_SIDE = 2048
 MAX_DEPTH = 1024
 MAX_TOKENS = 1 << 20
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+MAX_QUALITY_METRICS = 64
+MAX_NAME_LENGTH = 64  # a metric's name
+MAX_FINGERPRINT_LENGTH = 128  # a data set's fingerprint (a sha256 is 64 hex digits)
+MAX_QUALITY_VALUE = 1e12  # |value| of a metric: mean KL is unbounded above, accuracy drop is in points
+MAX_QUALITY_COUNT = 1 << 40
 
 # The schedule as requested: an int r, [r, inflect], or one r per layer.
 ScheduleSpec = Union[int, list]
@@ -69,6 +77,9 @@ class ToMeMetadata:
     output_name: str = EXPORT_SPEC.output_name
     precision: str = "fp32"
     target: str = "onnxruntime"
+    # What tome-tune measured for this schedule on held-out images, or None (not tuned):
+    # {"metric": str, "value": float, "count": int, "data_fingerprint": str, "metrics": {name: float}}
+    quality: Optional[dict[str, Any]] = None
 
     @property
     def depth(self) -> int:
@@ -83,8 +94,11 @@ class ToMeMetadata:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values, with the schema version first."""
-        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        """JSON-ready values, with the schema version first; `quality` only when recorded."""
+        values = asdict(self)
+        if values["quality"] is None:
+            del values["quality"]
+        return {"schema_version": SCHEMA_VERSION, **values}
 
     def to_props(self) -> dict[str, str]:
         return {METADATA_PREFIX + key: json.dumps(value) for key, value in self.to_dict().items()}
@@ -163,6 +177,43 @@ def _batch(value: Any) -> Optional[int]:
     return None if value is None else checks.whole(value, 1, EXPORT_SPEC.max_batch)
 
 
+def _quality_name(value: Any) -> str:
+    return checks.name(value, MAX_NAME_LENGTH)
+
+
+def _quality_number(value: Any) -> float:
+    return checks.real(value, -MAX_QUALITY_VALUE, MAX_QUALITY_VALUE)
+
+
+# key of the `tome.quality` record -> reader of its value
+QUALITY_READERS = {
+    "metric": _quality_name,
+    "value": _quality_number,
+    "count": lambda v: checks.whole(v, 1, MAX_QUALITY_COUNT),
+    "data_fingerprint": lambda v: checks.name(v, MAX_FINGERPRINT_LENGTH),
+    "metrics": lambda v: checks.numbers_by_name(
+        v, -MAX_QUALITY_VALUE, MAX_QUALITY_VALUE, max_entries=MAX_QUALITY_METRICS, max_name=MAX_NAME_LENGTH
+    ),
+}
+
+
+def read_quality(value: Any) -> Optional[dict[str, Any]]:
+    """The `tome.quality` record, typed and bounded: None, or an object with `metric` (the name of the
+    metric tome-tune chose by), `value` (its entry in `metrics`), `count` (held-out images),
+    `data_fingerprint` (of the images) and `metrics` (name -> value). Keys it does not know are dropped."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FieldError(f"must be a JSON object, got {type(value).__name__}")
+    missing = [key for key in QUALITY_READERS if key not in value]
+    if missing:
+        raise FieldError(f"has no {missing[0]!r}")
+    record = {key: checks.checked(repr(key), reader, value[key]) for key, reader in QUALITY_READERS.items()}
+    if record["metrics"].get(record["metric"]) != record["value"]:
+        raise FieldError(f"'value' must be the {record['metric']!r} entry of 'metrics', got {record['value']!r}")
+    return record
+
+
 # key -> reader of its JSON value. Lengths that depend on other keys are checked in _check_consistent.
 _READERS = {
     "tool_version": checks.text,
@@ -188,6 +239,7 @@ _READERS = {
     "output_name": checks.text,
     "precision": lambda v: checks.one_of(v, PRECISIONS),
     "target": lambda v: checks.one_of(v, TARGETS),
+    "quality": read_quality,
 }
 
 

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "least merging; implies --measure",
     )
     parser.add_argument(
+        "--schedule-from",
+        metavar="TUNE_JSON",
+        help="export the schedule tome-tune chose (chosen.r_per_layer of its tune.json) and record the quality "
+        "it measured in the artifact (tome.quality); the tune.json must be for the same weights; instead of "
+        "--r, --r-inflect, --schedule and --target-speedup",
+    )
+    parser.add_argument(
         "--no-sparse",
         action="store_true",
         help="with --target-speedup: search constant r only (every block merges), never a sparse schedule",
@@ -106,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_schedule_from(args: argparse.Namespace) -> None:
+    """--schedule-from is the whole schedule: refuse it next to another option that sets one."""
+    if args.schedule_from is None:
+        return
+    others = {
+        "--r": args.r,
+        "--r-inflect": args.r_inflect,
+        "--schedule": args.schedule,
+        "--target-speedup": args.target_speedup,
+    }
+    given = [name for name, value in others.items() if value is not None]
+    if given:
+        raise InvalidInputError(
+            f"--schedule-from takes the schedule from the tune.json; drop {' and '.join(given)} (or drop --schedule-from)"
+        )
+
+
 def target_merges(target: str) -> str:
     """'tensorrt: --merge matmul, scatter refused': the default formulation of `target` and those it refuses."""
     refused = refused_by(target, targets=True)
@@ -127,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     from tome_deploy.output_files import check_outputs
 
-    check_outputs({"-o": args.output, "--report": args.report}, inputs=(args.source, args.checkpoint))
+    check_outputs(
+        {"-o": args.output, "--report": args.report}, inputs=(args.source, args.checkpoint, args.schedule_from)
+    )
+    check_schedule_from(args)
     target = args.target_speedup
     if target is not None:
         if args.r is not None:
@@ -164,6 +191,7 @@ def _export(args: argparse.Namespace) -> int:
         target_speedup=target,
         runtime=args.runtime,
         sparse=not args.no_sparse,
+        schedule_from=args.schedule_from,
         say=(lambda _: None) if quiet else say,
     )
     meta = outcome.export.metadata

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from tome_deploy.artifact.formulations import MergeFormulation, merge_for_target
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC
+from tome_deploy.artifact.tune_file import TunedSchedule, read_tune_file
 from tome_deploy.core.schedule import RSpec, Schedule
 from tome_deploy.core.speedup import (
     SEARCH_STRIDES,
@@ -24,7 +25,7 @@ from tome_deploy.core.speedup import (
     stride_label,
     stride_speedup,
 )
-from tome_deploy.errors import ScheduleError
+from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.adapter import describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
@@ -78,6 +79,7 @@ def export_model(
     target_speedup: Optional[float] = None,
     runtime: str = "onnxruntime",
     sparse: bool = True,
+    schedule_from: str | Path | None = None,
     say: Say = silent,
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
@@ -97,6 +99,9 @@ def export_model(
     merge: the formulation (artifact/formulations.py) or its name; None picks the one `target` runs best
     (spec.TARGET_DEFAULT_MERGE: scatter for ONNX Runtime, matmul for TensorRT).
     precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
+    schedule_from: a tune.json of tome-tune: instead of `r`, export its chosen r per layer and record the
+    quality it measured (ToMeMetadata.quality); refused (TuneFileError) when damaged, tuned for other
+    weights, or for another number of blocks.
     """
     EXPORT_SPEC.check_opset(opset)
     formulation = merge_for_target(merge, target)
@@ -106,6 +111,9 @@ def export_model(
         source = ModelSource(source)
     output = check_outputs({"-o": output}, inputs=(source.name, source.checkpoint))["-o"]
     check_runtime(runtime)
+    if schedule_from is not None and target_speedup is not None:
+        raise InvalidInputError("a tune.json and a speedup target both choose the schedule; pass one of them")
+    tuned = read_tune_file(schedule_from) if schedule_from is not None else None
     runs = validate or measure or target_speedup is not None
     if runs:  # fail before the export: a runtime that cannot run the formulation, or a missing extra it needs
         formulation.check_runtime(runtime)
@@ -117,6 +125,8 @@ def export_model(
     say(f"Loading {source.name} ...")
     loaded = load_model(source)
     say(f"  weights: {loaded.weights}")
+    if tuned is not None:
+        r = tuned_schedule(loaded, tuned, say)
     options: dict[str, Any] = dict(
         merge=formulation,
         strict=strict,
@@ -142,7 +152,8 @@ def export_model(
                     f"{search.option()} --measure"
                 )
             r = search.schedule
-        tome, schedule, metadata = patch_for_export(loaded, r, **options)
+        quality = tuned.quality if tuned is not None else None
+        tome, schedule, metadata = patch_for_export(loaded, r, quality=quality, **options)
         say(
             f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ..."
         )
@@ -176,6 +187,18 @@ def export_model(
     return outcome
 
 
+def tuned_schedule(loaded: LoadedModel, tuned: TunedSchedule, say: Say) -> list[int]:
+    """The r per layer of a tune.json, after checking it was tuned for these weights and this depth."""
+    depth = describe(loaded.adapter, loaded.model).depth
+    tuned.check_model(weights_fingerprint(loaded.model), depth, loaded.arch or type(loaded.model).__name__)
+    quality = tuned.quality
+    say(
+        f"  schedule from {tuned.source}: r per layer {tuned.r_per_layer}, held-out {quality['metric']} "
+        f"{quality['value']:g} on {quality['count']} images"
+    )
+    return tuned.r_per_layer
+
+
 def patch_for_export(
     loaded: LoadedModel,
     r: RSpec,
@@ -187,8 +210,9 @@ def patch_for_export(
     static_batch,
     precision,
     target,
+    quality=None,
 ):
-    """(ToMe model at the export's precision, its schedule, its metadata)."""
+    """(ToMe model at the export's precision, its schedule, its metadata). quality: ToMeMetadata.quality."""
     tome, schedule = apply_tome(loaded.model, r, merge, strict=strict, adapter=loaded.adapter)
     metadata = build_metadata(
         tome,
@@ -203,6 +227,7 @@ def patch_for_export(
         example_batch=batch_size,
         precision=precision,
         target=target,
+        quality=quality,
     )
     return with_precision(tome, precision), schedule, metadata
 

@@ -5,7 +5,7 @@ description, which names checkpoint files by their file name only (artifacts car
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -30,9 +30,11 @@ def build_metadata(
     example_batch: int,
     precision: str = "fp32",
     target: str = "onnxruntime",
+    quality: Optional[dict[str, Any]] = None,
 ) -> ToMeMetadata:
     """model: the ToMe model apply_tome returned (its recorded shape gives width and MLP width, its family
-    adapter the preprocessing)."""
+    adapter the preprocessing). quality: what tome-tune measured for this schedule (ToMeMetadata.quality),
+    None when the schedule was not tuned."""
     record = tome_blocks(model)
     return ToMeMetadata(
         tool_version=__version__,
@@ -51,5 +53,6 @@ def build_metadata(
         example_batch=example_batch,
         precision=precision,
         target=target,
+        quality=quality,
         **record.adapter.data_config(model),
     )

@@ -112,8 +112,10 @@ def settings_for(served_model: ServedModel, settings: ServeSettings) -> ServeSet
 
 
 def model_metadata(served_model: ServedModel, settings: ServeSettings) -> dict:
+    """The KServe v2 model metadata, with the ToMe facts under "tome" and, when the artifact records the
+    quality tome-tune measured, that record under "parameters" -> "tome_quality"."""
     meta = served_model.metadata
-    return {
+    described = {
         "name": settings.model_name,
         "versions": [MODEL_VERSION],
         "platform": served_model.triton_platform,
@@ -137,6 +139,9 @@ def model_metadata(served_model: ServedModel, settings: ServeSettings) -> dict:
             "exported_batch": meta.batch,
         },
     }
+    if meta.quality is not None:
+        described["parameters"] = {"tome_quality": meta.quality}
+    return described
 
 
 def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings):

@@ -107,6 +107,8 @@ def model_config(served_model: ServedModel, options: TritonOptions) -> dict[str,
     config["parameters"] = [
         {"key": f"tome.{name}", "value": {"string_value": _parameter_text(meta[name])}} for name in TOME_PARAMETERS
     ]
+    if "quality" in meta:  # recorded by tome-export --schedule-from
+        config["parameters"].append({"key": "tome.quality", "value": {"string_value": json.dumps(meta["quality"])}})
     if options.threads is not None:
         config["parameters"].append({"key": THREADS_PARAMETER, "value": {"string_value": str(options.threads)}})
     return config
