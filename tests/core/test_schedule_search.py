@@ -6,6 +6,7 @@ import time
 
 from tome_deploy.core.schedule import ModelShape, resolve_schedule
 from tome_deploy.core.schedule_search import greedy_allocation, structured_candidates
+from tome_deploy.errors import ScheduleError
 
 # The digits ViT's shape: 64 patches and a class token, 6 blocks.
 DIGITS = ModelShape(tokens=65, depth=6, num_prefix=1, width=96, mlp_ratio=4.0, grid=(8, 8))
@@ -46,7 +47,7 @@ def test_greedy_adds_merges_only_where_they_cost_nothing():
         try:
             resolve_schedule(more, 65, 6, 1, strict=True)
             clamps = False
-        except Exception:
+        except ScheduleError:
             clamps = True
         assert clamps, f"block {block} could still merge at {last}"
 

@@ -89,6 +89,7 @@ def test_deriving_the_data_without_scikit_learn_names_the_extra(monkeypatch):
         digits_data_from_sklearn()
 
 
+@pytest.mark.slow
 def test_export_and_validate_need_no_scikit_learn(tmp_path):
     """The core install's path: tome-export of the embedded digits model (committed weights, validated on
     random, constant and natural probes) and tome-validate of its file, with scikit-learn unimportable."""
@@ -140,6 +141,7 @@ def test_training_is_deterministic():
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
 
 
+@pytest.mark.slow
 def test_short_training_learns():
     _, accuracy = train(seed=0, config=SHORT)
     assert accuracy > 0.3, f"short training reached only {accuracy:.1%} on the test split (chance is 10%)"

@@ -22,8 +22,8 @@ GOLDEN = Path(__file__).parents[1] / "data" / "golden_logits.npz"
 CASES = [
     ("test_vit", 4, "scatter"),
     ("test_vit", 4, "matmul"),
-    ("vit_small_patch16_224", 16, "scatter"),
-    ("vit_small_patch16_224", 16, "matmul"),
+    pytest.param("vit_small_patch16_224", 16, "scatter", marks=pytest.mark.slow),
+    pytest.param("vit_small_patch16_224", 16, "matmul", marks=pytest.mark.slow),
 ]
 
 

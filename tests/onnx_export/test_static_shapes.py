@@ -96,6 +96,7 @@ OTHER_FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", formulation_names())
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_other_families_are_static_but_the_batch(tmp_path, family, merge):

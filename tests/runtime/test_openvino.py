@@ -36,6 +36,7 @@ def test_test_vit_parity_in_openvino(export_cached, merge):
     assert {v.runner for v in report.verdicts} == {"openvino"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", ["scatter", "matmul"])
 def test_vit_small_r16_in_openvino_matches_pytorch_and_the_release(release_export, merge):
     """OpenVINO matches PyTorch on every probe, and the 0.1.0 release's logits (ONNX Runtime)."""
@@ -117,6 +118,7 @@ def test_openvino_ir_keeps_the_tome_metadata_and_the_numbers(export_cached, tmp_
     assert np.abs(from_onnx - from_ir).max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_openvino_profile_counts_the_matching_and_merging_layers(export_cached, release_export):
     """The benchmark's OpenVINO merge share: layers from TokenMerger nodes count (the score order's TopK, the
     merge's ScatterND), the transformer's FullyConnected layers never do, and an unmerged export has none.

@@ -109,6 +109,7 @@ def assert_sidecar_matches_onnx(plan: Path, onnx_path: Path) -> dict:
     return sidecar.tome.to_dict()
 
 
+@pytest.mark.slow
 def test_test_vit_r8_builds_with_a_sidecar_from_the_onnx_metadata(vit_engine, capsys):
     onnx_path, plan = vit_engine
     tome = assert_sidecar_matches_onnx(plan, onnx_path)
@@ -152,6 +153,7 @@ def fp16_export(tmp_path_factory) -> tuple[Path, dict]:
     return onnx_path, json.loads(report.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["inflected", "fp16", "registers", "distilled"])
 def test_variants_build(variant, tmp_path, capsys, export_cached, fp16_export):
     if variant == "inflected":

@@ -205,6 +205,7 @@ def test_onnx_runtime_op_follows_the_contract_in_float32_and_float16(tmp_path, d
     np.testing.assert_allclose(got["merged_x"].astype(np.float64), plain_x.numpy(), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_vit_small_r16_plugin_export_passes_validation_and_formulations_agree(tmp_path_factory):
     """The acceptance case: vit_small_patch16_224 (random weights), r=16, dynamic batch, default tolerance."""
     path = tmp_path_factory.mktemp("vit_s") / "vit_s_plugin.onnx"
@@ -251,6 +252,7 @@ def test_scatter_graphs_validate_without_extensions(export_cached, without_ort_e
     assert report.passed, report.table()
 
 
+@pytest.mark.slow
 def test_matmul_exports_and_validates_through_the_cli_without_extensions(without_ort_extensions, capsys, tmp_path):
     code = export_cli.main(["test_vit", "--r", "8", "--merge", "matmul", "-o", str(tmp_path / "m.onnx")])
     assert code == 0, capsys.readouterr().err  # 0: exported and the ONNX Runtime parity check passed

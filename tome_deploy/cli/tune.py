@@ -35,23 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="images: DIR/<class>/<image> (classes named 0, 1, ... or by --labels) or a flat folder without labels",
     )
-    parser.add_argument("--labels", metavar="FILE", help="class names, one per line (the line number is the class index)")
+    parser.add_argument(
+        "--labels", metavar="FILE", help="class names, one per line (the line number is the class index)"
+    )
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="tune.json to write")
     budget = parser.add_argument_group("budget (one of)")
-    budget.add_argument("--max-drop", type=float, metavar="POINTS", help="largest top-1 accuracy drop, in points (labels)")
-    budget.add_argument("--min-agreement", type=float, metavar="F", help="least top-1 agreement with the unmerged model")
+    budget.add_argument(
+        "--max-drop", type=float, metavar="POINTS", help="largest top-1 accuracy drop, in points (labels)"
+    )
+    budget.add_argument(
+        "--min-agreement", type=float, metavar="F", help="least top-1 agreement with the unmerged model"
+    )
     budget.add_argument("--min-cosine", type=float, metavar="F", help="least mean cosine to the unmerged embedding")
     parser.add_argument("--target-speedup", type=float, metavar="X", help="also require a measured speedup of X")
     parser.add_argument(
         "--metric", choices=QUALITY_METRICS, help="the quality to bound (default: the one the budget flag names)"
     )
-    parser.add_argument("--runtime", choices=CPU_RUNTIMES, default="onnxruntime", help="where speed and quality are measured")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="batch of the speed measurement (default 8)")
     parser.add_argument(
-        "--held-out", type=float, default=0.5, metavar="F", help="share of the images held out from the search (default 0.5)"
+        "--runtime", choices=CPU_RUNTIMES, default="onnxruntime", help="where speed and quality are measured"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="batch of the speed measurement (default 8)"
+    )
+    parser.add_argument(
+        "--held-out",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="share of the images held out from the search (default 0.5)",
     )
     parser.add_argument("--split-seed", type=int, default=0, metavar="N", help="seed of the split (default 0)")
-    parser.add_argument("--max-minutes", type=float, metavar="M", help="stop searching after M minutes (default: no limit)")
+    parser.add_argument(
+        "--max-minutes", type=float, metavar="M", help="stop searching after M minutes (default: no limit)"
+    )
     parser.add_argument(
         "--cache", metavar="PATH", help="keep measurements here and resume from them (default: OUTPUT.cache.json)"
     )
@@ -109,7 +125,9 @@ def _tune(args: argparse.Namespace) -> int:
     if outcome.best_constant is not None and outcome.best_constant is not chosen:
         best = outcome.best_constant
         say(f"The fastest constant r within the budget: {best.schedule.label} at {best.measured_speedup:.2f}x")
-    say(f"wrote {args.output} in {outcome.seconds / 60:.1f} min; export it with: tome-export {args.source} --schedule-from {args.output} -o OUT.onnx")
+    say(
+        f"wrote {args.output} in {outcome.seconds / 60:.1f} min; export it with: tome-export {args.source} --schedule-from {args.output} -o OUT.onnx"
+    )
     if args.plot is not None:
         plot_pareto(outcome, Path(args.plot))
         say(f"wrote {args.plot}")
@@ -153,11 +171,23 @@ def plot_pareto(outcome, path: Path) -> None:
     for kind, marker in (("constant", "o"), ("decreasing", "s"), ("sparse", "^"), ("greedy", "D")):
         points = [c for c in outcome.measured if c.schedule.kind == kind]
         if points:
-            axes.scatter([c.held_out[metric].value for c in points], [c.measured_speedup for c in points],
-                         marker=marker, label=kind, alpha=0.7)
+            axes.scatter(
+                [c.held_out[metric].value for c in points],
+                [c.measured_speedup for c in points],
+                marker=marker,
+                label=kind,
+                alpha=0.7,
+            )
     chosen = outcome.chosen
-    axes.scatter([chosen.held_out[metric].value], [chosen.measured_speedup], s=200, facecolors="none",
-                 edgecolors="red", linewidths=2, label=f"chosen: {chosen.schedule.label}")
+    axes.scatter(
+        [chosen.held_out[metric].value],
+        [chosen.measured_speedup],
+        s=200,
+        facecolors="none",
+        edgecolors="red",
+        linewidths=2,
+        label=f"chosen: {chosen.schedule.label}",
+    )
     axes.set_xlabel(f"held-out {metric}")
     axes.set_ylabel(f"measured speedup ({outcome.runtime}, batch {outcome.batch_size})")
     axes.legend(fontsize=8)

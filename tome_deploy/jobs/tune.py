@@ -53,6 +53,7 @@ from tome_deploy.runtime.factory import check_runtime, open_runner
 BUDGET_METRIC = {"max_drop": "accuracy_drop", "min_agreement": "top1_agreement", "min_cosine": "cosine_mean"}
 DEFAULT_METRIC = {"logits": "top1_agreement", "embedding": "cosine_mean"}
 TORCH_BATCH = 64  # images per eager forward while scoring calibration schedules
+FASTEST_OF_EACH_KIND = 3  # schedules of each kind measured in the runtime besides the calibration frontier
 
 
 def loss_of(metric: str, values: dict[str, float]) -> float:
@@ -125,7 +126,10 @@ class TuneOutcome:
             "held_out_count": len(self.held_out),
             "held_out_files": [self.images.files[i] for i in self.held_out],
             "metric": self.metric,
-            "budget": {**{key: getattr(self.budget, key) for key in BUDGET_METRIC}, "target_speedup": self.target_speedup},
+            "budget": {
+                **{key: getattr(self.budget, key) for key in BUDGET_METRIC},
+                "target_speedup": self.target_speedup,
+            },
             "chosen": self.chosen.to_dict(),
             "candidates": [candidate.to_dict() for candidate in self.candidates],
         }
@@ -170,7 +174,9 @@ def tune_model(
         len(images.files), images.labels, held_out_fraction=held_out_fraction, seed=split_seed
     )
     say(f"  {len(images.files)} images: {len(calibration)} to search on, {len(held_out)} held out (seed {split_seed})")
-    store = _Cache(paths.get("--cache"), _context_key(loaded, images, runtime, batch_size, held_out_fraction, split_seed))
+    store = _Cache(
+        paths.get("--cache"), _context_key(loaded, images, runtime, batch_size, held_out_fraction, split_seed)
+    )
 
     pixels, kept = images.pixels(calibration, config)
     check_decoded(images, len(kept))
@@ -194,9 +200,7 @@ def tune_model(
 
     for candidate in candidates:
         candidate.within_budget = budget.within(candidate.calibration)
-    finalists = sorted((c for c in candidates if c.within_budget), key=lambda c: -c.theoretical_speedup)
-    if not finalists:
-        finalists = [min(candidates, key=lambda c: loss_of(metric, c.calibration))]
+    finalists = _finalists(candidates, metric)
     measured, timed_out = _measure_in_runtime(
         loaded, finalists, images, held_out, config, kind, runtime, batch_size, store, deadline, timed_out, say
     )
@@ -238,8 +242,32 @@ def _budget_metric(budget: Budget, metric: Optional[str], kind: str) -> str:
             "a budget is needed: pass --max-drop POINTS (with labels), --min-agreement F or --min-cosine F"
         )
     if metric is not None and metric != bounded[0]:
-        raise InvalidInputError(f"--metric {metric} disagrees with the budget, which bounds {bounded[0]}; drop --metric")
+        raise InvalidInputError(
+            f"--metric {metric} disagrees with the budget, which bounds {bounded[0]}; drop --metric"
+        )
     return bounded[0]
+
+
+def _finalists(candidates: list[TunedCandidate], metric: str) -> list[TunedCandidate]:
+    """What is worth measuring in the runtime, fastest in FLOPs first: the schedules within the budget on the
+    calibration images that no other beats in both FLOPs and calibration quality, and the FASTEST_OF_EACH_KIND
+    fastest of each kind (so the best constant r is always compared). With none within the budget, the one that loses least."""
+    within = [c for c in candidates if c.within_budget]
+    if not within:
+        return [min(candidates, key=lambda c: loss_of(metric, c.calibration))]
+    frontier, best_loss = [], float("inf")
+    for candidate in sorted(within, key=lambda c: (-c.theoretical_speedup, loss_of(metric, c.calibration))):
+        loss = loss_of(metric, candidate.calibration)
+        if loss < best_loss:
+            frontier.append(candidate)
+            best_loss = loss
+    fastest_of_kind: dict[str, list[TunedCandidate]] = {}
+    for candidate in sorted(within, key=lambda c: -c.theoretical_speedup):
+        kind = fastest_of_kind.setdefault(candidate.schedule.kind, [])
+        if len(kind) < FASTEST_OF_EACH_KIND:
+            kind.append(candidate)
+    chosen = {id(c): c for c in [*frontier, *(c for kind in fastest_of_kind.values() for c in kind)]}
+    return sorted(chosen.values(), key=lambda c: -c.theoretical_speedup)
 
 
 def _labels_of(images: ImageSet, indices: list[int]) -> Optional[np.ndarray]:
@@ -255,7 +283,9 @@ def _forward(model: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def _calibration_scorer(loaded: LoadedModel, kind: str, pixels: np.ndarray, labels: Optional[np.ndarray], store: _Cache):
+def _calibration_scorer(
+    loaded: LoadedModel, kind: str, pixels: np.ndarray, labels: Optional[np.ndarray], store: _Cache
+):
     """r_per_layer -> point values of every quality metric on the calibration images (eager PyTorch)."""
     reference = _forward(loaded.model, pixels)
 
@@ -263,7 +293,9 @@ def _calibration_scorer(loaded: LoadedModel, kind: str, pixels: np.ndarray, labe
         cached = store.get(r_per_layer, "calibration")
         if cached is not None:
             return cached
-        tome, _ = apply_tome(loaded.model, list(r_per_layer), merge_for_target(None, "onnxruntime"), strict=True, adapter=loaded.adapter)
+        tome, _ = apply_tome(
+            loaded.model, list(r_per_layer), merge_for_target(None, "onnxruntime"), strict=True, adapter=loaded.adapter
+        )
         values = {name: e.value for name, e in quality_metrics(kind, reference, _forward(tome, pixels), labels).items()}
         store.put(r_per_layer, "calibration", values)
         return values
@@ -304,6 +336,7 @@ def _measure_in_runtime(
                 say(f"  --max-minutes reached: {len(finalists) - len(measured)} schedules not measured")
                 return measured, True
             cached = store.get(candidate.schedule.r_per_layer, "runtime")
+            note = " (cached)" if cached is not None else ""
             if cached is None:
                 tome, _, metadata = patch_for_export(loaded, list(candidate.schedule.r_per_layer), **options)
                 path = export_onnx(tome, metadata, Path(folder) / f"candidate_{index}.onnx").path
@@ -316,7 +349,7 @@ def _measure_in_runtime(
                 store.put(candidate.schedule.r_per_layer, "runtime", cached)
             candidate.measured_speedup = cached["measured_speedup"]
             candidate.held_out = {name: Estimate(*values) for name, values in cached["held_out"].items()}
-            say(f"  [{index}/{len(finalists)}] {candidate.schedule.label}: {candidate.measured_speedup:.2f}x measured")
+            say(f"  [{index}/{len(finalists)}] {candidate.schedule.label}: {candidate.measured_speedup:.2f}x measured{note}")
             measured.append(candidate)
     return measured, timed_out
 
@@ -367,7 +400,11 @@ class _Cache:
                 stored = json.loads(path.read_text())
             except (OSError, ValueError):
                 stored = {}
-            if isinstance(stored, dict) and stored.get("context") == context and isinstance(stored.get("entries"), dict):
+            if (
+                isinstance(stored, dict)
+                and stored.get("context") == context
+                and isinstance(stored.get("entries"), dict)
+            ):
                 self.entries = stored["entries"]
 
     def get(self, r_per_layer: tuple[int, ...], part: str) -> Optional[Any]:
