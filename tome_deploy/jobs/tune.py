@@ -349,7 +349,9 @@ def _measure_in_runtime(
                 store.put(candidate.schedule.r_per_layer, "runtime", cached)
             candidate.measured_speedup = cached["measured_speedup"]
             candidate.held_out = {name: Estimate(*values) for name, values in cached["held_out"].items()}
-            say(f"  [{index}/{len(finalists)}] {candidate.schedule.label}: {candidate.measured_speedup:.2f}x measured{note}")
+            say(
+                f"  [{index}/{len(finalists)}] {candidate.schedule.label}: {candidate.measured_speedup:.2f}x measured{note}"
+            )
             measured.append(candidate)
     return measured, timed_out
 
