@@ -35,19 +35,23 @@ def seeded_state_dict(state_dict: dict[str, torch.Tensor], seed: int) -> dict[st
     return out
 
 
+# A ViTForImageClassification config: 3 layers, width 32, 8 x 8 patches of 4 px, 10 labels.
+TINY_HF_VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=4,
+    num_labels=10,
+)
+
+
 def hf_vit_folder(folder: Path) -> ModelSource:
     """A save_pretrained ViTForImageClassification: 3 layers, width 32, 8 x 8 patches of 4 px, 10 labels."""
     import transformers
 
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=4,
-        num_labels=10,
-    )
+    config = transformers.ViTConfig(**TINY_HF_VIT)
     model = transformers.ViTForImageClassification(config)
     model.load_state_dict(seeded_state_dict(model.state_dict(), seed=1))
     model.save_pretrained(folder)

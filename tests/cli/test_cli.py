@@ -154,7 +154,7 @@ def test_pickle_with_unknown_globals_needs_trust_pickle(capsys, tmp_path):
 
 def test_help_runs_without_heavy_imports():
     """--help must work even where torch or onnx would be slow or missing: it must not import them."""
-    for module in ("tome_deploy.cli.export", "tome_deploy.cli.validate"):
+    for module in ("tome_deploy.cli.export", "tome_deploy.cli.validate", "tome_deploy.cli.tune"):
         probe = (
             "import sys, runpy; sys.argv=['x', '--help']\n"
             f"try:\n    runpy.run_module('{module}', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"

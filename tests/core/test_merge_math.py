@@ -1,4 +1,4 @@
-"""bipartite_match / merge_sum / merge_weighted against the plain reference of FACTS section 1."""
+"""bipartite_match / merge_sum / merge_weighted against the plain reference of the rules in docs/design.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Schedules (FACTS section 1, 'Schedules') and the theoretical speedup (FACTS section 7)."""
+"""Schedules (docs/design.md#schedules) and the theoretical speedup (docs/design.md#the-flop-rule)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _clamped_tokens(r_layers, num_tokens, num_prefix):
 
 
 def _flops(tokens, dim):
-    """FACTS section 7: attention 8NC^2 + 4N^2C at the input count, MLP 16NC^2 at the output count."""
+    """The FLOP rule: attention 8NC^2 + 4N^2C at the input count, MLP 16NC^2 at the output count."""
     total = 0
     for n_in, n_out in zip(tokens[:-1], tokens[1:]):
         total += 8 * n_in * dim**2 + 4 * n_in**2 * dim + 16 * n_out * dim**2
@@ -175,14 +175,14 @@ def test_schedule_dict_and_table():
 
 
 # ---------------------------------------------------------------------------------------------
-# Theoretical speedup (FACTS section 7)
+# Theoretical speedup (docs/design.md#the-flop-rule)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dim,r,published", [(768, 16, 2.02), (768, 8, 1.34), (384, 16, 2.03), (384, 8, 1.35)])
 def test_theoretical_speedup_anchors(dim, r, published):
     schedule = resolve_schedule(r, 197, 12, 1)  # r=16 clamps the last layer (21 tokens -> only 10 merge)
     tokens = _clamped_tokens([r] * 12, 197, 1)
     expected = _flops([197] * 13, dim) / _flops(tokens, dim)
-    assert expected == pytest.approx(published, abs=0.005)  # our plain formula reproduces FACTS
+    assert expected == pytest.approx(published, abs=0.005)  # our plain formula reproduces the published ratio
     assert flops.theoretical_speedup(schedule.tokens, dim) == pytest.approx(expected, rel=1e-12)
 
 

@@ -14,7 +14,7 @@ from tome_deploy.errors import ScheduleError
 
 
 def plain_flops(tokens: list[int], dim: int, mlp_ratio: float = 4.0) -> float:
-    """FACTS counting rule: attention 8NC^2 + 4N^2C at a block's input tokens, MLP 4mNC^2 (16NC^2 at the
+    """The FLOP rule (docs/design.md): attention 8NC^2 + 4N^2C at a block's input tokens, MLP 4mNC^2 (16NC^2 at the
     usual m = 4) at its output tokens."""
     return sum(
         8 * tokens[i] * dim**2 + 4 * tokens[i] ** 2 * dim + 4 * mlp_ratio * tokens[i + 1] * dim**2

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import timm
 import torch
+from family_sources import TINY_HF_VIT
 from reference_families import (
     reference_eva,
     reference_hf_clip,
@@ -60,15 +61,7 @@ def make_hf_vit():
     from tome_deploy.models.hf_transformers import HFImageModel
 
     torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=4,
-        num_labels=10,
-    )
+    config = transformers.ViTConfig(**TINY_HF_VIT)
     return HFImageModel(_randomise_norms(transformers.ViTForImageClassification(config))).eval()
 
 

@@ -201,3 +201,7 @@ def plot_pareto(outcome, path: Path) -> None:
 
 def entry_point() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -5,7 +5,7 @@ A sparse schedule is "r in every `stride`-th block": stride 1 is the paper's con
 merges in blocks 1, 3, 5, ... (twice the r in half the blocks), which pays the fixed per-block cost of
 matching half as often: what small models and batch 1 need (`sparse_schedule`).
 
-The ratio is the theoretical one of `flops.theoretical_speedup` (FACTS §7 counting rule) over the token
+The ratio is the theoretical one of `flops.theoretical_speedup` (docs/design.md#the-flop-rule) over the token
 counts `resolve_schedule` gives, clamping included. Tokens per layer never grow with r, so the ratio never
 drops as r grows: the first r that reaches the target is the smallest, and the largest useful r,
 (tokens - prefix) // 2, merges as much as any schedule can (half the patch tokens of every layer)."""
