@@ -1,6 +1,7 @@
 """The one policy for every file a command writes.
 
-Checked before any work starts (`check_outputs`): an output is not a directory, its folder exists and is
+Checked before any work starts (`check_outputs`): an output is not a directory, nor an existing device node,
+FIFO or socket (it would be replaced by a regular file), its folder exists and is
 writable, it is not one of the command's inputs (same resolved path, symlink or hard link) and not another
 of its outputs. Written atomically (`write_atomically`, `StagedOutput`): through a temporary file in the
 same folder renamed over the target, so a failure or Ctrl-C leaves the old file intact and no partial file.
@@ -11,6 +12,7 @@ next to the target and renamed over it only once it passed.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,6 +37,7 @@ def _check_folder(path: Path, flag: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise InvalidInputError(f"{flag} {path} is a directory; pass a file path inside it")
+    _check_regular(path, flag)
     if not folder.is_dir():
         raise InvalidInputError(
             f"output directory {folder} does not exist; create it first (mkdir -p {folder}) or choose another {flag} path"
@@ -45,6 +48,30 @@ def _check_folder(path: Path, flag: str) -> None:
         raise InvalidInputError(
             f"output directory {folder} is not writable ({err.strerror or err}); choose another {flag} path"
         ) from err
+
+
+def _check_regular(path: Path, flag: str) -> None:
+    """An existing target (followed through symlinks) must be a regular file: the rename that writes it would
+    put a file in place of a device node, FIFO or socket (as root, /dev/null itself)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise InvalidInputError(
+            f"cannot inspect {flag} {path} ({err.strerror or err}); choose another {flag} path"
+        ) from err
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise InvalidInputError(f"{flag} {path} is {kind}, which tome-deploy never replaces; pass a regular file path")
 
 
 def check_output_path(output: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, flag: str = "-o") -> Path:

@@ -322,6 +322,34 @@ def _processor_config(folder: Path) -> Optional[dict]:
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KB; a larger one is not a model config
+
+
+def refuse_custom_code(config_file: Path, transformers: Any) -> None:
+    """ModelLoadError, before transformers reads the folder, for a config.json that asks for code of its own
+    (an `auto_map`, or a `model_type` transformers does not ship): such a folder is never loaded, so no
+    prompt appears and none of its Python runs."""
+    try:
+        if config_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"{config_file} is over {MAX_CONFIG_BYTES >> 20} MiB; it is not a model config")
+        config = json.loads(config_file.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{config_file} is not a readable JSON config: {error_reason(err)}") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} holds a JSON {type(config).__name__}, not a config object")
+    if "auto_map" in config:
+        raise ModelLoadError(
+            f"{config_file} has an 'auto_map' key: the folder asks to run its own Python code, which tome-deploy "
+            "never does; save the model with a transformers class (save_pretrained of e.g. ViTForImageClassification)"
+        )
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"{config_file}: 'model_type' {model_type!r} is not a model type transformers ships, so loading it would "
+            "need the folder's own code; tome-deploy loads transformers' own classes only"
+        )
+
+
 def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
     """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel in eval mode, weights line)."""
     try:
@@ -337,8 +365,10 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
         raise ModelLoadError(
             f"{source} names hub weights; pass --pretrained to download them (or a local save_pretrained folder)"
         )
+    if local:
+        refuse_custom_code(Path(where) / "config.json", transformers)
     try:
-        config = transformers.AutoConfig.from_pretrained(where, local_files_only=local)
+        config = transformers.AutoConfig.from_pretrained(where, local_files_only=local, trust_remote_code=False)
     except Exception as err:
         if local:
             raise ModelLoadError(f"{source} has no readable config.json: {error_reason(err)}") from err
@@ -352,7 +382,9 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
             f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(OUTPUTS))}"
         )
     try:
-        hf_model = getattr(transformers, arch).from_pretrained(where, local_files_only=local, use_safetensors=True)
+        hf_model = getattr(transformers, arch).from_pretrained(
+            where, local_files_only=local, use_safetensors=True, trust_remote_code=False
+        )
     except Exception as err:
         raise ModelLoadError(
             f"cannot load {arch} from {source} ({error_reason(err)}); the folder needs model.safetensors "
