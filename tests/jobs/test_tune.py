@@ -190,3 +190,33 @@ def test_no_budget_and_two_budgets_are_refused(tmp_path, capsys):
     )
     assert_one_line_error(capsys.readouterr().err, "not several")
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def flat_images(tmp_path_factory) -> Path:
+    """24 unlabeled 32x32 pictures in one folder: smooth random colour fields."""
+    root = tmp_path_factory.mktemp("flat")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((32, 32), Image.Resampling.BILINEAR).save(root / f"img{i:02d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_an_encoder_is_tuned_by_cosine_on_unlabelled_images(flat_images, tmp_path, capsys):
+    from family_sources import open_clip_checkpoint
+
+    source = open_clip_checkpoint(tmp_path / "open_clip")  # open_clip:tome-test-tiny, 65 tokens, 3 blocks
+    out = tmp_path / "tune.json"
+    argv = [source.name, "--checkpoint", str(source.checkpoint), "--data", str(flat_images), "-o", str(out)]
+    assert tune_main([*argv, "--min-cosine", "0.5", "--no-greedy"]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["output_kind"] == "embedding" and result["metric"] == "cosine_mean"
+    assert result["data"]["labels"] is False
+    assert {"cosine_mean", "cosine_p5", "knn_recall10"} <= set(result["chosen"]["held_out"])
+    assert result["chosen"]["held_out"]["cosine_mean"] >= 0.5
+    capsys.readouterr()
+    assert tune_main([*argv, "--max-drop", "1", "-o", str(tmp_path / "refused.json")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--max-drop")
+    assert not (tmp_path / "refused.json").exists()
