@@ -7,7 +7,7 @@ all exports interleaved in one ONNX Runtime run against r = 0. Prints a markdown
 
     pip install -e ".[viz]"
     python benchmarks/accuracy_vs_speed.py            # table to stdout, plot and JSON to benchmarks/out/
-    python benchmarks/accuracy_vs_speed.py --docs docs/accuracy_vs_speed.png   # also replace the README's plot
+    python benchmarks/accuracy_vs_speed.py --docs docs/accuracy_vs_speed.png   # also replace the plot of the README and docs/benchmarks.md
     python benchmarks/accuracy_vs_speed.py --batch 64 --rounds 20 --threads 2
 """
 
@@ -167,7 +167,7 @@ def main() -> int:
         shutil.copyfile(plot_path, args.docs)
         say(f"wrote {plot_path} and {args.docs}")
     elif plot_path is not None:
-        say(f"wrote {plot_path} (pass --docs docs/accuracy_vs_speed.png to update the README's plot)")
+        say(f"wrote {plot_path} (pass --docs docs/accuracy_vs_speed.png to update the plots in the docs)")
     if mismatches_total:
         say(f"FAIL: {mismatches_total} PyTorch vs ONNX Runtime prediction mismatches")
         return 1

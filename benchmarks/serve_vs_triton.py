@@ -19,7 +19,7 @@ tome-serve's "tome-infer" thread and ONNX Runtime's threads, Triton's Python bac
 batch and split its output there). img/s = cores used / CPU per image: with the model busy ~100%, a gap
 in img/s at equal CPU per image is a gap in the share of a shared machine the server got during its
 runs, not more work. Needs tritonserver (.ci/tritonserver.sh provides it) and Linux (/proc). The table
-is markdown, as in the README; the command line and the load average are printed with it.
+is markdown, as in docs/benchmarks.md; the command line and the load average are printed with it.
 
     python benchmarks/serve_vs_triton.py                      # ViT-S/16 r=16 vs unmerged, 1/4/16 clients
     python benchmarks/serve_vs_triton.py --model test_vit --requests 32 --rounds 1
@@ -274,7 +274,7 @@ def model_label(label: str) -> str:
 
 
 def table(header: list[str], rows: list[list]) -> str:
-    """Markdown, as the README has it: model and server columns left-aligned, numbers right-aligned."""
+    """Markdown, as docs/benchmarks.md has it: model and server columns left-aligned, numbers right-aligned."""
     align = ["---" if name in ("model", "server") else "---:" for name in header]
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in [header, *rows]).replace(
         "\n", "\n|" + "|".join(align) + "|\n", 1

@@ -4,8 +4,8 @@ vision, DINOv2) and OpenCLIP families.
 Written from the rules of docs/design.md and the families' published forward passes, NOT from tome_deploy: each
 block is spelled out from the model's own weights in float64 (attention by hand: q k^T * scale + log(size),
 softmax, times v), matching and merging one image at a time with reference_tome.reference_match /
-reference_merge. The RoPE rule (ours, see the README): every token carries the rotary angles of the patch it
-started at; a merged token keeps its destination's angles. The head rule (the README's): heads see the
+reference_merge. The RoPE rule (ours, see docs/model-families.md): every token carries the rotary angles of the patch it
+started at; a merged token keeps its destination's angles. The head rule (docs/model-families.md): heads see the
 merged tokens without their sizes, so SigLIP's attention-pooling head weighs every merged token once.
 """
 
@@ -145,7 +145,7 @@ def reference_hf_clip(model, pixels, r_per_layer, dtype=torch.float64):
 def _pooling_head(head, x):
     """SigLIP's attention-pooling head on the final tokens x: [B, N, C] -> [B, C]. One learned probe query
     attends to the tokens; every token counts once, whatever its size (the model's head unchanged, as the
-    README's families section says), then the head's residual MLP."""
+    docs/model-families.md says), then the head's residual MLP."""
     attn, batch = head.attention, x.shape[0]
     probe = head.probe.expand(batch, -1, -1)  # [B, 1, C]
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)

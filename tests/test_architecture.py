@@ -1,6 +1,6 @@
 """The package's layers: which sub-package may import which, no import cycles, a torch-free artifact layer.
 
-The rules are the README's "Architecture" diagram written as data. Imports are read from the source
+The rules are docs/architecture.md's diagram written as data. Imports are read from the source
 (every `import` / `from ... import`, module level and inside functions), so a lazy import counts too.
 """
 
@@ -99,7 +99,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_every_module_sits_in_a_known_layer(import_graph):
     unknown = sorted(m for m in import_graph if layer_of(m) not in ALLOWED and layer_of(m) != "base")
-    assert not unknown, f"modules outside the layers of ALLOWED: {unknown}; add the layer to the rules and the README"
+    assert not unknown, f"modules outside the layers of ALLOWED: {unknown}; add it to the rules and the docs"
 
 
 def test_lower_layers_never_import_higher_ones(import_graph):

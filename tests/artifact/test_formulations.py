@@ -1,5 +1,5 @@
 """Merge formulations are registered objects (tome_deploy/artifact/formulations.py): a toy formulation added
-through the README's "Where to add things" steps works end to end, and no module branches on a name."""
+through docs/architecture.md's "Where to add things" steps works end to end, and no module branches on a name."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_the_name_scan_leaves_other_strings_alone():
 
 
 # ---------------------------------------------------------------------------------------------
-# A toy formulation, added exactly as the README says
+# A toy formulation, added exactly as docs/architecture.md says
 # ---------------------------------------------------------------------------------------------
 def einsum_rows(destination: torch.Tensor, num_rows: int):
     """destination: [B, r, 1] -> add(x [B, num_rows, C], src [B, r, C]): the one-hot sum as one einsum."""

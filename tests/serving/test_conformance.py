@@ -1,6 +1,6 @@
 """One KServe v2 protocol suite, run with tritonclient against tome-serve and against a real Triton
 Inference Server (Python backend) serving the same ONNX file as model "vit". Where the two answer
-differently, DIFFERENCES pins each server's answer: it is the README's differences table, as data."""
+differently, DIFFERENCES pins each server's answer: it is docs/serving.md's differences table, as data."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ SAME_ANSWER = {
     ),
 }
 
-# The README's "Differences from Triton" table: case -> (tome-serve status, Triton status).
+# docs/serving.md's differences table: case -> (tome-serve status, Triton status).
 DIFFERENCES = {
     "ready-of-unknown-model": ("GET", "/v2/models/nope/ready", None, (404, 400)),
     "data-count-mismatch": (

@@ -287,7 +287,7 @@ def peak_rss_mb(pid: int) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
 def test_worst_requests_keep_the_server_under_its_memory_bound(exported):
-    """The README's peak-RSS figure: a `tome-serve` process after its largest accepted JSON request, a JSON
+    """docs/serving.md's peak-RSS figure: a `tome-serve` process after its largest accepted JSON request, a JSON
     body past the bound, and an image bomb. The bound asserted is the documented one (not a timing)."""
     import http.client
 
@@ -333,7 +333,7 @@ def test_worst_requests_keep_the_server_under_its_memory_bound(exported):
         )
         assert (
             peak - idle_mb < 12 * len(largest) / 2**20 + 100
-        )  # the README's bound: ~10x the JSON part, plus the batch
+        )  # docs/serving.md's bound: ~10x the JSON part, plus the batch
     finally:
         process.terminate()
         process.wait(30)

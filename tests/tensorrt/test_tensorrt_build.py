@@ -375,7 +375,7 @@ def test_fp16_export_keeps_matching_in_fp32_and_passes_its_budget(fp16_export):
     for node in sensitive:  # log(size) and the metric's norm are computed in fp32
         assert types[node.input[0]] == f32, (node.op_type, node.name)
 
-    # The budget against the fp32 model (documented in the README): same merges, small drift.
+    # The budget against the fp32 model (documented in docs/tensorrt.md): same merges, small drift.
     loaded = load_model("test_vit", seed=0)
     tome_fp32, _ = apply_tome(loaded.model, 8)
     pixels = probe_images("natural", 2, read_metadata(onnx_path))

@@ -102,7 +102,7 @@ def schedule_spec(args: argparse.Namespace, default_r: str):
 
 
 def say_clamp_note(schedule, report: Callable[[str], None]) -> None:
-    """One explained line when the schedule had to clamp r (README: "When r is clamped")."""
+    """One explained line when the schedule had to clamp r (docs/cli.md: "When r is clamped")."""
     if schedule.clamped_layers:
         report(f"note: {schedule.clamp_note()}")
 
