@@ -60,10 +60,10 @@ def _valid_builders() -> str:
 
 
 def architecture(model: nn.Module) -> Architecture:
-    """The architecture of a torchvision VisionTransformer, read from the model."""
-    layers = list(model.encoder.layers)
-    heads = layers[0].self_attention.num_heads if layers else 0
-    return Architecture(int(model.patch_size), len(layers), int(heads), int(model.hidden_dim), int(model.mlp_dim))
+    """The architecture of a torchvision VisionTransformer, read from the model (or its ToMe copy)."""
+    attentions = [m for m in model.encoder.modules() if isinstance(m, nn.MultiheadAttention)]  # one per block
+    heads = attentions[0].num_heads if attentions else 0
+    return Architecture(int(model.patch_size), len(attentions), int(heads), int(model.hidden_dim), int(model.mlp_dim))
 
 
 def builder_of(model: nn.Module) -> Optional[str]:
