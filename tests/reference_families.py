@@ -1,5 +1,5 @@
 """Plain eager ToMe references for the timm Eva, Hugging Face (ViT, DeiT with teacher, CLIP vision, SigLIP
-vision, DINOv2) and OpenCLIP families.
+vision, DINOv2), OpenCLIP and torchvision VisionTransformer families.
 
 Written from the rules of docs/design.md and the families' published forward passes, NOT from tome_deploy: each
 block is spelled out from the model's own weights in float64 (attention by hand: q k^T * scale + log(size),
@@ -208,3 +208,25 @@ def reference_open_clip(visual, pixels, r_per_layer, dtype=torch.float64):
         x, size, _ = _merge_all(x, size, k.mean(dim=1), max(0, min(r, (x.shape[1] - 1) // 2)), 1)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return (visual.ln_post(x[:, 0]) @ visual.proj).float()
+
+
+@torch.no_grad()
+def reference_torchvision(model, pixels, r_per_layer, dtype=torch.float64):
+    """ToMe forward of a torchvision VisionTransformer: conv_proj patches (row by row), the class token at 0,
+    encoder.pos_embedding, pre-norm EncoderBlocks (ln_1, nn.MultiheadAttention from its packed in_proj, ln_2,
+    MLP), encoder.ln, then heads on the class token: the logits."""
+    model = copy.deepcopy(model).to(dtype).eval()
+    patches = model.conv_proj(pixels.to(dtype)).flatten(2).transpose(1, 2)  # [B, rows * cols, C]
+    batch = patches.shape[0]
+    x = torch.cat([model.class_token.expand(batch, -1, -1), patches], dim=1) + model.encoder.pos_embedding
+    size = torch.ones(x.shape[:2], dtype=dtype)
+    for block, r in zip(model.encoder.layers, r_per_layer):
+        attn, h = block.self_attention, block.ln_1(x)
+        q, k, v = (
+            _heads(t, attn.num_heads)
+            for t in torch.nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        )
+        x = x + attn.out_proj(_attention(q, k, v, size, q.shape[-1] ** -0.5))
+        x, size, _ = _merge_all(x, size, k.mean(dim=1), max(0, min(r, (x.shape[1] - 1) // 2)), 1)
+        x = x + block.mlp(block.ln_2(x))
+    return model.heads(model.encoder.ln(x)[:, 0]).float()

@@ -73,6 +73,14 @@ def _open_clip():
     return VisionTransformer(image_size=32, patch_size=4, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=16)
 
 
+def _torchvision_vit():
+    import torchvision
+
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
+
+
 OTHER_FAMILIES = {
     "timm_eva": (
         lambda: timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=2, num_classes=7),
@@ -93,6 +101,7 @@ OTHER_FAMILIES = {
         8,
     ),
     "open_clip": (_open_clip, 8),
+    "torchvision_vit": (_torchvision_vit, 8),
 }
 
 

@@ -41,13 +41,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
         metavar="MODEL",
-        help="timm model name (ViT, Eva), a .pt/.pth/.safetensors state dict, a torch.save()d module, a Hugging Face save_pretrained folder, hf:<id> (with --pretrained), or open_clip:<arch> (e.g. open_clip:ViT-B-32)",
+        help="timm model name (ViT, Eva), a .pt/.pth/.safetensors state dict, a torch.save()d module, a Hugging Face save_pretrained folder, hf:<id> (with --pretrained), open_clip:<arch> (e.g. open_clip:ViT-B-32) or torchvision:<builder> (e.g. torchvision:vit_b_16)",
     )
     parser.add_argument(
         "--model", dest="arch", metavar="ARCH", help="timm architecture for a state-dict file without an 'arch' key"
     )
     parser.add_argument(
-        "--checkpoint", metavar="PATH", help="weights for a timm model name or open_clip:<arch> (.pt/.pth/.safetensors)"
+        "--checkpoint",
+        metavar="PATH",
+        help="weights for a timm model name, open_clip:<arch> or torchvision:<builder> (.pt/.pth/.safetensors)",
     )
     parser.add_argument(
         "--pretrained", action="store_true", help="download timm's pretrained weights (needs a reachable hub or cache)"

@@ -1,0 +1,283 @@
+"""ToMe for torchvision's VisionTransformer (models/torchvision_vit.py): a tiny model built directly, checked
+against the unpatched model (r=0), an independent float64 reference (r>0, tests/reference_families.py), the
+other merge formulation and its ONNX export in ONNX Runtime; the `torchvision:<builder>` source form through
+tome-export, and its refusals."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from conftest import assert_one_line_error
+from reference_families import reference_torchvision
+from torch import nn
+
+from tome_deploy.errors import UnsupportedModelError
+from tome_deploy.models.adapter import adapter_for, describe
+from tome_deploy.models.patch import apply_tome, track_sources
+from tome_deploy.models.torchvision_vit import ADAPTER
+from tome_deploy.onnx_export.export import export_onnx
+from tome_deploy.onnx_export.metadata import build_metadata
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from tome_deploy.validation.parity import validate_onnx
+
+R = 8  # 65 tokens -> 57 -> 49 -> 41 over the 3 blocks
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    """LayerNorms start at (1, 0) and torchvision zeroes the head and the class token: random values make
+    the checks sensitive to every one of them."""
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            module.weight.data = 0.5 + torch.rand_like(module.weight)
+            module.bias.data = 0.1 * torch.randn_like(module.bias)
+    model.class_token.data.normal_(0, 0.5)
+    for head in model.heads.modules():
+        if isinstance(head, nn.Linear):
+            head.weight.data.normal_(0, 1.0)
+            head.bias.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def make_tiny(**options) -> nn.Module:
+    """3 blocks, width 32, 2 heads, 8 x 8 patches of 4 px and the class token, 10 classes."""
+    torch.manual_seed(0)
+    arguments = dict(image_size=32, patch_size=4, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+    return _randomise(torchvision.models.VisionTransformer(**{**arguments, **options}))
+
+
+def _conv_stem() -> nn.Module:
+    from torchvision.models.vision_transformer import ConvStemConfig
+
+    return make_tiny(conv_stem_configs=[ConvStemConfig(8, 3, 2), ConvStemConfig(16, 3, 2)])  # stride 4 = the patch
+
+
+VARIANTS = {
+    "plain": make_tiny,
+    "representation": functools.partial(make_tiny, representation_size=16),  # pre_logits + tanh before the head
+    "conv_stem": _conv_stem,
+}
+
+
+@functools.cache
+def model_of(variant: str) -> nn.Module:
+    return VARIANTS[variant]()
+
+
+def pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_r0_equals_the_unpatched_model(variant):
+    model = model_of(variant)
+    tome, schedule = apply_tome(model, 0)
+    x = pixels()
+    with torch.inference_mode():
+        expected, got = model(x), tome(x)
+    assert schedule.effective == (0, 0, 0)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tome_equals_the_plain_reference(variant):
+    model = model_of(variant)
+    x = pixels()
+    tome, schedule = apply_tome(model, R)
+    assert schedule.tokens == (65, 57, 49, 41)
+    with torch.inference_mode():
+        got, unmerged = tome(x), model(x)
+    expected = reference_torchvision(model, x, list(schedule.effective))
+    assert got.shape == expected.shape == (2, 10)
+    assert (got - expected).abs().max() <= 1e-4, (got - expected).abs().max()
+    assert (unmerged - expected).abs().max() > 1e-3  # the reference is not just the plain model
+
+
+def test_scatter_and_matmul_agree():
+    model, x = model_of("plain"), pixels()
+    with torch.inference_mode():
+        scatter, matmul = (apply_tome(model, R, f)[0](x) for f in ("scatter", "matmul"))
+    assert (scatter - matmul).abs().max() <= 1e-5
+
+
+def test_the_class_token_is_never_merged_and_every_patch_is_covered_once():
+    tome, schedule = apply_tome(model_of("plain"), R)
+    source, size = track_sources(tome, pixels(batch=1))
+    assert schedule.num_prefix == 1 and source.shape[1] == 41
+    assert source[0, 0, 0] == 1 and source[0, 0].sum() == 1  # the class token holds itself only
+    assert torch.equal(source[0, :, 1:].sum(dim=0), torch.ones(64))
+    assert torch.allclose(size[0, :, 0], source[0].sum(dim=1))
+
+
+def test_shape_preprocessing_and_output_kind():
+    model = model_of("plain")
+    shape = describe(adapter_for(model), model)
+    assert (shape.tokens, shape.depth, shape.num_prefix, shape.width, shape.mlp_ratio, shape.grid) == (
+        65,
+        3,
+        1,
+        32,
+        2.0,
+        (8, 8),
+    )
+    # no builder has this architecture: ImageNet statistics, bilinear, resized to the input
+    assert ADAPTER.data_config(model) == {
+        "input_size": [3, 32, 32],
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    assert ADAPTER.output_kind(model) == "logits"
+    headless = make_tiny()
+    headless.heads = nn.Identity()
+    assert ADAPTER.output_kind(headless) == "embedding"
+
+
+@pytest.mark.parametrize(
+    "builder, size, interpolation, crop_pct",
+    [
+        ("vit_b_16", 224, "bilinear", 224 / 256),  # IMAGENET1K_V1: resize 256, crop 224
+        ("vit_b_16", 384, "bicubic", 1.0),  # IMAGENET1K_SWAG_E2E_V1
+        ("vit_l_16", 512, "bicubic", 1.0),
+        ("vit_h_14", 518, "bicubic", 1.0),
+        ("vit_b_32", 64, "bilinear", 1.0),  # no weights at 64: the default
+    ],
+)
+def test_preprocessing_comes_from_the_builders_weights_at_that_size(builder, size, interpolation, crop_pct):
+    with torch.device("meta"):  # the architecture only: no memory, no weights, no download
+        model = getattr(torchvision.models, builder)(image_size=size)
+    config = ADAPTER.data_config(model)
+    assert config["input_size"] == [3, size, size] and config["interpolation"] == interpolation
+    assert config["crop_pct"] == pytest.approx(crop_pct) and config["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_exported_graph_matches_pytorch_with_only_the_batch_symbolic(tmp_path):
+    tome, schedule = apply_tome(model_of("plain"), R, "matmul")
+    metadata = build_metadata(
+        tome,
+        schedule,
+        R,
+        arch="torchvision_vit",
+        weights="random (test)",
+        weights_sha256="test",
+        merge="matmul",
+        opset=18,
+        batch=None,
+        example_batch=2,
+    )
+    path = export_onnx(tome, metadata, tmp_path / "tv.onnx").path
+    report = validate_onnx(tome, path, metadata, batch_sizes=[1, 3])  # traced at 2
+    assert report.passed, report.table()
+    x = pixels(batch=3, seed=5)
+    with OnnxRuntimeRunner(path) as runner:
+        got = runner.infer({metadata.input_name: x.numpy()})[metadata.output_name]
+    with torch.inference_mode():
+        assert np.abs(got - tome(x).numpy()).max() <= 1e-4
+    graph = onnx.load(str(path)).graph
+    symbolic = {
+        d.dim_param
+        for v in list(graph.input) + list(graph.output)
+        for d in v.type.tensor_type.shape.dim
+        if d.HasField("dim_param")
+    }
+    assert symbolic == {"batch"}
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]
+
+
+def test_unsupported_variants_are_refused_in_one_line():
+    class OwnForward(torchvision.models.VisionTransformer):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = OwnForward(image_size=32, patch_size=4, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    with pytest.raises(UnsupportedModelError, match="overrides") as err:
+        apply_tome(model, 2)
+    assert "\n" not in str(err.value)
+    model = make_tiny()
+    model.encoder.layers[1] = nn.Identity()
+    with pytest.raises(UnsupportedModelError, match="block 1 .* Identity") as err:
+        apply_tome(model, 2)
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torchvision:<builder> source form
+
+
+@pytest.fixture(scope="module")
+def vit_b_16_at_64(tmp_path_factory):
+    """A state dict of torchvision.models.vit_b_16(image_size=64) with random weights, as torch.save writes it."""
+    torch.manual_seed(1)
+    model = torchvision.models.vit_b_16(image_size=64)
+    path = tmp_path_factory.mktemp("torchvision") / "W.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.state_dict()
+
+
+@pytest.mark.slow
+def test_cli_exports_a_torchvision_checkpoint_and_it_passes(vit_b_16_at_64, tmp_path, capsys):
+    from tome_deploy.cli import export as export_cli
+
+    path, _ = vit_b_16_at_64
+    out = tmp_path / "x.onnx"
+    code = export_cli.main(
+        ["torchvision:vit_b_16", "--img-size", "64", "--checkpoint", str(path), "--r", "4", "-o", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "PASS" in err and "FAIL" not in err and "random init" not in err
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["tome.input_size"] == "[3, 64, 64]"
+
+
+def test_a_checkpoint_loads_at_the_size_it_was_trained_at(vit_b_16_at_64):
+    from tome_deploy.models.loading.dispatch import load_model
+
+    path, state = vit_b_16_at_64
+    loaded = load_model("torchvision:vit_b_16", checkpoint=str(path))  # no --img-size: the checkpoint's 64
+    assert not loaded.random_weights and "W.pth" in loaded.weights
+    assert loaded.model.image_size == 64
+    assert all(torch.equal(value, state[key]) for key, value in loaded.model.state_dict().items())
+
+
+def test_random_init_is_seeded():
+    from tome_deploy.models.loading.dispatch import load_model
+
+    first, again, other = (load_model("torchvision:vit_b_32", img_size=64, seed=s).model for s in (3, 3, 4))
+    assert first.image_size == 64 and ADAPTER.output_kind(first) == "logits"
+    weight = lambda m: m.encoder.layers[0].self_attention.in_proj_weight  # noqa: E731
+    assert torch.equal(weight(first), weight(again)) and not torch.equal(weight(first), weight(other))
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["torchvision:vit_q_16"], ["vit_q_16", "torchvision:vit_b_16", "torchvision:vit_h_14"]),
+        (["torchvision:vit_b_16", "--pretrained"], ["--checkpoint"]),
+        (["torchvision:vit_b_16", "--img-size", "100"], ["not a multiple of the patch size 16", "96 or 112"]),
+        (["torchvision:vit_h_14", "--img-size", "500"], ["patch size 14", "490 or 504"]),
+    ],
+)
+def test_bad_sources_are_refused_in_one_line(args, fragments, tmp_path, capsys):
+    from tome_deploy.cli import export as export_cli
+
+    assert export_cli.main([*args, "-o", str(tmp_path / "m.onnx"), "--no-validate"]) == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_of_another_image_size_is_refused_in_one_line(vit_b_16_at_64, tmp_path, capsys):
+    from tome_deploy.cli import export as export_cli
+
+    path, _ = vit_b_16_at_64
+    args = ["torchvision:vit_b_16", "--img-size", "96", "--checkpoint", str(path), "-o", str(tmp_path / "m.onnx")]
+    assert export_cli.main(args) == 2
+    assert_one_line_error(capsys.readouterr().err, "trained at 64 px", "--img-size 96")
+    args = ["torchvision:vit_b_32", "--checkpoint", str(path), "-o", str(tmp_path / "m.onnx")]
+    assert export_cli.main(args) == 2
+    assert_one_line_error(capsys.readouterr().err, "not a torchvision:vit_b_32 checkpoint")
