@@ -22,14 +22,13 @@ from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import export_onnx
 from tome_deploy.runtime.factory import open_runner
+from tome_deploy.runtime.throughput import time_side_by_side
 
 
 def per_image_seconds(run, pixels: np.ndarray, batch: int) -> float:
-    run(pixels[:batch])  # warm-up
-    start = time.perf_counter()
-    for first in range(0, len(pixels), batch):
-        run(pixels[first : first + batch])
-    return (time.perf_counter() - start) / len(pixels)
+    """Median seconds per image of run(batch of pixels), through the project's one timing loop."""
+    calls = {"run": lambda: run(pixels[:batch])}
+    return time_side_by_side(calls, rounds=max(1, len(pixels) // batch), warmup=1)["run"] / batch
 
 
 def main() -> None:
