@@ -32,8 +32,8 @@ def check_img_size_value(img_size: Optional[int]) -> None:
         raise InvalidInputError(f"--img-size must be a positive integer, got {img_size!r}")
     if not 0 < img_size <= MAX_IMAGE_SIDE:
         raise InvalidInputError(
-            f"--img-size must be from 1 to {MAX_IMAGE_SIDE} (the largest image side an artifact may declare), "
-            f"got {img_size}; pass a smaller size"
+            f"--img-size must be a positive integer of at most {MAX_IMAGE_SIDE} (the largest image side an artifact "
+            f"may declare), got {img_size}; pass a size from 1 to {MAX_IMAGE_SIDE}"
         )
 
 
