@@ -4,7 +4,10 @@ Checked before any work starts (`check_outputs`): an output is not a directory, 
 FIFO or socket (it would be replaced by a regular file), its folder exists and is
 writable, it is not one of the command's inputs (same resolved path, symlink or hard link) and not another
 of its outputs. Written atomically (`write_atomically`, `StagedOutput`): through a temporary file in the
-same folder renamed over the target, so a failure or Ctrl-C leaves the old file intact and no partial file.
+same folder renamed over the target, so a failure or Ctrl-C (or SIGTERM / SIGHUP, which the CLIs turn into
+the same interrupt) leaves the old file intact and no partial file. Every temporary file and folder made here
+is also registered until it is renamed or removed: `discard_temporaries` (run by every CLI on its way out)
+removes any that an interrupt left between its creation and the block that owns it.
 A result that still has to pass a check (an ONNX export before its parity validation) is staged: written
 next to the target and renamed over it only once it passed.
 """
@@ -12,6 +15,7 @@ next to the target and renamed over it only once it passed.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -21,6 +25,30 @@ from typing import BinaryIO, Callable, Optional
 from tome_deploy.errors import InvalidInputError
 
 PathLike = str | Path
+
+_LIVE: set[Path] = set()  # temporary files and folders made and not yet renamed or removed
+
+
+def discard_temporaries() -> None:
+    """Remove every registered temporary file or folder that still exists (after an interrupt)."""
+    while _LIVE:
+        path = _LIVE.pop()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def temporary_folder(folder: Path, prefix: str, suffix: str = "") -> Path:
+    """tempfile.mkdtemp in `folder`, registered for `discard_temporaries`; `forget` it once renamed or removed."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder))
+    _LIVE.add(path)
+    return path
+
+
+def forget(path: Path) -> None:
+    """`path` was renamed into place or removed: no longer a temporary to discard."""
+    _LIVE.discard(path)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -43,7 +71,9 @@ def _check_folder(path: Path, flag: str) -> None:
             f"output directory {folder} does not exist; create it first (mkdir -p {folder}) or choose another {flag} path"
         )
     try:  # a real probe: os.access says yes to root on read-only mounts and ignores ACLs
-        os.unlink(_temp_next_to(folder / path.name))
+        probe = _temp_next_to(folder / path.name)
+        probe.unlink()
+        forget(probe)
     except OSError as err:
         raise InvalidInputError(
             f"output directory {folder} is not writable ({err.strerror or err}); choose another {flag} path"
@@ -109,6 +139,7 @@ def check_outputs(
 
 def _temp_next_to(path: Path) -> Path:
     handle, name = tempfile.mkstemp(suffix=".tmp", prefix=f".{path.name}.", dir=path.parent)
+    _LIVE.add(Path(name))
     os.close(handle)
     return Path(name)
 
@@ -122,6 +153,7 @@ def current_umask() -> int:
 def _install(temp: Path, path: Path) -> None:
     os.chmod(temp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
     os.replace(temp, path)
+    forget(temp)
 
 
 def write_atomically(output: PathLike, write: Callable[[BinaryIO], object], *, flag: str = "-o") -> Path:
@@ -136,6 +168,7 @@ def write_atomically(output: PathLike, write: Callable[[BinaryIO], object], *, f
         raise _write_error(path, flag, err) from err
     finally:
         temp.unlink(missing_ok=True)
+        forget(temp)
     return path
 
 
@@ -170,6 +203,7 @@ class StagedOutput:
 
     def discard(self) -> None:
         self.temp.unlink(missing_ok=True)
+        forget(self.temp)
 
     def __enter__(self) -> StagedOutput:
         return self

@@ -352,6 +352,34 @@ CASES = {
     "validate-engine-without-sidecar": ("validate", "test_vit {no_sidecar.plan}", 2, ["sidecar"]),
     "validate-truncated-engine": ("validate", "test_vit {truncated.plan}", 2, ["corrupt or truncated"]),
     "inspect-engine-without-sidecar": ("build", "--inspect {no_sidecar.plan}", 2, ["sidecar"]),
+    # Size flags: bounded where the arguments are checked, before the model is loaded or anything is allocated.
+    "export-img-size-too-large": ("export", "test_vit -o {out} --img-size 100000", 2, ["--img-size", "2048"]),
+    "visualize-img-size-too-large": (
+        "visualize",
+        "test_vit {photo.png} -o {out}.png --img-size 99999999999999999999",
+        2,
+        ["--img-size", "2048"],
+    ),
+    "visualize-scale-too-large": (
+        "visualize",
+        "test_vit {photo.png} -o {out}.png --scale 100000",
+        2,
+        ["--scale", "8192"],
+    ),
+    "triton-max-batch-over-int32": (
+        "deploy",
+        "triton-repo {onnx} {root}/repo --max-batch 99999999999999999999",
+        2,
+        ["--max-batch", "2147483647"],
+    ),
+    "triton-instances-over-int32": (
+        "deploy",
+        "triton-repo {onnx} {root}/repo --instances 2147483648",
+        2,
+        ["--instances", "2147483647"],
+    ),
+    "triton-name-too-long": ("deploy", "triton-repo {onnx} {root}/repo --name " + "a" * 300, 2, ["--name", "1 to 128"]),
+    "serve-max-batch-over-int32": ("serve", "{onnx} --port 0 --max-batch 99999999999999999999", 2, ["--max-batch"]),
     # Damaged tome.* metadata: the artifact layer's typed MetadataError, naming the file and the fix.
     "validate-damaged-metadata": ("validate", "test_vit {bad_meta.onnx}", 2, ["bad_meta.onnx", "re-export"]),
     "build-damaged-metadata": ("build", "{bad_meta.onnx} -o {out}", 2, ["bad_meta.onnx", "re-export"]),
@@ -480,12 +508,12 @@ def test_unexpected_errors_are_one_line_exit_3_with_traceback_only_on_request(ca
 @pytest.mark.parametrize(
     "command, codes",
     [
-        ("export", {0, 1, 2, 3, 4, 130}),
-        ("validate", {0, 1, 2, 3, 4, 5, 130}),
-        ("build", {0, 2, 3, 4, 130}),
-        ("deploy", {0, 2, 3, 130}),
-        ("visualize", {0, 2, 3, 130}),
-        ("serve", {0, 2, 3, 4, 130}),
+        ("export", {0, 1, 2, 3, 4, 129, 130, 143}),
+        ("validate", {0, 1, 2, 3, 4, 5, 129, 130, 143}),
+        ("build", {0, 2, 3, 4, 129, 130, 143}),
+        ("deploy", {0, 2, 3, 129, 130, 143}),
+        ("visualize", {0, 2, 3, 129, 130, 143}),
+        ("serve", {0, 2, 3, 4, 129, 130, 143}),
     ],
 )
 def test_help_lists_the_exit_codes_the_command_can_return(command, codes):

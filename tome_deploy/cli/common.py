@@ -3,7 +3,8 @@
 Exit codes (each command's --help lists the ones it can return): 0 success; 1 parity validation failed;
 2 bad input (arguments, model, checkpoint, schedule, paths, damaged artifacts); 3 export/build failed, or an
 unexpected error (a bug: one line asking for a report; the traceback with --debug or TOME_DEBUG=1);
-4 an optional dependency is missing; 5 a quality budget is not met (tome-validate --data); 130 interrupted.
+4 an optional dependency is missing; 5 a quality budget is not met (tome-validate --data); 130 interrupted
+(Ctrl-C), 129 hung up (SIGHUP), 143 terminated (SIGTERM): all three remove every staged and temporary file.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 from tome_deploy.errors import ToMeError, error_reason
-from tome_deploy.output_files import write_atomically
+from tome_deploy.output_files import discard_temporaries, write_atomically
 
 EXIT_CODES = {
     0: "success",
@@ -25,15 +29,21 @@ EXIT_CODES = {
     3: "unexpected error (please report it)",
     4: "missing optional dependency",
     5: "quality budget not met",
-    130: "interrupted",
+    129: "hung up (SIGHUP)",
+    130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM)",
 }
+# Signals that stop a command the way Ctrl-C does (exit code 128 + the signal number).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 DEBUG_VARIABLE = "TOME_DEBUG"  # TOME_DEBUG=1: print the traceback of any error, as --debug does
 UNEXPECTED = "unexpected; please report it, with the output of --debug, to the tome-deploy issue tracker"
 
 
 def exit_codes_help(*codes: int, **meanings: str) -> str:
     """The epilog line of the codes one command can return; `meanings` (e.g. c3=...) reword a code for it."""
-    parts = [f"{code} {meanings.get(f'c{code}', EXIT_CODES[code])}" for code in sorted({0, 2, 3, 130, *codes})]
+    parts = [
+        f"{code} {meanings.get(f'c{code}', EXIT_CODES[code])}" for code in sorted({0, 2, 3, 129, 130, 143, *codes})
+    ]
     return "exit codes: " + ", ".join(parts) + f"; {DEBUG_VARIABLE}=1 or --debug prints tracebacks"
 
 
@@ -145,14 +155,56 @@ def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt (a subclass of it), so every
+    `finally`, `with` block and `except KeyboardInterrupt` that cleans up after Ctrl-C also runs for them."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals_as_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise `Stopped` in the main thread (the first one only: a
+    second signal must not cut short the cleanup the first one started); the previous handlers are restored
+    after. A signal the process ignores (nohup) stays ignored; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised: list[int] = []
+
+    def handler(signum, _frame):
+        if not raised:
+            raised.append(signum)
+            raise Stopped(signum)
+
+    previous = {}
+    try:
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handler)
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 def run_command(main: Callable[[], int], debug: Optional[bool] = False) -> int:
     """Turn typed errors into one line on stderr and their exit code, and anything else into one
-    'unexpected' line and exit 3; tracebacks only with --debug / TOME_DEBUG=1."""
+    'unexpected' line and exit 3; tracebacks only with --debug / TOME_DEBUG=1. SIGTERM and SIGHUP stop the
+    command as Ctrl-C does (exit 143 / 129, Ctrl-C 130), and every staged or temporary output is removed."""
     caught: BaseException
     try:
-        return main()
+        with stop_signals_as_interrupts():
+            try:
+                return main()
+            finally:
+                discard_temporaries()  # a temporary file a stop signal left between its creation and its `with`
     except ToMeError as err:
         code, line, caught = err.exit_code, f"error: {err}", err
+    except Stopped as err:
+        code, line, caught = 128 + err.signum, f"error: stopped by {signal.Signals(err.signum).name}", err
     except KeyboardInterrupt as err:
         code, line, caught = 130, "error: interrupted", err
     except Exception as err:  # noqa: BLE001 - the last guard: a bug, reported as one line

@@ -11,6 +11,7 @@ from pathlib import Path
 from tome_deploy.cli.common import add_debug_argument, exit_codes_help, run_command, say
 from tome_deploy.runtime.factory import CPU_RUNTIMES
 
+MAX_COUNT = 2**31 - 1  # --max-batch and --max-queue: int32, as Triton's max_batch_size
 DEVICE_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 
 
@@ -157,6 +158,11 @@ def check_limits(args: argparse.Namespace) -> None:
     for flag, value in positive_counts.items():
         if value < 1:
             raise InvalidInputError(f"{flag} is {value}; pass an integer >= 1")
+    for flag, value in {"--max-batch": args.max_batch, "--max-queue": args.max_queue}.items():
+        if not 1 <= value <= MAX_COUNT:
+            raise InvalidInputError(
+                f"{flag} must be >= 1 and at most {MAX_COUNT}, got {value}; pass a value in that range"
+            )
     for flag, value in positive_numbers.items():
         if not math.isfinite(value) or value <= 0:
             raise InvalidInputError(f"{flag} is {value}; pass a finite number > 0")

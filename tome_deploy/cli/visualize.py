@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 from tome_deploy.cli.common import (
     add_debug_argument,
@@ -22,6 +23,7 @@ from tome_deploy.errors import InvalidInputError
 STYLES = ("mean", "overlay")  # tome_deploy.visualize.STYLES, repeated here so --help stays import-free
 DEFAULT_R = "16"
 DEFAULT_WIDTH = 384  # auto --scale upscales small inputs to at least this many pixels per side
+MAX_SIDE = 8192  # the largest side of the drawing (model input side x --scale), in pixels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="K",
-        help=f"upscale the drawing K times (default: enough for {DEFAULT_WIDTH} px)",
+        help=f"upscale the drawing K times (default: enough for {DEFAULT_WIDTH} px; the drawing's side may be at most {MAX_SIDE} px)",
     )
     parser.add_argument(
         "--merges-only", action="store_true", help="write only the merge drawing, not the input next to it"
@@ -73,12 +75,25 @@ def _check_output(args: argparse.Namespace) -> Path:
     return check_outputs({"-o": args.output}, inputs=(args.image, args.source, args.checkpoint))["-o"]
 
 
+def check_scale(scale: Optional[int], side: Optional[int]) -> None:
+    """--scale is a positive integer whose drawing (`side` x scale per side, `side` 1 while unknown) fits MAX_SIDE."""
+    if scale is None:
+        return
+    if scale < 1:
+        raise InvalidInputError(f"--scale must be a positive integer, got {scale}")
+    side = side if side is not None and side > 0 else 1
+    if side * scale > MAX_SIDE:
+        raise InvalidInputError(
+            f"--scale {scale} would draw a {side * scale} px side from a {side} px input; the largest is {MAX_SIDE} px, "
+            f"so pass --scale at most {max(1, MAX_SIDE // side)}"
+        )
+
+
 def _visualize(args: argparse.Namespace) -> int:
     output = _check_output(args)
-    if args.scale is not None and args.scale < 1:
-        raise InvalidInputError(f"--scale must be a positive integer, got {args.scale}")
     r_spec = schedule_spec(args, DEFAULT_R)
-    source = model_source(args)
+    source = model_source(args)  # checks --img-size
+    check_scale(args.scale, args.img_size)
 
     from tome_deploy.models.loading.dispatch import load_model
     from tome_deploy.models.patch import apply_tome
@@ -96,6 +111,7 @@ def _visualize(args: argparse.Namespace) -> int:
     groups, sizes = vis.merge_groups(tome, pixels)
 
     height, width = rgb.shape[:2]
+    check_scale(args.scale, max(height, width))  # the model's own input size, known now: before drawing anything
     scale = args.scale or max(1, -(-DEFAULT_WIDTH // max(height, width)))
     drawing = vis.render_merges(rgb, groups, style=args.style, scale=scale)
     if not args.merges_only:

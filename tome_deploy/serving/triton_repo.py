@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from tome_deploy.artifact.formulations import all_formulations, either, formulation_named
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.output_files import current_umask, write_atomically
+from tome_deploy.output_files import current_umask, forget, temporary_folder, write_atomically
 from tome_deploy.serving.kserve import TensorSpec
 from tome_deploy.serving.served_model import ServedModel
 from tome_deploy.serving.triton_python import MODEL_PY, THREADS_PARAMETER
@@ -30,6 +30,8 @@ from tome_deploy.serving.triton_python import MODEL_PY, THREADS_PARAMETER
 MODEL_FILE = {"onnx": "model.onnx", "engine": "model.plan"}
 VERSION = "1"
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+MAX_NAME = 128  # a model name is a folder name (with room for the staging folder's prefix and suffix) and a URL part
+MAX_INT32 = 2**31 - 1  # Triton's max_batch_size and instance_group count are int32: larger cannot be parsed
 BACKENDS = ("platform", "python")  # Triton's ONNX Runtime / TensorRT backend, or ours inside its Python backend
 # The ToMe facts a Triton user may want to see next to the model (Triton parameters are strings).
 TOME_PARAMETERS = (
@@ -49,6 +51,24 @@ class ProtoEnumValue(str):
     """A protobuf-text enum value (KIND_GPU, TYPE_FP32): written bare, not quoted like other strings."""
 
 
+def check_model_name(name: str) -> None:
+    """A model name is one folder name and one URL part: 1 to MAX_NAME letters, digits, '_', '.' and '-'."""
+    if len(name) > MAX_NAME or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+        shown = repr(name) if len(name) <= 40 else f"{name[:40]!r}... ({len(name)} characters)"
+        raise InvalidInputError(
+            f"model name {shown} is not a valid directory name; pass --name with 1 to {MAX_NAME} letters, digits, '_', '.' and '-' "
+            "(not '.' or '..')"
+        )
+
+
+def check_count(flag: str, value: Optional[int]) -> None:
+    """A count Triton reads as an int32 (max_batch_size, instance_group count): 1 to 2**31 - 1."""
+    if value is not None and not 1 <= value <= MAX_INT32:
+        raise InvalidInputError(
+            f"{flag} must be >= 1 and at most {MAX_INT32} (an int32 in Triton's config), got {value}; pass a value in that range"
+        )
+
+
 @dataclass(frozen=True)
 class TritonOptions:
     model_name: str
@@ -60,14 +80,11 @@ class TritonOptions:
     threads: Optional[int] = None  # python backend: ONNX Runtime intra-op threads per instance (None: all cores)
 
     def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name) or self.model_name in (".", ".."):
-            raise InvalidInputError(
-                f"model name {self.model_name!r} is not a valid directory name; use letters, digits, '_', '.' and '-'"
-            )
-        if (self.max_batch is not None and self.max_batch < 1) or self.instances < 1 or self.max_queue_delay_us < 0:
-            raise InvalidInputError(
-                "--max-batch and --instances must be >= 1 and --max-delay-ms >= 0; pass valid values"
-            )
+        check_model_name(self.model_name)
+        for flag, value in (("--max-batch", self.max_batch), ("--instances", self.instances)):
+            check_count(flag, value)
+        if self.max_queue_delay_us < 0:
+            raise InvalidInputError("--max-delay-ms must be >= 0; pass a valid value")
         if self.kind not in INSTANCE_KINDS:
             raise InvalidInputError(f"instance kind {self.kind!r} is not one of {INSTANCE_KINDS}")
         if self.backend not in BACKENDS:
@@ -186,7 +203,7 @@ def write_triton_repo(
         readme += PYTHON_README
     try:
         root.mkdir(exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{options.model_name}.", suffix=".tmp", dir=root))
+        staging = temporary_folder(root, prefix=f".{options.model_name}.", suffix=".tmp")
     except OSError as err:
         raise InvalidInputError(
             f"cannot create the model repository {root} ({err.strerror}); choose another directory"
@@ -202,6 +219,7 @@ def write_triton_repo(
         _swap_in(staging, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        forget(staging)
     return TritonRepo(
         root, model_dir, model_dir / "config.pbtxt", model_dir / VERSION / MODEL_FILE[served_model.kind], command
     )
@@ -236,20 +254,26 @@ def _check_repo(served_model: ServedModel, root: Path, model_name: str, overwrit
 
 
 def _swap_in(staging: Path, model_dir: Path) -> None:
-    """Rename the assembled folder onto `model_dir`; the old folder is moved aside first and removed after."""
+    """Rename the assembled folder onto `model_dir`; the old folder is moved aside first and removed after.
+
+    Whatever stops the swap (an OSError, Ctrl-C, SIGTERM) puts the previous model back before it goes on."""
     old = None
     if model_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.old.", dir=model_dir.parent))
-        os.replace(model_dir, old / model_dir.name)
+        old = temporary_folder(model_dir.parent, prefix=f".{model_dir.name}.old.", suffix=".tmp")
     try:
-        os.replace(staging, model_dir)
-    except OSError as err:
         if old is not None:
+            os.replace(model_dir, old / model_dir.name)
+        os.replace(staging, model_dir)
+    except BaseException as err:
+        if old is not None and (old / model_dir.name).exists() and not model_dir.exists():
             os.replace(old / model_dir.name, model_dir)  # put the previous model back
-        raise InvalidInputError(f"cannot write {model_dir} ({err.strerror}); choose another directory") from err
+        if isinstance(err, OSError):
+            raise InvalidInputError(f"cannot write {model_dir} ({err.strerror}); choose another directory") from err
+        raise
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            forget(old)
 
 
 PYTHON_README = """

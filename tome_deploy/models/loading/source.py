@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from tome_deploy.artifact.metadata import MAX_IMAGE_SIDE
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.models.adapter import ModelAdapter
 
@@ -29,8 +30,11 @@ def check_img_size_value(img_size: Optional[int]) -> None:
         valid = False
     if not valid:
         raise InvalidInputError(f"--img-size must be a positive integer, got {img_size!r}")
-    if img_size <= 0:
-        raise InvalidInputError(f"--img-size must be a positive integer, got {img_size}")
+    if not 0 < img_size <= MAX_IMAGE_SIDE:
+        raise InvalidInputError(
+            f"--img-size must be a positive integer of at most {MAX_IMAGE_SIDE} (the largest image side an artifact "
+            f"may declare), got {img_size}; pass a size from 1 to {MAX_IMAGE_SIDE}"
+        )
 
 
 @dataclass(frozen=True)
