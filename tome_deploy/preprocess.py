@@ -15,6 +15,15 @@ _RESAMPLE = {
 }
 
 
+def resized_size(width: int, height: int, input_size: Sequence[int], crop_pct: float = 0.875) -> tuple[int, int]:
+    """The (width, height) eval_transform resizes a width x height image to before its centre crop: the short
+    side becomes floor(max(H, W) / crop_pct) and the long side keeps the aspect ratio (a 1 x 50000 image
+    becomes 182 x 9100000). Computed from the size alone, so a server can refuse it before decoding."""
+    _, crop_height, crop_width = input_size
+    short = math.floor(max(crop_height, crop_width) / crop_pct)
+    return (short, round(height * short / width)) if width <= height else (round(width * short / height), short)
+
+
 def eval_transform(
     image: Image.Image,
     input_size: Sequence[int],
@@ -25,11 +34,8 @@ def eval_transform(
 ) -> np.ndarray:
     """PIL image -> float32 [3, H, W] ready for the model."""
     _, height, width = input_size
-    scale = max(height, width) / crop_pct
-    short = math.floor(scale)
     image = image.convert("RGB")
-    w, h = image.size
-    new_w, new_h = (short, round(h * short / w)) if w <= h else (round(w * short / h), short)
+    new_w, new_h = resized_size(*image.size, input_size, crop_pct)
     image = image.resize((new_w, new_h), _RESAMPLE.get(interpolation, Image.Resampling.BICUBIC))
     left, top = round((new_w - width) / 2), round((new_h - height) / 2)
     image = image.crop((left, top, left + width, top + height))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -142,6 +143,42 @@ CASES = {
     "gzip-body": (INFER, b"\x1f\x8b", {"Content-Encoding": "gzip"}, 415, "uncompressed"),
     "unknown-model": ("/v2/models/other/infer", {"inputs": [tensor()]}, {}, 404, "serves 'vit'"),
     "image-bomb-header": (CLASSIFY, png_header_only(30_000, 1_000), {}, 400, "over --max-image-pixels 1000000"),
+    "image-thin-resizes-past-the-limit": (
+        CLASSIFY,
+        png_header_only(1, 50_000),  # 50 000 pixels decoded, but the resize makes it 182 x 9 100 000
+        {},
+        400,
+        "over --max-image-pixels 1000000",
+    ),
+    "image-zero-width": (CLASSIFY, png_header_only(0, 10), {}, 400, "not a decodable image"),
+    "output-asked-twice": (
+        INFER,
+        {"inputs": [tensor()], "outputs": [{"name": "logits"}] * 20_000},
+        {},
+        400,
+        "asked for twice",
+    ),
+    "timeout-400-digits": (
+        INFER,
+        {"inputs": [tensor()], "parameters": {"timeout": 10**400}},
+        {},
+        400,
+        "up to 86400000000",
+    ),
+    "binary-output-flag-text": (
+        INFER,
+        {"inputs": [tensor()], "parameters": {"binary_data_output": "no"}},
+        {},
+        400,
+        "'binary_data_output' must be true or false",
+    ),
+    "class-count-400-digits": (
+        INFER,
+        {"inputs": [tensor()], "outputs": [{"name": "logits", "parameters": {"class_count": 10**400}}]},
+        {},
+        400,
+        "'class_count' must be a non-negative integer",
+    ),
     "image-truncated": (CLASSIFY, encoded(Image.new("RGB", (64, 64)))[:60], {}, 400, "not a decodable image"),
     "top-k-not-a-number": (
         CLASSIFY + "?top_k=abc",
@@ -280,6 +317,40 @@ def test_artifact_with_crafted_input_size_is_refused(exported, tmp_path, capsys,
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda tmp: Path("/dev/zero"), "not a regular file"),
+        (lambda tmp: _sparse(tmp / "huge.txt", 17 << 20), "over 16 MiB"),
+        (lambda tmp: _fifo(tmp / "fifo"), "not a regular file"),
+    ],
+    ids=["device", "17-MiB", "fifo"],
+)
+def test_labels_file_that_is_not_a_small_regular_file_is_refused(exported, tmp_path, capsys, make, fragment):
+    path = make(tmp_path)
+    if not path.exists():
+        pytest.skip(f"{path} is not available here")
+    started = time.monotonic()
+    assert serve_cli.main([str(exported.path), "--port", "0", "--labels", str(path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "labels file", fragment)
+    assert time.monotonic() - started < 30
+
+
+def _sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as stream:
+        stream.truncate(size)
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(path)
+    return path
+
+
+HOSTILE_GROWTH_MB = 200  # docs/reliability.md: peak RSS growth for the thin image and the duplicated outputs
+
+
 def peak_rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
@@ -323,6 +394,15 @@ def test_worst_requests_keep_the_server_under_its_memory_bound(exported):
 
         wait_for(lambda: post("/v2/health/ready", b"") in (200, 405))
         idle_mb = peak_rss_mb(process.pid)
+        # first, so that the high-water mark measures them and not the larger accepted request below
+        # a 1 x 50000 PNG (the resize would make 1.6 G pixels, 4-6 GB) and one output asked for 20 000 times
+        # (430 MB of response): both refused from what the request declares, before any work
+        assert post(CLASSIFY, png_header_only(1, 50_000)) == 400
+        duplicated = {"inputs": [tensor()], "outputs": [{"name": "logits"}] * 20_000}
+        assert post(INFER, json.dumps(duplicated).encode()) == 400
+        hostile_growth = peak_rss_mb(process.pid) - idle_mb
+        print(f"peak RSS growth for the thin image and the duplicated outputs: {hostile_growth:.0f} MB")
+        assert hostile_growth < HOSTILE_GROWTH_MB, hostile_growth  # docs/reliability.md's bound
         largest = json.dumps({"inputs": [tensor(shape=(8, 3, 160, 160), data=[-0.123456789] * (8 * 76800))]}).encode()
         assert post(INFER, largest) == 200  # 8 rows of 14-character floats: the largest JSON request accepted
         assert post(INFER, b'{"inputs": [{"data": [' + b"0," * 30_000_000 + b"0]}]}") == 400  # 60 MB of zeros

@@ -16,6 +16,8 @@ pooler_output), so that every runner gets one tensor. Sources: a local folder wr
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -306,20 +308,83 @@ def load_source(source: ModelSource) -> LoadedModel:
 SOURCE_FORM = SourceForm("hf:<id> or save_pretrained folder", claims, load_source)
 
 
+MAX_PROCESSOR_CONFIG_BYTES = 1 << 20  # a preprocessor_config.json is a few hundred bytes
+
+
 def _processor_config(folder: Path) -> Optional[dict]:
-    """preprocessor_config.json with crop_pct worked out (crop size over resize size), or None."""
+    """preprocessor_config.json with crop_pct worked out (crop size over resize size), or None. Read capped
+    in size and checked value by value: a bad value is a one-line ModelLoadError naming the file and key."""
     file = folder / "preprocessor_config.json"
     if not file.is_file():
         return None
-    cfg = json.loads(file.read_text())
-    size, crop = cfg.get("size"), cfg.get("crop_size")
-    edge = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else size
-    crop_edge = crop.get("height") if isinstance(crop, dict) else crop
-    if cfg.get("do_center_crop") and edge and crop_edge:
-        cfg["tome_crop_pct"] = float(crop_edge) / float(edge)
+
+    def bad(key: str, why: str) -> ModelLoadError:
+        return ModelLoadError(f"{file}: {why} (key {key!r}); fix or delete the file (the family defaults are used)")
+
+    try:
+        if file.stat().st_size > MAX_PROCESSOR_CONFIG_BYTES:
+            raise ModelLoadError(f"{file} is over {MAX_PROCESSOR_CONFIG_BYTES >> 20} MiB; it is not a processor config")
+        cfg = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
+        raise ModelLoadError(f"{file} is not a readable JSON file: {error_reason(err)}") from err
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{file} holds a JSON {type(cfg).__name__}, not an object of preprocessing settings")
+    for key in ("image_mean", "image_std"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        ):
+            raise bad(key, f"{key} is {_shown(value)}; it must be a list of 3 finite numbers (one per RGB channel)")
+        if key == "image_std" and not all(v > 0 for v in value):
+            raise bad(key, f"image_std is {value}; every value must be > 0 (pixels are divided by it)")
+    if "resample" in cfg and cfg["resample"] not in _PIL_RESAMPLE:
+        raise bad(
+            "resample",
+            f"resample is {_shown(cfg['resample'])}; ToMe exports PIL's "
+            + ", ".join(f"{k} ({v})" for k, v in _PIL_RESAMPLE.items()),
+        )
+
+    def edge(key: str, names: tuple[str, ...]) -> Optional[int]:
+        value = cfg.get(key)
+        if value is None:
+            return None
+        values = [value.get(name) for name in names if name in value] if isinstance(value, dict) else [value]
+        if not values:
+            return None  # e.g. only longest_edge: no square edge to take
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_EDGE for v in values):
+            raise bad(
+                key,
+                f"{key} is {_shown(value)}; it must be a positive integer up to {MAX_IMAGE_EDGE} "
+                f"or an object of them ({', '.join(names)})",
+            )
+        return values[0]
+
+    size = edge("size", ("shortest_edge", "height", "width"))
+    crop = edge("crop_size", ("height", "width"))
+    do_center_crop = cfg.get("do_center_crop", False)
+    if not isinstance(do_center_crop, bool):
+        raise bad("do_center_crop", f"do_center_crop is {_shown(do_center_crop)}; it must be true or false")
+    if do_center_crop and size and crop:
+        if crop > size:
+            raise bad(
+                "crop_size", f"crop_size {crop} is larger than size {size}; the centre crop must fit the resized image"
+            )
+        cfg["tome_crop_pct"] = float(crop) / float(size)
     else:
         cfg["tome_crop_pct"] = 1.0
     return cfg
+
+
+MAX_IMAGE_EDGE = 16384  # px; a processor size beyond this is not a real preprocessing setting
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KB; a larger one is not a model config
@@ -347,6 +412,130 @@ def refuse_custom_code(config_file: Path, transformers: Any) -> None:
         raise ModelLoadError(
             f"{config_file}: 'model_type' {model_type!r} is not a model type transformers ships, so loading it would "
             "need the folder's own code; tome-deploy loads transformers' own classes only"
+        )
+
+
+MAX_INDEX_BYTES = 16 << 20  # model.safetensors.index.json: a weight_map of names to shard files
+_LAYER_INDEX = re.compile(r"^(.*\.layers?)\.(\d+)\.")
+_SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "mlp_ratio",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "num_labels",
+    "projection_dim",
+    "num_register_tokens",
+)
+
+
+def _header_shapes(folder: Path) -> Optional[dict[str, tuple[int, ...]]]:
+    """Tensor name -> shape from the safetensors header(s) of a save_pretrained folder (model.safetensors, or
+    the shards its index lists), without loading a tensor; None when the folder has neither."""
+    from safetensors import safe_open
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            if index.stat().st_size > MAX_INDEX_BYTES:
+                raise ModelLoadError(f"{index} is over {MAX_INDEX_BYTES >> 20} MiB; it is not a shard index")
+            weight_map = json.loads(index.read_bytes()).get("weight_map")
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, AttributeError, TypeError) as err:
+            raise ModelLoadError(f"{index} is not a readable shard index: {error_reason(err)}") from err
+        if not all(isinstance(n, str) and Path(n).name == n for n in names):
+            raise ModelLoadError(
+                f"{index} names shard files outside its folder; re-save the model with save_pretrained"
+            )
+        files = [folder / n for n in names]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as err:  # safetensors raises its own SafetensorError, OSError, ...
+            raise ModelLoadError(f"{file} is not a readable safetensors file: {error_reason(err)}") from err
+    return shapes
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _expected_shapes(skeleton: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The skeleton's tensor names and shapes as a weights file holds them. transformers 5 renames some modules'
+    weights (ViT's attention.attention.query -> attention.q_proj) and save_pretrained writes the original names
+    back; whichever naming matches more of the file's names is compared (meta tensors: no memory)."""
+    state = skeleton.state_dict()
+    candidates = [{name: tuple(t.shape) for name, t in state.items()}]
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        reverted = revert_weight_conversion(skeleton, dict(state))
+        candidates.append({name: tuple(t.shape) for name, t in reverted.items()})
+    except Exception:  # noqa: BLE001 - another transformers version: its own names only
+        pass
+    return max(candidates, key=lambda names: len(names.keys() & shapes.keys()))
+
+
+def check_weights_match_config(folder: Path, config: Any, model_class: Any) -> None:
+    """Before the model is built: config.json's sizes against the weights file's header (names and shapes, no
+    tensor read). The layer count is compared first, so a 1 KB config asking for 100000 layers is refused
+    before anything is built; then the model's skeleton is built on the meta device (no memory) and every
+    tensor name and shape is compared: missing, unexpected or mis-shaped weights are refused with the first
+    few named (transformers would initialise missing ones at random and export them)."""
+    shapes = _header_shapes(folder)
+    if shapes is None:
+        return  # no safetensors: from_pretrained refuses the folder with its own message
+    indices: dict[str, set[int]] = {}
+    for name in shapes:
+        match = _LAYER_INDEX.match(name)
+        if match:
+            indices.setdefault(match.group(1), set()).add(int(match.group(2)))
+    declared = getattr(config, "num_hidden_layers", None)
+    if isinstance(declared, int):
+        in_file = max((len(found) for found in indices.values()), default=0)
+        if declared != in_file:
+            raise ModelLoadError(
+                f"{folder / 'config.json'}: 'num_hidden_layers' is {declared} but the weights hold {in_file} layers; "
+                "fix config.json or re-save the model with save_pretrained"
+            )
+    try:
+        with torch.device("meta"):
+            skeleton = model_class(config)
+    except Exception as err:
+        raise ModelLoadError(
+            f"{folder / 'config.json'} does not describe a buildable {model_class.__name__}: {error_reason(err)}"
+        ) from err
+    expected = _expected_shapes(skeleton, shapes)
+    del skeleton
+    reshaped = [name for name in expected if name in shapes and shapes[name] != expected[name]]
+    if reshaped:
+        name = reshaped[0]
+        sizes = ", ".join(
+            f"{key} {getattr(config, key)}"
+            for key in _SIZE_KEYS
+            if isinstance(getattr(config, key, None), (int, float))
+        )
+        raise ModelLoadError(
+            f"{folder / 'config.json'} does not match the weights: {name} is {list(shapes[name])} in the file but the "
+            f"config ({sizes}) makes it {list(expected[name])} ({len(reshaped)} tensors differ); fix config.json"
+        )
+    missing = [name for name in expected if name not in shapes]
+    unexpected = [name for name in shapes if name not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} ({_listed(missing)})"] if missing else []) + (
+            [f"{len(unexpected)} unexpected ({_listed(unexpected)})"] if unexpected else []
+        )
+        raise ModelLoadError(
+            f"the weights in {folder} do not fit {model_class.__name__}: {'; '.join(parts)}; "
+            "re-save the model with save_pretrained (missing weights would be random)"
         )
 
 
@@ -381,6 +570,9 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
         raise UnsupportedModelError(
             f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(OUTPUTS))}"
         )
+    preprocess = _processor_config(Path(where)) if local else None  # checked before anything is built
+    if local:
+        check_weights_match_config(Path(where), config, getattr(transformers, arch))
     try:
         hf_model = getattr(transformers, arch).from_pretrained(
             where, local_files_only=local, use_safetensors=True, trust_remote_code=False
@@ -390,6 +582,5 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
             f"cannot load {arch} from {source} ({error_reason(err)}); the folder needs model.safetensors "
             "(pickled pytorch_model.bin is not read)"
         ) from err
-    preprocess = _processor_config(Path(where)) if local else None
     weights = f"transformers {arch} from {Path(source).name if local else source}"
     return HFImageModel(hf_model, preprocess).eval(), weights

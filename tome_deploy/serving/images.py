@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -11,22 +13,35 @@ from PIL import Image, UnidentifiedImageError
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.preprocess import eval_transform
+from tome_deploy.preprocess import eval_transform, resized_size
 
 
 def image_to_input(body: bytes, metadata: ToMeMetadata, max_pixels: int) -> np.ndarray:
     """JPEG/PNG/... bytes -> float32 [1, 3, H, W] through timm's eval transform with the export's data config.
     The pixel count is read from the header and refused before anything is decoded: a small compressed file
-    can expand to gigabytes of pixels."""
+    can expand to gigabytes of pixels. The size after the resize (short side to the model's size / crop_pct,
+    aspect ratio kept) is computed from the header too and held to the same limit: a 282-byte 1 x 50000 PNG
+    passes the first check but resizes to 182 x 9100000 pixels (several GB)."""
     try:
         image = Image.open(io.BytesIO(body))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise InvalidInputError(
             f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file"
         ) from None
+    if image.width <= 0 or image.height <= 0:
+        raise InvalidInputError(
+            f"the body is not a decodable image (its header says {image.width}x{image.height} pixels); POST the raw bytes of a JPEG or PNG file"
+        )
     if image.width * image.height > max_pixels:
         raise InvalidInputError(
             f"the image has {image.width}x{image.height} pixels, over --max-image-pixels {max_pixels}; send a smaller image (the model sees {metadata.input_size[1]}x{metadata.input_size[2]})"
+        )
+    resized = resized_size(image.width, image.height, metadata.input_size, metadata.crop_pct)
+    if resized[0] * resized[1] > max_pixels:
+        raise InvalidInputError(
+            f"the image has {image.width}x{image.height} pixels, which the eval transform resizes to {resized[0]}x{resized[1]} "
+            f"(short side {min(resized)}, aspect ratio kept), over --max-image-pixels {max_pixels}; crop it closer to square "
+            f"(the model sees {metadata.input_size[1]}x{metadata.input_size[2]})"
         )
     try:
         image.load()
@@ -62,11 +77,26 @@ def parse_top_k(text: Optional[str], default: int, num_classes: int) -> int:
     return k
 
 
+MAX_LABELS_BYTES = 16 << 20  # a labels file is read whole; ImageNet-21k's names take ~0.5 MB
+
+
 def read_labels(path: str | Path, num_classes: int) -> tuple[str, ...]:
-    """One class name per line, in class-index order."""
+    """One class name per line, in class-index order. Only a regular file of at most MAX_LABELS_BYTES is read
+    (a device such as /dev/zero or a huge file would be read without end)."""
     path = Path(path).expanduser()
     try:
-        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused as not a regular file
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise InvalidInputError(
+                    f"labels file {path} is not a regular file; pass a UTF-8 text file with one class name per line"
+                )
+            data = stream.read(MAX_LABELS_BYTES + 1)
+        if len(data) > MAX_LABELS_BYTES:
+            raise InvalidInputError(
+                f"labels file {path} is over {MAX_LABELS_BYTES >> 20} MiB; pass a text file with one class name per line"
+            )
+        labels = tuple(line.strip() for line in data.decode("utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidInputError(
             f"cannot read labels file {path} ({type(err).__name__}); pass a UTF-8 text file with one class name per line"

@@ -130,7 +130,7 @@ def parse_infer_request(
     return InferRequest(
         id=_request_id(request.get("id")),
         inputs=arrays,
-        outputs=_requested_outputs(request.get("outputs"), outputs, bool(parameters.get("binary_data_output", False))),
+        outputs=_requested_outputs(request.get("outputs"), outputs, _flag(parameters, "binary_data_output", False)),
         timeout_s=_timeout_s(parameters.get("timeout")),
     )
 
@@ -265,25 +265,46 @@ def _requested_outputs(raw: Any, outputs: Sequence[TensorSpec], binary_default: 
     if not isinstance(raw, list):
         raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
     known, wanted = {spec.name for spec in outputs}, []
+    seen: set[str] = set()
     for entry in raw:
         entry = _object(entry, "each entry of 'outputs'")
         parameters = _object(entry.get("parameters", {}), "output 'parameters'")
         if not isinstance(entry.get("name"), str) or entry.get("name") not in known:
             raise InvalidInputError(f"unknown output {entry.get('name')!r}; this model returns {sorted(known)}")
-        if parameters.get("class_count", 0) or "shared_memory_region" in parameters:
+        if entry["name"] in seen:  # each output once: the response is bounded by the model's outputs
+            raise InvalidInputError(f"output {entry['name']!r} is asked for twice; list each output once")
+        seen.add(entry["name"])
+        if _flag(parameters, "class_count", 0) or "shared_memory_region" in parameters:
             raise InvalidInputError(
                 "class_count and shared-memory outputs are not offered; ask for raw outputs, or POST an image to the classify endpoint for top-k"
             )
-        wanted.append(RequestedOutput(entry["name"], bool(parameters.get("binary_data", binary_default))))
+        wanted.append(RequestedOutput(entry["name"], _flag(parameters, "binary_data", binary_default)))
     return tuple(wanted)
+
+
+MAX_TIMEOUT_US = 86_400 * 10**6  # a day; the server's --timeout-s caps a request's timeout anyway
 
 
 def _timeout_s(value: Any) -> Optional[float]:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidInputError(f"parameter 'timeout' must be a positive integer (microseconds), got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_TIMEOUT_US:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise InvalidInputError(
+            f"parameter 'timeout' must be a positive integer (microseconds) up to {MAX_TIMEOUT_US}, got {shown}"
+        )
     return value / 1e6
+
+
+def _flag(parameters: dict, name: str, default: Any) -> Any:
+    """A boolean parameter (binary_data, binary_data_output) or class_count: a JSON bool, or an integer for
+    class_count; anything else (a string, a 400-digit number) is refused rather than guessed."""
+    value = parameters.get(name, default)
+    if isinstance(value, bool) or (name == "class_count" and isinstance(value, int) and 0 <= value <= 2**31):
+        return value
+    expected = "a non-negative integer" if name == "class_count" else "true or false"
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    raise InvalidInputError(f"parameter {name!r} must be {expected}, got {shown}")
 
 
 def _request_id(value: Any) -> Optional[str]:
