@@ -158,7 +158,8 @@ def test_cli_searches_measured_speedup_from_the_flops_choice(capsys, tmp_path, t
     constant = {k: v for (k, stride), v in measured.items() if stride == 1}
     assert len(constant) <= 4 and all(r <= k <= r_last for k in constant)
     assert [stride for _, stride in measured] == sorted(stride for _, stride in measured)  # constant r first
-    reached_constant = [k for k, v in constant.items() if v >= 1.3]
+    # Ratios are printed to 2 decimals: a printed 1.30 may be just below the target, so only above it counts.
+    reached_constant = [k for k, v in constant.items() if v > 1.3]
     bound = flops(min(reached_constant), 1) if reached_constant else float("inf")
     for (k, stride), _ in measured.items():
         if stride == 2:  # only where [0, k] reaches 1.3x by FLOPs, and merges less than the constant choice
@@ -169,7 +170,7 @@ def test_cli_searches_measured_speedup_from_the_flops_choice(capsys, tmp_path, t
         best = re.search(r"the best is r=(\d+)( in every 2nd block)? at (\d+\.\d+)x", line)
         assert best, line
         assert measured[int(best[1]), 2 if best[2] else 1] == float(best[3]) == max(measured.values())
-        assert all(ratio < 1.3 for ratio in measured.values())
+        assert all(ratio <= 1.3 for ratio in measured.values())  # below 1.3, printed to 2 decimals
         assert "--measure" in line and "not reached in ONNX Runtime" in err
         assert not out.exists() and not report_path.exists()
         return
@@ -179,7 +180,8 @@ def test_cli_searches_measured_speedup_from_the_flops_choice(capsys, tmp_path, t
     chosen = (search["r"], search["stride"])
     assert search["reached"] is True and measured[chosen] >= 1.3  # never a slowdown reported as success
     assert {(m["r"], m["stride"]): m["speedup"] for m in search["measured"]} == pytest.approx(measured, abs=6e-3)
-    reaching = [key for key, ratio in measured.items() if ratio >= 1.3]
+    precise = {(m["r"], m["stride"]): m["speedup"] for m in search["measured"]}  # unrounded, from the report
+    reaching = [key for key, ratio in precise.items() if ratio >= 1.3]
     assert flops(*chosen) == min(flops(*key) for key in reaching)  # the least merging that reached it
     assert report["measured_speedup"] == pytest.approx(
         search["measured"][list(measured).index(chosen)]["speedup"], abs=1e-3
