@@ -153,3 +153,13 @@ def triton_server(export_cached, tmp_path_factory):
         yield server, exported
     finally:
         stop_tritonserver(server)
+
+
+def io_symbolic_dims(graph) -> set[str]:
+    """The symbolic dimension names of an ONNX graph's inputs and outputs."""
+    return {
+        d.dim_param
+        for v in list(graph.input) + list(graph.output)
+        for d in v.type.tensor_type.shape.dim
+        if d.HasField("dim_param")
+    }

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import timm
 import torch
+from conftest import io_symbolic_dims
 from family_sources import TINY_HF_VIT
 from reference_families import (
     reference_eva,
@@ -254,13 +255,7 @@ def test_onnx_runtime_matches_pytorch_at_other_batch_sizes(exported):
 def test_only_the_batch_dimension_is_symbolic(exported):
     _, _, metadata, path = exported
     graph = onnx.load(str(path)).graph
-    symbolic = {
-        d.dim_param
-        for v in list(graph.input) + list(graph.output)
-        for d in v.type.tensor_type.shape.dim
-        if d.HasField("dim_param")
-    }
-    assert symbolic == {"batch"}
+    assert io_symbolic_dims(graph) == {"batch"}
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == metadata.input_size
 
 

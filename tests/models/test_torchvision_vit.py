@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 import torchvision
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, io_symbolic_dims
 from reference_families import reference_torchvision
 from torch import nn
 
@@ -179,13 +179,7 @@ def test_exported_graph_matches_pytorch_with_only_the_batch_symbolic(tmp_path):
     with torch.inference_mode():
         assert np.abs(got - tome(x).numpy()).max() <= 1e-4
     graph = onnx.load(str(path)).graph
-    symbolic = {
-        d.dim_param
-        for v in list(graph.input) + list(graph.output)
-        for d in v.type.tensor_type.shape.dim
-        if d.HasField("dim_param")
-    }
-    assert symbolic == {"batch"}
+    assert io_symbolic_dims(graph) == {"batch"}
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]
 
 
