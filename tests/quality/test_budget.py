@@ -21,6 +21,12 @@ def test_within_and_violations():
     assert Budget().within({})
 
 
+def test_bounded_metrics():
+    assert Budget().bounded_metrics() == []
+    assert Budget(max_drop=1.0).bounded_metrics() == ["accuracy_drop"]
+    assert Budget(min_agreement=0.9, min_cosine=0.5).bounded_metrics() == ["top1_agreement", "cosine_mean"]
+
+
 def test_describe():
     assert Budget(max_drop=1.0).describe() == "accuracy drop <= 1 point"
     assert (

@@ -3,13 +3,14 @@ speed measurement goes through (runtime/throughput.py)."""
 
 from __future__ import annotations
 
-import time
+import types
 
 import numpy as np
 import pytest
 
 from tome_deploy.artifact.sidecar import EngineMismatchError
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.runtime import throughput
 from tome_deploy.runtime.base import RunnerStateError
 from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
@@ -93,10 +94,12 @@ def test_the_factory_refuses_what_cannot_run_with_the_fix(tmp_path, path, runtim
         open_runner(tmp_path / path, runtime, **options)
 
 
-def test_timing_waits_for_queued_work_inside_the_clock():
+def test_timing_waits_for_queued_work_inside_the_clock(monkeypatch):
     """GPU calls only queue their work; `sync` waits for it. Each sample must hold its own queued work and
-    nothing queued before it: here each call queues 1 ms that only sync 'runs'."""
+    nothing queued before it: here each call queues 1 ms that only sync 'runs', on a clock that only sync
+    advances (no wall time is read, so a loaded machine cannot change the result)."""
     queued = {"ms": 0}
+    clock = {"s": 0.0}
     syncs = []
 
     def enqueue() -> None:
@@ -104,13 +107,14 @@ def test_timing_waits_for_queued_work_inside_the_clock():
 
     def sync() -> None:
         syncs.append(queued["ms"])
-        time.sleep(queued["ms"] / 1000)
+        clock["s"] += queued["ms"] / 1000
         queued["ms"] = 0
 
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock["s"]))
     seconds = time_side_by_side({"a": enqueue, "b": enqueue}, rounds=3, warmup=1, iterations=5, sync=sync)
     assert len(syncs) == 2 * 4 * 2  # before and after each sample, warm-up round included
     assert syncs[0::2] == [0] * 8 and syncs[1::2] == [5] * 8
-    assert all(0.001 <= s < 0.01 for s in seconds.values()), seconds  # 5 ms of queued work over 5 calls
+    assert seconds == pytest.approx({"a": 0.001, "b": 0.001})  # 5 ms of queued work over 5 calls, nothing else
 
 
 def test_interleaved_timing_runs_each_file_through_the_factory(exported):

@@ -14,6 +14,7 @@ shell over `tune_model`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -49,9 +50,6 @@ from tome_deploy.quality.metrics import Estimate, quality_metrics
 from tome_deploy.quality.split import split_indices
 from tome_deploy.runtime.factory import check_runtime, open_runner
 
-# The metric a budget bounds, and how much of it a schedule loses (0 for the unmerged model).
-BUDGET_METRIC = {"max_drop": "accuracy_drop", "min_agreement": "top1_agreement", "min_cosine": "cosine_mean"}
-DEFAULT_METRIC = {"logits": "top1_agreement", "embedding": "cosine_mean"}
 TORCH_BATCH = 64  # images per eager forward while scoring calibration schedules
 FASTEST_OF_EACH_KIND = 3  # schedules of each kind measured in the runtime besides the calibration frontier
 
@@ -127,7 +125,7 @@ class TuneOutcome:
             "held_out_files": [self.images.files[i] for i in self.held_out],
             "metric": self.metric,
             "budget": {
-                **{key: getattr(self.budget, key) for key in BUDGET_METRIC},
+                **dataclasses.asdict(self.budget),
                 "target_speedup": self.target_speedup,
             },
             "chosen": self.chosen.to_dict(),
@@ -167,9 +165,10 @@ def tune_model(
     loaded = load_model(source)
     kind = loaded.adapter.output_kind(loaded.model)
     budget.check(kind, images.labels is not None)
-    metric = _budget_metric(budget, metric, kind)
+    metric = _budget_metric(budget, metric)
     shape = describe(loaded.adapter, loaded.model)
-    config = DataConfig(**{key: loaded.adapter.data_config(loaded.model)[key] for key in DataConfig.__annotations__})
+    data_config = loaded.adapter.data_config(loaded.model)
+    config = DataConfig(**{key: data_config[key] for key in DataConfig.__annotations__})
     calibration, held_out = split_indices(
         len(images.files), images.labels, held_out_fraction=held_out_fraction, seed=split_seed
     )
@@ -206,7 +205,7 @@ def tune_model(
     )
     for candidate in measured:
         candidate.within_budget = budget.within({name: e.value for name, e in candidate.held_out.items()})
-    chosen = _choose(measured, metric, budget, target_speedup, shape.depth)
+    chosen = _choose(measured, metric, budget, target_speedup)
     constants = [c for c in measured if c.schedule.kind == "constant" and c.within_budget]
     outcome = TuneOutcome(
         loaded=loaded,
@@ -233,8 +232,8 @@ def tune_model(
     return outcome
 
 
-def _budget_metric(budget: Budget, metric: Optional[str], kind: str) -> str:
-    bounded = [BUDGET_METRIC[key] for key in BUDGET_METRIC if getattr(budget, key) is not None]
+def _budget_metric(budget: Budget, metric: Optional[str]) -> str:
+    bounded = budget.bounded_metrics()
     if len(bounded) > 1:
         raise InvalidInputError("pass one of --max-drop, --min-agreement and --min-cosine, not several")
     if not bounded:
@@ -370,7 +369,7 @@ def _speed(candidate: TunedCandidate) -> float:
 
 
 def _choose(
-    measured: list[TunedCandidate], metric: str, budget: Budget, target_speedup: Optional[float], depth: int
+    measured: list[TunedCandidate], metric: str, budget: Budget, target_speedup: Optional[float]
 ) -> TunedCandidate:
     fits = [c for c in measured if c.within_budget and (target_speedup is None or _speed(c) >= target_speedup)]
     if fits:

@@ -59,6 +59,10 @@ class Budget:
         """Whether every set bound holds on the point values in `metrics` (metric name -> value)."""
         return not self.violations(metrics)
 
+    def bounded_metrics(self) -> list[str]:
+        """The metrics the set bounds apply to, e.g. ["accuracy_drop"] for --max-drop."""
+        return [_BOUNDS[name][0] for name in self._set()]
+
     def describe(self) -> str:
         """The bounds in words, e.g. "accuracy drop <= 1 point"; "no bound" when none is set."""
         parts = []
