@@ -220,3 +220,18 @@ def test_an_encoder_is_tuned_by_cosine_on_unlabelled_images(flat_images, tmp_pat
     assert tune_main([*argv, "--max-drop", "1", "-o", str(tmp_path / "refused.json")]) == 2
     assert_one_line_error(capsys.readouterr().err, "--max-drop")
     assert not (tmp_path / "refused.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        ("--max-drop", "-1", "from 0 to 100"),
+        ("--min-agreement", "2", "from -1 to 1"),
+        ("--min-cosine", "-3", "from -1 to 1"),
+    ],
+)
+def test_out_of_range_bounds_are_refused_before_anything_loads(tmp_path, capsys, flag, value, fragment):
+    out = tmp_path / "tune.json"
+    assert tune_main(["tome_digits_vit", "--data", str(tmp_path / "none"), "-o", str(out), flag, value]) == 2
+    assert_one_line_error(capsys.readouterr().err, flag, fragment)
+    assert not out.exists()

@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from tome_deploy.jobs.tune import check_budget_flags, tune_model
     from tome_deploy.quality.budget import Budget
 
     budget = Budget(max_drop=args.max_drop, min_agreement=args.min_agreement, min_cosine=args.min_cosine)
@@ -94,6 +93,8 @@ def _tune(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--held-out is the held-out share, between 0 and 1 (exclusive), got {args.held_out}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise InvalidInputError(f"--max-minutes must be positive, got {args.max_minutes}")
+    from tome_deploy.jobs.tune import tune_model  # torch and the exporter: only once the flags are good
+
     outcome = tune_model(
         model_source(args),
         args.data,
@@ -132,6 +133,15 @@ def _tune(args: argparse.Namespace) -> int:
         plot_pareto(outcome, Path(args.plot))
         say(f"wrote {args.plot}")
     return 0
+
+
+def check_budget_flags(budget) -> None:
+    """Refuse out-of-range bounds with the flag's name, before anything heavy is imported."""
+    if budget.max_drop is not None and not 0 <= budget.max_drop <= 100:
+        raise InvalidInputError(f"--max-drop is in points of accuracy, from 0 to 100, got {budget.max_drop}")
+    for flag, value in (("--min-agreement", budget.min_agreement), ("--min-cosine", budget.min_cosine)):
+        if value is not None and not -1 <= value <= 1:
+            raise InvalidInputError(f"{flag} must be from -1 to 1, got {value}")
 
 
 def table(outcome) -> str:

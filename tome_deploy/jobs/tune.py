@@ -416,12 +416,3 @@ class _Cache:
         if self.path is not None:
             body = json.dumps({"context": self.context, "entries": self.entries}).encode()
             write_atomically(self.path, lambda stream: stream.write(body), flag="--cache")
-
-
-def check_budget_flags(budget: Budget) -> None:
-    """Refuse negative or out-of-range bounds with the flag's name."""
-    if budget.max_drop is not None and not 0 <= budget.max_drop <= 100:
-        raise InvalidInputError(f"--max-drop is in points of accuracy, from 0 to 100, got {budget.max_drop}")
-    for flag, value in (("--min-agreement", budget.min_agreement), ("--min-cosine", budget.min_cosine)):
-        if value is not None and not -1 <= value <= 1:
-            raise InvalidInputError(f"{flag} is a fraction from 0 to 1, got {value}")
