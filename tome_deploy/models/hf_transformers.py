@@ -308,6 +308,20 @@ def load_source(source: ModelSource) -> LoadedModel:
 SOURCE_FORM = SourceForm("hf:<id> or save_pretrained folder", claims, load_source)
 
 
+def read_json_object(file: Path, max_bytes: int, what: str) -> dict:
+    """The JSON object in `file`, read only when it is at most `max_bytes`; ModelLoadError naming the file for a
+    larger, unreadable, malformed or too deeply nested file, or one that holds no JSON object."""
+    try:
+        if file.stat().st_size > max_bytes:
+            raise ModelLoadError(f"{file} is over {max_bytes >> 20} MiB; it is not a {what}")
+        value = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
+        raise ModelLoadError(f"{file} is not a readable JSON {what}: {error_reason(err)}") from err
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file} holds a JSON {type(value).__name__}, not a {what} object")
+    return value
+
+
 MAX_PROCESSOR_CONFIG_BYTES = 1 << 20  # a preprocessor_config.json is a few hundred bytes
 
 
@@ -321,14 +335,7 @@ def _processor_config(folder: Path) -> Optional[dict]:
     def bad(key: str, why: str) -> ModelLoadError:
         return ModelLoadError(f"{file}: {why} (key {key!r}); fix or delete the file (the family defaults are used)")
 
-    try:
-        if file.stat().st_size > MAX_PROCESSOR_CONFIG_BYTES:
-            raise ModelLoadError(f"{file} is over {MAX_PROCESSOR_CONFIG_BYTES >> 20} MiB; it is not a processor config")
-        cfg = json.loads(file.read_bytes())
-    except (OSError, ValueError, RecursionError) as err:
-        raise ModelLoadError(f"{file} is not a readable JSON file: {error_reason(err)}") from err
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{file} holds a JSON {type(cfg).__name__}, not an object of preprocessing settings")
+    cfg = read_json_object(file, MAX_PROCESSOR_CONFIG_BYTES, "processor config")
     for key in ("image_mean", "image_std"):
         value = cfg.get(key)
         if value is None:
@@ -394,14 +401,7 @@ def refuse_custom_code(config_file: Path, transformers: Any) -> None:
     """ModelLoadError, before transformers reads the folder, for a config.json that asks for code of its own
     (an `auto_map`, or a `model_type` transformers does not ship): such a folder is never loaded, so no
     prompt appears and none of its Python runs."""
-    try:
-        if config_file.stat().st_size > MAX_CONFIG_BYTES:
-            raise ModelLoadError(f"{config_file} is over {MAX_CONFIG_BYTES >> 20} MiB; it is not a model config")
-        config = json.loads(config_file.read_bytes())
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{config_file} is not a readable JSON config: {error_reason(err)}") from err
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_file} holds a JSON {type(config).__name__}, not a config object")
+    config = read_json_object(config_file, MAX_CONFIG_BYTES, "model config")
     if "auto_map" in config:
         raise ModelLoadError(
             f"{config_file} has an 'auto_map' key: the folder asks to run its own Python code, which tome-deploy "
@@ -439,18 +439,15 @@ def _header_shapes(folder: Path) -> Optional[dict[str, tuple[int, ...]]]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        try:
-            if index.stat().st_size > MAX_INDEX_BYTES:
-                raise ModelLoadError(f"{index} is over {MAX_INDEX_BYTES >> 20} MiB; it is not a shard index")
-            weight_map = json.loads(index.read_bytes()).get("weight_map")
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, AttributeError, TypeError) as err:
-            raise ModelLoadError(f"{index} is not a readable shard index: {error_reason(err)}") from err
+        weight_map = read_json_object(index, MAX_INDEX_BYTES, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no 'weight_map' object; it is not a shard index")
+        names = list(weight_map.values())
         if not all(isinstance(n, str) and Path(n).name == n for n in names):
             raise ModelLoadError(
                 f"{index} names shard files outside its folder; re-save the model with save_pretrained"
             )
-        files = [folder / n for n in names]
+        files = [folder / n for n in sorted(set(names))]
     else:
         return None
     shapes: dict[str, tuple[int, ...]] = {}
