@@ -537,7 +537,11 @@ def check_weights_match_config(folder: Path, config: Any, model_class: Any) -> N
 
 
 def load_hf(
-    source: str, *, pretrained: bool, classes: Mapping[str, str] = OUTPUTS, wrap: Callable[..., nn.Module] = HFImageModel
+    source: str,
+    *,
+    pretrained: bool,
+    classes: Mapping[str, str] = OUTPUTS,
+    wrap: Callable[..., nn.Module] = HFImageModel,
 ) -> tuple[nn.Module, str]:
     """A save_pretrained folder or hf:<id> (with --pretrained) -> (the model wrapped, in eval mode; weights line).
 

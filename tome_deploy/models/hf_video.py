@@ -318,7 +318,7 @@ def load_source(source: ModelSource) -> LoadedModel:
         )
     model, weights = load_hf(str(folder), pretrained=source.pretrained, classes=OUTPUTS, wrap=HFVideoModel)
     adapter = adapter_for(model)
-    native = adapter.input_spec(model).image_size[-1]
+    native = ADAPTER.input_spec(model).image_size[-1]
     if source.img_size is not None and source.img_size != native:
         raise InvalidInputError(
             f"{source.name} is configured for {native} px frames; drop --img-size {source.img_size} "
