@@ -155,3 +155,30 @@ def test_timesformer_is_refused_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result.stderr, "TimesformerForVideoClassification", "divided space-time attention")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_videomae_base_at_16_frames_of_224_has_1568_tokens():
+    """The default VideoMAEConfig (ViT-B, 16 frames of 224 x 224, tubelets of 2 x 16 x 16), built on the meta
+    device: 8 x 14 x 14 tokens, no prefix token, 12 layers of width 768."""
+    from tome_deploy.models.adapter import adapter_for, describe
+    from tome_deploy.models.hf_video import HFVideoModel
+
+    with torch.device("meta"):
+        model = HFVideoModel(transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig()))
+    shape = describe(adapter_for(model), model)
+    assert (shape.tokens, shape.num_prefix, shape.depth, shape.width, shape.mlp_ratio) == (1568, 0, 12, 768, 4.0)
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_loading(tmp_path):
+    """The image family's folder checks hold for video: ViViT's position table is sized by num_frames, so a
+    config.json asking for 8 frames does not fit weights saved for 4."""
+    import json
+
+    from tome_deploy.errors import ModelLoadError
+
+    folder = tmp_path / "vivit"
+    hf_video_folder(folder, "VivitForVideoClassification")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_frames": 8}))
+    with pytest.raises(ModelLoadError, match="position_embeddings"):
+        load_model(str(folder))
