@@ -190,9 +190,9 @@ class HFVideoAdapter:
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 0 if _is_videomae(model) else 1
 
-    def token_grid(self, model: nn.Module) -> tuple[int, int, int]:
-        """(time steps, rows, columns) of the tubelet tokens: frames over the tubelet's depth, then the patch
-        grid of one frame."""
+    def grid_size(self, model: nn.Module) -> tuple[int, ...]:
+        """(time steps, rows, columns) of the tubelet tokens, in their order: frames over the tubelet's depth, then
+        the patch grid of one frame."""
         config = model.hf.config
         image = config.image_size
         height, width = (image, image) if isinstance(image, int) else tuple(image)
@@ -202,13 +202,8 @@ class HFVideoAdapter:
             depth, patch_h, patch_w = config.tubelet_size
         return config.num_frames // depth, height // patch_h, width // patch_w
 
-    def grid_size(self, model: nn.Module) -> tuple[int, int]:
-        """The patch grid of one tubelet step (rows, columns); the tokens are token_grid's steps of it."""
-        _, rows, cols = self.token_grid(model)
-        return rows, cols
-
     def tokens_at_input(self, model: nn.Module) -> int:
-        return math.prod(self.token_grid(model)) + self.num_prefix_tokens(model)
+        return math.prod(self.grid_size(model)) + self.num_prefix_tokens(model)
 
     def embed_dim(self, model: nn.Module) -> int:
         return int(model.hf.config.hidden_size)
