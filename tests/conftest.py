@@ -137,10 +137,11 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def triton_server(export_cached, tmp_path_factory):
-    """A real tritonserver (tests/triton_server.py) serving test_vit r=8 as model "vit", and the schema-2 file
-    tests/data/schema2_hf_vit_r4_scatter.onnx (written by an earlier release) as model "schema2", both through
-    `tome-deploy triton-repo --backend python`; yields (server, the Exported test_vit)."""
+def triton_server(export_cached, video_export, tmp_path_factory):
+    """A real tritonserver (tests/triton_server.py) serving test_vit r=8 as model "vit", the schema-2 file
+    tests/data/schema2_hf_vit_r4_scatter.onnx (written by an earlier release) as model "schema2" and the session's
+    VideoMAE export (`video_export`) as model "video", all through `tome-deploy triton-repo --backend python`;
+    yields (server, the Exported test_vit)."""
     from triton_server import start_tritonserver, stop_tritonserver
 
     from tome_deploy.serving.served_model import read_served_model
@@ -152,6 +153,8 @@ def triton_server(export_cached, tmp_path_factory):
     write_triton_repo(read_served_model(exported.path), root / "models", options)
     schema2 = Path(__file__).parent / "data" / "schema2_hf_vit_r4_scatter.onnx"
     write_triton_repo(read_served_model(schema2), root / "models", dataclasses.replace(options, model_name="schema2"))
+    video = read_served_model(video_export.path)
+    write_triton_repo(video, root / "models", dataclasses.replace(options, model_name="video"))
     server = start_tritonserver(root / "models", root / "tritonserver.log")
     try:
         yield server, exported
@@ -167,3 +170,33 @@ def io_symbolic_dims(graph) -> set[str]:
         for d in v.type.tensor_type.shape.dim
         if d.HasField("dim_param")
     }
+
+
+@dataclass
+class VideoExport:
+    folder: Path  # the save_pretrained VideoMAEForVideoClassification folder
+    path: Path  # what `tome-export FOLDER --r 6 -o PATH --report ...` wrote
+    report: dict  # its --report JSON
+    stderr: str  # what the command printed
+    exit_code: int
+
+
+@pytest.fixture(scope="session")
+def video_export(tmp_path_factory) -> VideoExport:
+    """A VideoMAEForVideoClassification folder (family_sources.hf_video_folder: clips of 4 frames of 32 x 32, 32
+    tubelet tokens, 2 layers) exported once per session by the CLI, as a user runs it: `tome-export FOLDER --r 6`
+    (scatter, dynamic batch, validated in ONNX Runtime). The export, serving and Triton tests share it."""
+    import contextlib
+    import io
+
+    from family_sources import hf_video_folder
+
+    from tome_deploy.cli import export as export_cli
+
+    root = tmp_path_factory.mktemp("video_export")
+    folder = Path(hf_video_folder(root / "videomae", "VideoMAEForVideoClassification").name)
+    path, report = root / "videomae_r6.onnx", root / "report.json"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = export_cli.main([str(folder), "--r", "6", "-o", str(path), "--report", str(report)])
+    return VideoExport(folder, path, json.loads(report.read_text()) if report.exists() else {}, stderr.getvalue(), code)

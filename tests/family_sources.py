@@ -103,3 +103,34 @@ FAMILY_SOURCES = {
     "hf_vit": (lambda folder: hf_vit_folder(folder / "hf_vit"), 4),
     "open_clip": (lambda folder: open_clip_checkpoint(folder / "open_clip"), 4),
 }
+
+
+# transformers video class -> its config class and the config: 2 layers, width 32, 4 heads, clips of 4 frames
+# of 32 x 32, tubelets of 2 frames x 8 x 8 pixels (2 x 4 x 4 = 32 tokens), gelu, 5 labels
+TINY_HF_VIDEO = {
+    "VideoMAEForVideoClassification": ("VideoMAEConfig", {"patch_size": 8, "tubelet_size": 2}),
+    "VideoMAEModel": ("VideoMAEConfig", {"patch_size": 8, "tubelet_size": 2}),
+    "VivitForVideoClassification": ("VivitConfig", {"tubelet_size": [2, 8, 8], "hidden_act": "gelu"}),
+    "TimesformerForVideoClassification": ("TimesformerConfig", {"patch_size": 8}),
+}
+
+
+def hf_video_folder(folder: Path, class_name: str, seed: int = 4, **config: object) -> ModelSource:
+    """A save_pretrained transformers video model of `class_name` (TINY_HF_VIDEO) with seeded weights."""
+    import transformers
+
+    config_class, arguments = TINY_HF_VIDEO[class_name]
+    settings = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_frames=4,
+        image_size=32,
+        num_labels=5,
+        **arguments,
+    )
+    model = getattr(transformers, class_name)(getattr(transformers, config_class)(**{**settings, **config}))
+    model.load_state_dict(seeded_state_dict(model.state_dict(), seed=seed))
+    model.save_pretrained(folder)
+    return ModelSource(str(folder))

@@ -138,3 +138,23 @@ def test_a_schema_2_file_of_an_earlier_release_serves_as_onnx_runtime_runs_it(tr
     got = http.infer("schema2", [tensor]).as_numpy("logits")
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_videomae_export_serves_as_onnx_runtime_runs_it_and_refuses_another_frame_count(triton, video_export):
+    """The session's VideoMAE export (clips [4, 3, 32, 32]) as model "video": its dims are the clip's, answers
+    equal ONNX Runtime's, and a clip of 2 frames is refused without taking the model down."""
+    http = client(triton, "http")
+    assert http.is_model_ready("video")
+    assert http.get_model_config("video")["input"][0]["dims"] == [4, 3, 32, 32]
+    x = np.random.default_rng(4).standard_normal((2, 4, 3, 32, 32)).astype(np.float32)
+    tensor = triton_http.InferInput("pixel_values", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    got = http.infer("video", [tensor]).as_numpy("logits")
+    session = ort.InferenceSession(str(video_export.path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(got, session.run(None, {"pixel_values": x})[0], rtol=1e-5, atol=1e-5)
+    short = triton_http.InferInput("pixel_values", [2, 2, 3, 32, 32], "FP32")
+    short.set_data_from_numpy(x[:, :2])
+    with pytest.raises(InferenceServerException) as caught:
+        http.infer("video", [short])
+    assert caught.value.status() == "400", (caught.value.status(), caught.value.message())
+    assert http.is_model_ready("video")

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -539,8 +539,17 @@ def check_weights_match_config(folder: Path, config: Any, model_class: Any) -> N
         )
 
 
-def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
-    """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel in eval mode, weights line)."""
+def load_hf(
+    source: str,
+    *,
+    pretrained: bool,
+    classes: Mapping[str, str] = OUTPUTS,
+    wrap: Callable[..., nn.Module] = HFImageModel,
+) -> tuple[nn.Module, str]:
+    """A save_pretrained folder or hf:<id> (with --pretrained) -> (the model wrapped, in eval mode; weights line).
+
+    classes: the transformers classes this loader takes (its family's output table); wrap(hf_model, processor
+    config or None): the family's model (HFImageModel here; hf_video.HFVideoModel for video classes)."""
     try:
         import transformers
     except ImportError as err:
@@ -566,9 +575,9 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
             "network is, save_pretrained it, and pass the folder"
         ) from err
     arch = (config.architectures or [None])[0]
-    if arch not in OUTPUTS:
+    if arch not in classes:
         raise UnsupportedModelError(
-            f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(OUTPUTS))}"
+            f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(classes))}"
         )
     preprocess = _processor_config(Path(where)) if local else None  # checked before anything is built
     if local:
@@ -583,4 +592,4 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
             "(pickled pytorch_model.bin is not read)"
         ) from err
     weights = f"transformers {arch} from {Path(source).name if local else source}"
-    return HFImageModel(hf_model, preprocess).eval(), weights
+    return wrap(hf_model, preprocess).eval(), weights

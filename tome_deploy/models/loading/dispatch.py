@@ -21,6 +21,7 @@ from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceFo
 SOURCE_FORM_MODULES = (
     "tome_deploy.models.open_clip_visual",  # open_clip:<arch>
     "tome_deploy.models.torchvision_vit",  # torchvision:<builder>
+    "tome_deploy.models.hf_video",  # a save_pretrained folder of a video model (VideoMAE, ViViT; TimeSformer refused)
     "tome_deploy.models.hf_transformers",  # hf:<id>, a save_pretrained folder (a directory with config.json)
     "tome_deploy.models.loading.timm_source",  # timm model names, checkpoint and pickled-module files: the fallback
 )
