@@ -15,6 +15,7 @@ pooler_output), so that every runner gets one tensor. Sources: a local folder wr
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -53,6 +54,14 @@ OUTPUTS = {
     "SiglipVisionModel": "pooler_output",
     "Dinov2Model": "pooler_output",
     "Dinov2WithRegistersModel": "pooler_output",
+}
+
+# transformers classes whose family has a module of its own: class name -> that module. It gives
+# `read_preprocessing(folder or None, config)` (checked before anything is built) and `wrap(hf_model, preprocessing)`
+# (the model ToMe sees); loading is this module's load_hf, with all its checks.
+HF_FAMILY_MODULES = {
+    "ASTForAudioClassification": "tome_deploy.models.hf_audio",
+    "ASTModel": "tome_deploy.models.hf_audio",
 }
 
 # layer class -> (pre-attention norm, attention, after attention, pre-MLP norm, MLP, after MLP); "after"
@@ -536,8 +545,9 @@ def check_weights_match_config(folder: Path, config: Any, model_class: Any) -> N
         )
 
 
-def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
-    """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel in eval mode, weights line)."""
+def load_hf(source: str, *, pretrained: bool) -> tuple[nn.Module, str]:
+    """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel, or the wrapper of a class in
+    HF_FAMILY_MODULES, in eval mode; weights line)."""
     try:
         import transformers
     except ImportError as err:
@@ -563,11 +573,16 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
             "network is, save_pretrained it, and pass the folder"
         ) from err
     arch = (config.architectures or [None])[0]
-    if arch not in OUTPUTS:
+    if arch not in OUTPUTS and arch not in HF_FAMILY_MODULES:
         raise UnsupportedModelError(
-            f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(OUTPUTS))}"
+            f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted({*OUTPUTS, *HF_FAMILY_MODULES}))}"
         )
-    preprocess = _processor_config(Path(where)) if local else None  # checked before anything is built
+    family = importlib.import_module(HF_FAMILY_MODULES[arch]) if arch in HF_FAMILY_MODULES else None
+    # checked before anything is built
+    if family is not None:
+        preprocess = family.read_preprocessing(Path(where) if local else None, config)
+    else:
+        preprocess = _processor_config(Path(where)) if local else None
     if local:
         check_weights_match_config(Path(where), config, getattr(transformers, arch))
     try:
@@ -580,4 +595,5 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
             "(pickled pytorch_model.bin is not read)"
         ) from err
     weights = f"transformers {arch} from {Path(source).name if local else source}"
-    return HFImageModel(hf_model, preprocess).eval(), weights
+    model = family.wrap(hf_model, preprocess) if family is not None else HFImageModel(hf_model, preprocess)
+    return model.eval(), weights
