@@ -1,0 +1,174 @@
+"""ToMe for transformers' Audio Spectrogram Transformer (ASTForAudioClassification, ASTModel), loaded from
+save_pretrained folders (tests/family_sources.py: 100 frames x 32 mel bins, overlapping 16 x 16 patches with
+strides of 10, 2 x 9 patches + 2 prefix tokens). Every output is compared with tests/reference_audio.py, a
+plain float64 reference that does not import tome_deploy; the token counts with the convolution's own output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from family_sources import TINY_HF_AST, hf_ast_folder
+from reference_audio import reference_hf_ast
+
+from tome_deploy.errors import InvalidInputError, ModelLoadError
+from tome_deploy.models.adapter import adapter_for, describe
+from tome_deploy.models.hf_transformers import load_hf
+from tome_deploy.models.patch import apply_tome, track_sources
+
+transformers = pytest.importorskip("transformers")
+
+CLASSES = ("ASTForAudioClassification", "ASTModel")
+TIME, MEL = TINY_HF_AST["max_length"], TINY_HF_AST["num_mel_bins"]
+
+
+@pytest.fixture(scope="module")
+def ast_folders(tmp_path_factory):
+    """class name -> its save_pretrained folder."""
+    root = tmp_path_factory.mktemp("hf_ast")
+    return {name: hf_ast_folder(root / name, name).name for name in CLASSES}
+
+
+@pytest.fixture(scope="module", params=CLASSES)
+def ast_model(request, ast_folders):
+    model, _ = load_hf(ast_folders[request.param], pretrained=False)
+    return model
+
+
+def spectrograms(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    """[B, time, mel]: noise plus a rising tone, so the patches are neither all alike nor all different."""
+    generator = torch.Generator().manual_seed(seed)
+    time = torch.arange(TIME, dtype=torch.float32)[:, None]
+    mel = torch.arange(MEL, dtype=torch.float32)[None, :]
+    chirp = torch.exp(-(((mel - 4 - 0.25 * time) / 2.0) ** 2))  # [time, mel]
+    return torch.randn(batch, TIME, MEL, generator=generator) * 0.5 + 2.0 * chirp
+
+
+def assert_one_line(message: str, *fragments: str) -> None:
+    """A library error the CLI prints as it is: one line holding every fragment."""
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_token_count_is_the_strided_convolutions_output(ast_model):
+    adapter = adapter_for(ast_model)
+    tokens, _ = adapter.embed(ast_model, spectrograms(2))
+    frequency, time = (MEL - 16) // 10 + 1, (TIME - 16) // 10 + 1  # 2 x 9 overlapping windows
+    assert tokens.shape == (2, frequency * time + 2, TINY_HF_AST["hidden_size"])
+    shape = describe(adapter, ast_model)
+    assert (shape.tokens, shape.grid, shape.num_prefix) == (frequency * time + 2, (frequency, time), 2)
+
+
+def test_default_ast_has_1214_tokens_in_the_flop_model():
+    """AST's defaults (1024 frames x 128 mel bins, strides 10): 12 x 101 patches + 2; the FLOP rule counts them."""
+    from tome_deploy.core.flops import transformer_flops
+    from tome_deploy.models.hf_audio import HFAudioModel
+
+    with torch.device("meta"):
+        model = HFAudioModel(transformers.ASTForAudioClassification(transformers.ASTConfig()), {})
+    _, schedule = apply_tome(model, 0)
+    assert schedule.tokens[0] == 1214
+    n, c = 1214, 768
+    plain_block = 8 * n * c**2 + 4 * n**2 * c + 16 * n * c**2
+    assert transformer_flops(schedule.tokens, c, describe(adapter_for(model), model).mlp_ratio) == 12 * plain_block
+
+
+def test_r0_is_the_model_and_the_reference(ast_model):
+    x = spectrograms()
+    tome, schedule = apply_tome(ast_model, 0)
+    with torch.no_grad():
+        out, plain = tome(x), ast_model(x)
+    assert torch.equal(out, plain)
+    torch.testing.assert_close(out, reference_hf_ast(ast_model.hf, x, [0, 0]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("r", [3, [8, 5], (4, -1.0)])
+def test_r_positive_matches_the_float64_reference(ast_model, r):
+    x = spectrograms()
+    tome, schedule = apply_tome(ast_model, r)
+    assert sum(schedule.effective) > 0
+    with torch.no_grad():
+        out = tome(x)
+    reference = reference_hf_ast(ast_model.hf, x, list(schedule.effective))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out, ast_model(x), atol=1e-3)  # merging changed the output: the check can fail
+
+
+def test_class_and_distillation_tokens_are_never_merged(ast_model):
+    tome, schedule = apply_tome(ast_model, 8)  # (20 - 2) // 2 = 9 then clamped: every mergeable pair goes
+    source, size = track_sources(tome, spectrograms())
+    n0 = schedule.tokens[0]
+    assert torch.equal(source[:, :2], torch.eye(n0)[:2].expand(3, -1, -1))
+    assert torch.equal(size[:, :2, 0], torch.ones(3, 2))
+    assert torch.equal(source[:, 2:, :2], torch.zeros(3, source.shape[1] - 2, 2))
+
+
+def test_input_spec_records_the_feature_extractor(ast_model):
+    spec = adapter_for(ast_model).input_spec(ast_model)
+    assert (spec.kind, spec.name, spec.shape) == ("audio_spectrogram", "input_values", (TIME, MEL))
+    assert dict(spec.preprocessing) == {
+        "feature_extractor": "ASTFeatureExtractor",
+        "sampling_rate": 8000,
+        "num_mel_bins": MEL,
+        "max_length": TIME,
+        "mean": -3.5,
+        "std": 4.0,
+        "do_normalize": True,
+    }
+
+
+def test_without_preprocessor_config_the_feature_extractors_defaults(ast_folders, tmp_path):
+    folder = tmp_path / "bare"
+    shutil.copytree(ast_folders["ASTModel"], folder)
+    (folder / "preprocessor_config.json").unlink()
+    model, _ = load_hf(str(folder), pretrained=False)
+    defaults = transformers.ASTFeatureExtractor(num_mel_bins=MEL, max_length=TIME)
+    spec = adapter_for(model).input_spec(model)
+    expected = {key: getattr(defaults, key) for key in ("sampling_rate", "num_mel_bins", "max_length", "mean", "std")}
+    assert {key: spec.preprocessing[key] for key in expected} == expected
+    assert spec.preprocessing["do_normalize"] is defaults.do_normalize
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"num_mel_bins": 128}, ("num_mel_bins", "must equal the shape's mel axis (32), got 128")),
+        ({"max_length": 1024}, ("max_length", "must equal the shape's time axis (100), got 1024")),
+        ({"std": 0}, ("'std'", "got 0")),
+        ({"mean": "loud"}, ("'mean'", "'loud'")),
+        ({"sampling_rate": 16000.5}, ("'sampling_rate'", "whole number")),
+        ({"do_normalize": "yes"}, ("'do_normalize'", "true or false")),
+        ({"feature_extractor_type": "WhisperFeatureExtractor"}, ("feature_extractor_type", "WhisperFeatureExtractor")),
+    ],
+)
+def test_a_bad_preprocessor_config_is_one_line(ast_folders, tmp_path, change, fragments):
+    folder = tmp_path / "bad"
+    shutil.copytree(ast_folders["ASTForAudioClassification"], folder)
+    file = folder / "preprocessor_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **change}))
+    with pytest.raises(ModelLoadError) as err:
+        load_hf(str(folder), pretrained=False)
+    assert_one_line(str(err.value), "preprocessor_config.json", *fragments)
+
+
+def test_weights_of_another_spectrogram_size_are_refused_before_building(ast_folders, tmp_path):
+    """config.json saying 64 mel bins where the weights hold 32: the position embeddings' shape differs."""
+    folder = tmp_path / "resized"
+    shutil.copytree(ast_folders["ASTForAudioClassification"], folder)
+    (folder / "preprocessor_config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_mel_bins": 64}))
+    with pytest.raises(ModelLoadError) as err:
+        load_hf(str(folder), pretrained=False)
+    assert_one_line(str(err.value), "does not match the weights", "position_embeddings")
+
+
+def test_a_spectrogram_of_the_wrong_length_is_refused(ast_model):
+    tome, _ = apply_tome(ast_model, 3)
+    for model in (ast_model, tome):
+        with pytest.raises(InvalidInputError) as err:
+            model(torch.zeros(1, TIME + 10, MEL))
+        assert_one_line(str(err.value), f"{TIME} frames x {MEL} mel bins", "[1, 110, 32]")
