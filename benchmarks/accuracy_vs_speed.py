@@ -118,7 +118,7 @@ def main() -> int:
             if meta.weights_sha256 != fingerprint:
                 raise SystemExit(f"the export of {label} did not use the bundled weights ({meta.weights})")
             with open_runner(paths[label], threads=args.threads) as runner:
-                ort_logits = runner.infer({meta.input_name: feed_pixels})[meta.output_name]
+                ort_logits = runner.infer({meta.input.name: feed_pixels})[meta.output_name]
             torch_pred, ort_pred = torch_logits.argmax(-1), ort_logits.argmax(-1)
             differ = np.flatnonzero(torch_pred != ort_pred)
             for index in differ:

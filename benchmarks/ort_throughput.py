@@ -132,18 +132,18 @@ def measure_model(
         paths["unmerged"] = plain_paths  # one baseline for every formulation
         labels = [label for label in paths if label != "unmerged"]
         fusions = {label: fusions_fired(path) for label, path in paths.items()}
-        input_size = metas["unmerged"].input_size
+        spec = metas["unmerged"].input
         for batch in batches:
-            feed = np.random.default_rng(1).standard_normal((batch, *input_size)).astype(np.float32)
+            feed = np.random.default_rng(1).standard_normal((batch, *spec.shape)).astype(np.float32)
             for runtime in runtimes:
                 # Kernel / layer time of every node (the runtime's profiler, models interleaved): the speedup the
                 # kernels alone give, next to the wall clock's, and the matching + merging share.
-                profiles = profile_side_by_side(runtime, paths, "pixel_values", feed, runs=3, threads=args.threads)
+                profiles = profile_side_by_side(runtime, paths, spec.name, feed, runs=3, threads=args.threads)
                 kernels = {label: profile.share for label, profile in profiles.items()}
                 if args.profile:
                     print_profile(runtime, arch, merge, batch, profiles, labels[-1])
                 timings = time_interleaved(
-                    paths, "pixel_values", input_size, batch, rounds=args.rounds, threads=args.threads, runtime=runtime
+                    paths, spec.name, spec.shape, batch, rounds=args.rounds, threads=args.threads, runtime=runtime
                 )
                 for label in labels:
                     measured = timings["unmerged"].median_s / timings[label].median_s

@@ -145,8 +145,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         outcomes = export_variants(args.model, {args.schedule: SCHEDULES[args.schedule]}, Path(tmp), merge="scatter")
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
-        input_size = outcomes[BASELINE].export.metadata.input_size
-        images = np.random.default_rng(0).standard_normal((64, *input_size)).astype(np.float32)
+        input_shape = outcomes[BASELINE].export.metadata.input.shape
+        images = np.random.default_rng(0).standard_normal((64, *input_shape)).astype(np.float32)
         configs = {
             (label, mode): (path, 1 if mode == "batch-1" else args.max_batch)
             for label, path in paths.items()

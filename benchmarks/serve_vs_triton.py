@@ -343,7 +343,7 @@ def main() -> None:
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
         images = (
             np.random.default_rng(0)
-            .standard_normal((64, *outcomes[BASELINE].export.metadata.input_size))
+            .standard_normal((64, *outcomes[BASELINE].export.metadata.input.shape))
             .astype(np.float32)
         )
         servers = {}

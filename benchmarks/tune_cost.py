@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     shape = describe(loaded.adapter, loaded.model)
-    size = loaded.adapter.data_config(loaded.model)["input_size"]
+    size = loaded.adapter.input_spec(loaded.model).shape
     pixels = np.random.default_rng(0).standard_normal((args.images, *size)).astype(np.float32)
     print(
         f"{args.model}: {shape.tokens} tokens, {shape.depth} blocks, {len(structured_candidates(shape))} structured schedules"

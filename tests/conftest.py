@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,9 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 @pytest.fixture(scope="session")
 def triton_server(export_cached, tmp_path_factory):
-    """A real tritonserver (tests/triton_server.py) serving test_vit r=8 as model "vit" through
-    `tome-deploy triton-repo --backend python`; yields (server, the Exported model)."""
+    """A real tritonserver (tests/triton_server.py) serving test_vit r=8 as model "vit", and the schema-2 file
+    tests/data/schema2_hf_vit_r4_scatter.onnx (written by an earlier release) as model "schema2", both through
+    `tome-deploy triton-repo --backend python`; yields (server, the Exported test_vit)."""
     from triton_server import start_tritonserver, stop_tritonserver
 
     from tome_deploy.serving.served_model import read_served_model
@@ -148,6 +150,8 @@ def triton_server(export_cached, tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
     options = TritonOptions("vit", max_batch=8, max_queue_delay_us=10_000, backend="python", threads=1)
     write_triton_repo(read_served_model(exported.path), root / "models", options)
+    schema2 = Path(__file__).parent / "data" / "schema2_hf_vit_r4_scatter.onnx"
+    write_triton_repo(read_served_model(schema2), root / "models", dataclasses.replace(options, model_name="schema2"))
     server = start_tritonserver(root / "models", root / "tritonserver.log")
     try:
         yield server, exported

@@ -29,7 +29,7 @@ ALLOWED = {
     "tensorrt": {"artifact", "runtime", "token_merge"},
     "validation": {"artifact", "runtime"},
     "quality": {"artifact", "core", "runtime"},
-    "viz": {"core", "models"},
+    "viz": {"artifact", "core", "models"},
     "serving": {"artifact", "runtime", "tensorrt"},
     "jobs": {
         "artifact",

@@ -59,7 +59,13 @@ def test_the_release_file_reads_as_typed_values():
     assert release_props()["tome.batch"] == '"dynamic"' and release_props()["tome.extra"] == '{"example_batch": 1}'
     assert meta.batch is None and meta.example_batch == 1
     assert meta.tool_version == "0.1.0" and meta.model == "test_vit" and meta.merge == "scatter"
-    assert meta.input_size == [3, 160, 160] and meta.mean == [0.5, 0.5, 0.5] and meta.crop_pct == 0.95
+    assert (meta.input.kind, meta.input.name, meta.input.shape) == ("image", "pixel_values", (3, 160, 160))
+    assert meta.input.preprocessing == {
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bicubic",
+        "crop_pct": 0.95,
+    }
     assert meta.schedule == 4 and meta.r_effective == [4] * 6 and meta.depth == 6
     assert meta.tokens_per_layer == [101, 97, 93, 89, 85, 81, 77] and meta.num_prefix_tokens == 1
     assert (meta.precision, meta.target, meta.opset) == ("fp32", "onnxruntime", 18)
@@ -68,8 +74,16 @@ def test_the_release_file_reads_as_typed_values():
 def test_round_trip_writes_the_current_schema():
     meta = read_metadata(RELEASE_ONNX)
     props = meta.to_props()
-    assert props["tome.schema_version"] == str(SCHEMA_VERSION) == "2"
+    assert props["tome.schema_version"] == str(SCHEMA_VERSION) == "3"
     assert props["tome.batch"] == "null" and props["tome.example_batch"] == "1" and "tome.extra" not in props
+    assert json.loads(props["tome.input"]) == {
+        "kind": "image",
+        "name": "pixel_values",
+        "shape": [3, 160, 160],
+        "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.95},
+    }
+    flat = ("input_size", "mean", "std", "interpolation", "crop_pct", "input_name")
+    assert not any(f"tome.{key}" in props for key in flat)
     assert ToMeMetadata.from_props(props, "x.onnx") == meta
     static = ToMeMetadata(**{**vars(meta), "batch": 4, "example_batch": 4})
     assert json.loads(static.to_props()["tome.batch"]) == 4
@@ -93,20 +107,21 @@ def test_props_without_tome_keys_are_not_an_export():
     assert ToMeMetadata.from_props({"other.key": "1"}, "x.onnx") is None
 
 
-def test_exports_write_schema_version_2(export_cached):
+def test_exports_write_schema_version_3(export_cached):
     exported = export_cached("vit_class_token")
     props = {p.key: p.value for p in onnx.load(str(exported.path), load_external_data=False).metadata_props}
-    assert props["tome.schema_version"] == "2" and props["tome.batch"] == "null" and props["tome.example_batch"] == "2"
+    assert json.loads(props["tome.input"])["shape"] == [3, 160, 160] and "tome.input_size" not in props
+    assert props["tome.schema_version"] == "3" and props["tome.batch"] == "null" and props["tome.example_batch"] == "2"
     assert read_metadata(exported.path) == exported.metadata
 
 
 def test_a_newer_schema_is_refused_naming_the_file_and_the_fix(tmp_path):
-    path = write_onnx_with_props(tmp_path / "future.onnx", {**release_props(), "tome.schema_version": "3"})
+    path = write_onnx_with_props(tmp_path / "future.onnx", {**release_props(), "tome.schema_version": "4"})
     with pytest.raises(NewerSchemaError) as caught:
         read_metadata(path)
     message = str(caught.value)
     assert isinstance(caught.value, InvalidInputError) and "\n" not in message
-    assert str(path) in message and "schema version 3" in message and "upgrade tome-deploy" in message
+    assert str(path) in message and "schema version 4" in message and "upgrade tome-deploy" in message
 
 
 DAMAGED = [
@@ -176,7 +191,8 @@ def test_serving_reads_the_release_file_and_refuses_metadata_that_disagrees_with
     lying = write_onnx_with_props(tmp_path / "lying.onnx", {**release_props(), "tome.input_size": "[3, 2048, 2048]"})
     with pytest.raises(
         MetadataError,
-        match=r"tome.input_size say pixel_values \[3, 2048, 2048\] but the model's input is pixel_values \[3, 160, 160\]",
+        match=r"tome.input says pixel_values \[3, 2048, 2048\] \(channels, height, width\) but the model's input is "
+        r"pixel_values \[3, 160, 160\]",
     ):
         read_served_model(lying)
 
@@ -310,3 +326,78 @@ def test_a_newer_sidecar_or_embedded_metadata_is_refused(tmp_path, key):
     message = str(caught.value)
     assert "\n" not in message and str(sidecar_path(plan)) in message
     assert "schema version 99" in message and "upgrade tome-deploy" in message
+
+
+# --- schema 3: the input spec ---
+
+
+def current_props() -> dict[str, str]:
+    """The release file's metadata as this version writes it (schema 3)."""
+    return read_metadata(RELEASE_ONNX).to_props()
+
+
+VIDEO_INPUT = {
+    "kind": "video",
+    "name": "pixel_values",
+    "shape": [16, 3, 32, 32],
+    "preprocessing": {
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "sampling": "uniform",
+    },
+}
+AUDIO_INPUT = {
+    "kind": "audio_spectrogram",
+    "name": "input_values",
+    "shape": [128, 64],
+    "preprocessing": {
+        "feature_extractor": "ASTFeatureExtractor",
+        "sampling_rate": 16000,
+        "num_mel_bins": 64,
+        "max_length": 128,
+        "mean": -4.27,
+        "std": 4.57,
+        "do_normalize": True,
+    },
+}
+
+
+@pytest.mark.parametrize("spec", [VIDEO_INPUT, AUDIO_INPUT], ids=["video", "audio"])
+def test_metadata_of_other_input_kinds_round_trips_and_checks_the_graph_input(spec):
+    meta = ToMeMetadata.from_props({**current_props(), "tome.input": json.dumps(spec)}, "x.onnx")
+    assert meta.input.kind == spec["kind"] and list(meta.input.shape) == spec["shape"]
+    assert ToMeMetadata.from_props(meta.to_props(), "x.onnx") == meta
+    meta.check_input(spec["name"], [*spec["shape"]], "x.onnx")
+    shorter = [spec["shape"][0] // 2, *spec["shape"][1:]]
+    with pytest.raises(MetadataError) as caught:
+        meta.check_input(spec["name"], shorter, "x.onnx")
+    message = str(caught.value)
+    assert "\n" not in message and f"but the model's input is {spec['name']} {shorter}" in message
+    assert f"tome.input says {spec['name']} {spec['shape']} (" in message and "re-export" in message
+
+
+DAMAGED_INPUTS = [
+    ({**VIDEO_INPUT, "kind": "sound"}, "tome.input 'kind' must be one of image, video, audio_spectrogram"),
+    ({**VIDEO_INPUT, "shape": [3, 32, 32]}, "tome.input 'shape' must have 4 entries"),
+    ({**VIDEO_INPUT, "shape": [100000, 3, 32, 32]}, "tome.input 'shape' entry 0 (frames) must be a whole number"),
+    ({**AUDIO_INPUT, "preprocessing": {**AUDIO_INPUT["preprocessing"], "max_length": 64}}, "must equal the shape's"),
+    ("[3, 32, 32]", "tome.input must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("value, fragment", DAMAGED_INPUTS, ids=["kind", "rank", "frames", "max-length", "list"])
+def test_a_damaged_input_spec_is_refused_with_one_line(value, fragment):
+    raw = value if isinstance(value, str) else json.dumps(value)
+    with pytest.raises(MetadataError) as caught:
+        ToMeMetadata.from_props({**current_props(), "tome.input": raw}, "model.onnx")
+    message = str(caught.value)
+    assert "\n" not in message and fragment in message and message.endswith("re-export with tome-export")
+
+
+def test_a_schema_3_file_needs_its_input_spec_and_ignores_the_flat_image_keys():
+    props = current_props()
+    del props["tome.input"]
+    with pytest.raises(MetadataError, match=r"tome\.input is missing"):
+        ToMeMetadata.from_props({**props, "tome.input_size": "[3, 160, 160]"}, "model.onnx")

@@ -158,7 +158,7 @@ def test_toy_formulation_exports_and_matches_scatter_in_onnx_runtime(einsum, tmp
     assert outcome.export.metadata.merge == "einsum"
     pixels = np.random.default_rng(0).standard_normal((2, 3, 160, 160)).astype(np.float32)
     with OnnxRuntimeRunner(outcome.export.path) as runner:
-        got = runner.infer({outcome.export.metadata.input_name: pixels})
+        got = runner.infer({outcome.export.metadata.input.name: pixels})
     scatter, _ = apply_tome(outcome.loaded.model, 8, "scatter")
     with torch.no_grad():
         expected = scatter(torch.from_numpy(pixels)).numpy()

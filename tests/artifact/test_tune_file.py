@@ -169,7 +169,7 @@ def test_metadata_round_trips_with_and_without_quality():
     assert ToMeMetadata.from_props(plain.to_props(), "x.onnx") == plain
     tuned = ToMeMetadata(**{**vars(plain), "quality": QUALITY})
     props = tuned.to_props()
-    assert props["tome.schema_version"] == "2"
+    assert props["tome.schema_version"] == "3"
     assert json.loads(props["tome.quality"]) == QUALITY
     back = ToMeMetadata.from_props(props, "x.onnx")
     assert back == tuned and back.quality == QUALITY

@@ -32,7 +32,7 @@ from tome_deploy.models.digits_training import TrainConfig, build_model, digits_
 from tome_deploy.models.loading.dispatch import load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.patch import apply_tome
-from tome_deploy.models.timm_vit import data_config
+from tome_deploy.models.timm_vit import input_spec
 from tome_deploy.preprocess import eval_transform
 
 # A moderate constant r for this model (65 tokens, depth 6; the largest unclamped r is 9): 47 tokens out.
@@ -109,17 +109,18 @@ def test_export_and_validate_need_no_scikit_learn(tmp_path):
         assert "natural" in result.stderr and "PASS" in result.stderr, result.stderr
 
 
-def test_pixels_match_the_exported_data_config(trained):
-    """The exporter's data config (nearest resize, crop_pct 1.0, mean/std) reproduces our preprocessing."""
+def test_pixels_match_the_exported_input_spec(trained):
+    """The exporter's input spec (nearest resize, crop_pct 1.0, mean/std) reproduces our preprocessing."""
     images, _ = digits_train_set()
-    config = data_config(trained)
-    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0
+    spec = input_spec(trained)
+    config = spec.preprocessing
+    assert spec.shape == (3, 32, 32) and config["crop_pct"] == 1.0
     assert config["interpolation"] == "nearest"
     pixels = pixels_from_digits(images[:16])
     for image, expected in zip(images[:16], pixels):
         grey = Image.fromarray(np.round(image.numpy() * 255 / 16).astype(np.uint8))
         got = eval_transform(
-            grey, config["input_size"], config["mean"], config["std"], config["crop_pct"], config["interpolation"]
+            grey, spec.shape, config["mean"], config["std"], config["crop_pct"], config["interpolation"]
         )
         np.testing.assert_allclose(got, expected.numpy(), atol=2.0 / 255 / config["std"][0])
     # One original pixel per 4x4 patch: every patch is constant.

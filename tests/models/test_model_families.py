@@ -6,6 +6,7 @@ VisionTransformer copies of the same weights."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +247,7 @@ def test_onnx_runtime_matches_pytorch_at_other_batch_sizes(exported):
     assert report.passed, report.table()
     x = pixels(family, batch=3, seed=5)
     with OnnxRuntimeRunner(path) as runner:
-        got = runner.infer({metadata.input_name: x.numpy()})[metadata.output_name]
+        got = runner.infer({metadata.input.name: x.numpy()})[metadata.output_name]
     with torch.inference_mode():
         expected = tome(x).numpy()
     assert np.abs(got - expected).max() <= 1e-4
@@ -256,7 +257,7 @@ def test_only_the_batch_dimension_is_symbolic(exported):
     _, _, metadata, path = exported
     graph = onnx.load(str(path)).graph
     assert io_symbolic_dims(graph) == {"batch"}
-    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == metadata.input_size
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == list(metadata.input.shape)
 
 
 def test_matching_and_merging_nodes_carry_the_merger_scope(exported):
@@ -286,7 +287,7 @@ def test_plugin_export_equals_scatter_and_the_matmul_export(family, export_famil
     x = pixels(family, batch=3, seed=5)  # traced at 2
     with OnnxRuntimeRunner(path) as plugin_runner, OnnxRuntimeRunner(matmul_path) as matmul_runner:
         plugin, matmul = (
-            runner.infer({metadata.input_name: x.numpy()})[metadata.output_name]
+            runner.infer({metadata.input.name: x.numpy()})[metadata.output_name]
             for runner in (plugin_runner, matmul_runner)
         )
     np.testing.assert_allclose(plugin, matmul, rtol=1e-5, atol=1e-5)
@@ -451,7 +452,11 @@ def test_cli_export_validate_visualize_a_save_pretrained_folder(tmp_path, capsys
     onnx_path = tmp_path / "x.onnx"
     assert export_cli.main([str(folder), "--r", "8", "-o", str(onnx_path), "--no-validate", "--quiet"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
-    assert meta["tome.model"] == '"ViTForImageClassification"' and meta["tome.input_size"] == "[3, 32, 32]"
+    assert meta["tome.model"] == '"ViTForImageClassification"' and json.loads(meta["tome.input"])["shape"] == [
+        3,
+        32,
+        32,
+    ]
     capsys.readouterr()
     assert validate_cli.main([str(folder), str(onnx_path)]) == 0
     err = capsys.readouterr().err
@@ -488,7 +493,7 @@ def test_serving_and_triton_repository_take_every_family(exported, tmp_path):
     served_model = read_served_model(path)
     x = pixels(family, batch=2, seed=7)
     with open_runner(served_model.path) as runner:
-        served = run_padded(runner, served_model, {served_model.image_input.name: x.numpy()})[metadata.output_name]
+        served = run_padded(runner, served_model, {served_model.model_input.name: x.numpy()})[metadata.output_name]
     with torch.inference_mode():
         assert np.abs(served - tome(x).numpy()).max() <= 1e-4
     repo = write_triton_repo(served_model, tmp_path / "repo", TritonOptions(model_name=family))
@@ -553,5 +558,5 @@ def test_tensorrt_rtx_builds_every_family_ahead_of_time(family, export_family, c
     )
     assert code == 0, capsys.readouterr().err
     sidecar = read_sidecar(plan)
-    assert sidecar.tome.r_effective == metadata.r_effective and sidecar.input_shape == metadata.input_size
+    assert sidecar.tome.r_effective == metadata.r_effective and sidecar.input_shape == list(metadata.input.shape)
     assert plan.stat().st_size > 100_000

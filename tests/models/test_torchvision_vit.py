@@ -6,6 +6,7 @@ tome-export, and its refusals."""
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import onnx
@@ -125,8 +126,9 @@ def test_shape_preprocessing_and_output_kind():
         (8, 8),
     )
     # no builder has this architecture: ImageNet statistics, bilinear, resized to the input
-    assert ADAPTER.data_config(model) == {
-        "input_size": [3, 32, 32],
+    spec = ADAPTER.input_spec(model)
+    assert (spec.kind, spec.name, spec.shape) == ("image", "pixel_values", (3, 32, 32))
+    assert spec.preprocessing == {
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
         "interpolation": "bilinear",
@@ -151,8 +153,9 @@ def test_shape_preprocessing_and_output_kind():
 def test_preprocessing_comes_from_the_builders_weights_at_that_size(builder, size, interpolation, crop_pct):
     with torch.device("meta"):  # the architecture only: no memory, no weights, no download
         model = getattr(torchvision.models, builder)(image_size=size)
-    config = ADAPTER.data_config(model)
-    assert config["input_size"] == [3, size, size] and config["interpolation"] == interpolation
+    spec = ADAPTER.input_spec(model)
+    config = spec.preprocessing
+    assert spec.shape == (3, size, size) and config["interpolation"] == interpolation
     assert config["crop_pct"] == pytest.approx(crop_pct) and config["mean"] == [0.485, 0.456, 0.406]
 
 
@@ -175,7 +178,7 @@ def test_exported_graph_matches_pytorch_with_only_the_batch_symbolic(tmp_path):
     assert report.passed, report.table()
     x = pixels(batch=3, seed=5)
     with OnnxRuntimeRunner(path) as runner:
-        got = runner.infer({metadata.input_name: x.numpy()})[metadata.output_name]
+        got = runner.infer({metadata.input.name: x.numpy()})[metadata.output_name]
     with torch.inference_mode():
         assert np.abs(got - tome(x).numpy()).max() <= 1e-4
     graph = onnx.load(str(path)).graph
@@ -226,7 +229,7 @@ def test_cli_exports_a_torchvision_checkpoint_and_it_passes(vit_b_16_at_64, tmp_
     assert code == 0, err
     assert "PASS" in err and "FAIL" not in err and "random init" not in err
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert meta["tome.input_size"] == "[3, 64, 64]"
+    assert json.loads(meta["tome.input"])["shape"] == [3, 64, 64]
 
 
 def test_a_checkpoint_loads_at_the_size_it_was_trained_at(vit_b_16_at_64):

@@ -31,7 +31,7 @@ CASES = [
 def test_export_matches_the_release_numerically(release_export, model, r, merge):
     golden = np.load(GOLDEN)[f"{model}_r{r}_{merge}"]
     outcome = release_export(model, r, merge)  # export_model(ModelSource(model, seed=0), ...), tests/conftest.py
-    input_size = outcome.export.metadata.input_size
+    input_size = outcome.export.metadata.input.shape
     pixels = np.random.default_rng(0).standard_normal((3, *input_size)).astype(np.float32)
     with OnnxRuntimeRunner(outcome.export.path) as runner:
         logits = runner.infer({"pixel_values": pixels})["logits"]
@@ -54,7 +54,7 @@ def test_every_family_exports_what_it_exported_before(family, tmp_path):
     outcome = export_model(
         make_source(tmp_path / "source"), tmp_path / f"{family}.onnx", r=r, merge="scatter", validate=False
     )
-    input_size = outcome.export.metadata.input_size
+    input_size = outcome.export.metadata.input.shape
     pixels = np.random.default_rng(0).standard_normal((3, *input_size)).astype(np.float32)
     with OnnxRuntimeRunner(outcome.export.path) as runner:
         (logits,) = runner.infer({"pixel_values": pixels}).values()

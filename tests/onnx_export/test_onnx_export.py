@@ -34,7 +34,7 @@ def test_only_the_batch_dimension_is_symbolic(exported_family):
     assert len(model.graph.value_info) > 100  # every intermediate value carries its shape
     symbolic = {d for v in values for d in _dims(v) if isinstance(d, str)}
     assert symbolic == {"batch"}
-    assert _dims(model.graph.input[0]) == ["batch", *exported_family.metadata.input_size]
+    assert _dims(model.graph.input[0]) == ["batch", *exported_family.metadata.input.shape]
 
 
 def test_metadata_round_trips_and_describes_the_schedule(exported_family):
@@ -46,14 +46,14 @@ def test_metadata_round_trips_and_describes_the_schedule(exported_family):
     tokens = exported_family.tome.patch_embed.num_patches + exported_family.model.num_prefix_tokens
     assert meta.tokens_per_layer[0] == tokens
     assert meta.tokens_per_layer[-1] == tokens - sum(meta.r_effective)
-    assert meta.mean == list(exported_family.model.pretrained_cfg["mean"])
+    assert meta.input.preprocessing["mean"] == list(exported_family.model.pretrained_cfg["mean"])
 
 
 def test_output_token_count_matches_schedule_in_ort(exported_family):
     """Compare final tokens directly: export the features (before pooling) of the same ToMe model."""
     tome = exported_family.tome
     meta = exported_family.metadata
-    pixels = torch.randn(2, *meta.input_size)
+    pixels = torch.randn(2, *meta.input.shape)
     with torch.no_grad():
         features = tome.forward_features(pixels)
     assert features.shape[1] == meta.tokens_per_layer[-1]
@@ -78,7 +78,7 @@ def test_formulation_decides_the_merge_ops(export_cached, merge, forbidden):
 
 def test_scatter_and_matmul_exports_agree(export_cached):
     scatter, matmul = export_cached("vit_class_token", "scatter"), export_cached("vit_class_token", "matmul")
-    pixels = np.random.default_rng(3).standard_normal((3, *scatter.metadata.input_size)).astype(np.float32)
+    pixels = np.random.default_rng(3).standard_normal((3, *scatter.metadata.input.shape)).astype(np.float32)
     outputs = [
         ort.InferenceSession(str(e.path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
         for e in (scatter, matmul)
@@ -89,7 +89,7 @@ def test_scatter_and_matmul_exports_agree(export_cached):
 def test_static_batch_export_has_no_symbolic_dimension(export_cached):
     exported = export_cached("vit_class_token", batch=2)
     model = onnx.load(str(exported.path))
-    assert _dims(model.graph.input[0]) == [2, *exported.metadata.input_size]
+    assert _dims(model.graph.input[0]) == [2, *exported.metadata.input.shape]
     assert not {d for v in model.graph.value_info for d in _dims(v) if isinstance(d, str)}
     report = validate_onnx(exported.tome, exported.path, exported.metadata)
     assert report.passed and {v.batch for v in report.verdicts} == {2}
@@ -109,7 +109,7 @@ def test_constant_image_merges_the_same_tokens_in_ort(tmp_path, export_cached, m
     """Every patch identical: all similarities tie, so only the tie rules decide; ORT must pick as PyTorch."""
     exported = export_cached("vit_class_token", merge)
     meta = exported.metadata
-    pixels = constant_images(2, meta.input_size, meta.mean, meta.std)
+    pixels = constant_images(2, meta.input.shape, meta.input.preprocessing["mean"], meta.input.preprocessing["std"])
     path = tmp_path / "sources.onnx"
     torch.onnx.export(
         _SourceTracker(exported.tome).eval(), (torch.from_numpy(pixels),), str(path), dynamo=True, opset_version=18
@@ -121,7 +121,7 @@ def test_constant_image_merges_the_same_tokens_in_ort(tmp_path, export_cached, m
     np.testing.assert_array_equal(in_ort, in_torch)
     # and the ties really were exercised: the sources are not those of a random image
     with torch.no_grad():
-        random_sources = track_sources(exported.tome, torch.randn(2, *meta.input_size))[0].numpy()
+        random_sources = track_sources(exported.tome, torch.randn(2, *meta.input.shape))[0].numpy()
     assert not np.array_equal(random_sources, in_torch)
 
 
@@ -190,7 +190,7 @@ def test_onnxruntime_profile_counts_the_keys_mean_with_matching(export_cached):
     from tome_deploy.runtime.profiling import merger_node_names, profile_side_by_side
 
     exported = export_cached("vit_class_token", "scatter")
-    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
+    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input.shape)).astype(np.float32)
     tome = profile_side_by_side("onnxruntime", {"tome": exported.path}, "pixel_values", pixels, runs=1)["tome"]
     merger_nodes = merger_node_names(exported.path)
     # A profiled node counts as merge exactly when it is a node of a TokenMerger scope.

@@ -155,3 +155,24 @@ def test_labels_refusals(tmp_path):
     labels.write_text("\n\n")
     with pytest.raises(InvalidInputError, match="is empty"):
         read_image_folder(tmp_path / "data", labels)
+
+
+def test_quality_needs_an_image_input_and_says_so_for_another_kind():
+    from tome_deploy.artifact.input_spec import InputSpec, image_spec
+
+    image = image_spec("pixel_values", [3, 8, 8], [0.5] * 3, [0.25] * 3, "bilinear", 0.9)
+    assert DataConfig.of(image, "tome-tune") == DataConfig([3, 8, 8], [0.5] * 3, [0.25] * 3, "bilinear", 0.9)
+    video = InputSpec.from_dict(
+        {
+            **image.to_dict(),
+            "kind": "video",
+            "shape": [4, 3, 8, 8],
+            "preprocessing": {**image.preprocessing, "sampling": "uniform"},
+        }
+    )
+    with pytest.raises(InvalidInputError) as caught:
+        DataConfig.of(video, "tome-tune")
+    assert str(caught.value) == (
+        "tome-tune measures quality on a folder of images, but this model takes a video input "
+        "[4, 3, 8, 8] (frames, channels, height, width); use an image model"
+    )

@@ -111,7 +111,7 @@ def test_openvino_ir_keeps_the_tome_metadata_and_the_numbers(export_cached, tmp_
     xml = save_ir(exported.path, tmp_path / "model.xml")
     assert xml.with_suffix(".bin").is_file()
     assert ToMeMetadata.from_props(read_ir_metadata(xml)) == exported.metadata
-    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
+    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input.shape)).astype(np.float32)
     with OpenVINORunner(exported.path) as from_onnx_runner, OpenVINORunner(xml) as from_ir_runner:
         from_onnx = from_onnx_runner.infer({"pixel_values": pixels})["logits"]
         from_ir = from_ir_runner.infer({"pixel_values": pixels})["logits"]
@@ -127,7 +127,7 @@ def test_openvino_profile_counts_the_matching_and_merging_layers(export_cached, 
 
     exported = export_cached("vit_class_token", "scatter")
     unmerged = release_export("test_vit", 0, "scatter").export.path
-    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input_size)).astype(np.float32)
+    pixels = np.random.default_rng(0).standard_normal((2, *exported.metadata.input.shape)).astype(np.float32)
     profiles = profile_side_by_side(
         "openvino", {"tome": exported.path, "plain": unmerged}, "pixel_values", pixels, runs=1
     )

@@ -24,8 +24,8 @@ def exported(export_cached):
 
 
 def feed_for(exported, batch: int = 2) -> dict[str, np.ndarray]:
-    shape = (batch, *exported.metadata.input_size)
-    return {exported.metadata.input_name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    shape = (batch, *exported.metadata.input.shape)
+    return {exported.metadata.input.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
 
 
 def test_a_runner_infers_only_while_active(exported):
@@ -119,6 +119,6 @@ def test_timing_waits_for_queued_work_inside_the_clock(monkeypatch):
 
 def test_interleaved_timing_runs_each_file_through_the_factory(exported):
     timings = time_interleaved(
-        {"tome": exported.path}, exported.metadata.input_name, exported.metadata.input_size, 2, rounds=2, warmup=1
+        {"tome": exported.path}, exported.metadata.input.name, exported.metadata.input.shape, 2, rounds=2, warmup=1
     )
     assert timings["tome"].batch == 2 and timings["tome"].images_per_s > 0

@@ -303,17 +303,25 @@ def test_flags_no_server_could_honour_are_refused_at_start(exported, capsys, fla
     assert_one_line_error(capsys.readouterr().err, fragment)
 
 
-@pytest.mark.parametrize("crafted", [[3, 100000, 100000], "abc"], ids=["huge", "text"])
-def test_artifact_with_crafted_input_size_is_refused(exported, tmp_path, capsys, crafted):
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ([3, 100000, 100000], "tome.input 'shape' entry 1 (height) must be a whole number"),
+        ([3, 2048, 2048], "but the model's input is pixel_values"),
+        ("abc", "tome.input 'shape' must be a list"),
+    ],
+    ids=["huge", "not-the-graph", "text"],
+)
+def test_artifact_with_a_crafted_input_shape_is_refused(exported, tmp_path, capsys, shape, fragment):
     proto = onnx.load(str(exported.path))
     for prop in proto.metadata_props:
-        if prop.key == "tome.input_size":
-            prop.value = json.dumps(crafted)
+        if prop.key == "tome.input":
+            prop.value = json.dumps({**json.loads(prop.value), "shape": shape})
     path = tmp_path / "crafted.onnx"
     onnx.save(proto, str(path))
     before = path.read_bytes()
     assert serve_cli.main([str(path), "--port", "0"]) == 2
-    assert_one_line_error(capsys.readouterr().err, "tome.input_size", "re-export")
+    assert_one_line_error(capsys.readouterr().err, fragment, "re-export")
     assert path.read_bytes() == before
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -121,3 +122,19 @@ def test_wrong_shape_dtype_or_name_is_refused(triton, protocol, case):
         caught.value.message(),
     )
     assert client(triton, protocol).is_model_ready(MODEL)
+
+
+def test_a_schema_2_file_of_an_earlier_release_serves_as_onnx_runtime_runs_it(triton):
+    """tests/data/schema2_hf_vit_r4_scatter.onnx (tests/artifact/test_schema2_files.py says how it was written)."""
+    path = Path(__file__).parents[1] / "data" / "schema2_hf_vit_r4_scatter.onnx"
+    http = client(triton, "http")
+    assert http.is_model_ready("schema2")
+    config = http.get_model_config("schema2")
+    assert config["input"][0]["dims"] == [3, 32, 32]
+    assert json.loads(config["parameters"]["tome.input"]["string_value"])["shape"] == [3, 32, 32]
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    tensor = triton_http.InferInput("pixel_values", [2, 3, 32, 32], "FP32")
+    tensor.set_data_from_numpy(x)
+    got = http.infer("schema2", [tensor]).as_numpy("logits")
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -105,7 +105,7 @@ def assert_sidecar_matches_onnx(plan: Path, onnx_path: Path) -> dict:
     assert sidecar.compute_capabilities == [CC]
     assert sidecar.onnx_sha256 == file_sha256(onnx_path) and Path(sidecar.onnx_path) == onnx_path.resolve()
     assert sidecar.plan_bytes == plan.stat().st_size > 1_000_000
-    assert sidecar.input_shape == metadata.input_size and sidecar.input_name == metadata.input_name
+    assert sidecar.input_shape == list(metadata.input.shape) and sidecar.input_name == metadata.input.name
     return sidecar.tome.to_dict()
 
 
@@ -356,7 +356,7 @@ def test_fp16_export_keeps_matching_in_fp32_and_passes_its_budget(fp16_export):
 
     from tome_deploy.models.loading.dispatch import load_model
     from tome_deploy.models.patch import apply_tome
-    from tome_deploy.validation.probes import probe_images
+    from tome_deploy.validation.probes import probe_inputs
 
     onnx_path, report = fp16_export
     assert report["validation"]["passed"] and report["metadata"]["precision"] == "fp16"
@@ -378,7 +378,7 @@ def test_fp16_export_keeps_matching_in_fp32_and_passes_its_budget(fp16_export):
     # The budget against the fp32 model (documented in docs/tensorrt.md): same merges, small drift.
     loaded = load_model("test_vit", seed=0)
     tome_fp32, _ = apply_tome(loaded.model, 8)
-    pixels = probe_images("natural", 2, read_metadata(onnx_path))
+    pixels = probe_inputs("natural", 2, read_metadata(onnx_path).input)
     with torch.no_grad():
         fp32_logits = tome_fp32(torch.from_numpy(pixels)).numpy()
     from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner

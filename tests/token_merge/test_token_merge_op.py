@@ -139,7 +139,7 @@ def test_plugin_export_with_register_tokens_matches_pytorch(export_cached):
 
 def test_three_formulation_exports_agree_in_onnx_runtime(export_cached):
     exports = {f: export_cached("vit_class_token", f) for f in FORMULATIONS}
-    pixels = np.random.default_rng(5).standard_normal((3, *exports["plugin"].metadata.input_size)).astype(np.float32)
+    pixels = np.random.default_rng(5).standard_normal((3, *exports["plugin"].metadata.input.shape)).astype(np.float32)
     logits = {}
     for formulation, exported in exports.items():
         with OnnxRuntimeRunner(exported.path) as runner:

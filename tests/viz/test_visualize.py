@@ -14,7 +14,7 @@ from PIL import Image
 from tome_deploy.cli import visualize as visualize_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.models.patch import apply_tome, track_sources
-from tome_deploy.models.timm_vit import data_config
+from tome_deploy.models.timm_vit import input_spec
 from tome_deploy.validation.probes import SAMPLE_PHOTOS, sample_photo
 from tome_deploy.viz.merges import (
     load_image,
@@ -39,7 +39,7 @@ def test_groups_are_the_final_tokens_and_cover_every_patch_once(family, photo):
     name, kwargs, r, _ = FAMILIES[family]
     model = make_model(name, kwargs)
     tome, schedule = apply_tome(model, r)
-    pixels, rgb = model_input(load_image(photo), data_config(model))
+    pixels, rgb = model_input(load_image(photo), input_spec(model))
     groups, sizes = merge_groups(tome, pixels)
 
     prefix = schedule.num_prefix
@@ -63,16 +63,17 @@ def test_groups_are_the_final_tokens_and_cover_every_patch_once(family, photo):
 def test_without_merging_every_patch_is_its_own_group(photo):
     model = make_model("test_vit", {})
     tome, _ = apply_tome(model, 0)
-    groups, sizes = merge_groups(tome, model_input(load_image(photo), data_config(model))[0])
+    groups, sizes = merge_groups(tome, model_input(load_image(photo), input_spec(model))[0])
     assert np.array_equal(groups.ravel(), np.arange(100)) and (sizes == 1).all()
 
 
 def test_eval_transform_crop_round_trips():
     """The drawn image is the model's input, un-normalised: normalising it again gives the same pixels."""
     model = make_model("test_vit", {})
-    config = data_config(model)
+    spec = input_spec(model)
+    config = spec.preprocessing
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
-    pixels, rgb = model_input(image, config)
+    pixels, rgb = model_input(image, spec)
     again = (rgb.transpose(2, 0, 1) / 255.0 - np.asarray(config["mean"])[:, None, None]) / np.asarray(config["std"])[
         :, None, None
     ]
@@ -188,3 +189,24 @@ def test_help_runs_without_heavy_imports():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: tome-visualize" in result.stdout and "--r-inflect" in result.stdout
+
+
+def test_a_model_whose_input_is_not_an_image_is_refused_with_one_line(photo):
+    from tome_deploy.artifact.input_spec import InputSpec
+
+    spectrogram = {
+        "feature_extractor": "ASTFeatureExtractor",
+        "sampling_rate": 16000,
+        "num_mel_bins": 16,
+        "max_length": 32,
+        "mean": -4.27,
+        "std": 4.57,
+        "do_normalize": True,
+    }
+    spec = InputSpec.from_dict(
+        {"kind": "audio_spectrogram", "name": "input_values", "shape": [32, 16], "preprocessing": spectrogram}
+    )
+    with pytest.raises(
+        InvalidInputError, match=r"draws merges on an image, but this model takes an audio spectrogram input"
+    ):
+        model_input(load_image(photo), spec)

@@ -26,6 +26,8 @@ from tome_deploy.artifact.checks import FieldError
 INPUT_KINDS: tuple[str, ...] = ("image", "video", "audio_spectrogram")
 INTERPOLATIONS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 FRAME_SAMPLINGS: tuple[str, ...] = ("uniform",)
+# kind -> how messages name it, article included
+KIND_PHRASES = {"image": "an image", "video": "a video", "audio_spectrogram": "an audio spectrogram"}
 
 MAX_CHANNELS = 16
 MAX_IMAGE_SIDE = 2048
@@ -76,6 +78,11 @@ class InputSpec:
         if self.kind not in ("image", "video"):
             raise ValueError(f"a {self.kind} input has no image size")
         return self.axis("height"), self.axis("width")
+
+    @property
+    def kind_phrase(self) -> str:
+        """The kind as a message names it, article included: "an image", "a video", "an audio spectrogram"."""
+        return KIND_PHRASES[self.kind]
 
     def describe_shape(self) -> str:
         """e.g. "[16, 3, 224, 224] (frames, channels, height, width)"."""

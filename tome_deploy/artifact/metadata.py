@@ -3,7 +3,12 @@
 Each key holds one JSON value. `tome.schema_version` says how to read them:
   1  files of tome-deploy 0.1.0 (no `tome.schema_version` key): the batch is the text "dynamic" or a
      number as text, and the example batch sits in `tome.extra` = {"example_batch": N}.
-  2  this version: `tome.batch` is a number or null (dynamic), `tome.example_batch` a number.
+  2  `tome.batch` is a number or null (dynamic), `tome.example_batch` a number; the image input in flat
+     keys `tome.input_name`, `tome.input_size` [C, H, W], `tome.mean`, `tome.std`, `tome.interpolation`,
+     `tome.crop_pct`.
+  3  this version: the input is one key, `tome.input`, an input spec (artifact/input_spec.py: its kind,
+     name, whole static shape and preprocessing), so an input need not be an image.
+Versions 1 and 2 are upgraded when read: their flat keys become an image input spec.
 Optional keys that only inform (they change nothing in how the graph is run or its inputs prepared) are
 added within a version: `tome.quality`, the quality tome-tune measured for the schedule, is such a key;
 a reader that predates one ignores it, as every reader ignores `tome.*` keys it does not know.
@@ -13,12 +18,13 @@ A reader refuses a newer version (NewerSchemaError: upgrade tome-deploy) and dam
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, Mapping, Optional, Union
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from tome_deploy.artifact import checks
 from tome_deploy.artifact.checks import FieldError
 from tome_deploy.artifact.formulations import formulation_names
+from tome_deploy.artifact.input_spec import INTERPOLATIONS, MAX_CHANNELS, MAX_IMAGE_SIDE, InputSpec, image_spec
 from tome_deploy.artifact.spec import (
     EXPORT_SPEC,
     PRECISIONS,
@@ -27,15 +33,12 @@ from tome_deploy.artifact.spec import (
 from tome_deploy.errors import InvalidInputError
 
 METADATA_PREFIX = "tome."
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_VERSION_KEY = METADATA_PREFIX + "schema_version"
 
 # Bounds on what a file may declare: above any real ViT, below what would make a reader allocate much.
-MAX_CHANNELS = 16
-MAX_IMAGE_SIDE = 2048
 MAX_DEPTH = 1024
 MAX_TOKENS = 1 << 20
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 MAX_QUALITY_METRICS = 64
 MAX_NAME_LENGTH = 64  # a metric's name
 MAX_FINGERPRINT_LENGTH = 128  # a data set's fingerprint (a sha256 is 64 hex digits)
@@ -58,11 +61,7 @@ class ToMeMetadata:
     model: str  # timm architecture name
     weights: str  # human description of where the weights came from (a file name, never a local path)
     weights_sha256: str
-    input_size: list[int]  # [C, H, W]
-    mean: list[float]  # C entries
-    std: list[float]  # C entries
-    interpolation: str
-    crop_pct: float
+    input: InputSpec  # what the graph takes (one sample; the batch axis is in front) and how it is prepared
     merge: str
     opset: int
     schedule: ScheduleSpec
@@ -73,7 +72,6 @@ class ToMeMetadata:
     theoretical_speedup: float
     batch: Optional[int] = None  # the fixed batch of a --static-batch export; None: dynamic
     example_batch: int = 1  # the batch the export was made (and is timed) at
-    input_name: str = EXPORT_SPEC.input_name
     output_name: str = EXPORT_SPEC.output_name
     precision: str = "fp32"
     target: str = "onnxruntime"
@@ -85,27 +83,29 @@ class ToMeMetadata:
     def depth(self) -> int:
         return len(self.r_effective)
 
-    def check_input(self, name: str, shape: list[int], source: str) -> None:
-        """Refuse metadata that disagrees with the graph's (or engine's) image input [C, H, W] it describes."""
-        if (name, list(shape)) != (self.input_name, self.input_size):
+    def check_input(self, name: str, shape: Sequence[Any], source: str) -> None:
+        """Refuse metadata that disagrees with the graph's (or engine's) input it describes: its name and its
+        whole static shape after the batch axis (`shape`, one sample)."""
+        if (name, list(shape)) != (self.input.name, list(self.input.shape)):
             raise MetadataError(
-                f"{source}: tome.input_name/tome.input_size say {self.input_name} {self.input_size} but the "
+                f"{source}: tome.input says {self.input.name} {self.input.describe_shape()} but the "
                 f"model's input is {name} {list(shape)}; re-export with tome-export"
             )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values, with the schema version first; `quality` only when recorded."""
-        values = asdict(self)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["input"] = self.input.to_dict()
         if values["quality"] is None:
             del values["quality"]
-        return {"schema_version": SCHEMA_VERSION, **values}
+        return {"schema_version": SCHEMA_VERSION, **json.loads(json.dumps(values))}
 
     def to_props(self) -> dict[str, str]:
         return {METADATA_PREFIX + key: json.dumps(value) for key, value in self.to_dict().items()}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str) -> ToMeMetadata:
-        """Typed and checked metadata from JSON values (version 1 or 2). Raises FieldError ("tome.KEY ...")
+        """Typed and checked metadata from JSON values (version 1, 2 or 3). Raises FieldError ("tome.KEY ...")
         for a damaged value and NewerSchemaError for a newer schema; `source` names the file in the latter."""
         version = 1
         if "schema_version" in values:
@@ -115,6 +115,8 @@ class ToMeMetadata:
                 values["schema_version"],
             )
         values = _upgrade_v1(values) if version == 1 else dict(values)
+        if version < 3:
+            values = _upgrade_v2(values)
         missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING]
         if missing:
             raise FieldError(
@@ -164,6 +166,39 @@ def _upgrade_v1(values: Mapping[str, Any]) -> dict[str, Any]:
         raise FieldError(f"tome.extra must be a JSON object, got {extra!r}")
     if "example_batch" in extra:
         values["example_batch"] = extra["example_batch"]
+    return values
+
+
+# The flat image keys of versions 1 and 2 -> reader of each value.
+_V2_INPUT_READERS = {
+    "input_size": lambda v: checks.each(checks.whole, v, 1, MAX_IMAGE_SIDE, length=3),
+    "mean": lambda v: checks.each(checks.real, v, -1e3, 1e3),
+    "std": lambda v: checks.each(checks.real, v, 1e-6, 1e3),
+    "interpolation": lambda v: checks.one_of(v, INTERPOLATIONS),
+    "crop_pct": lambda v: checks.real(v, 0.25, 1.0),
+}
+
+
+def _upgrade_v2(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 2 (and upgraded 1) -> version 3 values: the flat image keys (each checked and named as the
+    file names it) become `input`, an image input spec; `input_name` defaults to the export spec's."""
+    values = dict(values)
+    missing = [key for key in _V2_INPUT_READERS if key not in values]
+    if missing:
+        raise FieldError(f"tome.{missing[0]} is missing (a version 1 or 2 file records its image input in it)")
+    image = {
+        key: checks.checked(METADATA_PREFIX + key, reader, values.pop(key)) for key, reader in _V2_INPUT_READERS.items()
+    }
+    name = checks.checked("tome.input_name", checks.text, values.pop("input_name", EXPORT_SPEC.input_name))
+    channels = image["input_size"][0]
+    if channels > MAX_CHANNELS:
+        raise FieldError(f"tome.input_size has {channels} channels; at most {MAX_CHANNELS}")
+    for key in ("mean", "std"):
+        if len(image[key]) != channels:
+            raise FieldError(
+                f"tome.{key} must have {channels} entries (one per channel of tome.input_size), got {len(image[key])}"
+            )
+    values["input"] = image_spec(name, **image).to_dict()
     return values
 
 
@@ -220,11 +255,7 @@ _READERS = {
     "model": checks.text,
     "weights": lambda v: checks.text(v, empty=True),
     "weights_sha256": checks.text,
-    "input_size": lambda v: checks.each(checks.whole, v, 1, MAX_IMAGE_SIDE, length=3),
-    "mean": lambda v: checks.each(checks.real, v, -1e3, 1e3),
-    "std": lambda v: checks.each(checks.real, v, 1e-6, 1e3),
-    "interpolation": lambda v: checks.one_of(v, INTERPOLATIONS),
-    "crop_pct": lambda v: checks.real(v, 0.25, 1.0),
+    "input": InputSpec.from_dict,
     "merge": lambda v: checks.one_of(v, formulation_names()),
     "opset": lambda v: checks.whole(v, 1, 99),
     "schedule": _schedule,
@@ -235,7 +266,6 @@ _READERS = {
     "theoretical_speedup": lambda v: checks.real(v, 1e-3, 1e4),
     "batch": _batch,
     "example_batch": lambda v: checks.whole(v, 1, EXPORT_SPEC.max_batch),
-    "input_name": checks.text,
     "output_name": checks.text,
     "precision": lambda v: checks.one_of(v, PRECISIONS),
     "target": lambda v: checks.one_of(v, TARGETS),
@@ -244,15 +274,8 @@ _READERS = {
 
 
 def _check_consistent(meta: ToMeMetadata) -> None:
-    """The keys agree: channels with mean/std, the schedule's lists with the depth and with each other."""
-    channels, depth = meta.input_size[0], meta.depth
-    if channels > MAX_CHANNELS:
-        raise FieldError(f"tome.input_size has {channels} channels; at most {MAX_CHANNELS}")
-    for name in ("mean", "std"):
-        if len(getattr(meta, name)) != channels:
-            raise FieldError(
-                f"tome.{name} must have {channels} entries (one per channel of tome.input_size), got {len(getattr(meta, name))}"
-            )
+    """The keys agree: the schedule's lists with the depth and with each other (the input spec checks itself)."""
+    depth = meta.depth
     if not 1 <= depth <= MAX_DEPTH:
         raise FieldError(f"tome.r_effective must have 1 to {MAX_DEPTH} entries (one per block), got {depth}")
     if len(meta.r_requested) != depth:

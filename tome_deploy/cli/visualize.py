@@ -107,7 +107,7 @@ def _visualize(args: argparse.Namespace) -> int:
     loaded = load_model(source)
     tome, schedule = apply_tome(loaded.model, r_spec, "scatter", strict=args.strict, adapter=loaded.adapter)
     say_clamp_note(schedule, report)
-    pixels, rgb = vis.model_input(image, loaded.adapter.data_config(loaded.model))
+    pixels, rgb = vis.model_input(image, loaded.adapter.input_spec(loaded.model))
     groups, sizes = vis.merge_groups(tome, pixels)
 
     height, width = rgb.shape[:2]

@@ -64,7 +64,7 @@ class ModelShape:
     num_prefix: int  # tokens at the front that never merge (class, distillation, registers)
     width: int  # C, the width of the tokens
     mlp_ratio: float  # the MLP's real width as the FLOP rule's ratio (its weights over 2 C^2)
-    grid: tuple[int, int]  # the patch grid (rows, columns)
+    grid: tuple[int, ...]  # the patch grid, one entry per patched axis: (rows, columns) for an image
 
 
 @dataclass(frozen=True)

@@ -249,8 +249,8 @@ def time_against(
     """Unmerged and ToMe timed in `runtime`, interleaved, at the export's batch."""
     return time_interleaved(
         {"unmerged": base_path, "tome": tome_path},
-        metadata.input_name,
-        metadata.input_size,
+        metadata.input.name,
+        list(metadata.input.shape),
         metadata.example_batch,
         rounds=rounds,
         runtime=runtime,

@@ -167,8 +167,7 @@ def tune_model(
     budget.check(kind, images.labels is not None)
     metric = _budget_metric(budget, metric)
     shape = describe(loaded.adapter, loaded.model)
-    data_config = loaded.adapter.data_config(loaded.model)
-    config = DataConfig(**{key: data_config[key] for key in DataConfig.__annotations__})
+    config = DataConfig.of(loaded.adapter.input_spec(loaded.model), "tome-tune")
     calibration, held_out = split_indices(
         len(images.files), images.labels, held_out_fraction=held_out_fraction, seed=split_seed
     )

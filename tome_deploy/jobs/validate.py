@@ -133,11 +133,11 @@ def validate_quality(
     images = read_image_folder(data, labels_file)
     engine = is_engine_file(artifact)
     metadata = _artifact_metadata(artifact, read_sidecar(artifact) if engine else None)
+    config = DataConfig.of(metadata.input, "tome-validate --data")
     batch = _quality_batch(batch_size, metadata)
     candidate = open_runner(artifact, runtime)
     say(f"Loading {source.name} ...")
     loaded = _load_exported_model(source, artifact, metadata)
-    config = DataConfig(metadata.input_size, metadata.mean, metadata.std, metadata.interpolation, metadata.crop_pct)
     with tempfile.TemporaryDirectory(prefix="tome-validate-") as folder:
         say("Exporting the plain model for reference ...")
         plain = export_plain(loaded.model, metadata, Path(folder) / "plain.onnx")
@@ -149,7 +149,7 @@ def validate_quality(
                 images,
                 range(len(images.files)),
                 config,
-                input_name=metadata.input_name,
+                input_name=metadata.input.name,
                 output_name=metadata.output_name,
                 batch_size=batch,
                 fixed_batch=metadata.batch is not None,
@@ -186,13 +186,20 @@ def _quality_batch(batch_size: Optional[int], metadata: ToMeMetadata) -> int:
 
 def _load_exported_model(source: ModelSource, artifact: str | Path, metadata: ToMeMetadata) -> LoadedModel:
     """The model `artifact` was exported from, at its input size; InvalidInputError for other weights."""
-    loaded = load_model(source.at_img_size(metadata.input_size[-1]))
+    loaded = load_model(source.at_img_size(_image_width(metadata)))
     if weights_fingerprint(loaded.model) != metadata.weights_sha256:
         raise InvalidInputError(
             f"the weights of {source.name} ({loaded.weights}) differ from those {artifact} was exported from "
             f"({metadata.weights}); pass the same model, --checkpoint and --seed as for tome-export"
         )
     return loaded
+
+
+def _image_width(metadata: ToMeMetadata) -> Optional[int]:
+    """The input size a loader is asked for: the width of an image or of each video frame; None (the model's
+    own) for a spectrogram."""
+    spec = metadata.input
+    return spec.image_size[1] if spec.kind in ("image", "video") else None
 
 
 def _source_onnx_runner(sidecar: EngineSidecar, say: Say) -> list[Runner]:

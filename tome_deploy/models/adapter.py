@@ -10,7 +10,8 @@ What a family provides:
 - how the ToMe blocks are put into a copy of the model (`install`), so that the model's own forward (stem,
   prefix tokens, head and its pooling) runs around them unchanged;
 - the token counts (tokens at the first block, prefix tokens that never merge), the width and real MLP
-  width (FLOP model), the patch grid (tome-visualize), the input spec and preprocessing (export metadata).
+  width (FLOP model), the patch grid (tome-visualize), the input spec: the input's kind, name, whole static
+  shape and preprocessing (export metadata, probes, serving).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
+from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.core.schedule import ModelShape
 from tome_deploy.errors import UnsupportedModelError
 
@@ -45,8 +47,10 @@ class ModelAdapter(Protocol):
     def install(self, model: nn.Module, blocks: nn.Module) -> None:
         """Put `blocks` (a ToMeBlocks) in place of the model's blocks, in a deep copy the caller owns."""
 
-    def embed(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """pixels [B, 3, H, W] -> (tokens entering the first block [B, N0, C], block context or None)."""
+    def embed(self, model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The model's input [B, *input_spec(model).shape] -> (tokens entering the first block [B, N0, C], block
+        context or None). Per kind of input: image pixels [B, C, H, W]; video frames [B, T, C, H, W]; audio, the
+        normalised log-mel spectrogram [B, time, mel]."""
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         """Tokens at the front that never merge (class, distillation, registers)."""
@@ -54,8 +58,10 @@ class ModelAdapter(Protocol):
     def tokens_at_input(self, model: nn.Module) -> int:
         """Patch plus prefix tokens the first block sees."""
 
-    def grid_size(self, model: nn.Module) -> tuple[int, int]:
-        """The patch grid (rows, columns)."""
+    def grid_size(self, model: nn.Module) -> tuple[int, ...]:
+        """The patch grid, one entry per axis the patches tile, in the order the tokens are laid out: (rows,
+        columns) for an image; for video and audio, what the family's patching gives (e.g. (time steps, rows,
+        columns) of tubelets)."""
 
     def embed_dim(self, model: nn.Module) -> int:
         """C, the width of the tokens."""
@@ -63,8 +69,9 @@ class ModelAdapter(Protocol):
     def mlp_ratio(self, model: nn.Module) -> float:
         """The MLP's real width as the FLOP rule's ratio (its weights over 2 C^2)."""
 
-    def data_config(self, model: nn.Module) -> dict:
-        """input_size [3, H, W], mean, std, interpolation, crop_pct: the preprocessing the export records."""
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        """What the model takes in and how a client prepares it (artifact/input_spec.py): the kind, the input's
+        name in the exported graph, one sample's whole static shape and the preprocessing the export records."""
 
     def output_kind(self, model: nn.Module) -> str:
         """ "logits" for a classifier, "embedding" for an encoder: which quality metrics compare its outputs."""

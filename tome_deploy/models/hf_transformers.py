@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
+from tome_deploy.artifact.input_spec import InputSpec, image_spec
+from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import (
@@ -261,7 +263,7 @@ class HFTransformersAdapter:
         mlp = next(m.mlp for m in model.hf.modules() if isinstance(getattr(m, "mlp", None), nn.Module))
         return mlp_width_ratio(mlp, self.embed_dim(model))
 
-    def data_config(self, model: nn.Module) -> dict:
+    def input_spec(self, model: nn.Module) -> InputSpec:
         config = model.hf.config
         mean, std, interpolation, crop_pct = DEFAULT_PREPROCESS.get(config.model_type, (*_IMAGENET, "bicubic", 1.0))
         if model.preprocess:
@@ -270,13 +272,14 @@ class HFTransformersAdapter:
             crop_pct = model.preprocess.get("tome_crop_pct", crop_pct)
         rows, cols = self.grid_size(model)
         patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-        return {
-            "input_size": [int(config.num_channels), rows * patch, cols * patch],
-            "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std],
-            "interpolation": str(interpolation),
-            "crop_pct": float(crop_pct),
-        }
+        return image_spec(
+            EXPORT_SPEC.input_name,
+            [int(config.num_channels), rows * patch, cols * patch],
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
+            interpolation=str(interpolation),
+            crop_pct=float(crop_pct),
+        )
 
     def output_kind(self, model: nn.Module) -> str:
         return "logits" if model.output == "logits" else "embedding"
@@ -305,7 +308,7 @@ def load_source(source: ModelSource) -> LoadedModel:
         name if name.startswith(HUB_PREFIX) else str(Path(name).expanduser()), pretrained=source.pretrained
     )
     adapter = adapter_for(model)
-    native = adapter.data_config(model)["input_size"][-1]
+    native = adapter.input_spec(model).shape[-1]
     if source.img_size is not None and source.img_size != native:
         raise InvalidInputError(
             f"{name} is configured for {native} px images; drop --img-size {source.img_size} "

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
+from tome_deploy.artifact.input_spec import InputSpec, image_spec
+from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import (
@@ -149,16 +151,17 @@ class OpenClipAdapter:
         mlp = next(m.mlp for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module))
         return mlp_width_ratio(mlp, self.embed_dim(model))
 
-    def data_config(self, model: nn.Module) -> dict:
+    def input_spec(self, model: nn.Module) -> InputSpec:
         cfg = getattr(model, "preprocess_cfg", None) or {}
         height, width = (int(v) for v in model.image_size)
-        return {
-            "input_size": [int(model.conv1.in_channels), height, width],
-            "mean": [float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))],
-            "std": [float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711))],
-            "interpolation": str(cfg.get("interpolation", "bicubic")),
-            "crop_pct": 1.0,  # OpenCLIP resizes the shortest side to the input size, then center-crops
-        }
+        return image_spec(
+            EXPORT_SPEC.input_name,
+            [int(model.conv1.in_channels), height, width],
+            mean=[float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))],
+            std=[float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711))],
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            crop_pct=1.0,  # OpenCLIP resizes the shortest side to the input size, then center-crops
+        )
 
     def output_kind(self, model: nn.Module) -> str:
         return "embedding"  # the image tower's embedding

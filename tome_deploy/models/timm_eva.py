@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
+from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import kept_tokens, proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError
@@ -179,10 +180,10 @@ class TimmEvaAdapter:
         mlp = next(m.mlp for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module))
         return mlp_width_ratio(mlp, int(model.embed_dim))
 
-    def data_config(self, model: nn.Module) -> dict:
-        from tome_deploy.models.timm_vit import data_config
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        from tome_deploy.models.timm_vit import input_spec
 
-        return data_config(model)
+        return input_spec(model)
 
     def output_kind(self, model: nn.Module) -> str:
         return "logits" if getattr(model, "num_classes", 0) else "embedding"

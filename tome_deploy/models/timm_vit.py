@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
+from tome_deploy.artifact.input_spec import InputSpec, image_spec
+from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import UnsupportedModelError
@@ -17,19 +19,20 @@ from tome_deploy.models.adapter import mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
 
 
-def data_config(model: torch.nn.Module) -> dict:
-    """Input size and normalisation, read from the model (timm's pretrained_cfg) as data."""
+def input_spec(model: torch.nn.Module) -> InputSpec:
+    """The image input [C, H, W] and its normalisation, read from the model (timm's pretrained_cfg) as data."""
     from timm.data import resolve_data_config
 
     config = resolve_data_config(model=model)
     height, width = model.patch_embed.img_size
-    return {
-        "input_size": [int(model.patch_embed.proj.in_channels), int(height), int(width)],
-        "mean": [float(v) for v in config["mean"]],
-        "std": [float(v) for v in config["std"]],
-        "interpolation": str(config.get("interpolation", "bicubic")),
-        "crop_pct": float(config.get("crop_pct", 0.875)),
-    }
+    return image_spec(
+        EXPORT_SPEC.input_name,
+        [int(model.patch_embed.proj.in_channels), int(height), int(width)],
+        mean=[float(v) for v in config["mean"]],
+        std=[float(v) for v in config["std"]],
+        interpolation=str(config.get("interpolation", "bicubic")),
+        crop_pct=float(config.get("crop_pct", 0.875)),
+    )
 
 
 def _timm_vit_classes():
@@ -146,8 +149,8 @@ class TimmViTAdapter:
     def mlp_ratio(self, model: nn.Module) -> float:
         return mlp_ratio(model)
 
-    def data_config(self, model: nn.Module) -> dict:
-        return data_config(model)
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        return input_spec(model)
 
     def output_kind(self, model: nn.Module) -> str:
         return "logits" if getattr(model, "num_classes", 0) else "embedding"

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from tome_deploy.artifact.formulations import MergeFormulation
+from tome_deploy.artifact.input_spec import InputSpec, image_spec
+from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.errors import InvalidInputError, ModelLoadError, UnsupportedModelError, error_reason
 from tome_deploy.models.adapter import adapter_for, mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
@@ -160,7 +162,7 @@ class TorchvisionViTAdapter:
     def mlp_ratio(self, model: nn.Module) -> float:
         return mlp_width_ratio(self.blocks(model)[0].mlp, self.embed_dim(model))
 
-    def data_config(self, model: nn.Module) -> dict:
+    def input_spec(self, model: nn.Module) -> InputSpec:
         """The transforms of torchvision's weights for this architecture at this image size (the first weights
         enum of the builder whose crop size is the model's image_size, e.g. vit_b_16 at 224: resize 256, crop
         224, bilinear; at 384: the SWAG weights' 384 / 384 bicubic). A model of no builder's architecture, or at
@@ -168,8 +170,7 @@ class TorchvisionViTAdapter:
         size = int(model.image_size)
         builder = builder_of(model)
         transforms = weights_transforms(builder, size) if builder is not None else None
-        config = {
-            "input_size": [3, size, size],
+        config: dict[str, Any] = {
             "mean": list(_IMAGENET_MEAN),
             "std": list(_IMAGENET_STD),
             "interpolation": "bilinear",
@@ -182,7 +183,7 @@ class TorchvisionViTAdapter:
                 interpolation=str(transforms.interpolation.value),
                 crop_pct=float(transforms.crop_size[0]) / float(transforms.resize_size[0]),
             )
-        return config
+        return image_spec(EXPORT_SPEC.input_name, [3, size, size], **config)
 
     def output_kind(self, model: nn.Module) -> str:
         heads = model.heads

@@ -117,7 +117,7 @@ def export_onnx(
     *,
     spec: ExportSpec = EXPORT_SPEC,
 ) -> ExportResult:
-    """Trace `tome_model` at metadata.input_size, write a checked ONNX file with the metadata attached."""
+    """Trace `tome_model` at metadata.input (a random input of its shape), write a checked ONNX file with the metadata attached."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
@@ -131,10 +131,8 @@ def export_onnx(
     example_batch = metadata.example_batch
     spec.check_batch(example_batch)
     dynamic = metadata.batch is None
-    example = torch.randn(example_batch, *metadata.input_size)
     # A dynamic dimension traced at size 1 would be specialised away; trace at 2 or more.
-    if dynamic and example_batch == 1:
-        example = torch.randn(2, *metadata.input_size)
+    example = torch.randn(2 if dynamic and example_batch == 1 else example_batch, *metadata.input.shape)
     dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=spec.max_batch)},) if dynamic else None
 
     start = time.perf_counter()
@@ -152,7 +150,7 @@ def export_onnx(
                 (example,),
                 dynamo=True,
                 opset_version=metadata.opset,
-                input_names=[spec.input_name],
+                input_names=[metadata.input.name],
                 output_names=[spec.output_name],
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
@@ -188,9 +186,9 @@ def export_plain(
     model: torch.nn.Module, metadata: ToMeMetadata, output: str | Path, *, spec: ExportSpec = EXPORT_SPEC
 ) -> Path:
     """The baseline a user has without ToMe: torch.onnx.export of the unpatched model as it is (its own
-    attention kernels, no tome-deploy rewriting), same input size, batch and opset as `metadata`."""
+    attention kernels, no tome-deploy rewriting), same input, batch and opset as `metadata`."""
     dynamic = metadata.batch is None
-    example = torch.randn(max(2 if dynamic else 1, metadata.example_batch), *metadata.input_size)
+    example = torch.randn(max(2 if dynamic else 1, metadata.example_batch), *metadata.input.shape)
     dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=spec.max_batch)},) if dynamic else None
     try:
         with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
@@ -200,7 +198,7 @@ def export_plain(
                 dynamo=True,
                 opset_version=metadata.opset,
                 verbose=False,
-                input_names=[spec.input_name],
+                input_names=[metadata.input.name],
                 output_names=[spec.output_name],
                 dynamic_shapes=dynamic_shapes,
             )

@@ -33,7 +33,7 @@ def build_metadata(
     quality: Optional[dict[str, Any]] = None,
 ) -> ToMeMetadata:
     """model: the ToMe model apply_tome returned (its recorded shape gives width and MLP width, its family
-    adapter the preprocessing). quality: what tome-tune measured for this schedule (ToMeMetadata.quality),
+    adapter the input spec). quality: what tome-tune measured for this schedule (ToMeMetadata.quality),
     None when the schedule was not tuned."""
     record = tome_blocks(model)
     return ToMeMetadata(
@@ -54,5 +54,5 @@ def build_metadata(
         precision=precision,
         target=target,
         quality=quality,
-        **record.adapter.data_config(model),
+        input=record.adapter.input_spec(model),
     )

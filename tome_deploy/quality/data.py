@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, has_file_allowed_extension, make_dataset
 
+from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.errors import InvalidInputError, display_path
 from tome_deploy.preprocess import eval_transform
 
@@ -29,13 +30,25 @@ _CHUNK = 1 << 20  # bytes read at a time for the fingerprint
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The preprocessing an artifact records (ToMeMetadata fields of the same names)."""
+    """The image preprocessing an image input spec records (its shape and preprocessing keys)."""
 
     input_size: list[int]  # [3, H, W]
     mean: list[float]
     std: list[float]
     interpolation: str
     crop_pct: float
+
+    @classmethod
+    def of(cls, spec: InputSpec, what: str) -> DataConfig:
+        """The preprocessing of an image input; InvalidInputError naming `what` (the command) for another kind:
+        quality is measured on folders of images."""
+        if spec.kind != "image":
+            raise InvalidInputError(
+                f"{what} measures quality on a folder of images, but this model takes {spec.kind_phrase} "
+                f"input {spec.describe_shape()}; use an image model"
+            )
+        pre = spec.preprocessing
+        return cls(list(spec.shape), list(pre["mean"]), list(pre["std"]), pre["interpolation"], pre["crop_pct"])
 
 
 @dataclass(frozen=True)

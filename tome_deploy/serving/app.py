@@ -17,9 +17,10 @@ import dataclasses
 import functools
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from tome_deploy import __version__
+from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.errors import InvalidInputError, MissingDependencyError, ToMeError
 from tome_deploy.runtime.base import Runner
 from tome_deploy.serving.batcher import (
@@ -131,17 +132,22 @@ def model_metadata(served_model: ServedModel, settings: ServeSettings) -> dict:
             "theoretical_speedup": meta.theoretical_speedup,
             "merge": meta.merge,
             "precision": meta.precision,
-            "input_size": meta.input_size,
-            "mean": meta.mean,
-            "std": meta.std,
-            "interpolation": meta.interpolation,
-            "crop_pct": meta.crop_pct,
+            "input": meta.input.to_dict(),
+            **_image_keys(meta.input),
             "exported_batch": meta.batch,
         },
     }
     if meta.quality is not None:
         described["parameters"] = {"tome_quality": meta.quality}
     return described
+
+
+def _image_keys(spec: InputSpec) -> dict[str, Any]:
+    """An image input's size and preprocessing under the names tome-serve gave them before inputs had a kind
+    (input_size, mean, std, interpolation, crop_pct), for clients that read those; nothing for other kinds."""
+    if spec.kind != "image":
+        return {}
+    return {"input_size": list(spec.shape), **spec.preprocessing}
 
 
 def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings):
@@ -161,7 +167,7 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
         "tome-decode"
     )  # request bodies -> arrays, off the event loop (JSON and images take a while)
     metadata = model_metadata(served_model, settings)
-    image_input, output_name = served_model.image_input, served_model.outputs[0].name
+    model_input, output_name = served_model.model_input, served_model.outputs[0].name
 
     async def decode(function, *args):
         return await asyncio.get_running_loop().run_in_executor(decoder, functools.partial(function, *args))
@@ -235,7 +241,7 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
         pixels = await decode(
             image_to_input, await read_body(request), served_model.metadata, settings.max_image_pixels
         )
-        results = await batcher.infer({image_input.name: pixels.astype(DATATYPES[image_input.datatype])})
+        results = await batcher.infer({model_input.name: pixels.astype(DATATYPES[model_input.datatype])})
         check_finite_output(output_name, results[output_name])
         return JSONResponse(
             {

@@ -17,11 +17,19 @@ from tome_deploy.preprocess import eval_transform, resized_size
 
 
 def image_to_input(body: bytes, metadata: ToMeMetadata, max_pixels: int) -> np.ndarray:
-    """JPEG/PNG/... bytes -> float32 [1, 3, H, W] through timm's eval transform with the export's data config.
+    """JPEG/PNG/... bytes -> float32 [1, 3, H, W] through timm's eval transform with the export's image input spec
+    (InvalidInputError for a model whose input is not an image: it takes tensors at /infer).
     The pixel count is read from the header and refused before anything is decoded: a small compressed file
     can expand to gigabytes of pixels. The size after the resize (short side to the model's size / crop_pct,
     aspect ratio kept) is computed from the header too and held to the same limit: a 282-byte 1 x 50000 PNG
     passes the first check but resizes to 182 x 9100000 pixels (several GB)."""
+    spec = metadata.input
+    if spec.kind != "image":
+        raise InvalidInputError(
+            f"/classify takes an image, but this model takes {spec.kind_phrase} input "
+            f"{spec.describe_shape()}; POST it as a tensor {spec.name!r} [batch, {', '.join(map(str, spec.shape))}] to /infer"
+        )
+    preprocessing, (height, width) = spec.preprocessing, spec.image_size
     try:
         image = Image.open(io.BytesIO(body))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
@@ -34,14 +42,14 @@ def image_to_input(body: bytes, metadata: ToMeMetadata, max_pixels: int) -> np.n
         )
     if image.width * image.height > max_pixels:
         raise InvalidInputError(
-            f"the image has {image.width}x{image.height} pixels, over --max-image-pixels {max_pixels}; send a smaller image (the model sees {metadata.input_size[1]}x{metadata.input_size[2]})"
+            f"the image has {image.width}x{image.height} pixels, over --max-image-pixels {max_pixels}; send a smaller image (the model sees {height}x{width})"
         )
-    resized = resized_size(image.width, image.height, metadata.input_size, metadata.crop_pct)
+    resized = resized_size(image.width, image.height, spec.shape, preprocessing["crop_pct"])
     if resized[0] * resized[1] > max_pixels:
         raise InvalidInputError(
             f"the image has {image.width}x{image.height} pixels, which the eval transform resizes to {resized[0]}x{resized[1]} "
             f"(short side {min(resized)}, aspect ratio kept), over --max-image-pixels {max_pixels}; crop it closer to square "
-            f"(the model sees {metadata.input_size[1]}x{metadata.input_size[2]})"
+            f"(the model sees {height}x{width})"
         )
     try:
         image.load()
@@ -50,7 +58,12 @@ def image_to_input(body: bytes, metadata: ToMeMetadata, max_pixels: int) -> np.n
             f"the body is not a decodable image ({type(err).__name__}); POST the raw bytes of a JPEG or PNG file"
         ) from None
     pixels = eval_transform(
-        image, metadata.input_size, metadata.mean, metadata.std, metadata.crop_pct, metadata.interpolation
+        image,
+        spec.shape,
+        preprocessing["mean"],
+        preprocessing["std"],
+        preprocessing["crop_pct"],
+        preprocessing["interpolation"],
     )
     return pixels[None]  # [1, 3, H, W]
 

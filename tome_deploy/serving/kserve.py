@@ -66,6 +66,7 @@ class TensorSpec:
     name: str
     datatype: str  # KServe v2 name, e.g. FP32
     shape: tuple[int, ...]  # -1: dynamic (only the batch axis)
+    axes: tuple[str, ...] = ()  # names of the axes after the batch (the input spec's), shown in errors; () unknown
 
     def to_json(self) -> dict:
         """As the model metadata shows it: the server batches, so the batch axis is always -1."""
@@ -206,8 +207,9 @@ def _decode_tensor(raw: dict, spec: TensorSpec, binary: bytes, offset: int, max_
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInputError(f"input {spec.name!r} needs 'shape' as a list of integers, e.g. {[1, *spec.shape[1:]]}")
     if len(shape) != len(spec.shape) or shape[1:] != list(spec.shape[1:]):
+        named = f" ({', '.join(('batch', *spec.axes))})" if spec.axes else ""
         raise InvalidInputError(
-            f"input {spec.name!r} has shape {shape}; the model takes [batch, {', '.join(map(str, spec.shape[1:]))}]"
+            f"input {spec.name!r} has shape {shape}; the model takes [batch, {', '.join(map(str, spec.shape[1:]))}]{named}"
         )
     if not 1 <= shape[0] <= max_batch:
         raise InvalidInputError(f"input {spec.name!r} has batch {shape[0]}; send 1 to {max_batch} rows per request")

@@ -7,12 +7,14 @@ executes it comes from `tome_deploy.runtime.factory.open_runner`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from tome_deploy.artifact.input_spec import AXES
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
@@ -49,7 +51,8 @@ class ServedModel:
         return "onnxruntime_onnx" if self.kind == "onnx" else "tensorrt_plan"
 
     @property
-    def image_input(self) -> TensorSpec:
+    def model_input(self) -> TensorSpec:
+        """The one input tensor, [batch, *metadata.input.shape] (checked when the file was read)."""
         return self.inputs[0]
 
     @property
@@ -63,9 +66,9 @@ def read_served_model(path: str | Path) -> ServedModel:
         raise InvalidInputError(f"no such artifact: {path}; pass an ONNX file written by tome-export (or an engine)")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return _checked_input_size(_read_onnx(path))
+        return _read_onnx(path)
     if suffix in ENGINE_SUFFIXES:
-        return _checked_input_size(_read_engine(path))
+        return _read_engine(path)
     raise InvalidInputError(
         f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output"
     )
@@ -94,24 +97,19 @@ def _read_onnx(path: Path) -> ServedModel:
     initializers = {init.name for init in proto.graph.initializer}
     inputs = tuple(_onnx_tensor(value) for value in proto.graph.input if value.name not in initializers)
     outputs = tuple(_onnx_tensor(value) for value in proto.graph.output)
-    if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 2:
+    if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0].shape) != 2:
         raise InvalidInputError(
-            f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output"
+            f"{path} is not a model with one [batch, ...] input and one [batch, classes] output; serve a tome-export output"
         )
+    # tome.input decides what /classify resizes to and what /infer accepts; it must be the graph's own input,
+    # so a damaged or crafted value cannot choose what a request allocates.
     metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
-    return ServedModel(path, "onnx", inputs, outputs, metadata)
+    return ServedModel(path, "onnx", _with_axes(inputs, metadata), outputs, metadata)
 
 
-def _checked_input_size(served_model: ServedModel) -> ServedModel:
-    """tome.input_size decides what the image endpoint resizes to; it must be the graph's own [3, H, W], so a
-    damaged or crafted value cannot choose what a request allocates."""
-    graph_size = list(served_model.image_input.shape[1:])
-    if served_model.metadata.input_size != graph_size:
-        raise InvalidInputError(
-            f"{served_model.path.name}: tome.input_size {served_model.metadata.input_size!r} disagrees with the model input {graph_size}; "
-            "the metadata is damaged: re-export the model with tome-export"
-        )
-    return served_model
+def _with_axes(inputs: tuple[TensorSpec, ...], metadata: ToMeMetadata) -> tuple[TensorSpec, ...]:
+    """The model input (checked against the input spec) with the names of its axes, for request errors."""
+    return (dataclasses.replace(inputs[0], axes=AXES[metadata.input.kind]),)
 
 
 def _onnx_tensor(value) -> TensorSpec:
@@ -142,7 +140,7 @@ def _read_engine(path: Path) -> ServedModel:
         )
     batch = profile.max if profile.min == profile.max else -1
     # Exports take and give float32 (fp16 ones cast inside), and the runner returns float32.
-    inputs = (TensorSpec(sidecar.input_name, "FP32", (batch, *sidecar.input_shape)),)
+    inputs = _with_axes((TensorSpec(sidecar.input_name, "FP32", (batch, *sidecar.input_shape)),), sidecar.tome)
     outputs = (TensorSpec(sidecar.output_name, "FP32", (batch, *sidecar.output_shape)),)
     return ServedModel(
         path, "engine", inputs, outputs, sidecar.tome, max_batch=profile.max, engine_backend=sidecar.backend

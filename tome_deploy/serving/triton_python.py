@@ -88,7 +88,7 @@ class TritonPythonModel:
         self.served_model = read_served_model(onnx_files[0])
         self.runner = open_runner(self.served_model.path, threads=_threads(_parameters(config)))
         self.runner.activate()
-        self.input_name, self.output_name = self.served_model.image_input.name, self.served_model.outputs[0].name
+        self.input_name, self.output_name = self.served_model.model_input.name, self.served_model.outputs[0].name
 
     def execute(self, requests: list) -> list:
         """k requests of [n_i, ...] rows -> one model call on [sum n_i, ...] -> k responses of their own rows."""

@@ -43,7 +43,7 @@ TOME_PARAMETERS = (
     "theoretical_speedup",
     "merge",
     "precision",
-    "input_size",
+    "input",
 )
 
 

@@ -13,7 +13,7 @@ from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.pytorch import TorchRunner
 from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, compare_output
-from tome_deploy.validation.probes import PROBE_KINDS, probe_images
+from tome_deploy.validation.probes import PROBE_KINDS, probe_inputs, probe_label
 
 
 @dataclass
@@ -73,19 +73,20 @@ def validate_runners(
     rtol: float | None = None,
     spec: ExportSpec = EXPORT_SPEC,
 ) -> ValidationReport:
-    """Run the reference and each candidate on each probe kind at each batch size; one verdict per
+    """Run the reference and each candidate on each probe kind (validation/probes.py, for the input's kind) at
+    each batch size; one verdict per
     (candidate, probe, batch, output), within the budget of the export's precision. Candidates not active
     yet are activated for the comparison and deactivated after it; active ones stay active."""
     report = ValidationReport(artifact)
     tolerance = spec.tolerance(metadata.precision)
     with contextlib.ExitStack() as activated:
-        reference = activated.enter_context(TorchRunner(tome_model, metadata.input_name, metadata.output_name))
+        reference = activated.enter_context(TorchRunner(tome_model, metadata.input.name, metadata.output_name))
         for candidate in candidates:
             if not candidate.is_active:
                 activated.enter_context(candidate)
         for kind in probes:
             for batch in batch_sizes or default_batch_sizes(metadata):
-                feed = {metadata.input_name: probe_images(kind, batch, metadata)}
+                feed = {metadata.input.name: probe_inputs(kind, batch, metadata.input)}
                 expected = reference.infer(feed)
                 for candidate in candidates:
                     got = candidate.infer(feed)
@@ -93,7 +94,7 @@ def validate_runners(
                         verdict = compare_output(
                             value,
                             got[name],
-                            probe=kind,
+                            probe=probe_label(kind, metadata.input),
                             output=name,
                             atol=tolerance.atol if atol is None else atol,
                             rtol=tolerance.rtol if rtol is None else rtol,

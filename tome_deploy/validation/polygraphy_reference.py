@@ -13,7 +13,7 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.errors import MissingDependencyError
 from tome_deploy.output_files import check_output_path, write_atomically
 from tome_deploy.runtime.pytorch import TorchRunner
-from tome_deploy.validation.probes import PROBE_KINDS, probe_images
+from tome_deploy.validation.probes import PROBE_KINDS, probe_inputs
 
 
 def inputs_path_for(reference: str | Path) -> Path:
@@ -34,8 +34,8 @@ def save_polygraphy_reference(tome_model, metadata: ToMeMetadata, path: str | Pa
         ) from err
     path = check_output_path(path)
     inputs_path = check_output_path(inputs_path_for(path))
-    feeds = [{metadata.input_name: probe_images(kind, batch, metadata)} for kind in PROBE_KINDS]
-    with TorchRunner(tome_model, metadata.input_name, metadata.output_name) as reference:
+    feeds = [{metadata.input.name: probe_inputs(kind, batch, metadata.input)} for kind in PROBE_KINDS]
+    with TorchRunner(tome_model, metadata.input.name, metadata.output_name) as reference:
         results = RunResults(
             [("pytorch", [IterationResult(reference.infer(feed), runner_name="pytorch") for feed in feeds])]
         )

@@ -13,6 +13,7 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.output_files import write_atomically
 
@@ -39,16 +40,23 @@ def load_image(path: str | Path) -> Image.Image:
         ) from None
 
 
-def model_input(image: Image.Image, config: dict) -> tuple[np.ndarray, np.ndarray]:
-    """timm's eval transform for a model's data config (`onnx_export.data_config`).
+def model_input(image: Image.Image, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """timm's eval transform for a model's image input spec (its adapter's `input_spec`).
 
     -> (normalised float32 [3, H, W] for the model, the same crop un-normalised as uint8 RGB [H, W, 3]).
+    InvalidInputError for an input that is not an image.
     """
     from tome_deploy.preprocess import eval_transform
 
+    if spec.kind != "image":
+        raise InvalidInputError(
+            f"tome-visualize draws merges on an image, but this model takes {spec.kind_phrase} input "
+            f"{spec.describe_shape()}; pass an image model"
+        )
+    config = spec.preprocessing
     pixels = eval_transform(
         image,
-        config["input_size"],
+        spec.shape,
         config["mean"],
         config["std"],
         crop_pct=config["crop_pct"],
