@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from family_sources import TINY_HF_AST, hf_ast_folder
+from family_sources import TINY_HF_AST
 from reference_audio import reference_hf_ast
 
 from tome_deploy.errors import InvalidInputError, ModelLoadError
@@ -20,15 +20,8 @@ from tome_deploy.models.patch import apply_tome, track_sources
 
 transformers = pytest.importorskip("transformers")
 
-CLASSES = ("ASTForAudioClassification", "ASTModel")
+CLASSES = ("ASTForAudioClassification", "ASTModel")  # conftest.ast_folders
 TIME, MEL = TINY_HF_AST["max_length"], TINY_HF_AST["num_mel_bins"]
-
-
-@pytest.fixture(scope="module")
-def ast_folders(tmp_path_factory):
-    """class name -> its save_pretrained folder."""
-    root = tmp_path_factory.mktemp("hf_ast")
-    return {name: hf_ast_folder(root / name, name).name for name in CLASSES}
 
 
 @pytest.fixture(scope="module", params=CLASSES)
@@ -172,3 +165,175 @@ def test_a_spectrogram_of_the_wrong_length_is_refused(ast_model):
         with pytest.raises(InvalidInputError) as err:
             model(torch.zeros(1, TIME + 10, MEL))
         assert_one_line(str(err.value), f"{TIME} frames x {MEL} mel bins", "[1, 110, 32]")
+
+
+# --- exports: tome-export on the folder (scatter, validated: PASS) and matmul through the library. The fused
+# plugin formulation is left to the families' tests: AST's layers run the same attention and block as ViT's. ---
+
+R = 3
+
+
+@pytest.fixture(scope="module")
+def cli_export(ast_cli_export):
+    """tome-export FOLDER --r 3 (conftest): (exit code, stderr, path)."""
+    return ast_cli_export[1:]
+
+
+@pytest.fixture(scope="module")
+def library_exports(ast_folders, tmp_path_factory):
+    """merge -> (ToMe model, metadata, path) of the classifier at r=3 with matmul, dynamic batch traced at 2."""
+    from tome_deploy.onnx_export.export import export_onnx
+    from tome_deploy.onnx_export.metadata import build_metadata
+
+    model, _ = load_hf(ast_folders["ASTForAudioClassification"], pretrained=False)
+    folder = tmp_path_factory.mktemp("ast_exports")
+    exports = {}
+    for merge in ("matmul",):
+        tome, schedule = apply_tome(model, R, merge)
+        metadata = build_metadata(
+            tome,
+            schedule,
+            R,
+            arch="ASTForAudioClassification",
+            weights="seeded (test)",
+            weights_sha256="test",
+            merge=merge,
+            opset=18,
+            batch=None,
+            example_batch=2,
+        )
+        exports[merge] = tome, metadata, export_onnx(tome, metadata, folder / f"ast_{merge}.onnx").path
+    return exports
+
+
+def run_onnx(path, x: torch.Tensor, runner: str = "onnxruntime"):
+    from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+    from tome_deploy.runtime.openvino import OpenVINORunner
+
+    with OnnxRuntimeRunner(path) if runner == "onnxruntime" else OpenVINORunner(path) as session:
+        return torch.from_numpy(session.infer({"input_values": x.numpy()})["logits"])
+
+
+@pytest.mark.slow  # its fixture exports and validates (~10 s on 2 cores)
+def test_tome_export_of_the_folder_passes_with_only_the_batch_symbolic(cli_export):
+    import onnx
+    from conftest import io_symbolic_dims
+
+    from tome_deploy.artifact.onnx_file import read_metadata
+
+    code, err, path = cli_export
+    assert code == 0, err
+    assert "PASS: 6/6 parity checks passed" in err and "tones" in err and "FAIL" not in err
+    assert "20 -> 14" in err  # 2 x 9 overlapping patches + 2 prefix tokens, r=3 in both layers
+    graph = onnx.load(str(path)).graph
+    assert io_symbolic_dims(graph) == {"batch"}
+    assert [i.name for i in graph.input] == ["input_values"]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [TIME, MEL]
+    metadata = read_metadata(path)
+    assert metadata.input.kind == "audio_spectrogram" and metadata.input.preprocessing["sampling_rate"] == 8000
+    assert metadata.tokens_per_layer == [20, 17, 14] and metadata.num_prefix_tokens == 2
+
+
+@pytest.mark.slow  # its fixture exports (~8 s on 2 cores)
+def test_scatter_and_matmul_exports_equal_the_float64_reference(cli_export, library_exports, ast_folders):
+    """ONNX Runtime at batch 3 (traced at 2): the CLI's scatter export and the matmul export against the plain
+    reference and each other."""
+    model, _ = load_hf(ast_folders["ASTForAudioClassification"], pretrained=False)
+    x = spectrograms(3, seed=5)
+    scatter = run_onnx(cli_export[2], x)
+    matmul = run_onnx(library_exports["matmul"][2], x)
+    reference = reference_hf_ast(model.hf, x, [R, R])
+    for got in (scatter, matmul):
+        torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scatter, matmul, atol=1e-5, rtol=1e-5)
+
+
+def test_openvino_runs_the_exports_as_onnx_runtime(cli_export, library_exports):
+    x = spectrograms(2, seed=6)
+    for path in (cli_export[2], library_exports["matmul"][2]):
+        torch.testing.assert_close(run_onnx(path, x, "openvino"), run_onnx(path, x), atol=1e-4, rtol=1e-4)
+
+
+def test_target_speedup_plans_with_the_real_token_count(ast_model):
+    from tome_deploy.core.flops import theoretical_speedup
+    from tome_deploy.core.speedup import speedup_choice
+
+    shape = describe(adapter_for(ast_model), ast_model)
+    choice = speedup_choice(shape, 1.15)
+    tokens = [20]
+    for _ in range(2):
+        tokens.append(tokens[-1] - min(choice.r, (tokens[-1] - 2) // 2))
+    assert choice.predicted == pytest.approx(theoretical_speedup(tokens, 32, 2.0))
+    assert choice.predicted >= 1.15
+    smaller = [20, 20 - (choice.r - 1), 20 - 2 * (choice.r - 1)]
+    assert theoretical_speedup(smaller, 32, 2.0) < 1.15  # the smallest such r
+
+
+def test_cli_refuses_img_size_and_an_unreachable_target_in_one_line(ast_folders, tmp_path, capsys):
+    from conftest import assert_one_line_error
+
+    from tome_deploy.cli import export as export_cli
+
+    folder, out = ast_folders["ASTForAudioClassification"], str(tmp_path / "x.onnx")
+    assert export_cli.main([folder, "--r", "2", "--img-size", "64", "-o", out]) == 2
+    assert_one_line_error(capsys.readouterr().err, "audio_spectrogram input [100, 32] (time, mel)", "drop --img-size")
+    assert export_cli.main([folder, "--target-speedup", "50", "-o", out]) == 2
+    assert_one_line_error(capsys.readouterr().err, "50.00x")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def post_json(url: str, path: str, body: dict) -> tuple[int, dict]:
+    import http.client
+
+    host, port = url.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def infer_request(x) -> dict:
+    return {
+        "inputs": [{"name": "input_values", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+
+
+def test_tome_serve_answers_as_onnx_runtime_and_refuses_a_wrong_length_with_400(cli_export):
+    """tome-serve on the export: /infer takes [batch, 100, 32] spectrograms and answers what ONNX Runtime does;
+    a clip of another length or a spectrogram without its batch axis is a 400 naming the axes."""
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    code, err, path = cli_export
+    assert code == 0, err
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tome_deploy.cli.serve", str(path), "--port", "0", "--name", "ast"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = process.stderr.readline().rsplit("http://", 1)[1].strip()
+        x = spectrograms(2, seed=8).numpy()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, answer = post_json(url, "/v2/models/ast/infer", infer_request(x))
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline, "tome-serve never answered"
+                time.sleep(0.05)
+        assert status == 200 and answer["outputs"][0]["shape"] == [2, TINY_HF_AST["num_labels"]]
+        expected = run_onnx(path, torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], expected.shape), expected, atol=1e-5)
+        for shape in ([1, TIME + 10, MEL], [TIME, MEL]):
+            status, answer = post_json(url, "/v2/models/ast/infer", infer_request(np.zeros(shape, np.float32)))
+            assert status == 400 and f"the model takes [batch, {TIME}, {MEL}] (batch, time, mel)" in answer["error"]
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -308,7 +308,12 @@ def load_source(source: ModelSource) -> LoadedModel:
         name if name.startswith(HUB_PREFIX) else str(Path(name).expanduser()), pretrained=source.pretrained
     )
     adapter = adapter_for(model)
-    native = adapter.input_spec(model).shape[-1]
+    spec = adapter.input_spec(model)
+    if source.img_size is not None and spec.kind != "image":
+        raise InvalidInputError(
+            f"{name} takes {spec.kind} input {spec.describe_shape()}, fixed by its config.json; drop --img-size"
+        )
+    native = spec.shape[-1]
     if source.img_size is not None and source.img_size != native:
         raise InvalidInputError(
             f"{name} is configured for {native} px images; drop --img-size {source.img_size} "
