@@ -46,8 +46,7 @@ def load_spectrogram(path: str | Path, shape: Sequence[int]) -> np.ndarray:
         raise InvalidInputError(
             f"spectrogram {path} is truncated ({data.size} of {math.prod(expected)} values); {hint}"
         )
-    order = "F" if fortran_order else "C"
-    spectrogram = data.reshape(expected, order=order).astype(np.float32)  # [time, mel]
+    spectrogram = data.reshape(expected, order="F" if fortran_order else "C").astype(np.float32)  # [time, mel]
     if not np.isfinite(spectrogram).all():
         raise InvalidInputError(f"spectrogram {path} holds NaN or infinite values; {hint}")
     return spectrogram
