@@ -254,6 +254,25 @@ def test_openvino_runs_the_exports_as_onnx_runtime(cli_export, library_exports):
         torch.testing.assert_close(run_onnx(path, x, "openvino"), run_onnx(path, x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.tensorrt
+def test_tensorrt_rtx_builds_the_matmul_export_ahead_of_time(library_exports, capsys):
+    pytest.importorskip(
+        "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')"
+    )
+    from tome_deploy.artifact.sidecar import read_sidecar
+    from tome_deploy.cli import build as build_cli
+
+    _, metadata, path = library_exports["matmul"]
+    plan = path.with_suffix(".plan")
+    code = build_cli.main(
+        [str(path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89", "--max-batch", "4"]
+    )
+    assert code == 0, capsys.readouterr().err
+    sidecar = read_sidecar(plan)
+    assert sidecar.input_name == "input_values" and sidecar.input_shape == [TIME, MEL]
+    assert sidecar.tome.r_effective == metadata.r_effective == [R, R]
+
+
 def test_target_speedup_plans_with_the_real_token_count(ast_model):
     from tome_deploy.core.flops import theoretical_speedup
     from tome_deploy.core.speedup import speedup_choice
