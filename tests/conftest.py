@@ -137,11 +137,41 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def triton_server(export_cached, video_export, tmp_path_factory):
+def ast_folders(tmp_path_factory) -> dict[str, str]:
+    """Audio Spectrogram Transformer class name -> its save_pretrained folder (family_sources.hf_ast_folder)."""
+    from family_sources import hf_ast_folder
+
+    root = tmp_path_factory.mktemp("hf_ast")
+    return {name: hf_ast_folder(root / name, name).name for name in ("ASTForAudioClassification", "ASTModel")}
+
+
+AST_R = 3
+
+
+@pytest.fixture(scope="session")
+def ast_cli_export(ast_folders, tmp_path_factory) -> tuple[str, int, str, Path]:
+    """`tome-export FOLDER --r 3 -o PATH` on the ASTForAudioClassification folder (scatter, dynamic batch,
+    validated in ONNX Runtime): (folder, exit code, stderr, PATH)."""
+    import contextlib
+    import io
+
+    from tome_deploy.cli import export as export_cli
+
+    folder = ast_folders["ASTForAudioClassification"]
+    path = tmp_path_factory.mktemp("ast_cli") / f"ast_r{AST_R}.onnx"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = export_cli.main([folder, "--r", str(AST_R), "-o", str(path)])
+    return folder, code, err.getvalue(), path
+
+
+@pytest.fixture(scope="session")
+def triton_server(export_cached, video_export, ast_cli_export, tmp_path_factory):
     """A real tritonserver (tests/triton_server.py) serving test_vit r=8 as model "vit", the schema-2 file
-    tests/data/schema2_hf_vit_r4_scatter.onnx (written by an earlier release) as model "schema2" and the session's
-    VideoMAE export (`video_export`) as model "video", all through `tome-deploy triton-repo --backend python`;
-    yields (server, the Exported test_vit)."""
+    tests/data/schema2_hf_vit_r4_scatter.onnx (written by an earlier release) as model "schema2", the session's
+    VideoMAE export (`video_export`) as model "video" and the tiny AST's export (ast_cli_export, a spectrogram
+    input) as model "audio", all through `tome-deploy triton-repo --backend python`; yields (server, the
+    Exported test_vit)."""
     from triton_server import start_tritonserver, stop_tritonserver
 
     from tome_deploy.serving.served_model import read_served_model
@@ -155,6 +185,8 @@ def triton_server(export_cached, video_export, tmp_path_factory):
     write_triton_repo(read_served_model(schema2), root / "models", dataclasses.replace(options, model_name="schema2"))
     video = read_served_model(video_export.path)
     write_triton_repo(video, root / "models", dataclasses.replace(options, model_name="video"))
+    audio = ast_cli_export[3]
+    write_triton_repo(read_served_model(audio), root / "models", dataclasses.replace(options, model_name="audio"))
     server = start_tritonserver(root / "models", root / "tritonserver.log")
     try:
         yield server, exported

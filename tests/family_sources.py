@@ -58,6 +58,40 @@ def hf_vit_folder(folder: Path) -> ModelSource:
     return ModelSource(str(folder))
 
 
+# An ASTForAudioClassification config: 2 layers, width 32, 4 heads; 100 frames x 32 mel bins in 16 x 16 patches with
+# strides of 10 (overlapping, with a remainder on both axes): 2 x 9 patches + the class and distillation tokens.
+TINY_HF_AST = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_length=100,
+    num_mel_bins=32,
+    patch_size=16,
+    frequency_stride=10,
+    time_stride=10,
+    num_labels=5,
+)
+
+
+def hf_ast_folder(folder: Path, model_class: str = "ASTForAudioClassification") -> ModelSource:
+    """A save_pretrained AST (TINY_HF_AST) with seeded weights and its feature extractor's
+    preprocessor_config.json (8 kHz audio, a mean and std of its own)."""
+    import transformers
+
+    model = getattr(transformers, model_class)(transformers.ASTConfig(**TINY_HF_AST))
+    model.load_state_dict(seeded_state_dict(model.state_dict(), seed=4))
+    model.save_pretrained(folder)
+    transformers.ASTFeatureExtractor(
+        sampling_rate=8000,
+        num_mel_bins=TINY_HF_AST["num_mel_bins"],
+        max_length=TINY_HF_AST["max_length"],
+        mean=-3.5,
+        std=4.0,
+    ).save_pretrained(folder)
+    return ModelSource(str(folder))
+
+
 OPEN_CLIP_TINY = {  # an OpenCLIP model config, registered as the architecture "tome-test-tiny"
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4, "head_width": 32},

@@ -158,3 +158,24 @@ def test_a_videomae_export_serves_as_onnx_runtime_runs_it_and_refuses_another_fr
         http.infer("video", [short])
     assert caught.value.status() == "400", (caught.value.status(), caught.value.message())
     assert http.is_model_ready("video")
+
+
+def test_an_audio_artifact_serves_as_onnx_runtime_runs_it_and_a_wrong_length_is_refused(triton, ast_cli_export):
+    """The tiny AST's export (a [100, 32] (time, mel) spectrogram input; tests/models/test_hf_audio.py checks the
+    export itself): Triton's dims are the spectrogram's, its answer is ONNX Runtime's, a longer clip is a 400."""
+    _, code, err, path = ast_cli_export
+    assert code == 0, err
+    http = client(triton, "http")
+    assert http.is_model_ready("audio")
+    assert http.get_model_config("audio")["input"][0]["dims"] == [100, 32]
+    x = np.random.default_rng(4).standard_normal((3, 100, 32)).astype(np.float32)
+    tensor = triton_http.InferInput("input_values", [3, 100, 32], "FP32")
+    tensor.set_data_from_numpy(x)
+    got = http.infer("audio", [tensor]).as_numpy("logits")
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_values": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    longer = triton_http.InferInput("input_values", [1, 110, 32], "FP32")
+    longer.set_data_from_numpy(np.zeros((1, 110, 32), np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        http.infer("audio", [longer])
+    assert caught.value.status() == "400", (caught.value.status(), caught.value.message())

@@ -82,6 +82,7 @@ _FAMILY_MODULES = (
     "tome_deploy.models.timm_eva",
     "tome_deploy.models.hf_transformers",
     "tome_deploy.models.hf_video",
+    "tome_deploy.models.hf_audio",
     "tome_deploy.models.open_clip_visual",
     "tome_deploy.models.torchvision_vit",
 )

@@ -15,11 +15,12 @@ pooler_output), so that every runner gets one tensor. Sources: a local folder wr
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,18 @@ OUTPUTS = {
     "SiglipVisionModel": "pooler_output",
     "Dinov2Model": "pooler_output",
     "Dinov2WithRegistersModel": "pooler_output",
+}
+
+# transformers classes whose family has a module of its own: class name -> that module. It gives
+# `read_preprocessing(folder or None, config)` (checked before anything is built) and `wrap(hf_model, preprocessing)`
+# (the model ToMe sees); loading is this module's load_hf, with all its checks.
+HF_FAMILY_MODULES = {
+    "ASTForAudioClassification": "tome_deploy.models.hf_audio",
+    "ASTModel": "tome_deploy.models.hf_audio",
+    "VideoMAEForVideoClassification": "tome_deploy.models.hf_video",
+    "VideoMAEModel": "tome_deploy.models.hf_video",
+    "VivitForVideoClassification": "tome_deploy.models.hf_video",
+    "VivitModel": "tome_deploy.models.hf_video",
 }
 
 # layer class -> (pre-attention norm, attention, after attention, pre-MLP norm, MLP, after MLP); "after"
@@ -299,7 +312,12 @@ def load_source(source: ModelSource) -> LoadedModel:
         name if name.startswith(HUB_PREFIX) else str(Path(name).expanduser()), pretrained=source.pretrained
     )
     adapter = adapter_for(model)
-    native = adapter.input_spec(model).shape[-1]
+    spec = adapter.input_spec(model)
+    if source.img_size is not None and spec.kind != "image":
+        raise InvalidInputError(
+            f"{name} takes {spec.kind} input {spec.describe_shape()}, fixed by its config.json; drop --img-size"
+        )
+    native = spec.shape[-1]
     if source.img_size is not None and source.img_size != native:
         raise InvalidInputError(
             f"{name} is configured for {native} px images; drop --img-size {source.img_size} "
@@ -328,7 +346,7 @@ def read_json_object(file: Path, max_bytes: int, what: str) -> dict:
 MAX_PROCESSOR_CONFIG_BYTES = 1 << 20  # a preprocessor_config.json is a few hundred bytes
 
 
-def _processor_config(folder: Path) -> Optional[dict]:
+def processor_config(folder: Path) -> Optional[dict]:
     """preprocessor_config.json with crop_pct worked out (crop size over resize size), or None. Read capped
     in size and checked value by value: a bad value is a one-line ModelLoadError naming the file and key."""
     file = folder / "preprocessor_config.json"
@@ -539,17 +557,9 @@ def check_weights_match_config(folder: Path, config: Any, model_class: Any) -> N
         )
 
 
-def load_hf(
-    source: str,
-    *,
-    pretrained: bool,
-    classes: Mapping[str, str] = OUTPUTS,
-    wrap: Callable[..., nn.Module] = HFImageModel,
-) -> tuple[nn.Module, str]:
-    """A save_pretrained folder or hf:<id> (with --pretrained) -> (the model wrapped, in eval mode; weights line).
-
-    classes: the transformers classes this loader takes (its family's output table); wrap(hf_model, processor
-    config or None): the family's model (HFImageModel here; hf_video.HFVideoModel for video classes)."""
+def load_hf(source: str, *, pretrained: bool) -> tuple[nn.Module, str]:
+    """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel, or the wrapper of a class in
+    HF_FAMILY_MODULES, in eval mode; weights line)."""
     try:
         import transformers
     except ImportError as err:
@@ -575,11 +585,16 @@ def load_hf(
             "network is, save_pretrained it, and pass the folder"
         ) from err
     arch = (config.architectures or [None])[0]
-    if arch not in classes:
+    if arch not in OUTPUTS and arch not in HF_FAMILY_MODULES:
         raise UnsupportedModelError(
-            f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(classes))}"
+            f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted({*OUTPUTS, *HF_FAMILY_MODULES}))}"
         )
-    preprocess = _processor_config(Path(where)) if local else None  # checked before anything is built
+    family = importlib.import_module(HF_FAMILY_MODULES[arch]) if arch in HF_FAMILY_MODULES else None
+    # checked before anything is built
+    if family is not None:
+        preprocess = family.read_preprocessing(Path(where) if local else None, config)
+    else:
+        preprocess = processor_config(Path(where)) if local else None
     if local:
         check_weights_match_config(Path(where), config, getattr(transformers, arch))
     try:
@@ -592,4 +607,5 @@ def load_hf(
             "(pickled pytorch_model.bin is not read)"
         ) from err
     weights = f"transformers {arch} from {Path(source).name if local else source}"
-    return wrap(hf_model, preprocess).eval(), weights
+    model = family.wrap(hf_model, preprocess) if family is not None else HFImageModel(hf_model, preprocess)
+    return model.eval(), weights

@@ -293,6 +293,19 @@ def _architecture(folder: Path) -> Optional[str]:
     return first if isinstance(first, str) else None
 
 
+def read_preprocessing(folder: Optional[Path], config: Any) -> Optional[dict]:
+    """The folder's preprocessor_config.json (size-capped and type-checked by the image loader's reader), or
+    None; read before the model is built (hf_transformers.load_hf calls this)."""
+    from tome_deploy.models.hf_transformers import processor_config
+
+    return processor_config(folder) if folder is not None else None
+
+
+def wrap(hf_model: nn.Module, preprocess: Optional[dict]) -> HFVideoModel:
+    """The model ToMe sees for a loaded video class (hf_transformers.load_hf calls this)."""
+    return HFVideoModel(hf_model, preprocess)
+
+
 def claims(source: ModelSource) -> bool:
     """A save_pretrained folder whose config.json names a video class (supported or refused)."""
     folder = Path(source.name).expanduser()
@@ -311,7 +324,7 @@ def load_source(source: ModelSource) -> LoadedModel:
         raise InvalidInputError(
             f"{source.name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint and --model"
         )
-    model, weights = load_hf(str(folder), pretrained=source.pretrained, classes=OUTPUTS, wrap=HFVideoModel)
+    model, weights = load_hf(str(folder), pretrained=source.pretrained)
     adapter = adapter_for(model)
     native = ADAPTER.input_spec(model).image_size[-1]
     if source.img_size is not None and source.img_size != native:
