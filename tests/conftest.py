@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,20 @@ def release_export(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def external_data_export(tmp_path_factory):
+    """`tome-export test_vit --r 4 --external-data` (validated in ONNX Runtime while staged): test_vit.onnx
+    and its weights in test_vit.onnx.data, the layout of every export over 2 GiB. The same export as
+    release_export("test_vit", 4, "scatter"), which is its single-file reference. Returns the ExportOutcome."""
+    from tome_deploy.jobs.export import export_model
+    from tome_deploy.models.loading.source import ModelSource
+
+    path = tmp_path_factory.mktemp("external") / "test_vit.onnx"
+    outcome = export_model(ModelSource("test_vit", seed=0), path, r=4, merge="scatter", external_data=True)
+    assert outcome.validation is not None and outcome.validation.passed, outcome.validation
+    return outcome
+
+
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def exported_family(request, export_cached) -> Exported:
     return export_cached(request.param)
@@ -136,9 +151,10 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def triton_server(export_cached, tmp_path_factory):
+def triton_server(export_cached, external_data_export, tmp_path_factory):
     """A real tritonserver (tests/triton_server.py) serving test_vit r=8 as model "vit" through
-    `tome-deploy triton-repo --backend python`; yields (server, the Exported model)."""
+    `tome-deploy triton-repo --backend python`, and `external_data_export` (an ONNX graph with its weights
+    in a file beside it) as model "vit_external"; yields (server, the Exported model "vit")."""
     from triton_server import start_tritonserver, stop_tritonserver
 
     from tome_deploy.serving.served_model import read_served_model
@@ -148,6 +164,8 @@ def triton_server(export_cached, tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
     options = TritonOptions("vit", max_batch=8, max_queue_delay_us=10_000, backend="python", threads=1)
     write_triton_repo(read_served_model(exported.path), root / "models", options)
+    external = dataclasses.replace(options, model_name="vit_external")
+    write_triton_repo(read_served_model(external_data_export.export.path), root / "models", external)
     server = start_tritonserver(root / "models", root / "tritonserver.log")
     try:
         yield server, exported

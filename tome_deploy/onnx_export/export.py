@@ -217,26 +217,31 @@ def write_onnx(model_proto, output: Path, *, spec: ExportSpec = EXPORT_SPEC, ext
     spec.external_tensor_min_bytes in ONE file `external_data_path(output)`, named by a relative location
     (ONNX's external-data layout). Writing the pair moves the weights out of `model_proto`. A single-file
     model replaces a previous pair's data file by removing it."""
-    import onnx
-
     external = external_data or model_proto.ByteSize() > spec.single_file_max_bytes
     with StagedOutput(output, companions=[external_data_path(output)]) as staged:
         try:
             if external:
-                onnx.save_model(
-                    model_proto,
-                    str(staged.temp),
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=external_data_path(staged.temp).name,
-                    size_threshold=spec.external_tensor_min_bytes,
-                )
-            else:
-                staged.temp.write_bytes(model_proto.SerializeToString())
+                _move_weights_out(model_proto, external_data_path(staged.temp), spec.external_tensor_min_bytes)
+            staged.temp.write_bytes(model_proto.SerializeToString())
         except OSError as err:
             raise InvalidInputError(f"cannot write {output} ({err.strerror or err}); choose another -o path") from err
         _check_written(staged.temp)
         return staged.commit()
+
+
+def _move_weights_out(model_proto, data: Path, min_bytes: int) -> None:
+    """Append every initializer of at least `min_bytes` to the new file `data` and make it name that file
+    (its relative location and byte range). onnx.save_model does the same but first refuses a location that
+    exists relative to the working directory, which may be the previous version of this very output."""
+    from onnx.external_data_helper import set_external_data
+
+    with open(data, "xb") as stream:
+        for tensor in model_proto.graph.initializer:
+            raw = tensor.raw_data  # a copy of one tensor's bytes
+            if len(raw) >= min_bytes:
+                set_external_data(tensor, data.name, stream.tell(), len(raw))
+                stream.write(raw)
+                tensor.ClearField("raw_data")
 
 
 def _check_written(path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from tome_deploy.artifact.metadata import ToMeMetadata
-from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
+from tome_deploy.artifact.onnx_file import external_data_files, load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.runtime.base import Runner
@@ -32,6 +32,7 @@ class ServedModel:
     metadata: ToMeMetadata
     max_batch: Optional[int] = None  # most rows one call takes (an engine's profile); None: no limit
     engine_backend: Optional[str] = None  # engines: "tensorrt" or "tensorrt-rtx", from the sidecar
+    data_files: tuple[Path, ...] = ()  # ONNX: the external-data file(s) beside `path` that hold its weights
 
     @property
     def fixed_batch(self) -> Optional[int]:
@@ -99,7 +100,7 @@ def _read_onnx(path: Path) -> ServedModel:
             f"{path} is not an image classifier with one [batch, 3, H, W] input and one [batch, classes] output; serve a tome-export output"
         )
     metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
-    return ServedModel(path, "onnx", inputs, outputs, metadata)
+    return ServedModel(path, "onnx", inputs, outputs, metadata, data_files=external_data_files(proto, path))
 
 
 def _checked_input_size(served_model: ServedModel) -> ServedModel:
