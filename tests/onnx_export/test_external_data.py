@@ -115,12 +115,12 @@ def test_tome_validate_passes_on_the_pair(external_data_export, capsys):
     assert "PASS" in capsys.readouterr().err
 
 
-def test_the_size_limit_decides_between_one_file_and_the_pair(tmp_path):
+def test_the_weights_size_limit_decides_between_one_file_and_the_pair(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    size = matmul_model(1).ByteSize()
-    at_limit = dataclasses.replace(EXPORT_SPEC, single_file_max_bytes=size)
+    size = 64 * 32 * 4  # the bytes of W
+    at_limit = dataclasses.replace(EXPORT_SPEC, single_file_max_weight_bytes=size)
     one = write_onnx(matmul_model(1), check_onnx_output(tmp_path / "one.onnx"), spec=at_limit)
-    below = dataclasses.replace(EXPORT_SPEC, single_file_max_bytes=size - 1)
+    below = dataclasses.replace(EXPORT_SPEC, single_file_max_weight_bytes=size - 1)
     pair = write_onnx(matmul_model(1), check_onnx_output(tmp_path / "pair.onnx"), spec=below)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx", "pair.onnx", "pair.onnx.data"]
     assert locations(one) == set() and locations(pair) == {"pair.onnx.data"}

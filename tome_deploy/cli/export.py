@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--external-data",
         action="store_true",
         help="write the weights to PATH.data beside the ONNX graph (ONNX external data, one file) even when the "
-        f"model fits in one file; a model over {EXPORT_SPEC.single_file_max_bytes >> 20} MiB always is written so "
+        f"model fits in one file; a model with over {EXPORT_SPEC.single_file_max_weight_bytes >> 20} MiB of weights "
+        "always is written so "
         "(protobuf holds under 2 GiB)",
     )
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check in --runtime")

@@ -106,8 +106,8 @@ def export_model(
     quality it measured (ToMeMetadata.quality); refused (TuneFileError) when damaged, tuned for other
     weights, or for another number of blocks.
     external_data: write the weights to `output`.data beside the graph even when the model fits in one file
-    (a model over spec.single_file_max_bytes always is written so); the graph and its data file are written,
-    validated and committed together (onnx_export.export.write_onnx).
+    (a model with weights over spec.single_file_max_weight_bytes always is written so); the graph and its
+    data file are written, validated and committed together (onnx_export.export.write_onnx).
     """
     EXPORT_SPEC.check_opset(opset)
     formulation = merge_for_target(merge, target)

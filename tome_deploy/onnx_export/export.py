@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -123,8 +124,8 @@ def export_onnx(
 ) -> ExportResult:
     """Trace `tome_model` at metadata.input_size, write a checked ONNX file with the metadata attached.
 
-    The weights go to an external-data file beside it (`write_onnx`) when the model is larger than
-    spec.single_file_max_bytes, or always with `external_data`."""
+    The weights go to an external-data file beside it (`write_onnx`) when they are over
+    spec.single_file_max_weight_bytes, or always with `external_data`."""
     try:
         import onnx  # noqa: F401  (written and checked by write_onnx)
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
@@ -212,12 +213,12 @@ def write_onnx(model_proto, output: Path, *, spec: ExportSpec = EXPORT_SPEC, ext
     """Write `model_proto` at `output` (checked by `check_onnx_output`) and check the files written with
     the ONNX checker and strict shape inference; all or nothing (output_files.StagedOutput).
 
-    A model larger than spec.single_file_max_bytes (protobuf cannot hold 2 GiB), or any with
-    `external_data`, is written as a pair: the graph at `output` and every tensor of at least
+    A model whose weights are over spec.single_file_max_weight_bytes (protobuf cannot hold 2 GiB), or any
+    with `external_data`, is written as a pair: the graph at `output` and every tensor of at least
     spec.external_tensor_min_bytes in ONE file `external_data_path(output)`, named by a relative location
     (ONNX's external-data layout). Writing the pair moves the weights out of `model_proto`. A single-file
     model replaces a previous pair's data file by removing it."""
-    external = external_data or model_proto.ByteSize() > spec.single_file_max_bytes
+    external = external_data or _weight_bytes(model_proto) > spec.single_file_max_weight_bytes
     with StagedOutput(output, companions=[external_data_path(output)]) as staged:
         try:
             if external:
@@ -227,6 +228,17 @@ def write_onnx(model_proto, output: Path, *, spec: ExportSpec = EXPORT_SPEC, ext
             raise InvalidInputError(f"cannot write {output} ({err.strerror or err}); choose another -o path") from err
         _check_written(staged.temp)
         return staged.commit()
+
+
+def _weight_bytes(model_proto) -> int:
+    """The bytes of the graph's initializers, from their shapes and types. Not ModelProto.ByteSize(), which
+    serializes the whole model to count it: several times the weights in memory for a 2.5 GB ViT-H."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return sum(
+        math.prod(tensor.dims) * tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        for tensor in model_proto.graph.initializer
+    )
 
 
 def _move_weights_out(model_proto, data: Path, min_bytes: int) -> None:
