@@ -113,6 +113,20 @@ def release_export(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def external_data_export(tmp_path_factory):
+    """`tome-export test_vit --r 4 --external-data` (validated in ONNX Runtime while staged): test_vit.onnx
+    and its weights in test_vit.onnx.data, the layout of every export over 2 GiB. The same export as
+    release_export("test_vit", 4, "scatter"), which is its single-file reference. Returns the ExportOutcome."""
+    from tome_deploy.jobs.export import export_model
+    from tome_deploy.models.loading.source import ModelSource
+
+    path = tmp_path_factory.mktemp("external") / "test_vit.onnx"
+    outcome = export_model(ModelSource("test_vit", seed=0), path, r=4, merge="scatter", external_data=True)
+    assert outcome.validation is not None and outcome.validation.passed, outcome.validation
+    return outcome
+
+
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def exported_family(request, export_cached) -> Exported:
     return export_cached(request.param)
@@ -166,12 +180,13 @@ def ast_cli_export(ast_folders, tmp_path_factory) -> tuple[str, int, str, Path]:
 
 
 @pytest.fixture(scope="session")
-def triton_server(export_cached, video_export, ast_cli_export, tmp_path_factory):
+def triton_server(export_cached, video_export, ast_cli_export, external_data_export, tmp_path_factory):
     """A real tritonserver (tests/triton_server.py) serving test_vit r=8 as model "vit", the schema-2 file
     tests/data/schema2_hf_vit_r4_scatter.onnx (written by an earlier release) as model "schema2", the session's
     VideoMAE export (`video_export`) as model "video" and the tiny AST's export (ast_cli_export, a spectrogram
-    input) as model "audio", all through `tome-deploy triton-repo --backend python`; yields (server, the
-    Exported test_vit)."""
+    input) as model "audio" and `external_data_export` (an ONNX graph with its weights in a file beside it) as
+    model "vit_external", all through `tome-deploy triton-repo --backend python`; yields (server, the Exported
+    test_vit)."""
     from triton_server import start_tritonserver, stop_tritonserver
 
     from tome_deploy.serving.served_model import read_served_model
@@ -187,6 +202,8 @@ def triton_server(export_cached, video_export, ast_cli_export, tmp_path_factory)
     write_triton_repo(video, root / "models", dataclasses.replace(options, model_name="video"))
     audio = ast_cli_export[3]
     write_triton_repo(read_served_model(audio), root / "models", dataclasses.replace(options, model_name="audio"))
+    external = dataclasses.replace(options, model_name="vit_external")
+    write_triton_repo(read_served_model(external_data_export.export.path), root / "models", external)
     server = start_tritonserver(root / "models", root / "tritonserver.log")
     try:
         yield server, exported

@@ -8,14 +8,17 @@ same folder renamed over the target, so a failure or Ctrl-C (or SIGTERM / SIGHUP
 the same interrupt) leaves the old file intact and no partial file. Every temporary file and folder made here
 is also registered until it is renamed or removed: `discard_temporaries` (run by every CLI on its way out)
 removes any that an interrupt left between its creation and the block that owns it.
-A result that still has to pass a check (an ONNX export before its parity validation) is staged: written
-next to the target and renamed over it only once it passed.
+A result that still has to pass a check (an ONNX export before its parity validation), or that is several
+files which must land together (an ONNX graph and its external-data file), is staged (`StagedOutput`):
+written in a temporary folder next to the target and renamed over it only once it passed, all files or none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -184,29 +187,85 @@ def _write_error(path: Path, flag: str, err: OSError) -> InvalidInputError:
 
 
 class StagedOutput:
-    """A file written at `temp` (next to `target`) and moved onto `target` only by `commit()`.
+    """Files written in a temporary folder next to `target`, under their final names, and moved beside it
+    only by `commit()`: the target and its companions land together, or none of them does.
 
-    Used as a context manager: leaving the block without a commit (a failed check, an exception, Ctrl-C)
-    deletes the staged file, and `target` keeps whatever it held before."""
+    `temp` is where the target is written (the staging folder's file of the target's name), so a file that
+    names its companions by a relative path (an ONNX graph naming its external-data file) reads the staged
+    ones until the commit, and the final ones after it. `companions`: other files beside `target` that belong
+    to it; the caller has decided that the existing ones may be replaced. commit() moves each staged
+    companion over its namesake, removes an existing companion that was not staged (the previous version's,
+    which the new target no longer names) and renames the target last; Ctrl-C, SIGTERM and SIGHUP are held
+    back during those renames, and a rename that fails puts every file back as it was. Leaving the block
+    without a commit (a failed check, an exception, Ctrl-C) deletes the staging folder, and every target
+    keeps whatever it held before."""
 
-    def __init__(self, target: PathLike, *, flag: str = "-o"):
+    def __init__(self, target: PathLike, *, flag: str = "-o", companions: Iterable[PathLike] = ()):
         self.target = check_output_path(target, flag=flag)
+        self.companions = tuple(check_output_path(self.target.parent / Path(c).name, flag=flag) for c in companions)
         self.flag = flag
-        self.temp = _writable_temp(self.target, flag)
+        try:
+            self.folder = temporary_folder(self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+        except OSError as err:
+            raise _write_error(self.target, flag, err) from err
+        self.temp = self.folder / self.target.name
 
     def commit(self) -> Path:
+        moves = [(self.folder / c.name, c) for c in self.companions] + [(self.temp, self.target)]
         try:
-            _install(self.temp, self.target)
+            with _stop_signals_held():
+                _replace_together(moves, self.folder)
         except OSError as err:
             raise _write_error(self.target, self.flag, err) from err
+        self.discard()
         return self.target
 
     def discard(self) -> None:
-        self.temp.unlink(missing_ok=True)
-        forget(self.temp)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        forget(self.folder)
 
     def __enter__(self) -> StagedOutput:
         return self
 
     def __exit__(self, *exc) -> None:
         self.discard()
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done (then they act as usual): a few renames that
+    must happen all together. Blocking is per thread and POSIX only; elsewhere the block just runs."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _replace_together(moves: list[tuple[Path, Path]], aside: Path) -> None:
+    """Rename every (staged, target) of `moves`, in order; a target whose staged file does not exist is
+    removed instead. The last target is renamed over directly (atomic on its own); earlier ones that exist
+    are first moved into `aside` (a folder on the same file system), so that an OSError can put them back."""
+    placed: list[Path] = []  # targets renamed in so far
+    kept: list[tuple[Path, Path]] = []  # (previous file moved aside, its target)
+    try:
+        for index, (staged, target) in enumerate(moves):
+            if index < len(moves) - 1 and (target.exists() or target.is_symlink()):
+                kept.append((aside / f".previous.{target.name}", target))
+                os.replace(target, kept[-1][0])
+            if staged.exists():
+                os.chmod(staged, 0o666 & ~current_umask())  # mkstemp and mkdtemp create owner-only files
+                os.replace(staged, target)
+                placed.append(target)
+    except OSError:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        for previous, target in kept:
+            os.replace(previous, target)
+        raise

@@ -36,13 +36,13 @@ def temporaries(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_stop_signal_during_validation_leaves_no_unvalidated_export(capsys, tmp_path, monkeypatch, signum):
-    """The signal arrives once the ONNX file is written under its temporary name, before its validation."""
+    """The signal arrives once the ONNX file is written in its staging folder, before its validation."""
     import tome_deploy.jobs.export as export_job
 
     validate_runners = export_job.validate_runners
 
     def stopped_while_validating(*args, **kwargs):
-        assert [p for p in temporaries(tmp_path) if p.stat().st_size > 0]  # the full export, staged
+        assert [p for p in tmp_path.glob(".out.onnx.*.tmp/out.onnx") if p.stat().st_size > 0]  # the export, staged
         os.kill(os.getpid(), signum)
         return validate_runners(*args, **kwargs)
 
@@ -131,8 +131,9 @@ def test_an_ignored_stop_signal_stays_ignored(monkeypatch):
     ids=["SIGTERM-after-the-export-is-written", "SIGHUP-once-the-staged-file-exists"],
 )
 def test_a_real_tome_export_process_stopped_by_a_signal(tmp_path, signum, moment):
-    """A real `tome-export` process: poll until a `*.tmp` appears next to -o (`written`: one that holds the
-    export), then send the signal; nothing temporary remains and the earlier -o file is byte-identical."""
+    """A real `tome-export` process: poll until its staging folder `.out.onnx.*.tmp` appears next to -o
+    (`written`: once it holds the export), then send the signal; nothing temporary remains and the earlier
+    -o file is byte-identical."""
     out = tmp_path / "out.onnx"
     out.write_bytes(b"an earlier export")
     before = folder_state(tmp_path)
@@ -144,7 +145,8 @@ def test_a_real_tome_export_process_stopped_by_a_signal(tmp_path, signum, moment
     try:
         deadline = time.monotonic() + 240
         while process.poll() is None and time.monotonic() < deadline:
-            staged = [p for p in tmp_path.glob(".out.onnx.*.tmp") if moment == "staged" or _size(p) > 0]
+            pattern = ".out.onnx.*.tmp" if moment == "staged" else ".out.onnx.*.tmp/out.onnx"
+            staged = [p for p in tmp_path.glob(pattern) if moment == "staged" or _size(p) > 0]
             if staged:
                 process.send_signal(signum)
                 break

@@ -501,6 +501,26 @@ def test_cli_server_threads_carry_os_names_for_model_and_decoding(exported, sess
         process.wait()
 
 
+def test_serves_an_export_whose_weights_are_in_an_external_data_file(
+    external_data_export, release_export, tmp_path, capsys
+):
+    """The layout of every export over 2 GiB (test_vit.onnx + test_vit.onnx.data) serves the single file's
+    logits; the graph without its data file is refused in one line that says what is missing."""
+    path = external_data_export.export.path
+    served_model = read_served_model(path)
+    assert served_model.data_files == (path.with_name("test_vit.onnx.data"),)
+    single = ort.InferenceSession(str(release_export("test_vit", 4, "scatter").export.path))
+    with serving(served_model, OnnxRuntimeRunner(path), policy=BatchPolicy(max_batch=4, max_delay_s=0.01)) as served:
+        x = pixels(11, batch=3)
+        np.testing.assert_allclose(infer(served.client(), x), direct(single, x), rtol=1e-5, atol=1e-5)
+    alone = tmp_path / "test_vit.onnx"
+    alone.write_bytes(path.read_bytes())
+    assert serve_cli.main([str(alone), "--port", "0"]) == 2
+    assert_one_line_error(
+        capsys.readouterr().err, "test_vit.onnx.data, which is missing", "put test_vit.onnx.data back"
+    )
+
+
 @pytest.mark.parametrize(
     "args, code, fragments",
     [

@@ -7,7 +7,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import tritonclient
 from conftest import assert_one_line_error, copy_with_quality
@@ -188,3 +190,24 @@ def test_threads_without_the_python_backend_is_a_one_line_error(export_cached, t
     exported = export_cached("vit_class_token")
     assert deploy_cli.main(["triton-repo", str(exported.path), str(tmp_path), "--threads", "2"]) == 2
     assert_one_line_error(capsys.readouterr().err, "--threads applies to --backend python")
+
+
+@pytest.mark.parametrize("backend", ["platform", "python"])
+def test_an_export_with_external_data_goes_in_with_its_data_file(external_data_export, tmp_path, schema, backend):
+    """1/model.onnx keeps naming its weights test_vit.onnx.data, so that file goes next to it unchanged, and
+    ONNX Runtime opening 1/model.onnx by path (as Triton's backends do) computes what the export computes."""
+    path = external_data_export.export.path
+    assert deploy_cli.main(["triton-repo", str(path), str(tmp_path), "--name", "vit", "--backend", backend]) == 0
+    version = tmp_path / "vit" / "1"
+    expected = ["model.onnx", "test_vit.onnx.data"] + (["model.py"] if backend == "python" else [])
+    assert sorted(p.name for p in version.iterdir()) == sorted(expected)
+    assert (version / "model.onnx").read_bytes() == path.read_bytes()
+    assert (version / "test_vit.onnx.data").read_bytes() == path.with_name("test_vit.onnx.data").read_bytes()
+    config = parse_config(tmp_path / "vit" / "config.pbtxt", schema)
+    assert config.max_batch_size == 8 and [i.name for i in config.input] == ["pixel_values"]
+    x = np.random.default_rng(2).standard_normal((2, 3, 160, 160)).astype(np.float32)
+    in_repo = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    exported = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        in_repo.run(None, {"pixel_values": x})[0], exported.run(None, {"pixel_values": x})[0], rtol=1e-6, atol=1e-6
+    )

@@ -42,11 +42,13 @@ def pixels(seed: int, batch: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, 160, 160)).astype(np.float32)
 
 
-def infer(connection, protocol: str, x: np.ndarray, name: str = "pixel_values", datatype: str = "FP32") -> np.ndarray:
+def infer(
+    connection, protocol: str, x: np.ndarray, name: str = "pixel_values", datatype: str = "FP32", model: str = MODEL
+) -> np.ndarray:
     module = PROTOCOLS[protocol]
     tensor = module.InferInput(name, list(x.shape), datatype)
     tensor.set_data_from_numpy(x)
-    return connection.infer(MODEL, [tensor], outputs=[module.InferRequestedOutput("logits")]).as_numpy("logits")
+    return connection.infer(model, [tensor], outputs=[module.InferRequestedOutput("logits")]).as_numpy("logits")
 
 
 def triton_metrics(triton) -> dict[str, float]:
@@ -76,6 +78,18 @@ def test_infer_equals_direct_onnx_runtime(triton, session, protocol):
     x = pixels(7, batch=3)
     got = infer(client(triton, protocol), protocol, x)
     np.testing.assert_allclose(got, session.run(None, {"pixel_values": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_its_weights_in_an_external_data_file_loads_and_infers(triton, release_export):
+    """The repository of an export over 2 GiB (here test_vit r=4 written as a graph + test_vit.onnx.data):
+    Triton's Python-backend model opens 1/model.onnx, which finds its weights beside it."""
+    http = client(triton, "http")
+    assert http.is_model_ready("vit_external")
+    single = ort.InferenceSession(str(release_export("test_vit", 4, "scatter").export.path))
+    x = pixels(21, batch=2)
+    np.testing.assert_allclose(
+        infer(http, "http", x, model="vit_external"), single.run(None, {"pixel_values": x})[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_concurrent_clients_get_their_own_rows_from_batches_triton_formed(triton, session):

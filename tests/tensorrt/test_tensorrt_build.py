@@ -28,6 +28,7 @@ from tome_deploy.artifact.sidecar import (
 from tome_deploy.cli import build as build_cli
 from tome_deploy.cli import export as export_cli
 from tome_deploy.cli import validate as validate_cli
+from tome_deploy.onnx_export.export import check_onnx_output, write_onnx
 from tome_deploy.runtime.tensorrt import TensorRTRunner
 from tome_deploy.runtime.tensorrt_backend import local_compute_capability
 
@@ -154,9 +155,13 @@ def fp16_export(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["inflected", "fp16", "registers", "distilled"])
+@pytest.mark.parametrize("variant", ["inflected", "fp16", "registers", "distilled", "external_data"])
 def test_variants_build(variant, tmp_path, capsys, export_cached, fp16_export):
-    if variant == "inflected":
+    if variant == "external_data":  # the layout of an export over 2 GiB: the parser reads the weights beside it
+        single = export_cached("registers_meanpool_layerscale", merge="matmul").path
+        onnx_path = write_onnx(onnx.load(str(single)), check_onnx_output(tmp_path / "pair.onnx"), external_data=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pair.onnx", "pair.onnx.data"]
+    elif variant == "inflected":
         onnx_path = export(
             capsys, tmp_path, variant, "test_vit", "--r", "16", "--r-inflect", "-1", "--target", "tensorrt"
         )
@@ -175,6 +180,19 @@ def test_variants_build(variant, tmp_path, capsys, export_cached, fp16_export):
         assert tome["num_prefix_tokens"] >= 1 and tome["model"] == "test_vit2"
     if variant == "distilled":
         assert tome["num_prefix_tokens"] == 2
+
+
+def test_a_graph_without_its_external_data_file_is_refused_before_parsing(export_cached, tmp_path, capsys):
+    single = export_cached("registers_meanpool_layerscale", merge="matmul").path
+    graph = write_onnx(onnx.load(str(single)), check_onnx_output(tmp_path / "pair.onnx"), external_data=True)
+    graph.with_name("pair.onnx.data").unlink()
+    plan = tmp_path / "pair.plan"
+    code, _, err = run_cli(
+        capsys, build_cli, str(graph), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", CC
+    )
+    assert code == 2
+    assert_one_line_error(err, "pair.onnx.data, which is missing", "put pair.onnx.data back beside pair.onnx")
+    assert not plan.exists() and not sidecar_path(plan).exists()
 
 
 def test_scatter_export_is_refused_with_the_fix(export_cached, tmp_path, capsys):

@@ -13,6 +13,8 @@ TARGETS: tuple[str, ...] = ("onnxruntime", "tensorrt")
 TARGET_DEFAULT_MERGE = {"onnxruntime": "scatter", "tensorrt": "matmul"}
 # fp16: weights and activations in fp16, inputs/outputs fp32; matching and log(size) stay fp32.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+# An export too large for one file keeps its weights in the graph's name plus this: out.onnx -> out.onnx.data.
+EXTERNAL_DATA_SUFFIX = ".data"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,15 @@ class ExportSpec:
     min_opset: int = 16
     # The exporter only targets opsets the ONNX checker and ONNX Runtime 1.2x both know.
     max_opset: int = 22
+    # A serialized ONNX model is one protobuf message, which cannot reach 2 GiB. When its weights (the
+    # initializers' bytes) are over this (and always with --external-data) the export writes the graph and
+    # puts its weights in ONE external-data file beside it (ONNX's external-data layout, which ONNX Runtime,
+    # OpenVINO and TensorRT's parser read). The 64 MiB margin holds the graph itself (under 3 MiB for a
+    # 32-block ViT-H) and leaves room for a tool that adds to a single file (metadata, an optimised copy).
+    single_file_max_weight_bytes: int = 2**31 - 2**26
+    # Tensors smaller than this stay inside the graph (shapes, indices, scalars): graph-only readers and
+    # shape inference see them without the weights.
+    external_tensor_min_bytes: int = 1024
     fp32: Tolerance = Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999)
     # fp16 export vs the same model run by PyTorch in fp16: kernels round differently in the last bits.
     fp16: Tolerance = Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999)

@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU runtime that validates and times the export: onnxruntime (default) or openvino "
         f"(needs pip install 'tome-deploy[openvino]'; no --merge {either(refused_by('openvino'))})",
     )
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        help="write the weights to PATH.data beside the ONNX graph (ONNX external data, one file) even when the "
+        f"model fits in one file; a model with over {EXPORT_SPEC.single_file_max_weight_bytes >> 20} MiB of weights "
+        "always is written so "
+        "(protobuf holds under 2 GiB)",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check in --runtime")
     parser.add_argument(
         "--measure",
@@ -192,6 +200,7 @@ def _export(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         sparse=not args.no_sparse,
         schedule_from=args.schedule_from,
+        external_data=args.external_data,
         say=(lambda _: None) if quiet else say,
     )
     meta = outcome.export.metadata
@@ -236,6 +245,7 @@ def _export(args: argparse.Namespace) -> int:
     emit_report(
         {
             "onnx": str(outcome.export.path) if outcome.written else None,
+            "onnx_external_data": str(outcome.external_data) if outcome.written and outcome.external_data else None,
             "metadata": meta.to_dict(),
             "clamped_layers": outcome.schedule.clamped_layers,
             "clamp_note": outcome.schedule.clamp_note() or None,

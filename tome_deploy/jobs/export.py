@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from tome_deploy.artifact.formulations import MergeFormulation, merge_for_target
 from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.onnx_file import external_data_path
 from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.artifact.tune_file import TunedSchedule, read_tune_file
 from tome_deploy.core.schedule import RSpec, Schedule
@@ -32,10 +33,10 @@ from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
-from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_plain
+from tome_deploy.onnx_export.export import ExportResult, check_onnx_output, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import check_precision, with_precision
-from tome_deploy.output_files import StagedOutput, check_outputs
+from tome_deploy.output_files import StagedOutput
 from tome_deploy.runtime.factory import RUNTIME_LABELS, check_runtime, open_runner
 from tome_deploy.runtime.throughput import Timing, time_interleaved
 from tome_deploy.validation.parity import ValidationReport, validate_runners
@@ -52,6 +53,7 @@ class ExportOutcome:
     search: Optional[ScheduleSearch] = None  # the measured search that target started
     runtime: str = "onnxruntime"  # where validation and timing ran
     written: bool = True  # False when validation failed: the output path keeps what it held before
+    external_data: Optional[Path] = None  # the file beside the ONNX graph that holds its weights, if any
 
     @property
     def measured_speedup(self) -> Optional[float]:
@@ -80,6 +82,7 @@ def export_model(
     runtime: str = "onnxruntime",
     sparse: bool = True,
     schedule_from: str | Path | None = None,
+    external_data: bool = False,
     say: Say = silent,
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
@@ -102,6 +105,9 @@ def export_model(
     schedule_from: a tune.json of tome-tune: instead of `r`, export its chosen r per layer and record the
     quality it measured (ToMeMetadata.quality); refused (TuneFileError) when damaged, tuned for other
     weights, or for another number of blocks.
+    external_data: write the weights to `output`.data beside the graph even when the model fits in one file
+    (a model with weights over spec.single_file_max_weight_bytes always is written so); the graph and its
+    data file are written, validated and committed together (onnx_export.export.write_onnx).
     """
     EXPORT_SPEC.check_opset(opset)
     formulation = merge_for_target(merge, target)
@@ -109,7 +115,7 @@ def export_model(
     EXPORT_SPEC.check_batch(batch_size)
     if not isinstance(source, ModelSource):
         source = ModelSource(source)
-    output = check_outputs({"-o": output}, inputs=(source.name, source.checkpoint))["-o"]
+    output = check_onnx_output(output, inputs=(source.name, source.checkpoint))
     check_runtime(runtime)
     if schedule_from is not None and target_speedup is not None:
         raise InvalidInputError("a tune.json and a speedup target both choose the schedule; pass one of them")
@@ -157,8 +163,8 @@ def export_model(
         say(
             f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ..."
         )
-        with StagedOutput(output) as staged:
-            result = export_onnx(tome, metadata, staged.temp)
+        with StagedOutput(output, companions=[external_data_path(output)]) as staged:
+            result = export_onnx(tome, metadata, staged.temp, external_data=external_data)
             outcome = ExportOutcome(
                 loaded,
                 schedule,
@@ -177,7 +183,10 @@ def export_model(
                 say(f"  the export failed validation and was not written to {output} (an existing file there is kept)")
                 return outcome
             staged.commit()
-        say(f"  wrote {output} in {result.seconds:.1f} s")
+        data = external_data_path(output)
+        outcome.external_data = data if data.is_file() else None
+        weights = f" (weights in {data.name} beside it)" if outcome.external_data else ""
+        say(f"  wrote {output}{weights} in {result.seconds:.1f} s")
         if search is not None:
             outcome.timings = timings_by_r[search.r, search.stride]
         elif measure:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tome_deploy.artifact.metadata import ToMeMetadata
-from tome_deploy.artifact.onnx_file import read_metadata
+from tome_deploy.artifact.onnx_file import external_data_path, read_metadata
 from tome_deploy.artifact.sidecar import (
     EngineSidecar,
     file_sha256,
@@ -212,9 +212,10 @@ def _source_onnx_runner(sidecar: EngineSidecar, say: Say) -> list[Runner]:
 
 
 def validation_inputs(artifact: str | Path) -> tuple[Path, ...]:
-    """The files validating `artifact` reads: the artifact and, for an engine, its sidecar and the ONNX file
-    the sidecar names (when it can be read; a damaged sidecar is refused later by read_sidecar)."""
-    files = [Path(artifact)]
+    """The files validating `artifact` reads: the artifact, its external-data file when it has one, and, for
+    an engine, its sidecar and the ONNX file the sidecar names (when it can be read; a damaged sidecar is
+    refused later by read_sidecar)."""
+    files = [Path(artifact), external_data_path(artifact)]  # an ONNX file's weights may be beside it
     if is_engine_file(artifact):
         files.append(sidecar_path(artifact))
         try:

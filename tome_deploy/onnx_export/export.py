@@ -5,20 +5,24 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from tome_deploy.artifact.formulations import MergeFormulation, formulation_named, get_formulation
 from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.onnx_file import external_data_files, external_data_path, load_onnx
 from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
 from tome_deploy.core.merge import ADD_ROWS_OVERLOAD, DESTINATION_ROWS_OVERLOAD, GATHER_TOKENS_OVERLOAD
 from tome_deploy.core.tracing import onnx_export_tracing
-from tome_deploy.errors import ExportError, MissingDependencyError
-from tome_deploy.output_files import check_output_path, write_atomically
+from tome_deploy.errors import ExportError, InvalidInputError, MissingDependencyError
+from tome_deploy.output_files import StagedOutput, check_output_path
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,15 @@ def export_onnx(
     output: str | Path,
     *,
     spec: ExportSpec = EXPORT_SPEC,
+    external_data: bool = False,
 ) -> ExportResult:
-    """Trace `tome_model` at metadata.input (a random input of its shape), write a checked ONNX file with the metadata attached."""
+    """Trace `tome_model` at metadata.input (a random input of its shape), write a checked ONNX file with the
+    metadata attached.
+
+    The weights go to an external-data file beside it (`write_onnx`) when they are over
+    spec.single_file_max_weight_bytes, or always with `external_data`."""
     try:
-        import onnx
+        import onnx  # noqa: F401  (written and checked by write_onnx)
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as err:
         raise MissingDependencyError(
@@ -127,7 +136,7 @@ def export_onnx(
         ) from err
     formulation = formulation_named(metadata.merge)
     spec.check_opset(metadata.opset)
-    path = check_output_path(output)
+    path = check_onnx_output(output)
     example_batch = metadata.example_batch
     spec.check_batch(example_batch)
     dynamic = metadata.batch is None
@@ -167,26 +176,111 @@ def export_onnx(
     model_proto.producer_name = "tome-deploy"
     model_proto.producer_version = metadata.tool_version
     model_proto.doc_string = f"ToMe {metadata.model}, r per layer {metadata.r_effective}, merge={metadata.merge}"
-    try:
-        onnx.checker.check_model(model_proto, full_check=True)
-        onnx.shape_inference.infer_shapes(model_proto, strict_mode=True)
-    except Exception as err:
-        raise ExportError(f"the exported graph fails the ONNX checker: {str(err).splitlines()[0]}") from err
     # The exporter annotates every value with its traced shape; ONNX's own re-inference loses some
     # Reshape targets, so the static-shape promise is checked on the exporter's annotations.
     offenders = _symbolic_dims(model_proto, spec.batch_axis_name)
     if offenders:
         raise ExportError(f"the exported graph has symbolic dimensions besides the batch: {offenders[:5]}")
-
-    path = write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))
+    path = write_onnx(model_proto, path, spec=spec, external_data=external_data)
     return ExportResult(path, metadata, time.perf_counter() - start)
 
 
+def check_onnx_output(output: str | Path, inputs: Iterable[Optional[str | Path]] = ()) -> Path:
+    """The -o of an ONNX export, checked (output_files' policy) with the external-data file beside it
+    (`external_data_path`): that file is written or removed with the graph, so an existing one must be the
+    one the existing graph at -o names (the previous version of this output); any other is refused, never
+    overwritten."""
+    path = check_output_path(output, inputs)
+    data = check_output_path(external_data_path(path), inputs)
+    if data.exists() and not _names_file(path, data):
+        raise InvalidInputError(
+            f"{data} exists and is not the external data of {path}; an export to {path.name} writes its weights "
+            f"there when they go to a file of their own: move {data.name} away, or choose another -o"
+        )
+    return path
+
+
+def _names_file(graph: Path, data: Path) -> bool:
+    """Whether the ONNX file at `graph` keeps its weights in `data`."""
+    try:
+        return data in external_data_files(load_onnx(graph), graph)
+    except InvalidInputError:  # no graph there, not ONNX, or external data elsewhere or missing
+        return False
+
+
+def write_onnx(model_proto, output: Path, *, spec: ExportSpec = EXPORT_SPEC, external_data: bool = False) -> Path:
+    """Write `model_proto` at `output` (checked by `check_onnx_output`) and check the files written with
+    the ONNX checker and strict shape inference; all or nothing (output_files.StagedOutput).
+
+    A model whose weights are over spec.single_file_max_weight_bytes (protobuf cannot hold 2 GiB), or any
+    with `external_data`, is written as a pair: the graph at `output` and every tensor of at least
+    spec.external_tensor_min_bytes in ONE file `external_data_path(output)`, named by a relative location
+    (ONNX's external-data layout). Writing the pair moves the weights out of `model_proto`. A single-file
+    model replaces a previous pair's data file by removing it."""
+    external = external_data or _weight_bytes(model_proto) > spec.single_file_max_weight_bytes
+    with StagedOutput(output, companions=[external_data_path(output)]) as staged:
+        try:
+            if external:
+                _move_weights_out(model_proto, external_data_path(staged.temp), spec.external_tensor_min_bytes)
+            staged.temp.write_bytes(model_proto.SerializeToString())
+        except OSError as err:
+            raise InvalidInputError(f"cannot write {output} ({err.strerror or err}); choose another -o path") from err
+        _check_written(staged.temp)
+        return staged.commit()
+
+
+def _weight_bytes(model_proto) -> int:
+    """The bytes of the graph's initializers, from their shapes and types. Not ModelProto.ByteSize(), which
+    serializes the whole model to count it: several times the weights in memory for a 2.5 GB ViT-H."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return sum(
+        math.prod(tensor.dims) * tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        for tensor in model_proto.graph.initializer
+    )
+
+
+def _move_weights_out(model_proto, data: Path, min_bytes: int) -> None:
+    """Append every initializer of at least `min_bytes` to the new file `data` and make it name that file
+    (its relative location and byte range). onnx.save_model does the same but first refuses a location that
+    exists relative to the working directory, which may be the previous version of this very output."""
+    from onnx.external_data_helper import set_external_data
+
+    with open(data, "xb") as stream:
+        for tensor in model_proto.graph.initializer:
+            raw = tensor.raw_data  # a copy of one tensor's bytes
+            if len(raw) >= min_bytes:
+                set_external_data(tensor, data.name, stream.tell(), len(raw))
+                stream.write(raw)
+                tensor.ClearField("raw_data")
+
+
+def _check_written(path: Path) -> None:
+    """The ONNX checker and strict shape inference on the files at `path` (which may name external data),
+    not on the in-memory model: a message of 2 GiB or more cannot be serialized for the checker."""
+    import onnx
+
+    inferred = path.with_name(f".{path.name}.inferred")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), strict_mode=True)
+    except Exception as err:
+        raise ExportError(f"the exported graph fails the ONNX checker: {str(err).splitlines()[0]}") from err
+    finally:
+        inferred.unlink(missing_ok=True)
+
+
 def export_plain(
-    model: torch.nn.Module, metadata: ToMeMetadata, output: str | Path, *, spec: ExportSpec = EXPORT_SPEC
+    model: torch.nn.Module,
+    metadata: ToMeMetadata,
+    output: str | Path,
+    *,
+    spec: ExportSpec = EXPORT_SPEC,
+    external_data: bool = False,
 ) -> Path:
     """The baseline a user has without ToMe: torch.onnx.export of the unpatched model as it is (its own
-    attention kernels, no tome-deploy rewriting), same input, batch and opset as `metadata`."""
+    attention kernels, no tome-deploy rewriting), same input, batch and opset as `metadata`; written and
+    checked as `write_onnx` does."""
     dynamic = metadata.batch is None
     example = torch.randn(max(2 if dynamic else 1, metadata.example_batch), *metadata.input.shape)
     dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=spec.max_batch)},) if dynamic else None
@@ -206,9 +300,8 @@ def export_plain(
         raise ExportError(
             f"torch.onnx.export of the plain model failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
         ) from err
-    path = check_output_path(output)
-    model_proto = _model_proto(program)
-    return write_atomically(path, lambda stream: stream.write(model_proto.SerializeToString()))
+    path = check_onnx_output(output)
+    return write_onnx(_model_proto(program), path, spec=spec, external_data=external_data)
 
 
 def _model_proto(program):

@@ -16,7 +16,7 @@ import numpy as np
 
 from tome_deploy.artifact.input_spec import AXES
 from tome_deploy.artifact.metadata import ToMeMetadata
-from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
+from tome_deploy.artifact.onnx_file import external_data_files, load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.runtime.base import Runner
@@ -34,6 +34,7 @@ class ServedModel:
     metadata: ToMeMetadata
     max_batch: Optional[int] = None  # most rows one call takes (an engine's profile); None: no limit
     engine_backend: Optional[str] = None  # engines: "tensorrt" or "tensorrt-rtx", from the sidecar
+    data_files: tuple[Path, ...] = ()  # ONNX: the external-data file(s) beside `path` that hold its weights
 
     @property
     def fixed_batch(self) -> Optional[int]:
@@ -104,7 +105,9 @@ def _read_onnx(path: Path) -> ServedModel:
     # tome.input decides what /classify resizes to and what /infer accepts; it must be the graph's own input,
     # so a damaged or crafted value cannot choose what a request allocates.
     metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
-    return ServedModel(path, "onnx", _with_axes(inputs, metadata), outputs, metadata)
+    return ServedModel(
+        path, "onnx", _with_axes(inputs, metadata), outputs, metadata, data_files=external_data_files(proto, path)
+    )
 
 
 def _with_axes(inputs: tuple[TensorSpec, ...], metadata: ToMeMetadata) -> tuple[TensorSpec, ...]:

@@ -1,5 +1,9 @@
 """A Triton Inference Server model repository for one artifact: DIR/<model>/config.pbtxt and DIR/<model>/1/model.*.
 
+An ONNX file whose weights are in an external-data file (an export over 2 GiB, or --external-data) is
+copied as 1/model.onnx with that file next to it under the name the graph gives it (1/<export>.onnx.data):
+Triton's ONNX Runtime backend and the Python-backend model open 1/model.onnx by path and find it there.
+
 The config is written as protobuf text (Triton's `inference.ModelConfig`); its fields come from the
 artifact: platform, tensors, batch (a dynamic-batch export -> max_batch_size + dynamic_batching; a
 fixed-batch export -> max_batch_size 0 with the batch inside dims) and the ToMe schedule as parameters.
@@ -211,6 +215,8 @@ def write_triton_repo(
     try:
         (staging / VERSION).mkdir()
         write_atomically(staging / VERSION / MODEL_FILE[served_model.kind], lambda out: _copy(served_model.path, out))
+        for data in served_model.data_files:
+            _link_or_copy(data, staging / VERSION / data.name)
         if options.backend == "python":
             write_atomically(staging / VERSION / "model.py", lambda out: out.write(MODEL_PY.encode()))
         write_atomically(staging / "config.pbtxt", lambda out: out.write(text.encode()))
@@ -227,6 +233,12 @@ def write_triton_repo(
 
 def _check_repo(served_model: ServedModel, root: Path, model_name: str, overwrite: bool) -> Path:
     """The model folder to write, after every check that can be made before writing."""
+    for data in served_model.data_files:
+        if data.suffix in (".onnx", ".plan", ".py", ".pbtxt"):
+            raise InvalidInputError(
+                f"{served_model.path.name} keeps its weights in {data.name}, a name Triton would take for a model "
+                f"file; re-export it with tome-export, which names the weights {served_model.path.name}.data"
+            )
     if root.exists() and not root.is_dir():
         raise InvalidInputError(f"{root} is a file; pass a directory for the model repository")
     if not root.parent.is_dir():
@@ -309,6 +321,16 @@ def _scalar(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))  # a JSON string literal is a valid protobuf text string for these ASCII values
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """An ONNX graph's external-data file into the version folder, under the name the graph gives it: a hard
+    link where `source` is on the same file system (no second copy of weights that may exceed 2 GiB;
+    tome-export replaces files by renaming, so a later export leaves the linked file as it is), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        write_atomically(target, lambda out: _copy(source, out))
 
 
 def _copy(source: Path, out) -> None:

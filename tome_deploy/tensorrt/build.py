@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tome_deploy import __version__
-from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
+from tome_deploy.artifact.onnx_file import external_data_files, load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import (
     BatchProfile,
     EngineSidecar,
@@ -150,7 +150,8 @@ def build_engine(
     model_proto = load_onnx(onnx_path)
     # The timing cache is read and updated: an output, checked against the ONNX file and the engine.
     output = check_outputs(
-        {"-o": output, "sidecar": sidecar_path(output), "--timing-cache": options.timing_cache}, inputs=(onnx_path,)
+        {"-o": output, "sidecar": sidecar_path(output), "--timing-cache": options.timing_cache},
+        inputs=(onnx_path, *external_data_files(model_proto, onnx_path)),
     )["-o"]
     metadata = tome_metadata(model_proto, onnx_path)
     input_name, static_batch, input_shape = _onnx_input(model_proto)

@@ -99,12 +99,15 @@ def rewrite_for_python_op(model, python_domain: str):
 
 def session_model(path: str | Path, options) -> str | bytes:
     """What to pass to onnxruntime.InferenceSession: the path itself for graphs without tome::TokenMerge;
-    otherwise the rewritten graph as bytes, with the Python op's library registered in `options`."""
-    import onnx
-
+    otherwise the rewritten graph as bytes, with the Python op's library registered in `options`. External
+    weights stay where they are: ONNX Runtime reads them from the graph's folder (session config
+    `session.model_external_initializers_file_folder_path`, for a model given as bytes), so a model with
+    weights over 2 GiB never becomes one protobuf message."""
     model = load_onnx(path)
     if not contract.graph_has_token_merge(model):
         return str(path)
     options.register_custom_ops_library(register_python_op())
-    onnx.load_external_data_for_model(model, str(Path(path).parent))
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(Path(path).resolve().parent)
+    )
     return rewrite_for_python_op(model, require_extensions().default_opset_domain()).SerializeToString()
