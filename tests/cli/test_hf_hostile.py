@@ -4,6 +4,7 @@ one `error:` line naming the file and key, exit 2, no traceback, and nothing is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -121,6 +122,32 @@ def test_huge_preprocessor_config_is_refused_unread(folder, tmp_path, capsys):
         stream.truncate(2 << 20)  # sparse: 2 MiB of nothing
     assert export(folder, tmp_path) == 2
     assert_one_line_error(capsys.readouterr().err, "preprocessor_config.json is over 1 MiB")
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"image_std": [0.5, 1e-9, 0.5]}, "tome.std"),
+        ({"image_mean": [1e6, 0.5, 0.5]}, "tome.mean"),
+        ({"do_center_crop": True, "size": 64, "crop_size": 8}, "tome.crop_pct"),
+    ],
+    ids=["std-1e-9", "mean-1e6", "crop-pct-0.125"],
+)
+def test_preprocessing_that_the_served_reader_refuses_is_refused_before_writing(
+    folder, tmp_path, capsys, changes, fragment
+):
+    """Values preprocessor_config.json's own checks let through (positive, finite, crop within size) but that
+    the reader tome-serve uses refuses: the export reads its metadata back first, so nothing is written."""
+    edit_json(folder / "preprocessor_config.json", **changes)
+    before = folder_hashes(folder)
+    assert export(folder, tmp_path) == 2
+    assert_one_line_error(capsys.readouterr().err, "metadata that tome-serve refuses", fragment)
+    assert folder_hashes(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit"]  # no out.onnx, no temporary
 
 
 def test_untouched_folder_still_exports(folder, tmp_path):
