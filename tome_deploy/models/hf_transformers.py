@@ -536,8 +536,41 @@ def check_weights_match_config(folder: Path, config: Any, model_class: Any) -> N
         )
 
 
+# What a hub model's snapshot may bring: configs and safetensors weights, never code or pickles.
+HUB_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder holding a hub model's HUB_FILES (the hub cache's snapshot), downloaded when the hub is
+    reachable and taken from the cache when it is not; a hub model is then read and checked as a folder is."""
+    from huggingface_hub import snapshot_download
+
+    from tome_deploy.models.loading.timm_source import hub_offline, hub_unreachable
+
+    offline = hub_unreachable()
+    try:
+        with hub_offline(offline):
+            return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+    except Exception as err:  # huggingface_hub raises its own errors, OSError, ValueError, ...
+        raise ModelLoadError(
+            f"the Hugging Face hub {'is not reachable' if offline else 'did not give'} {repo_id} and its files are "
+            f"not in the local cache ({error_reason(err)}); download the model where a network is, save_pretrained "
+            "it, and pass the folder"
+        ) from err
+
+
 def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
-    """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel in eval mode, weights line)."""
+    """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel in eval mode, weights line).
+
+    A hub model is first fetched to its snapshot folder (hub_snapshot), so both take the same path: no code of
+    the folder's own, the preprocessor config checked, and the weights compared with the config before the
+    model is built."""
     try:
         import transformers
     except ImportError as err:
@@ -545,39 +578,32 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[HFImageModel, str]:
             f"Hugging Face models need transformers: pip install 'tome-deploy[families]' ({err})"
         ) from err
     transformers.utils.logging.disable_progress_bar()  # keep stderr to our lines
-    local = not source.startswith(HUB_PREFIX)
-    where = source if local else source[len(HUB_PREFIX) :]
-    if not local and not pretrained:
+    hub = source.startswith(HUB_PREFIX)
+    if hub and not pretrained:
         raise ModelLoadError(
             f"{source} names hub weights; pass --pretrained to download them (or a local save_pretrained folder)"
         )
-    if local:
-        refuse_custom_code(Path(where) / "config.json", transformers)
+    folder = hub_snapshot(source[len(HUB_PREFIX) :]) if hub else Path(source)
+    refuse_custom_code(folder / "config.json", transformers)
     try:
-        config = transformers.AutoConfig.from_pretrained(where, local_files_only=local, trust_remote_code=False)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as err:
-        if local:
-            raise ModelLoadError(f"{source} has no readable config.json: {error_reason(err)}") from err
-        raise ModelLoadError(
-            f"the Hugging Face hub is not reachable for {where} ({error_reason(err)}); download the model where a "
-            "network is, save_pretrained it, and pass the folder"
-        ) from err
+        raise ModelLoadError(f"{source} has no readable config.json: {error_reason(err)}") from err
     arch = (config.architectures or [None])[0]
     if arch not in OUTPUTS:
         raise UnsupportedModelError(
             f"{source} is a {arch or config.model_type} model; ToMe supports {', '.join(sorted(OUTPUTS))}"
         )
-    preprocess = _processor_config(Path(where)) if local else None  # checked before anything is built
-    if local:
-        check_weights_match_config(Path(where), config, getattr(transformers, arch))
+    preprocess = _processor_config(folder)  # checked before anything is built
+    check_weights_match_config(folder, config, getattr(transformers, arch))
     try:
         hf_model = getattr(transformers, arch).from_pretrained(
-            where, local_files_only=local, use_safetensors=True, trust_remote_code=False
+            folder, local_files_only=True, use_safetensors=True, trust_remote_code=False
         )
     except Exception as err:
         raise ModelLoadError(
             f"cannot load {arch} from {source} ({error_reason(err)}); the folder needs model.safetensors "
             "(pickled pytorch_model.bin is not read)"
         ) from err
-    weights = f"transformers {arch} from {Path(source).name if local else source}"
+    weights = f"transformers {arch} from {source if hub else Path(source).name}"
     return HFImageModel(hf_model, preprocess).eval(), weights
