@@ -35,6 +35,7 @@ from tome_deploy.errors import (
     UnsupportedModelError,
     error_reason,
 )
+from tome_deploy.input_files import read_input_bytes
 from tome_deploy.models.adapter import adapter_for, mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
 from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceForm
@@ -314,8 +315,12 @@ def read_json_object(file: Path, max_bytes: int, what: str) -> dict:
     try:
         if file.stat().st_size > max_bytes:
             raise ModelLoadError(f"{file} is over {max_bytes >> 20} MiB; it is not a {what}")
-        value = json.loads(file.read_bytes())
-    except (OSError, ValueError, RecursionError) as err:
+        raw = read_input_bytes(file, what, max_bytes)  # a FIFO or device is refused unread
+    except OSError as err:
+        raise ModelLoadError(f"{file} is not a readable JSON {what}: {error_reason(err)}") from err
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as err:
         raise ModelLoadError(f"{file} is not a readable JSON {what}: {error_reason(err)}") from err
     if not isinstance(value, dict):
         raise ModelLoadError(f"{file} holds a JSON {type(value).__name__}, not a {what} object")
@@ -329,7 +334,7 @@ def _processor_config(folder: Path) -> Optional[dict]:
     """preprocessor_config.json with crop_pct worked out (crop size over resize size), or None. Read capped
     in size and checked value by value: a bad value is a one-line ModelLoadError naming the file and key."""
     file = folder / "preprocessor_config.json"
-    if not file.is_file():
+    if not file.exists():  # a FIFO or device in its place is refused by read_json_object, never skipped
         return None
 
     def bad(key: str, why: str) -> ModelLoadError:

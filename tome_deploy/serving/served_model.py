@@ -17,6 +17,7 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.input_files import check_input_file
 from tome_deploy.runtime.base import Runner
 from tome_deploy.serving.kserve import TensorSpec, datatype_of
 
@@ -59,13 +60,14 @@ class ServedModel:
 
 def read_served_model(path: str | Path) -> ServedModel:
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInputError(f"no such artifact: {path}; pass an ONNX file written by tome-export (or an engine)")
+    check_input_file(path, "artifact")  # a FIFO or device is refused before it is opened
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return _checked_input_size(_read_onnx(path))
+        return _checked_metadata(_read_onnx(path))
     if suffix in ENGINE_SUFFIXES:
-        return _checked_input_size(_read_engine(path))
+        return _checked_metadata(_read_engine(path))
     raise InvalidInputError(
         f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output"
     )
@@ -102,13 +104,30 @@ def _read_onnx(path: Path) -> ServedModel:
     return ServedModel(path, "onnx", inputs, outputs, metadata)
 
 
-def _checked_input_size(served_model: ServedModel) -> ServedModel:
-    """tome.input_size decides what the image endpoint resizes to; it must be the graph's own [3, H, W], so a
-    damaged or crafted value cannot choose what a request allocates."""
+def _checked_metadata(served_model: ServedModel) -> ServedModel:
+    """The ToMe metadata must describe the graph it is served with, or the server would report (and a client
+    act on) a model it is not running: tome.input_size decides what the image endpoint resizes to, so it must be
+    the graph's own [3, H, W] (a crafted value cannot choose what a request allocates); tome.output_name must
+    be the graph's output; an ONNX file's tome.batch (null: dynamic) must be its graph's batch axis. An engine's
+    batch comes from its build profile, which may fix the batch of a dynamic export, so only its names count."""
+    meta, name = served_model.metadata, served_model.path.name
     graph_size = list(served_model.image_input.shape[1:])
-    if served_model.metadata.input_size != graph_size:
+    if meta.input_size != graph_size:
         raise InvalidInputError(
-            f"{served_model.path.name}: tome.input_size {served_model.metadata.input_size!r} disagrees with the model input {graph_size}; "
+            f"{name}: tome.input_size {meta.input_size!r} disagrees with the model input {graph_size}; "
+            "the metadata is damaged: re-export the model with tome-export"
+        )
+    output = served_model.outputs[0].name
+    if meta.output_name != output:
+        raise InvalidInputError(
+            f"{name}: tome.output_name {meta.output_name[:64]!r} is not the model's output ({output!r}); "
+            "the metadata is damaged: re-export the model with tome-export"
+        )
+    if served_model.kind == "onnx" and meta.batch != served_model.fixed_batch:
+        described = "a dynamic batch" if meta.batch is None else f"a batch of {meta.batch}"
+        graph = "dynamic" if served_model.fixed_batch is None else f"fixed at {served_model.fixed_batch}"
+        raise InvalidInputError(
+            f"{name}: tome.batch says {described} but the graph's batch axis is {graph}; "
             "the metadata is damaged: re-export the model with tome-export"
         )
     return served_model
