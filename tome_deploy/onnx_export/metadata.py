@@ -74,6 +74,6 @@ def check_readable(metadata: ToMeMetadata) -> None:
     except FieldError as err:
         raise MetadataError(
             f"{metadata.model} ({metadata.weights}) would be exported with metadata that tome-serve refuses: {err}; "
-            "fix the model's preprocessing (image_mean / image_std / size / crop_size of its preprocessor_config.json) "
-            "or its config"
+            "fix the model's preprocessing (a Hugging Face folder's preprocessor_config.json, a timm model's "
+            "pretrained_cfg) or its config"
         ) from None
