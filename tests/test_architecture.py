@@ -16,7 +16,13 @@ import pytest
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "tome_deploy"
 
 # Modules directly under tome_deploy/ that everything may use.
-BASE = {"tome_deploy", "tome_deploy.errors", "tome_deploy.output_files", "tome_deploy.preprocess"}
+BASE = {
+    "tome_deploy",
+    "tome_deploy.errors",
+    "tome_deploy.input_files",
+    "tome_deploy.output_files",
+    "tome_deploy.preprocess",
+}
 
 # layer -> the layers it may import (besides itself and BASE). Lower layers never import higher ones.
 ALLOWED = {

@@ -4,6 +4,7 @@ export never survives under a temporary name."""
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
 import signal
@@ -164,3 +165,93 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Path, Path]:
+    """(an image folder of 4 test digits per class, tome-export tome_digits_vit --r 3 of it), made once."""
+    from tome_deploy.models.digits import write_digits_folder
+
+    root = tmp_path_factory.mktemp("digits")
+    data = root / "data"
+    write_digits_folder(data)
+    for folder in data.iterdir():
+        for extra in sorted(folder.iterdir())[4:]:
+            extra.unlink()
+    onnx = root / "digits.onnx"
+    assert export_cli.main(["tome_digits_vit", "--r", "3", "-o", str(onnx), "--no-validate", "--quiet"]) == 0
+    return data, onnx
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command, signum",
+    [("export", signal.SIGTERM), ("validate", signal.SIGHUP)],
+    ids=["tome-export--measure", "tome-validate--data"],
+)
+def test_a_stop_signal_leaves_nothing_in_the_temporary_folder(capsys, tmp_path, monkeypatch, digits, command, signum):
+    """A command that makes a temporary folder under TMPDIR (the plain export it times or compares against)
+    is stopped right after a file was written there: the folder is removed with everything in it, and nothing
+    temporary is left next to the outputs. (ONNX Runtime's `.ses` file and torch's `torchinductor_<user>`
+    cache folder are theirs: every run leaves them, a finished one too, and they hold no export.)
+    tome-tune's folder is the same `with` block (test_every_temporary_is_removed_by_construction); signalling
+    it for real would first run its search, minutes on this machine."""
+    import tempfile
+
+    import tome_deploy.jobs.export as export_job
+    import tome_deploy.jobs.validate as validate_job
+    from tome_deploy.cli import validate as validate_cli
+
+    data, onnx = digits
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    module, name = {
+        "export": (export_job, "unmerged_export"),
+        "validate": (validate_job, "export_plain"),
+    }[command]
+    written = getattr(module, name)
+
+    def stopped_after_writing(*args, **kwargs):
+        result = written(*args, **kwargs)
+        assert [p for p in scratch.rglob("*") if p.is_file()]  # the temporary folder holds the plain export
+        os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(module, name, stopped_after_writing)
+    out = tmp_path / "out"
+    main, argv = {
+        "export": (export_cli.main, ["tome_digits_vit", "--r", "3", "-o", str(out), "--measure", "--no-validate"]),
+        "validate": (validate_cli.main, ["tome_digits_vit", str(onnx), "--data", str(data)]),
+    }[command]
+    assert main(argv) == 128 + signum
+    assert_one_line_error(capsys.readouterr().err, f"stopped by {signal.Signals(signum).name}")
+    libraries = {".ses", f"torchinductor_{getpass.getuser()}"}
+    assert [p.name for p in scratch.iterdir() if p.name not in libraries] == []
+    assert not list(scratch.rglob("*.onnx")) and not temporaries(tmp_path)
+
+
+def test_every_temporary_is_removed_by_construction():
+    """The source of every command: a TemporaryDirectory is only ever opened as a `with` block (removed however
+    the block ends, a stop signal included), and the other temporaries (mkdtemp, mkstemp) are made only by
+    output_files.py, which registers each for removal on the way out."""
+    import ast
+
+    import tome_deploy
+
+    package = Path(tome_deploy.__file__).parent
+    misplaced = []
+    for source in sorted(package.rglob("*.py")):
+        tree = ast.parse(source.read_text())
+        in_with = {
+            id(item.context_expr) for node in ast.walk(tree) if isinstance(node, ast.With) for item in node.items
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                name, where = node.func.attr, f"{source.relative_to(package)}:{node.lineno}"
+                if name == "TemporaryDirectory" and id(node) not in in_with:
+                    misplaced.append(where)
+                if name in ("mkdtemp", "mkstemp", "NamedTemporaryFile") and source.name != "output_files.py":
+                    misplaced.append(where)
+    assert misplaced == []

@@ -153,7 +153,7 @@ def test_pretrained_fetch_failure_points_at_checkpoint(monkeypatch):
         return real_create(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline_create)
-    monkeypatch.setattr(timm_source, "_hub_unreachable", lambda: False)  # the hub resolves, the fetch fails
+    monkeypatch.setattr(timm_source, "hub_unreachable", lambda: False)  # the hub resolves, the fetch fails
     with pytest.raises(ModelLoadError) as info:
         load_model(ARCH, pretrained=True, img_size=SIZE)
     assert "could not be fetched" in str(info.value) and "--checkpoint" in str(info.value)

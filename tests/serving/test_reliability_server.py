@@ -241,6 +241,28 @@ def test_body_sent_at_one_byte_per_interval_is_cut_off_with_408(server):
     assert time.monotonic() - started < 8
 
 
+def test_a_declared_body_over_the_limit_gets_413_before_it_is_sent(server):
+    """Content-Length over --max-body-mb: the 413 comes after the headers alone (with Expect: 100-continue the
+    client need never send the body). Before, the server waited for the body (here: a 408 after 1 s)."""
+    sock = connect(server)
+    declared = 1 << 40  # 1 TiB, never sent
+    sock.sendall(
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {declared}\r\n\r\n".encode()
+    )
+    sock.settimeout(10)
+    answer = b""
+    while b"}" not in answer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b"100 Continue" not in answer
+    assert f"declares {declared} bytes".encode() in answer
+
+
 def test_headers_sent_slowly_get_the_connection_closed(server):
     sock = connect(server)
     started = time.monotonic()
@@ -296,6 +318,11 @@ def test_nan_outputs_are_a_clear_error_in_valid_json(nan_model):
         ("--body-timeout-s", "0", "--body-timeout-s is 0.0"),
         ("--max-image-pixels", "0", "--max-image-pixels is 0"),
         ("--max-connections", "0", "--max-connections is 0"),
+        ("--max-body-mb", "1e300", "at most 4096"),
+        ("--timeout-s", "1e300", "at most 86400"),
+        ("--max-delay-ms", "1e300", "at most 8.64e+07"),
+        ("--name", "", "model name ''"),
+        ("--name", "a/b", "model name 'a/b'"),
     ],
 )
 def test_flags_no_server_could_honour_are_refused_at_start(exported, capsys, flag, value, fragment):
@@ -323,6 +350,30 @@ def test_artifact_with_a_crafted_input_shape_is_refused(exported, tmp_path, caps
     assert serve_cli.main([str(path), "--port", "0"]) == 2
     assert_one_line_error(capsys.readouterr().err, fragment, "re-export")
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("tome.output_name", '"absent"', "tome.output_name 'absent' is not the model's output ('logits')"),
+        ("tome.batch", "4", "tome.batch says a batch of 4 but the graph's batch axis is dynamic"),
+    ],
+    ids=["output-name-not-in-the-graph", "static-batch-over-a-dynamic-graph"],
+)
+def test_metadata_that_does_not_describe_its_graph_is_refused_at_load(exported, tmp_path, capsys, key, value, fragment):
+    """Crafted metadata is never served: tome-serve and tome-deploy triton-repo refuse it in one line at load."""
+    from tome_deploy.cli import deploy as deploy_cli
+
+    proto = onnx.load(str(exported.path))
+    next(prop for prop in proto.metadata_props if prop.key == key).value = value
+    path = tmp_path / "crafted.onnx"
+    onnx.save(proto, str(path))
+    before = path.read_bytes()
+    assert serve_cli.main([str(path), "--port", "0"]) == 2
+    assert_one_line_error(capsys.readouterr().err, fragment, "re-export")
+    assert deploy_cli.main(["triton-repo", str(path), str(tmp_path / "repo")]) == 2
+    assert_one_line_error(capsys.readouterr().err, fragment, "re-export")
+    assert path.read_bytes() == before and not (tmp_path / "repo").exists()
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXTERNAL_DATA_SUFFIX
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.input_files import check_input_file
 
 
 def load_onnx(path: str | Path):
@@ -15,8 +16,9 @@ def load_onnx(path: str | Path):
     import onnx
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInputError(f"no such ONNX file: {path}")
+    check_input_file(path, "ONNX file")  # a FIFO or device is refused before it is opened
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError, OSError, ...

@@ -19,6 +19,7 @@ from tome_deploy.artifact.input_spec import sample_shape
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.input_files import check_input_file, read_input_bytes
 
 # 1: tome-deploy 0.1.0 (the version under the key "format"); 2: this one ("schema_version", typed checks).
 SIDECAR_SCHEMA_VERSION = 2
@@ -202,16 +203,22 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+MAX_SIDECAR_BYTES = 16 << 20  # a sidecar is a few KB of JSON; a larger file is not one
+
+
 def read_sidecar(plan: str | Path) -> EngineSidecar:
     """The sidecar of `plan`, after checking that the engine file is the one it describes."""
     plan, path = Path(plan), sidecar_path(plan)
-    if not plan.is_file():
+    if not plan.exists():
         raise InvalidInputError(f"no such engine file: {plan}")
+    check_input_file(plan, "engine file")  # a FIFO or device is refused before it is opened
     if not path.is_file():
         raise EngineMismatchError(f"{plan} has no sidecar {path.name}; rebuild it with tome-build, which writes one")
     try:
-        values = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
+        values = json.loads(read_input_bytes(path, "sidecar", MAX_SIDECAR_BYTES))
+    except InvalidInputError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise SidecarError(
             f"{path} is not a tome-build sidecar (not JSON: {err}); rebuild the engine with tome-build"
         ) from None

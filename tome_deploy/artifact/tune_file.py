@@ -16,6 +16,7 @@ from tome_deploy.artifact import checks
 from tome_deploy.artifact.checks import FieldError
 from tome_deploy.artifact.metadata import MAX_DEPTH, MAX_TOKENS, QUALITY_READERS
 from tome_deploy.errors import InvalidInputError, display_path
+from tome_deploy.input_files import read_input_bytes
 
 MAX_TUNE_BYTES = 4 << 20  # a tune.json lists the held-out files: thousands of names, well under this
 RERUN = "re-run tome-tune to write it again"
@@ -93,7 +94,7 @@ def _load_json(path: Path, source: str) -> Mapping[str, Any]:
             raise TuneFileError(
                 f"{source} has {size} bytes, more than a tune.json holds (at most {MAX_TUNE_BYTES}); pass the tune.json that tome-tune wrote"
             )
-        raw = path.read_bytes()[: MAX_TUNE_BYTES + 1]
+        raw = read_input_bytes(path, "tune file", MAX_TUNE_BYTES)
     except FileNotFoundError:
         raise TuneFileError(f"no such file: {source}; pass the tune.json that tome-tune wrote") from None
     except OSError as err:

@@ -80,7 +80,7 @@ def _triton_repo(args: argparse.Namespace) -> int:
             f"--max-delay-ms must be from 0 to 60000, got {args.max_delay_ms}; pass a delay in milliseconds"
         )
     options = TritonOptions(
-        model_name=args.name or default_model_name(args.artifact),
+        model_name=default_model_name(args.artifact) if args.name is None else args.name,
         max_batch=args.max_batch,
         max_queue_delay_us=round(args.max_delay_ms * 1000),
         instances=args.instances,

@@ -28,6 +28,7 @@ from tome_deploy.cli.common import (
 from tome_deploy.core.speedup import check_target
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.runtime.factory import CPU_RUNTIMES, RUNTIME_LABELS
+from tome_deploy.validation.compare import check_tolerances
 
 DEFAULT_R = "16"
 
@@ -163,6 +164,7 @@ def _export(args: argparse.Namespace) -> int:
         {"-o": args.output, "--report": args.report}, inputs=(args.source, args.checkpoint, args.schedule_from)
     )
     check_schedule_from(args)
+    check_tolerances(args.atol, args.rtol)
     target = args.target_speedup
     if target is not None:
         if args.r is not None:

@@ -12,6 +12,8 @@ from tome_deploy.cli.common import add_debug_argument, exit_codes_help, run_comm
 from tome_deploy.runtime.factory import CPU_RUNTIMES
 
 MAX_COUNT = 2**31 - 1  # --max-batch and --max-queue: int32, as Triton's max_batch_size
+MAX_BODY_MB = 4096  # a request body is held in memory whole: 4 GiB is past any real batch of images
+MAX_SECONDS = 86400.0  # timeouts and delays: a day is past any real deadline (and within every timer's range)
 DEVICE_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
 
 
@@ -139,21 +141,18 @@ def default_model_name(path: str) -> str:
 
 
 def check_limits(args: argparse.Namespace) -> None:
-    """Refuse every numeric flag that no server could honour (NaN and inf included) before anything starts."""
+    """Refuse every flag that no server could honour (NaN, inf and values past any sane bound included) and a
+    model name that is not one URL part, before anything starts."""
     from tome_deploy.errors import InvalidInputError
+    from tome_deploy.serving.triton_repo import check_model_name
 
+    if args.name is not None:
+        check_model_name(args.name)  # the URL's model part: the same rule as a Triton model name
     positive_counts = {
         "--top-k": args.top_k,
         "--max-image-pixels": args.max_image_pixels,
         "--max-connections": args.max_connections,
         "--threads": 1 if args.threads is None else args.threads,
-    }
-    positive_numbers = {
-        "--max-body-mb": args.max_body_mb,
-        "--timeout-s": args.timeout_s,
-        "--header-timeout-s": args.header_timeout_s,
-        "--body-timeout-s": args.body_timeout_s,
-        "--graceful-timeout-s": args.graceful_timeout_s,
     }
     for flag, value in positive_counts.items():
         if value < 1:
@@ -163,11 +162,20 @@ def check_limits(args: argparse.Namespace) -> None:
             raise InvalidInputError(
                 f"{flag} must be >= 1 and at most {MAX_COUNT}, got {value}; pass a value in that range"
             )
-    for flag, value in positive_numbers.items():
-        if not math.isfinite(value) or value <= 0:
-            raise InvalidInputError(f"{flag} is {value}; pass a finite number > 0")
-    if not math.isfinite(args.max_delay_ms) or args.max_delay_ms < 0:
-        raise InvalidInputError(f"--max-delay-ms is {args.max_delay_ms}; pass a finite number >= 0")
+    positive_numbers = {  # flag -> (value, the largest accepted)
+        "--max-body-mb": (args.max_body_mb, MAX_BODY_MB),
+        "--timeout-s": (args.timeout_s, MAX_SECONDS),
+        "--header-timeout-s": (args.header_timeout_s, MAX_SECONDS),
+        "--body-timeout-s": (args.body_timeout_s, MAX_SECONDS),
+        "--graceful-timeout-s": (args.graceful_timeout_s, MAX_SECONDS),
+    }
+    for flag, (value, largest) in positive_numbers.items():
+        if not math.isfinite(value) or not 0 < value <= largest:
+            raise InvalidInputError(f"{flag} is {value}; pass a finite number > 0 and at most {largest:g}")
+    if not math.isfinite(args.max_delay_ms) or not 0 <= args.max_delay_ms <= MAX_SECONDS * 1000:
+        raise InvalidInputError(
+            f"--max-delay-ms is {args.max_delay_ms}; pass a finite number >= 0 and at most {MAX_SECONDS * 1000:g}"
+        )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -190,7 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     runner = open_runner(served_model.path, args.runtime, providers=providers, threads=args.threads)
     settings = ServeSettings(
-        model_name=args.name or default_model_name(args.artifact),
+        model_name=default_model_name(args.artifact) if args.name is None else args.name,
         policy=policy,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         labels=read_labels(args.labels, served_model.num_classes) if args.labels else None,

@@ -122,7 +122,10 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from tome_deploy.validation.compare import check_tolerances
+
     _check_flags(args)
+    check_tolerances(args.atol, args.rtol)
     if args.data is not None:
         return _validate_quality(args)
     from tome_deploy.jobs.validate import validate_model, validation_inputs

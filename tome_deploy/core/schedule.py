@@ -139,8 +139,16 @@ def parse_r_arguments(r: str | int, inflect: float | None, layers: str | None) -
     """The CLI's --r / --r-inflect / --schedule trio -> one RSpec (--r as text or a number)."""
     value: Any = parse_r_text(r) if isinstance(r, str) else r  # its type is checked by resolve_schedule
     if layers is not None:
+        entries = layers.replace(" ", "").split(",")
+        if entries[-1] == "" and len(entries) > 1:
+            entries.pop()  # one trailing comma: "1,2," is "1,2"
+        if not all(entries):
+            raise ScheduleError(
+                f"--schedule must be comma-separated integers, one per layer from the first, got {layers!r}; "
+                "for no merging pass --r 0"
+            )
         try:
-            return [int(v) for v in layers.replace(" ", "").split(",") if v != ""]
+            return [int(v) for v in entries]
         except ValueError:
             raise ScheduleError(f"--schedule must be comma-separated integers, got {layers!r}") from None
     if inflect is not None:

@@ -39,6 +39,7 @@ from tome_deploy.onnx_export.precision import check_precision, with_precision
 from tome_deploy.output_files import StagedOutput
 from tome_deploy.runtime.factory import RUNTIME_LABELS, check_runtime, open_runner
 from tome_deploy.runtime.throughput import Timing, time_interleaved
+from tome_deploy.validation.compare import check_tolerances
 from tome_deploy.validation.parity import ValidationReport, validate_runners
 
 
@@ -112,6 +113,7 @@ def export_model(
     EXPORT_SPEC.check_opset(opset)
     formulation = merge_for_target(merge, target)
     check_precision(precision)
+    check_tolerances(atol, rtol)
     EXPORT_SPEC.check_batch(batch_size)
     if not isinstance(source, ModelSource):
         source = ModelSource(source)

@@ -34,6 +34,7 @@ from tome_deploy.quality.metrics import quality_metrics
 from tome_deploy.quality.report import QualityReport, headline_metric, output_kind, paired_outputs
 from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.factory import RUNTIME_LABELS, open_runner
+from tome_deploy.validation.compare import check_tolerances
 from tome_deploy.validation.parity import (
     ValidationReport,
     default_batch_sizes,
@@ -63,6 +64,7 @@ def validate_model(
     save_reference: also write the PyTorch outputs in Polygraphy's format.
     source: the model as given to tome-export; its img_size is taken from the artifact.
     """
+    check_tolerances(atol, rtol)
     if not isinstance(source, ModelSource):
         source = ModelSource(source)
     engine = is_engine_file(artifact)

@@ -38,6 +38,7 @@ from tome_deploy.errors import (
     UnsupportedModelError,
     error_reason,
 )
+from tome_deploy.input_files import read_input_bytes
 from tome_deploy.models.adapter import adapter_for, mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
 from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceForm
@@ -335,8 +336,12 @@ def read_json_object(file: Path, max_bytes: int, what: str) -> dict:
     try:
         if file.stat().st_size > max_bytes:
             raise ModelLoadError(f"{file} is over {max_bytes >> 20} MiB; it is not a {what}")
-        value = json.loads(file.read_bytes())
-    except (OSError, ValueError, RecursionError) as err:
+        raw = read_input_bytes(file, what, max_bytes)  # a FIFO or device is refused unread
+    except OSError as err:
+        raise ModelLoadError(f"{file} is not a readable JSON {what}: {error_reason(err)}") from err
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as err:
         raise ModelLoadError(f"{file} is not a readable JSON {what}: {error_reason(err)}") from err
     if not isinstance(value, dict):
         raise ModelLoadError(f"{file} holds a JSON {type(value).__name__}, not a {what} object")
@@ -350,7 +355,7 @@ def processor_config(folder: Path) -> Optional[dict]:
     """preprocessor_config.json with crop_pct worked out (crop size over resize size), or None. Read capped
     in size and checked value by value: a bad value is a one-line ModelLoadError naming the file and key."""
     file = folder / "preprocessor_config.json"
-    if not file.is_file():
+    if not file.exists():  # a FIFO or device in its place is refused by read_json_object, never skipped
         return None
 
     def bad(key: str, why: str) -> ModelLoadError:
@@ -557,9 +562,42 @@ def check_weights_match_config(folder: Path, config: Any, model_class: Any) -> N
         )
 
 
+# What a hub model's snapshot may bring: configs and safetensors weights, never code or pickles.
+HUB_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder holding a hub model's HUB_FILES (the hub cache's snapshot), downloaded when the hub is
+    reachable and taken from the cache when it is not; a hub model is then read and checked as a folder is."""
+    from huggingface_hub import snapshot_download
+
+    from tome_deploy.models.loading.timm_source import hub_offline, hub_unreachable
+
+    offline = hub_unreachable()
+    try:
+        with hub_offline(offline):
+            return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+    except Exception as err:  # huggingface_hub raises its own errors, OSError, ValueError, ...
+        raise ModelLoadError(
+            f"the Hugging Face hub {'is not reachable' if offline else 'did not give'} {repo_id} and its files are "
+            f"not in the local cache ({error_reason(err)}); download the model where a network is, save_pretrained "
+            "it, and pass the folder"
+        ) from err
+
+
 def load_hf(source: str, *, pretrained: bool) -> tuple[nn.Module, str]:
     """A save_pretrained folder or hf:<id> (with --pretrained) -> (HFImageModel, or the wrapper of a class in
-    HF_FAMILY_MODULES, in eval mode; weights line)."""
+    HF_FAMILY_MODULES, in eval mode; weights line).
+
+    A hub model is first fetched to its snapshot folder (hub_snapshot), so both take the same path: no code of
+    the folder's own, the preprocessor config checked, and the weights compared with the config before the
+    model is built."""
     try:
         import transformers
     except ImportError as err:
@@ -567,23 +605,17 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[nn.Module, str]:
             f"Hugging Face models need transformers: pip install 'tome-deploy[families]' ({err})"
         ) from err
     transformers.utils.logging.disable_progress_bar()  # keep stderr to our lines
-    local = not source.startswith(HUB_PREFIX)
-    where = source if local else source[len(HUB_PREFIX) :]
-    if not local and not pretrained:
+    hub = source.startswith(HUB_PREFIX)
+    if hub and not pretrained:
         raise ModelLoadError(
             f"{source} names hub weights; pass --pretrained to download them (or a local save_pretrained folder)"
         )
-    if local:
-        refuse_custom_code(Path(where) / "config.json", transformers)
+    folder = hub_snapshot(source[len(HUB_PREFIX) :]) if hub else Path(source)
+    refuse_custom_code(folder / "config.json", transformers)
     try:
-        config = transformers.AutoConfig.from_pretrained(where, local_files_only=local, trust_remote_code=False)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as err:
-        if local:
-            raise ModelLoadError(f"{source} has no readable config.json: {error_reason(err)}") from err
-        raise ModelLoadError(
-            f"the Hugging Face hub is not reachable for {where} ({error_reason(err)}); download the model where a "
-            "network is, save_pretrained it, and pass the folder"
-        ) from err
+        raise ModelLoadError(f"{source} has no readable config.json: {error_reason(err)}") from err
     arch = (config.architectures or [None])[0]
     if arch not in OUTPUTS and arch not in HF_FAMILY_MODULES:
         raise UnsupportedModelError(
@@ -591,21 +623,17 @@ def load_hf(source: str, *, pretrained: bool) -> tuple[nn.Module, str]:
         )
     family = importlib.import_module(HF_FAMILY_MODULES[arch]) if arch in HF_FAMILY_MODULES else None
     # checked before anything is built
-    if family is not None:
-        preprocess = family.read_preprocessing(Path(where) if local else None, config)
-    else:
-        preprocess = processor_config(Path(where)) if local else None
-    if local:
-        check_weights_match_config(Path(where), config, getattr(transformers, arch))
+    preprocess = family.read_preprocessing(folder, config) if family is not None else processor_config(folder)
+    check_weights_match_config(folder, config, getattr(transformers, arch))
     try:
         hf_model = getattr(transformers, arch).from_pretrained(
-            where, local_files_only=local, use_safetensors=True, trust_remote_code=False
+            folder, local_files_only=True, use_safetensors=True, trust_remote_code=False
         )
     except Exception as err:
         raise ModelLoadError(
             f"cannot load {arch} from {source} ({error_reason(err)}); the folder needs model.safetensors "
             "(pickled pytorch_model.bin is not read)"
         ) from err
-    weights = f"transformers {arch} from {Path(source).name if local else source}"
+    weights = f"transformers {arch} from {source if hub else Path(source).name}"
     model = family.wrap(hf_model, preprocess) if family is not None else HFImageModel(hf_model, preprocess)
     return model.eval(), weights

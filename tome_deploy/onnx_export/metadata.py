@@ -5,12 +5,14 @@ description, which names checkpoint files by their file name only (artifacts car
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 import torch
 
 from tome_deploy import __version__
-from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.checks import FieldError
+from tome_deploy.artifact.metadata import METADATA_PREFIX, MetadataError, ToMeMetadata
 from tome_deploy.core.flops import theoretical_speedup
 from tome_deploy.core.schedule import Schedule
 from tome_deploy.models.patch import tome_blocks
@@ -34,9 +36,10 @@ def build_metadata(
 ) -> ToMeMetadata:
     """model: the ToMe model apply_tome returned (its recorded shape gives width and MLP width, its family
     adapter the input spec). quality: what tome-tune measured for this schedule (ToMeMetadata.quality),
-    None when the schedule was not tuned."""
+    None when the schedule was not tuned. Raises MetadataError when the reader of the files it is written to
+    would refuse it (`check_readable`)."""
     record = tome_blocks(model)
-    return ToMeMetadata(
+    metadata = ToMeMetadata(
         tool_version=__version__,
         model=arch,
         weights=weights,
@@ -56,3 +59,21 @@ def build_metadata(
         quality=quality,
         input=record.adapter.input_spec(model),
     )
+    check_readable(metadata)
+    return metadata
+
+
+def check_readable(metadata: ToMeMetadata) -> None:
+    """Read the metadata back as tome-serve, tome-validate and tome-build read an export's `metadata_props`
+    (JSON text per `tome.*` key, then ToMeMetadata.from_dict, the reader under ToMeMetadata.from_props), before
+    any file is written: a value that reader refuses, such as a std below its bound or a NaN from a model's
+    preprocessing, is a MetadataError (exit 2) here instead of an artifact nothing can load."""
+    values = {key[len(METADATA_PREFIX) :]: json.loads(raw) for key, raw in metadata.to_props().items()}
+    try:
+        ToMeMetadata.from_dict(values, metadata.model)
+    except FieldError as err:
+        raise MetadataError(
+            f"{metadata.model} ({metadata.weights}) would be exported with metadata that tome-serve refuses: {err}; "
+            "fix the model's preprocessing (a Hugging Face folder's preprocessor_config.json, a timm model's "
+            "pretrained_cfg) or its config"
+        ) from None

@@ -23,6 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, has_file
 
 from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.errors import InvalidInputError, display_path
+from tome_deploy.input_files import open_input, read_input_bytes
 from tome_deploy.preprocess import eval_transform
 
 _CHUNK = 1 << 20  # bytes read at a time for the fingerprint
@@ -141,10 +142,14 @@ def _is_visible_image(path: str) -> bool:
     return _is_image(os.path.basename(path)) and not any(_hidden(part) for part in Path(path).parts)
 
 
+MAX_LABELS_BYTES = 16 << 20  # a labels file is read whole; ImageNet-21k's names take ~0.5 MB
+
+
 def _read_labels(path: Path) -> list[str]:
     """One label per line (surrounding spaces dropped); line number = class index."""
     try:
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        text = read_input_bytes(path, "--labels", MAX_LABELS_BYTES).decode("utf-8")
+        names = [line.strip() for line in text.splitlines()]
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidInputError(
             f"--labels {display_path(path)} cannot be read ({type(err).__name__}); pass a UTF-8 text file, one label per line"
@@ -199,7 +204,7 @@ def _fingerprint(root: Path, files: Sequence[str]) -> str:
     for relative in files:
         digest.update(relative.encode())
         try:
-            with open(root / relative, "rb") as stream:
+            with open_input(root / relative, "image") as stream:  # a FIFO named like an image is refused
                 while chunk := stream.read(_CHUNK):
                     digest.update(chunk)
         except OSError as err:

@@ -183,8 +183,18 @@ def build_app(served_model: ServedModel, runner: Runner, settings: ServeSettings
             )
 
     async def read_body(request: Request) -> bytes:
-        """The whole body, refused past max_body_bytes. A refused body is still read to its end (and dropped):
-        closing a socket with unread data resets it, and the client would lose the answer."""
+        """The whole body, refused past max_body_bytes. A declared Content-Length over the limit is refused at
+        once, before any of the body is read: the client gets its 413 without uploading (with `Expect:
+        100-continue` it never sends the body) and the server drops what still arrives (uvicorn discards a
+        request's body after its response and keeps the connection). A body without a length is refused
+        once it passes the limit, still read to its end and dropped: closing a socket with unread data resets
+        it, and the client would lose the answer."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and (len(declared) > 19 or int(declared) > settings.max_body_bytes):
+            raise BodyTooLargeError(
+                f"the body declares {declared if len(declared) <= 19 else 'over 10**19'} bytes (Content-Length), over the "
+                f"limit of {settings.max_body_bytes}; send fewer rows per request or raise --max-body-mb"
+            )
         chunks, size = [], 0
         try:
             async with asyncio.timeout(settings.body_timeout_s):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import stat
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.input_files import read_input_bytes
 from tome_deploy.preprocess import eval_transform, resized_size
 
 
@@ -98,17 +97,7 @@ def read_labels(path: str | Path, num_classes: int) -> tuple[str, ...]:
     (a device such as /dev/zero or a huge file would be read without end)."""
     path = Path(path).expanduser()
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused as not a regular file
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as stream:
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                raise InvalidInputError(
-                    f"labels file {path} is not a regular file; pass a UTF-8 text file with one class name per line"
-                )
-            data = stream.read(MAX_LABELS_BYTES + 1)
-        if len(data) > MAX_LABELS_BYTES:
-            raise InvalidInputError(
-                f"labels file {path} is over {MAX_LABELS_BYTES >> 20} MiB; pass a text file with one class name per line"
-            )
+        data = read_input_bytes(path, "labels file", MAX_LABELS_BYTES)  # a FIFO or device is refused unread
         labels = tuple(line.strip() for line in data.decode("utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidInputError(

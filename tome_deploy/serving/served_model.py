@@ -19,6 +19,7 @@ from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.onnx_file import external_data_files, load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.input_files import check_input_file
 from tome_deploy.runtime.base import Runner
 from tome_deploy.serving.kserve import TensorSpec, datatype_of
 
@@ -63,13 +64,14 @@ class ServedModel:
 
 def read_served_model(path: str | Path) -> ServedModel:
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInputError(f"no such artifact: {path}; pass an ONNX file written by tome-export (or an engine)")
+    check_input_file(path, "artifact")  # a FIFO or device is refused before it is opened
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return _read_onnx(path)
+        return _checked_metadata(_read_onnx(path))
     if suffix in ENGINE_SUFFIXES:
-        return _read_engine(path)
+        return _checked_metadata(_read_engine(path))
     raise InvalidInputError(
         f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output"
     )
@@ -113,6 +115,29 @@ def _read_onnx(path: Path) -> ServedModel:
 def _with_axes(inputs: tuple[TensorSpec, ...], metadata: ToMeMetadata) -> tuple[TensorSpec, ...]:
     """The model input (checked against the input spec) with the names of its axes, for request errors."""
     return (dataclasses.replace(inputs[0], axes=AXES[metadata.input.kind]),)
+
+
+def _checked_metadata(served_model: ServedModel) -> ServedModel:
+    """The ToMe metadata must describe the graph it is served with, or the server would report (and a client
+    act on) a model it is not running (tome.input, checked by the readers against the model's input, decides
+    what a request may allocate); tome.output_name must be the graph's output; an ONNX file's tome.batch
+    (null: dynamic) must be its graph's batch axis. An engine's batch comes from its build profile, which may
+    fix the batch of a dynamic export, so only its names count."""
+    meta, name = served_model.metadata, served_model.path.name
+    output = served_model.outputs[0].name
+    if meta.output_name != output:
+        raise InvalidInputError(
+            f"{name}: tome.output_name {meta.output_name[:64]!r} is not the model's output ({output!r}); "
+            "the metadata is damaged: re-export the model with tome-export"
+        )
+    if served_model.kind == "onnx" and meta.batch != served_model.fixed_batch:
+        described = "a dynamic batch" if meta.batch is None else f"a batch of {meta.batch}"
+        graph = "dynamic" if served_model.fixed_batch is None else f"fixed at {served_model.fixed_batch}"
+        raise InvalidInputError(
+            f"{name}: tome.batch says {described} but the graph's batch axis is {graph}; "
+            "the metadata is damaged: re-export the model with tome-export"
+        )
+    return served_model
 
 
 def _onnx_tensor(value) -> TensorSpec:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
+
+from tome_deploy.errors import InvalidInputError
+
+
+def check_tolerances(atol: Optional[float], rtol: Optional[float]) -> None:
+    """InvalidInputError (exit 2) for a parity tolerance that is NaN, infinite or negative: with NaN every
+    comparison is false and with a negative one nothing can pass, so such a run could only end in a "parity
+    failed" that says nothing about the export. None: the precision's default."""
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InvalidInputError(
+                f"{flag} is {value}; pass a finite number >= 0 (0 asks for exact equality), or drop it for the default"
+            )
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
 from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.pytorch import TorchRunner
-from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, compare_output
+from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, check_tolerances, compare_output
 from tome_deploy.validation.probes import PROBE_KINDS, probe_inputs, probe_label
 
 
@@ -77,6 +77,7 @@ def validate_runners(
     each batch size; one verdict per
     (candidate, probe, batch, output), within the budget of the export's precision. Candidates not active
     yet are activated for the comparison and deactivated after it; active ones stay active."""
+    check_tolerances(atol, rtol)
     report = ValidationReport(artifact)
     tolerance = spec.tolerance(metadata.precision)
     with contextlib.ExitStack() as activated:

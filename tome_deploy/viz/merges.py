@@ -15,6 +15,7 @@ from PIL import Image
 
 from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.input_files import check_input_file, open_input
 from tome_deploy.output_files import write_atomically
 
 Style = Literal["mean", "overlay"]
@@ -23,14 +24,12 @@ STYLES: tuple[str, ...] = ("mean", "overlay")
 
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file as RGB; InvalidInputError when it is missing or not an image."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InvalidInputError(f"image {path} does not exist; pass the path of a PNG/JPEG image")
-    if path.is_dir():
-        raise InvalidInputError(f"image {path} is a directory; pass the path of a PNG/JPEG image")
+    path = check_input_file(path, "image")  # a FIFO or device is refused before it is opened
     try:
-        with Image.open(path) as image:
+        with open_input(path, "image") as stream, Image.open(stream) as image:
             return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
+    except InvalidInputError:
+        raise
     except Image.DecompressionBombError as err:
         raise InvalidInputError(f"image {path} is too large to decode safely ({err}); pass a smaller image") from None
     except Exception as err:  # noqa: BLE001 - UnidentifiedImageError, OSError (truncated), SyntaxError, ...

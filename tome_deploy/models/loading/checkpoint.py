@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tome_deploy.errors import ModelLoadError, display_path, error_reason
+from tome_deploy.input_files import check_input_file, open_input
 from tome_deploy.models.loading.safe_pickle import read_torch
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -50,9 +51,9 @@ def existing_checkpoint(path_text: str) -> Path:
     path = Path(path_text).expanduser()
     if path.is_dir():
         raise ModelLoadError(f"checkpoint {path_text} is a directory, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise ModelLoadError(f"no such checkpoint file: {path_text}")
-    return path
+    return check_input_file(path, "checkpoint")  # a FIFO or device is refused before it is opened
 
 
 def _read_file(path: Path, *, trust_pickle: bool) -> tuple[Any, dict[str, str]]:
@@ -66,7 +67,7 @@ def _read_file(path: Path, *, trust_pickle: bool) -> tuple[Any, dict[str, str]]:
 def _sniff(path: Path) -> str:
     try:
         size = path.stat().st_size
-        with open(path, "rb") as handle:
+        with open_input(path, "checkpoint") as handle:
             head = handle.read(9)
     except OSError as err:
         raise ModelLoadError(f"cannot read {display_path(path)}: {err.strerror or err}") from err

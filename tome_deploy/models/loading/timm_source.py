@@ -156,8 +156,8 @@ def _build(
                 f"timm has no pretrained weights for {name}; pass --checkpoint PATH or drop --pretrained"
             )
 
-    offline = pretrained and _hub_unreachable()
-    with torch.random.fork_rng(devices=[]), _hub_offline(offline):
+    offline = pretrained and hub_unreachable()
+    with torch.random.fork_rng(devices=[]), hub_offline(offline):
         torch.manual_seed(seed)
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -194,7 +194,7 @@ def _hub_host() -> str:
     return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
 
 
-def _hub_unreachable() -> bool:
+def hub_unreachable() -> bool:
     """True when the hub's host name does not resolve within a few seconds (no network, no DNS)."""
     resolved: list[bool] = []
 
@@ -212,7 +212,7 @@ def _hub_unreachable() -> bool:
 
 
 @contextlib.contextmanager
-def _hub_offline(offline: bool):
+def hub_offline(offline: bool):
     """Hugging Face Hub offline mode (HF_HUB_OFFLINE) for this call: weights come from the local cache, or
     the call fails at once instead of retrying an unreachable host for a minute."""
     if not offline:
