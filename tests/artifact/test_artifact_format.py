@@ -243,6 +243,14 @@ def test_the_release_sidecar_reads_as_typed_values():
     assert "test_vit, r per layer [4, 4, 4, 4, 4, 4], merge=matmul" in sidecar.summary()
 
 
+def test_a_sidecar_of_a_video_engine_reads_its_input_shape_and_checks_it_against_the_metadata():
+    tome = {**ToMeMetadata.from_props(current_props(), "x").to_dict(), "input": VIDEO_INPUT}
+    record = {**release_sidecar(), "input_shape": [16, 3, 32, 32], "tome": tome}
+    sidecar = EngineSidecar.from_dict(record, "x.plan.json")
+    assert sidecar.input_shape == [16, 3, 32, 32] and sidecar.tome.input.kind == "video"
+    sidecar.tome.check_input(sidecar.input_name, sidecar.input_shape, "x.plan")
+
+
 def test_sidecar_round_trip_writes_both_schema_versions():
     sidecar = EngineSidecar.from_dict(release_sidecar(), "x.plan.json")
     written = json.loads(sidecar.to_json())
@@ -289,6 +297,8 @@ DAMAGED_SIDECARS = [
     ),
     ("input_shape", "abc", "'input_shape' must be a list"),
     ("input_shape", [3, 160, 1 << 20], "'input_shape' entry 2 must be a whole number"),
+    ("input_shape", [1, 2, 3, 4, 5], "'input_shape' must have 1 to 4 entries"),
+    ("input_shape", [16384, 16384], "holds more than 67108864 numbers in one sample"),
     ("backend", "tensorflow", "'backend' must be one of tensorrt, tensorrt-rtx"),
     ("backend", None, "'backend' is missing"),
     ("compute_capabilities", ["sm_89"], "'compute_capabilities' entry 0 must be a compute capability"),

@@ -121,6 +121,21 @@ class InputSpec:
         return cls(kind=kind, name=name, shape=shape, preprocessing=preprocessing)
 
 
+MAX_AXIS = max(_AXIS_LIMITS.values())  # the largest side any kind allows
+MAX_SAMPLE_RANK = max(len(axes) for axes in AXES.values())
+
+
+def sample_shape(value: Any) -> list[int]:
+    """One sample's shape of any kind (e.g. an engine's input after the batch axis): 1 to MAX_SAMPLE_RANK whole
+    numbers of 1 to MAX_AXIS, at most MAX_SAMPLE_ELEMENTS in all; FieldError otherwise."""
+    shape = checks.each(checks.whole, value, 1, MAX_AXIS)
+    if not 1 <= len(shape) <= MAX_SAMPLE_RANK:
+        raise FieldError(f"must have 1 to {MAX_SAMPLE_RANK} entries, got {len(shape)}")
+    if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+        raise FieldError(f"{shape} holds more than {MAX_SAMPLE_ELEMENTS} numbers in one sample")
+    return shape
+
+
 def image_spec(
     name: str, input_size: list[int], mean: list[float], std: list[float], interpolation: str, crop_pct: float
 ) -> InputSpec:

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional
 
 from tome_deploy.artifact import checks
 from tome_deploy.artifact.checks import FieldError
-from tome_deploy.artifact.metadata import MAX_IMAGE_SIDE, ToMeMetadata
+from tome_deploy.artifact.input_spec import sample_shape
+from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.errors import InvalidInputError
 
@@ -58,7 +59,7 @@ class EngineSidecar:
     precision: str  # from the ONNX export: "fp32" or "fp16"
     input_name: str
     output_name: str
-    input_shape: list[int]  # [C, H, W]
+    input_shape: list[int]  # one sample, after the batch axis: the input spec's shape, e.g. [C, H, W]
     output_shape: list[int]  # per image, e.g. [1000]: with the above, the engine's I/O needs no ONNX file
     onnx_path: str
     onnx_sha256: str
@@ -171,7 +172,7 @@ _READERS = {
     "precision": lambda v: checks.one_of(v, ENGINE_PRECISIONS),
     "input_name": checks.text,
     "output_name": checks.text,
-    "input_shape": lambda v: checks.each(checks.whole, v, 1, MAX_IMAGE_SIDE, length=3),
+    "input_shape": sample_shape,
     "output_shape": lambda v: checks.each(checks.whole, v, 1, 1 << 24),
     "onnx_path": checks.text,
     "onnx_sha256": _sha256,

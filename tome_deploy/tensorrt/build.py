@@ -126,14 +126,16 @@ def _onnx_output(model_proto) -> tuple[str, list[int]]:
 
 
 def _onnx_input(model_proto) -> tuple[str, Optional[int], list[int]]:
-    """(name, static batch or None, [C, H, W]) of the graph's one image input."""
+    """(name, static batch or None, one sample's static shape) of the graph's one input."""
     initializers = {t.name for t in model_proto.graph.initializer}
     inputs = [i for i in model_proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise InvalidInputError(f"expected one image input, the ONNX graph has {[i.name for i in inputs]}")
+        raise InvalidInputError(f"expected one input, the ONNX graph has {[i.name for i in inputs]}")
     dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or any(not d.HasField("dim_value") for d in dims[1:]):
-        raise InvalidInputError(f"input {inputs[0].name} must be [batch, C, H, W] with static C, H, W")
+    if len(dims) < 2 or any(not d.HasField("dim_value") for d in dims[1:]):
+        raise InvalidInputError(
+            f"input {inputs[0].name} must be [batch, ...] with every axis after the batch static (the input spec's shape)"
+        )
     batch = dims[0].dim_value if dims[0].HasField("dim_value") else None
     return inputs[0].name, batch, [d.dim_value for d in dims[1:]]
 
