@@ -182,3 +182,17 @@ def test_a_config_that_does_not_fit_the_weights_is_refused_before_loading(tmp_pa
     (folder / "config.json").write_text(json.dumps({**config, "num_frames": 8}))
     with pytest.raises(ModelLoadError, match="position_embeddings"):
         load_model(str(folder))
+
+
+@pytest.mark.parametrize(("key", "value"), [("rescale_factor", -1), ("offset", "yes")])
+def test_a_bad_processor_value_fails_the_load_with_one_line(tmp_path, key, value):
+    import json
+
+    from tome_deploy.errors import ModelLoadError
+
+    folder = tmp_path / "vivit"
+    hf_video_folder(folder, "VivitForVideoClassification")
+    (folder / "preprocessor_config.json").write_text(json.dumps({key: value}))
+    with pytest.raises(ModelLoadError, match=f"preprocessor_config.json has {key}") as caught:
+        load_model(str(folder))
+    assert "\n" not in str(caught.value)
