@@ -5,8 +5,6 @@ reference that does not import tome_deploy; TimeSformer and VideoMAE without mea
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,16 +142,13 @@ def test_videomae_without_mean_pooling_is_refused(tmp_path):
         load_model(str(folder))
 
 
-def test_timesformer_is_refused_with_one_line(tmp_path):
+def test_timesformer_is_refused_with_one_line(tmp_path, capsys):
+    from tome_deploy.cli import export as export_cli
+
     folder = tmp_path / "timesformer"
     hf_video_folder(folder, "TimesformerForVideoClassification")
-    result = subprocess.run(
-        [sys.executable, "-m", "tome_deploy.cli.export", str(folder), "--r", "4", "-o", str(tmp_path / "x.onnx")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2, result.stderr
-    assert_one_line_error(result.stderr, "TimesformerForVideoClassification", "divided space-time attention")
+    assert export_cli.main([str(folder), "--r", "4", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "TimesformerForVideoClassification", "divided space-time attention")
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -182,3 +177,17 @@ def test_a_config_that_does_not_fit_the_weights_is_refused_before_loading(tmp_pa
     (folder / "config.json").write_text(json.dumps({**config, "num_frames": 8}))
     with pytest.raises(ModelLoadError, match="position_embeddings"):
         load_model(str(folder))
+
+
+@pytest.mark.parametrize(("key", "value"), [("rescale_factor", -1), ("offset", "yes")])
+def test_a_bad_processor_value_fails_the_load_with_one_line(tmp_path, key, value):
+    import json
+
+    from tome_deploy.errors import ModelLoadError
+
+    folder = tmp_path / "vivit"
+    hf_video_folder(folder, "VivitForVideoClassification")
+    (folder / "preprocessor_config.json").write_text(json.dumps({key: value}))
+    with pytest.raises(ModelLoadError, match=f"preprocessor_config.json has {key}") as caught:
+        load_model(str(folder))
+    assert "\n" not in str(caught.value)

@@ -1,4 +1,4 @@
-"""tome-visualize: draw which patches of an image ToMe merged together."""
+"""tome-visualize: draw which patches of an image (or tubelets of a video clip) ToMe merged together."""
 
 from __future__ import annotations
 
@@ -29,14 +29,24 @@ MAX_SIDE = 8192  # the largest side of the drawing (model input side x --scale),
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tome-visualize",
-        description="Run a ToMe ViT on an image and draw which patches were merged into the same token.",
+        description="Run a ToMe ViT on an image (or a video model on a clip) and draw which patches (tubelets) were "
+        "merged into the same token.",
         epilog=exit_codes_help(),
     )
     add_model_arguments(parser)
     parser.add_argument(
-        "image", metavar="IMAGE", help="image file (PNG, JPEG, ...); it goes through the model's eval transform"
+        "image",
+        metavar="IMAGE",
+        help="image file (PNG, JPEG, ...); it goes through the model's eval transform. For a video model: a "
+        "folder of frames (in name order) or a GIF, from which the model's frame count is sampled uniformly",
     )
-    parser.add_argument("-o", "--output", required=True, metavar="PATH.png", help="PNG file to write")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="PATH.png",
+        help="PNG file to write; for a video model a PNG (every frame in a row) or a GIF (an animation)",
+    )
     add_schedule_arguments(parser, DEFAULT_R)
     parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
     parser.add_argument(
@@ -68,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 def _check_output(args: argparse.Namespace) -> Path:
     from tome_deploy.output_files import check_outputs
 
-    if Path(args.output).suffix.lower() != ".png":
+    if Path(args.output).suffix.lower() not in (".png", ".gif"):
         raise InvalidInputError(
-            f"-o {args.output} must name a .png file (tome-visualize writes PNG); e.g. -o merges.png"
+            f"-o {args.output} must name a .png file (or, for a video model, a .png or .gif); e.g. -o merges.png"
         )
     return check_outputs({"-o": args.output}, inputs=(args.image, args.source, args.checkpoint))["-o"]
 
@@ -100,14 +110,20 @@ def _visualize(args: argparse.Namespace) -> int:
     from tome_deploy.viz import (
         merges as vis,
     )
+    from tome_deploy.viz.video import is_clip_path
 
-    image = vis.load_image(args.image)  # before the model: a bad image fails fast
+    image = None if is_clip_path(args.image) else vis.load_image(args.image)  # before the model: a bad image fails fast
     report = (lambda _: None) if args.quiet else say
     report(f"Loading {args.source} ...")
     loaded = load_model(source)
     tome, schedule = apply_tome(loaded.model, r_spec, "scatter", strict=args.strict, adapter=loaded.adapter)
     say_clamp_note(schedule, report)
-    pixels, rgb = vis.model_input(image, loaded.adapter.input_spec(loaded.model))
+    spec = loaded.adapter.input_spec(loaded.model)
+    if spec.kind == "video" or image is None:
+        return _visualize_clip(args, output, loaded, tome, schedule, spec, report)
+    if output.suffix.lower() == ".gif":
+        raise InvalidInputError(f"-o {args.output}: an image model's drawing is a PNG; e.g. -o merges.png")
+    pixels, rgb = vis.model_input(image, spec)
     groups, sizes = vis.merge_groups(tome, pixels)
 
     height, width = rgb.shape[:2]
@@ -133,6 +149,52 @@ def _visualize(args: argparse.Namespace) -> int:
             f"note: {name} has random weights (seed {loaded.seed}): merges then follow colour and position, not "
             "meaning; pass --pretrained or --checkpoint to see what a trained model merges"
         )
+    return 0
+
+
+MAX_SHEET_SIDE = 32768  # px: the widest PNG of a clip's frames in a row
+
+
+def _visualize_clip(args, output: Path, loaded, tome, schedule, spec, report) -> int:
+    """A video model on a clip: every frame painted with the groups of its tubelet step, as one PNG row of
+    frames (under the input frames unless --merges-only) or an animated GIF."""
+    from tome_deploy.viz import merges as vis
+    from tome_deploy.viz import video
+
+    if spec.kind != "video":
+        raise InvalidInputError(
+            f"{args.image} is a clip, but this model takes {spec.kind_phrase} input {spec.describe_shape()}; "
+            "pass an image file"
+        )
+    if not video.is_clip_path(args.image):
+        raise InvalidInputError(
+            f"this model takes a video clip {spec.describe_shape()}; pass a folder of frames or a GIF, not {args.image}"
+        )
+    frames = spec.axis("frames")
+    pixels, rgb = video.clip_input(video.load_clip(args.image, frames), spec)
+    groups, sizes = video.clip_merge_groups(tome, pixels)
+    side = max(rgb.shape[1:3])
+    check_scale(args.scale, side)
+    scale = args.scale or max(1, -(-DEFAULT_WIDTH // side))
+    gif = output.suffix.lower() == ".gif"
+    if not gif and frames * side * scale > MAX_SHEET_SIDE:
+        raise InvalidInputError(
+            f"{frames} frames of {side * scale} px make a PNG over {MAX_SHEET_SIDE} px wide; write a .gif or pass a "
+            f"smaller --scale"
+        )
+    drawings = video.render_clip(rgb, groups, style=args.style, scale=scale)
+    inputs = [] if args.merges_only else video.scaled_frames(rgb, scale)
+    if gif:
+        video.save_gif([vis.side_by_side([*pair]) for pair in zip(inputs, drawings)] if inputs else drawings, output)
+    else:
+        vis.save_png(video.clip_sheet([row for row in (inputs, drawings) if row]), output)
+    steps, rows, cols = groups.shape
+    name = loaded.arch or type(loaded.model).__name__
+    report(
+        f"{name}: {steps}x{rows}x{cols} = {groups.size} tubelets -> {len(sizes)} merged tokens after "
+        f"{schedule.depth} blocks (r per layer {list(schedule.effective)}); largest token covers {int(sizes.max())} tubelets"
+    )
+    report(f"wrote {output} ({frames} frames)")
     return 0
 
 

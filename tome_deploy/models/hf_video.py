@@ -80,6 +80,7 @@ class HFVideoModel(nn.Module):
         self.hf = hf_model
         self.output = OUTPUTS[name]
         self.preprocess = preprocess  # from preprocessor_config.json, when the folder had one
+        frame_preprocessing(hf_model.config.model_type, preprocess)  # a bad processor value fails the load, here
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [B, T, 3, H, W] -> logits [B, classes] or an embedding [B, C]."""
@@ -275,7 +276,8 @@ def _processor_value(cfg: dict, key: str, default: Any, valid: Any) -> Any:
     value = cfg.get(key, default)
     if not valid(value):
         raise ModelLoadError(
-            f"preprocessor_config.json: {key} is {value!r}, which is not a valid value; fix or delete the file"
+            f"the model folder's preprocessor_config.json has {key} {value!r}; it must be "
+            f"{'a positive finite number' if valid is _positive_number else 'true or false'} (fix or delete the file)"
         )
     return value
 

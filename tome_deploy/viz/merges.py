@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import colorsys
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -146,13 +146,16 @@ def render_merges(
     border: int = 1,
     border_colour: Sequence[int] = (255, 255, 255),
     alpha: float = 0.55,
+    num_groups: Optional[int] = None,
 ) -> Image.Image:
     """Paint every merged group over the image.
 
     image_rgb: uint8 [H, W, 3], the model's input crop; groups: [grid_h, grid_w] group ids (`merge_groups`).
     style "mean": each group filled with its mean image colour (the ToMe paper's look); "overlay": each
     group tinted with its own colour (alpha of the tint). Borders of `border` pixels (0: none) separate
-    groups. scale: integer upscaling of the output, so that small inputs stay readable.
+    groups. scale: integer upscaling of the output, so that small inputs stay readable. num_groups: the ids are
+    0..num_groups-1 of a larger set (a clip's, drawn frame by frame), so a group gets the same tint in every
+    drawing; None numbers the ids present.
     """
     image_rgb = np.asarray(image_rgb)
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
@@ -166,15 +169,17 @@ def render_merges(
         raise InvalidInputError(f"scale must be a positive integer, got {scale}")
     height, width = image_rgb.shape[:2]
     out_h, out_w = height * scale, width * scale
-    _, labels = np.unique(groups, return_inverse=True)  # ids -> 0..G-1
-    labels = labels.reshape(groups.shape)
-    count = int(labels.max()) + 1
+    if num_groups is None:
+        _, labels = np.unique(groups, return_inverse=True)  # ids -> 0..G-1
+        labels, count = labels.reshape(groups.shape), int(labels.max()) + 1
+    else:
+        labels, count = groups, num_groups
 
     if style == "mean":
         at_input = _pixel_groups(labels, height, width).ravel()
         totals = np.zeros((count, 3), np.float64)
         np.add.at(totals, at_input, image_rgb.reshape(-1, 3).astype(np.float64))
-        means = np.rint(totals / np.bincount(at_input, minlength=count)[:, None]).astype(np.uint8)
+        means = np.rint(totals / np.maximum(np.bincount(at_input, minlength=count), 1)[:, None]).astype(np.uint8)
         at_output = _pixel_groups(labels, out_h, out_w)
         canvas = means[at_output]
     else:
