@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument(
-        "image", metavar="IMAGE", help="image file (PNG, JPEG, ...); it goes through the model's eval transform"
+        "image",
+        metavar="IMAGE",
+        help="image file (PNG, JPEG, ...); it goes through the model's eval transform. For an audio model: a .npy "
+        "log-mel spectrogram [time, mel] as its feature extractor computes it",
     )
     parser.add_argument("-o", "--output", required=True, metavar="PATH.png", help="PNG file to write")
     add_schedule_arguments(parser, DEFAULT_R)
@@ -101,14 +104,29 @@ def _visualize(args: argparse.Namespace) -> int:
         merges as vis,
     )
 
-    image = vis.load_image(args.image)  # before the model: a bad image fails fast
+    spectrogram_file = Path(args.image).suffix.lower() == ".npy"
+    image = None if spectrogram_file else vis.load_image(args.image)  # before the model: a bad image fails fast
     report = (lambda _: None) if args.quiet else say
     report(f"Loading {args.source} ...")
     loaded = load_model(source)
+    spec = loaded.adapter.input_spec(loaded.model)
+    if spectrogram_file != (spec.kind == "audio_spectrogram"):
+        raise InvalidInputError(
+            f"{args.image} is {'a .npy spectrogram' if spectrogram_file else 'an image'}, but {args.source} takes "
+            f"{spec.kind_phrase} input {spec.describe_shape()}; pass "
+            + ("a .npy log-mel spectrogram of that shape" if spec.kind == "audio_spectrogram" else "an image file")
+        )
     tome, schedule = apply_tome(loaded.model, r_spec, "scatter", strict=args.strict, adapter=loaded.adapter)
     say_clamp_note(schedule, report)
-    pixels, rgb = vis.model_input(image, loaded.adapter.input_spec(loaded.model))
-    groups, sizes = vis.merge_groups(tome, pixels)
+    if image is None:
+        from tome_deploy.viz import spectrogram as audio
+
+        values = audio.load_spectrogram(args.image, spec.shape)  # [time, mel], header checked first
+        groups, sizes = vis.merge_groups(tome, values[None], batched=True)
+        rgb, groups = audio.spectrogram_rgb(values), audio.groups_as_drawn(groups)  # low frequencies at the bottom
+    else:
+        pixels, rgb = vis.model_input(image, spec)
+        groups, sizes = vis.merge_groups(tome, pixels)
 
     height, width = rgb.shape[:2]
     check_scale(args.scale, max(height, width))  # the model's own input size, known now: before drawing anything
