@@ -356,3 +356,26 @@ def test_tome_serve_answers_as_onnx_runtime_and_refuses_a_wrong_length_with_400(
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_tome_visualize_draws_the_groups_on_a_npy_spectrogram(ast_folders, tmp_path, capsys):
+    import numpy as np
+    from conftest import assert_one_line_error
+    from PIL import Image
+
+    from tome_deploy.cli import visualize as visualize_cli
+
+    folder = ast_folders["ASTForAudioClassification"]
+    np.save(tmp_path / "clip.npy", spectrograms(1)[0].numpy())
+    out = tmp_path / "merges.png"
+    assert visualize_cli.main([folder, str(tmp_path / "clip.npy"), "--r", str(R), "-o", str(out), "--scale", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "2x9 = 18 patches -> 12 merged tokens" in err  # 20 - 2 * 3 tokens, less the 2 prefix tokens
+    assert Image.open(out).size == (2 * 2 * TIME + 8, 2 * MEL)  # spectrogram and drawing, time across, side by side
+    np.save(tmp_path / "short.npy", np.zeros((TIME - 10, MEL), np.float32))
+    assert visualize_cli.main([folder, str(tmp_path / "short.npy"), "-o", str(tmp_path / "x.png")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "short.npy is [90, 32], not [100, 32]")
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    assert visualize_cli.main([folder, str(tmp_path / "photo.png"), "-o", str(tmp_path / "x.png")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "takes an audio spectrogram input [100, 32] (time, mel)", ".npy")
+    assert not (tmp_path / "x.png").exists()

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "image",
         metavar="IMAGE",
         help="image file (PNG, JPEG, ...); it goes through the model's eval transform. For a video model: a "
-        "folder of frames (in name order) or a GIF, from which the model's frame count is sampled uniformly",
+        "folder of frames (in name order) or a GIF, from which the model's frame count is sampled uniformly. For an "
+        "audio model: a .npy log-mel spectrogram [time, mel] as its feature extractor computes it",
     )
     parser.add_argument(
         "-o",
@@ -112,19 +113,35 @@ def _visualize(args: argparse.Namespace) -> int:
     )
     from tome_deploy.viz.video import is_clip_path
 
-    image = None if is_clip_path(args.image) else vis.load_image(args.image)  # before the model: a bad image fails fast
+    clip = is_clip_path(args.image)
+    spectrogram_file = Path(args.image).suffix.lower() == ".npy"
+    # before the model: a bad image fails fast
+    image = None if clip or spectrogram_file else vis.load_image(args.image)
     report = (lambda _: None) if args.quiet else say
     report(f"Loading {args.source} ...")
     loaded = load_model(source)
+    spec = loaded.adapter.input_spec(loaded.model)
+    if spectrogram_file != (spec.kind == "audio_spectrogram"):
+        raise InvalidInputError(
+            f"{args.image} is {'a .npy spectrogram' if spectrogram_file else 'an image'}, but {args.source} takes "
+            f"{spec.kind_phrase} input {spec.describe_shape()}; pass "
+            + ("a .npy log-mel spectrogram of that shape" if spec.kind == "audio_spectrogram" else "an image file")
+        )
     tome, schedule = apply_tome(loaded.model, r_spec, "scatter", strict=args.strict, adapter=loaded.adapter)
     say_clamp_note(schedule, report)
-    spec = loaded.adapter.input_spec(loaded.model)
-    if spec.kind == "video" or image is None:
+    if spec.kind == "video" or clip:
         return _visualize_clip(args, output, loaded, tome, schedule, spec, report)
     if output.suffix.lower() == ".gif":
         raise InvalidInputError(f"-o {args.output}: an image model's drawing is a PNG; e.g. -o merges.png")
-    pixels, rgb = vis.model_input(image, spec)
-    groups, sizes = vis.merge_groups(tome, pixels)
+    if spectrogram_file:
+        from tome_deploy.viz import spectrogram as audio
+
+        values = audio.load_spectrogram(args.image, spec.shape)  # [time, mel], header checked first
+        groups, sizes = vis.merge_groups(tome, values[None], batched=True)
+        rgb, groups = audio.spectrogram_rgb(values), audio.groups_as_drawn(groups)  # low frequencies at the bottom
+    else:
+        pixels, rgb = vis.model_input(image, spec)
+        groups, sizes = vis.merge_groups(tome, pixels)
 
     height, width = rgb.shape[:2]
     check_scale(args.scale, max(height, width))  # the model's own input size, known now: before drawing anything

@@ -67,23 +67,25 @@ def model_input(image: Image.Image, spec: InputSpec) -> tuple[np.ndarray, np.nda
     return pixels, rgb
 
 
-def merge_groups(tome_model, pixels) -> tuple[np.ndarray, np.ndarray]:
-    """(group id of every patch [grid_h, grid_w], patches per group [G]) for one image.
+def merge_groups(tome_model, pixels, *, batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(group id of every patch [grid_h, grid_w], patches per group [G]) for one image or spectrogram.
 
-    pixels: [3, H, W] or [1, 3, H, W] (tensor or array) at the size the model was patched at. Group g is
-    the g-th final non-prefix token; prefix tokens (class, registers, distillation) are left out, so G is
-    the final token count minus the prefix count and every patch is in exactly one group.
+    pixels: [3, H, W] or [1, 3, H, W] (tensor or array) at the size the model was patched at; batched=True:
+    one input of any kind with its batch axis of 1 (a spectrogram [1, time, mel]). Group g is the g-th final
+    non-prefix token; prefix tokens (class, registers, distillation) are left out, so G is the final token
+    count minus the prefix count and every patch is in exactly one group.
     """
     import torch
 
     from tome_deploy.models.patch import tome_blocks, track_sources
 
     pixels = torch.as_tensor(pixels, dtype=torch.float32)
-    if pixels.ndim == 3:
+    if not batched and pixels.ndim == 3:
         pixels = pixels[None]
-    if pixels.ndim != 4 or pixels.shape[0] != 1:
+    if (not batched and pixels.ndim != 4) or pixels.shape[0] != 1:
         raise InvalidInputError(
-            f"merge_groups takes one image [3, H, W] or [1, 3, H, W], got shape {tuple(pixels.shape)}"
+            f"merge_groups takes one image [3, H, W] or [1, 3, H, W] (or, batched, one input [1, ...]), got shape "
+            f"{tuple(pixels.shape)}"
         )
     shape = tome_blocks(tome_model).shape
     prefix = shape.num_prefix
