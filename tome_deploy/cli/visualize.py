@@ -140,6 +140,7 @@ def _visualize(args: argparse.Namespace) -> int:
         groups, sizes = vis.merge_groups(tome, values[None], batched=True)
         rgb, groups = audio.spectrogram_rgb(values), audio.groups_as_drawn(groups)  # low frequencies at the bottom
     else:
+        assert image is not None  # neither a clip nor a spectrogram file: loaded above
         pixels, rgb = vis.model_input(image, spec)
         groups, sizes = vis.merge_groups(tome, pixels)
 
