@@ -91,7 +91,7 @@ def test_a_zero_or_nan_std_in_the_models_preprocessing_is_bad_input(tmp_path, ca
     model.pretrained_cfg = dict(model.pretrained_cfg, std=value)
     torch.save(model, tmp_path / "module.pt")
     argv = [str(tmp_path / "module.pt"), "-o", str(tmp_path / "out.onnx"), "--r", "2"]
-    refused(export_cli.main, argv, tmp_path, capsys, "metadata that tome-serve refuses", "tome.std")
+    refused(export_cli.main, argv, tmp_path, capsys, "metadata that tome-serve refuses", "'std'")
 
 
 @pytest.mark.parametrize("schedule", ["", ",", " , ", "4,,4"])

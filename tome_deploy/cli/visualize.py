@@ -106,6 +106,7 @@ def _visualize(args: argparse.Namespace) -> int:
     source = model_source(args)  # checks --img-size
     check_scale(args.scale, args.img_size)
 
+    from tome_deploy.models.adapter import checked_input_spec
     from tome_deploy.models.loading.dispatch import load_model
     from tome_deploy.models.patch import apply_tome
     from tome_deploy.viz import (
@@ -120,7 +121,7 @@ def _visualize(args: argparse.Namespace) -> int:
     report = (lambda _: None) if args.quiet else say
     report(f"Loading {args.source} ...")
     loaded = load_model(source)
-    spec = loaded.adapter.input_spec(loaded.model)
+    spec = checked_input_spec(loaded.adapter, loaded.model, args.source)
     if spectrogram_file != (spec.kind == "audio_spectrogram"):
         raise InvalidInputError(
             f"{args.image} is {'a .npy spectrogram' if spectrogram_file else 'an image'}, but {args.source} takes "

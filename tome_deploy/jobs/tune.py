@@ -37,7 +37,7 @@ from tome_deploy.core.schedule_search import (
 from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.export import patch_for_export, time_against, unmerged_export
 from tome_deploy.jobs.progress import Say, silent
-from tome_deploy.models.adapter import describe
+from tome_deploy.models.adapter import checked_input_spec, describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
 from tome_deploy.models.loading.fingerprint import weights_fingerprint
 from tome_deploy.models.loading.source import ModelSource
@@ -167,7 +167,7 @@ def tune_model(
     budget.check(kind, images.labels is not None)
     metric = _budget_metric(budget, metric)
     shape = describe(loaded.adapter, loaded.model)
-    config = DataConfig.of(loaded.adapter.input_spec(loaded.model), "tome-tune")
+    config = DataConfig.of(checked_input_spec(loaded.adapter, loaded.model, str(source.name)), "tome-tune")
     calibration, held_out = split_indices(
         len(images.files), images.labels, held_out_fraction=held_out_fraction, seed=split_seed
     )

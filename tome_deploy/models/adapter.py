@@ -22,8 +22,10 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+from tome_deploy.artifact.checks import FieldError
 from tome_deploy.artifact.formulations import MergeFormulation
 from tome_deploy.artifact.input_spec import InputSpec
+from tome_deploy.artifact.metadata import MetadataError
 from tome_deploy.core.schedule import ModelShape
 from tome_deploy.errors import UnsupportedModelError
 
@@ -107,6 +109,24 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         )
     adapter.check_supported(model)
     return adapter
+
+
+def checked_input_spec(adapter: ModelAdapter, model: nn.Module, name: str) -> InputSpec:
+    """`adapter.input_spec(model)`, whose values are checked as an artifact's reader checks `tome.input`: a
+    preprocessing that reader refuses (a std of 0 or NaN, a mean of 1e6, a crop of 1/8) is a MetadataError
+    naming `name` (the model), before anything is exported, drawn or tuned."""
+    try:
+        return adapter.input_spec(model)
+    except FieldError as err:
+        raise refused_metadata(name, f"tome.input {err}") from None
+
+
+def refused_metadata(name: str, problem: str) -> MetadataError:
+    """The one line for a model (`name`) whose export would carry metadata the artifact reader refuses."""
+    return MetadataError(
+        f"{name} would be exported with metadata that tome-serve refuses: {problem}; fix the model's "
+        "preprocessing (a Hugging Face folder's preprocessor_config.json, a timm model's pretrained_cfg) or its config"
+    )
 
 
 def describe(adapter: ModelAdapter, model: nn.Module) -> ModelShape:

@@ -39,7 +39,7 @@ from tome_deploy.errors import (
     error_reason,
 )
 from tome_deploy.input_files import read_input_bytes
-from tome_deploy.models.adapter import adapter_for, mlp_width_ratio
+from tome_deploy.models.adapter import adapter_for, checked_input_spec, mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
 from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceForm
 
@@ -313,7 +313,7 @@ def load_source(source: ModelSource) -> LoadedModel:
         name if name.startswith(HUB_PREFIX) else str(Path(name).expanduser()), pretrained=source.pretrained
     )
     adapter = adapter_for(model)
-    spec = adapter.input_spec(model)
+    spec = checked_input_spec(adapter, model, name)
     if source.img_size is not None and spec.kind != "image":
         raise InvalidInputError(
             f"{name} takes {spec.kind} input {spec.describe_shape()}, fixed by its config.json; drop --img-size"

@@ -34,7 +34,7 @@ from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
 from tome_deploy.errors import InvalidInputError, ModelLoadError, UnsupportedModelError
-from tome_deploy.models.adapter import adapter_for, mlp_width_ratio
+from tome_deploy.models.adapter import adapter_for, checked_input_spec, mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
 from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceForm
 
@@ -328,7 +328,7 @@ def load_source(source: ModelSource) -> LoadedModel:
         )
     model, weights = load_hf(str(folder), pretrained=source.pretrained)
     adapter = adapter_for(model)
-    native = ADAPTER.input_spec(model).image_size[-1]
+    native = checked_input_spec(adapter, model, source.name).image_size[-1]
     if source.img_size is not None and source.img_size != native:
         raise InvalidInputError(
             f"{source.name} is configured for {native} px frames; drop --img-size {source.img_size} "

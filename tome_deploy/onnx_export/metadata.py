@@ -12,9 +12,10 @@ import torch
 
 from tome_deploy import __version__
 from tome_deploy.artifact.checks import FieldError
-from tome_deploy.artifact.metadata import METADATA_PREFIX, MetadataError, ToMeMetadata
+from tome_deploy.artifact.metadata import METADATA_PREFIX, ToMeMetadata
 from tome_deploy.core.flops import theoretical_speedup
 from tome_deploy.core.schedule import Schedule
+from tome_deploy.models.adapter import checked_input_spec, refused_metadata
 from tome_deploy.models.patch import tome_blocks
 
 
@@ -57,7 +58,7 @@ def build_metadata(
         precision=precision,
         target=target,
         quality=quality,
-        input=record.adapter.input_spec(model),
+        input=checked_input_spec(record.adapter, model, f"{arch} ({weights})"),
     )
     check_readable(metadata)
     return metadata
@@ -72,8 +73,4 @@ def check_readable(metadata: ToMeMetadata) -> None:
     try:
         ToMeMetadata.from_dict(values, metadata.model)
     except FieldError as err:
-        raise MetadataError(
-            f"{metadata.model} ({metadata.weights}) would be exported with metadata that tome-serve refuses: {err}; "
-            "fix the model's preprocessing (a Hugging Face folder's preprocessor_config.json, a timm model's "
-            "pretrained_cfg) or its config"
-        ) from None
+        raise refused_metadata(f"{metadata.model} ({metadata.weights})", str(err)) from None
