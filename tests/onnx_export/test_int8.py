@@ -1,0 +1,176 @@
+"""Int8 exports of the bundled digits ViT at r=3: ONNX Runtime dynamic and static QDQ, OpenVINO NNCF.
+
+The written graphs are walked to prove that no matching or merging node was quantized, and every digit
+(1797) is classified to measure top-1 agreement with the fp32 ToMe export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tome_deploy.errors import InvalidInputError
+from tome_deploy.jobs.export import export_model
+from tome_deploy.models.digits import digits_data, pixels_from_digits
+from tome_deploy.onnx_export.quantize import calibration_batches, quantize_onnxruntime, quantize_openvino
+
+R = 3  # the digits model's moderate r (tests/models/test_digits.py): 65 tokens -> 47 after 6 blocks
+MIN_AGREEMENT = 0.995  # top-1 agreement with the fp32 ToMe export over all 1797 digits
+CALIBRATION = slice(0, 1797, 30)  # 60 digits, every 30th
+MERGING_BLOCKS = 6  # every block of the digits ViT merges at r=3
+
+# Ops that would mean a matching node sees quantized values or was replaced by a quantized kernel.
+QUANTIZING_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+}
+BELOW_FP32 = {
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT4,
+    onnx.TensorProto.UINT4,
+}
+
+
+def reference_matching_nodes(graph) -> dict[str, onnx.NodeProto]:
+    """The matching subgraph, written plainly for this test: every node whose exporter scope names a
+    TokenMerger (`.merger`), plus each Log of a size and the Transpose / Unsqueeze after it (the
+    proportional-attention bias log(size))."""
+    found = {}
+    for node in graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if ".merger" in scopes:
+            found[node.name] = node
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for log in [node for node in graph.node if node.op_type == "Log"]:
+        found[log.name] = log
+        chain = [log]
+        while chain:
+            for after in consumers.get(chain.pop().output[0], []):
+                if after.op_type in ("Transpose", "Unsqueeze"):
+                    found[after.name] = after
+                    chain.append(after)
+    return found
+
+
+def assert_matching_untouched(original: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+    """Every matching node of `original` is in `quantized` with its op, inputs and outputs, none of its
+    inputs comes from a quantizing op, and every tensor it reads or writes is fp32 or an index type."""
+    expected = reference_matching_nodes(original.graph)
+    assert sum(node.op_type == "MatMul" for node in expected.values()) == MERGING_BLOCKS  # the score a @ b^T
+    assert sum(node.op_type == "Log" for node in expected.values()) == MERGING_BLOCKS - 1  # log(size)
+    inferred = onnx.shape_inference.infer_shapes(quantized)
+    types = {value.name: value.type.tensor_type.elem_type for value in inferred.graph.value_info}
+    types |= {init.name: init.data_type for init in inferred.graph.initializer}
+    producers = {output: node for node in quantized.graph.node for output in node.output}
+    nodes = {node.name: node for node in quantized.graph.node}
+    for name, node in expected.items():
+        after = nodes.get(name)
+        assert after is not None, f"{name} ({node.op_type}) is gone from the quantized graph"
+        assert (after.op_type, list(after.input), list(after.output)) == (
+            node.op_type,
+            list(node.input),
+            list(node.output),
+        ), name
+        for tensor in after.input:
+            producer = producers.get(tensor)
+            assert producer is None or producer.op_type not in QUANTIZING_OPS, f"{name} reads {producer.op_type}"
+            assert producer is None or producer.op_type != "Cast" or types.get(tensor) not in BELOW_FP32, name
+        for tensor in [*after.input, *after.output]:
+            assert types.get(tensor) not in BELOW_FP32, f"{name}: {tensor} is below fp32"
+
+
+def assert_some_quantized(quantized: onnx.ModelProto, op_type: str, at_least: int) -> None:
+    """The quantizer did quantize: the attention and MLP products of the 6 blocks (qkv, proj, fc1, fc2)."""
+    assert sum(node.op_type == op_type for node in quantized.graph.node) >= at_least
+
+
+@pytest.fixture(scope="module")
+def digits_fp32(tmp_path_factory) -> Path:
+    """The fp32 ToMe export of the digits ViT at r=3."""
+    path = tmp_path_factory.mktemp("int8") / "digits_r3.onnx"
+    export_model("tome_digits_vit", path, r=R, validate=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def all_digits() -> np.ndarray:
+    """Every digit as model input: float32 [1797, 3, 32, 32]."""
+    return pixels_from_digits(torch.from_numpy(digits_data()["images"].astype(np.float32))).numpy()
+
+
+def top1_onnxruntime(path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Class index per image ([n]) from a plain ONNX Runtime session on the file."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [session.run(None, {"pixel_values": pixels[i : i + 512]})[0] for i in range(0, len(pixels), 512)]
+    ).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def fp32_top1(digits_fp32, all_digits) -> np.ndarray:
+    return top1_onnxruntime(digits_fp32, all_digits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_onnxruntime_int8_keeps_matching_in_fp32_and_agrees(mode, digits_fp32, all_digits, fp32_top1, tmp_path):
+    output = tmp_path / f"{mode}.onnx"
+    calibration = all_digits[CALIBRATION] if mode == "static" else None
+    assert quantize_onnxruntime(digits_fp32, output, calibration) == mode
+    original, quantized = onnx.load(str(digits_fp32)), onnx.load(str(output))
+    assert_matching_untouched(original, quantized)
+    assert_some_quantized(quantized, "MatMulInteger" if mode == "dynamic" else "DequantizeLinear", 4 * MERGING_BLOCKS)
+    agreement = float(np.mean(top1_onnxruntime(output, all_digits) == fp32_top1))
+    assert agreement >= MIN_AGREEMENT
+
+
+@pytest.mark.slow
+def test_nncf_int8_ir_keeps_matching_in_fp32_and_agrees(digits_fp32, all_digits, fp32_top1, tmp_path):
+    import openvino as ov
+
+    model = quantize_openvino(digits_fp32, all_digits[CALIBRATION])
+    xml = tmp_path / "nncf.xml"
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    written = ov.Core().read_model(str(xml))
+    expected = reference_matching_nodes(onnx.load(str(digits_fp32)).graph)
+    ops = {op.get_friendly_name(): op for op in written.get_ordered_ops()}
+    matching = [ops[name] for name in expected if name in ops]
+    assert sum(op.get_type_name() == "MatMul" for op in matching) == MERGING_BLOCKS  # the score MatMuls are there
+    for op in matching:
+        for port in op.inputs():
+            producer = port.get_source_output().get_node()
+            assert producer.get_type_name() != "FakeQuantize", f"{op.get_friendly_name()} reads a FakeQuantize"
+        for port in [*op.inputs(), *op.outputs()]:
+            assert port.get_element_type() not in (ov.Type.f16, ov.Type.bf16, ov.Type.i8, ov.Type.u8), op
+    assert sum(op.get_type_name() == "FakeQuantize" for op in ops.values()) >= 4 * MERGING_BLOCKS
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    top1 = np.concatenate([compiled(all_digits[i : i + 512])[0] for i in range(0, len(all_digits), 512)]).argmax(1)
+    assert float(np.mean(top1 == fp32_top1)) >= MIN_AGREEMENT
+
+
+def test_a_static_batch_takes_whole_batches_of_calibration_images(all_digits):
+    image = onnx.helper.make_tensor_value_info("pixel_values", onnx.TensorProto.FLOAT, [8, 3, 32, 32])
+    logits = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [8, 3, 32, 32])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["pixel_values"], ["logits"])], "g", [image], [logits]
+    )
+    assert [len(batch) for batch in calibration_batches(all_digits[:20], graph, 1)] == [8, 8]  # 4 left over
+    with pytest.raises(InvalidInputError, match="fewer than the export's static batch of 8"):
+        calibration_batches(all_digits[:5], graph, 1)
+    graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"  # a symbolic batch takes what it is given
+    assert [len(batch) for batch in calibration_batches(all_digits[:20], graph, 8)] == [8, 8, 4]
