@@ -210,3 +210,47 @@ class StagedOutput:
 
     def __exit__(self, *exc) -> None:
         self.discard()
+
+
+def companion_path(target: Path, suffix: str) -> Path:
+    """The file written next to `target` under the same name with `suffix` (an OpenVINO IR's .bin)."""
+    return target.with_suffix(suffix)
+
+
+class StagedFiles:
+    """Several files written together (an OpenVINO IR: `target` .xml and its companion .bin) into a temporary
+    folder next to `target`, and moved onto their targets only by `commit()`: companions first, `target`
+    last, so a reader that finds the new `target` finds its companions too. Each target is checked as an
+    output (check_outputs). As a context manager, leaving without a commit removes the folder and every
+    target keeps what it held before."""
+
+    def __init__(self, target: PathLike, companions: Iterable[str] = (), *, flag: str = "-o"):
+        target = Path(target).expanduser()
+        outputs = {flag: target, **{f"{flag} ({suffix})": companion_path(target, suffix) for suffix in companions}}
+        self.targets = list(check_outputs(outputs).values())  # target first
+        self.target, self.flag = self.targets[0], flag
+        try:
+            self.folder = temporary_folder(self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+        except OSError as err:
+            raise _write_error(self.target, flag, err) from err
+        self.temp = self.folder / self.target.name  # write `target` here; its companions next to it
+
+    def commit(self) -> Path:
+        try:
+            for path in reversed(self.targets):
+                staged = self.folder / path.name
+                os.chmod(staged, 0o666 & ~current_umask())
+                os.replace(staged, path)
+        except OSError as err:
+            raise _write_error(self.target, self.flag, err) from err
+        return self.target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        forget(self.folder)
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()

@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=exit_codes_help(1, 4, c3="export failed or unexpected error (please report it)"),
     )
     add_model_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="ONNX file to write")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="ONNX file to write, or with --runtime openvino an OpenVINO IR: NAME.xml (its weights go to NAME.bin)",
+    )
     schedule = add_schedule_arguments(parser, DEFAULT_R)
     schedule.add_argument(
         "--target-speedup",
@@ -81,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="fp32, or fp16 weights and activations with fp32 matching and fp32 inputs/outputs "
-        "(what strongly typed TensorRT builds need for fp16)",
+        help="fp32; fp16: weights and activations in fp16 with fp32 matching and fp32 inputs/outputs (what "
+        "strongly typed TensorRT builds need for fp16); bf16: an OpenVINO IR (--runtime openvino -o NAME.xml) "
+        "whose attention and MLP MatMuls compute in bf16 and whose matching stays f32; int8: the attention and "
+        "MLP MatMuls quantized by the runtime's own quantizer, matching in f32. bf16 and int8 are validated by "
+        "their agreement with the fp32 ToMe model (top-1/top-5, cosine, merge choices)",
     )
     parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
     parser.add_argument(

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from tome_deploy.artifact.formulations import MergeFormulation, merge_for_target
 from tome_deploy.artifact.metadata import ToMeMetadata
-from tome_deploy.artifact.spec import EXPORT_SPEC
+from tome_deploy.artifact.spec import EXPORT_SPEC, OPENVINO_IR_SUFFIX, REDUCED_PRECISIONS
 from tome_deploy.artifact.tune_file import TunedSchedule, read_tune_file
 from tome_deploy.core.schedule import RSpec, Schedule
 from tome_deploy.core.speedup import (
@@ -25,7 +27,7 @@ from tome_deploy.core.speedup import (
     stride_label,
     stride_speedup,
 )
-from tome_deploy.errors import InvalidInputError, ScheduleError
+from tome_deploy.errors import ExportError, InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.adapter import describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
@@ -34,10 +36,12 @@ from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
-from tome_deploy.onnx_export.precision import check_precision, with_precision
-from tome_deploy.output_files import StagedOutput, check_outputs
+from tome_deploy.onnx_export.precision import with_precision
+from tome_deploy.output_files import StagedFiles, StagedOutput, check_outputs, companion_path
 from tome_deploy.runtime.factory import RUNTIME_LABELS, check_runtime, open_runner
+from tome_deploy.runtime.openvino import IR_WEIGHTS_SUFFIX
 from tome_deploy.runtime.throughput import Timing, time_interleaved
+from tome_deploy.validation.merge_agreement import match_twin
 from tome_deploy.validation.parity import ValidationReport, validate_runners
 
 
@@ -98,19 +102,27 @@ def export_model(
     runtime: the CPU runtime that validates and times the export (onnxruntime or openvino).
     merge: the formulation (artifact/formulations.py) or its name; None picks the one `target` runs best
     (spec.TARGET_DEFAULT_MERGE: scatter for ONNX Runtime, matmul for TensorRT).
-    precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
+    precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`); bf16,
+    an OpenVINO IR whose transformer MatMuls compute in bf16 and whose matching stays f32 (needs
+    runtime="openvino" and an output ending in .xml); int8, the runtime's quantizer on the fp32 export
+    (`quantize_artifact`). An output ending in .xml is an OpenVINO IR (.xml + .bin) for runtime="openvino".
     schedule_from: a tune.json of tome-tune: instead of `r`, export its chosen r per layer and record the
     quality it measured (ToMeMetadata.quality); refused (TuneFileError) when damaged, tuned for other
     weights, or for another number of blocks.
     """
     EXPORT_SPEC.check_opset(opset)
     formulation = merge_for_target(merge, target)
-    check_precision(precision)
+    check_runtime(runtime)
+    EXPORT_SPEC.check_precision(precision, runtime, output, target)
     EXPORT_SPEC.check_batch(batch_size)
     if not isinstance(source, ModelSource):
         source = ModelSource(source)
-    output = check_outputs({"-o": output}, inputs=(source.name, source.checkpoint))["-o"]
-    check_runtime(runtime)
+    output = check_outputs(artifact_outputs(output), inputs=(source.name, source.checkpoint))["-o"]
+    if precision in REDUCED_PRECISIONS and target_speedup is not None:
+        raise InvalidInputError(
+            f"--target-speedup searches with fp32 exports; for --precision {precision} pass --r (or a tune.json) "
+            "and --measure"
+        )
     if schedule_from is not None and target_speedup is not None:
         raise InvalidInputError("a tune.json and a speedup target both choose the schedule; pass one of them")
     tuned = read_tune_file(schedule_from) if schedule_from is not None else None
@@ -118,7 +130,7 @@ def export_model(
     if runs:  # fail before the export: a runtime that cannot run the formulation, or a missing extra it needs
         formulation.check_runtime(runtime)
         formulation.prepare_runtime(runtime)
-    if runtime == "openvino" and runs:
+    if runtime == "openvino" and (runs or is_openvino_ir(output)):
         from tome_deploy.runtime.openvino import import_openvino
 
         import_openvino()  # fail before the export, naming the extra
@@ -157,8 +169,8 @@ def export_model(
         say(
             f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ..."
         )
-        with StagedOutput(output) as staged:
-            result = export_onnx(tome, metadata, staged.temp)
+        with staged_artifact(output) as staged:
+            result = write_artifact(tome, metadata, staged.temp, Path(folder), runtime, say)
             outcome = ExportOutcome(
                 loaded,
                 schedule,
@@ -168,9 +180,9 @@ def export_model(
                 runtime=runtime,
             )
             if validate:
-                say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
-                outcome.validation = validate_runners(
-                    tome, [open_runner(staged.temp, runtime)], metadata, str(output), atol=atol, rtol=rtol
+                say(f"Validating {RUNTIME_LABELS[runtime]} (CPU, {precision}) against PyTorch (fp32) ...")
+                outcome.validation = validate_artifact(
+                    tome, staged.temp, metadata, str(output), runtime, Path(folder), atol=atol, rtol=rtol
                 )
             outcome.written = outcome.validation is None or outcome.validation.passed
             if not outcome.written:
@@ -185,6 +197,74 @@ def export_model(
             say(f"Timing both in {RUNTIME_LABELS[runtime]} (CPU, batch {batch_size}, interleaved) ...")
             outcome.timings = time_against(base_path, output, metadata, runtime)
     return outcome
+
+
+def validate_artifact(
+    tome: torch.nn.Module,
+    path: Path,
+    metadata: ToMeMetadata,
+    label: str,
+    runtime: str,
+    folder: Path,
+    *,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+) -> ValidationReport:
+    """The artifact at `path` against the PyTorch model in `runtime`; a reduced-precision one through its
+    match twin (written in `folder`), so that its merge choices are compared too."""
+    match_outputs = None
+    if metadata.precision in REDUCED_PRECISIONS:
+        path, match_outputs = match_twin(path, folder)
+    return validate_runners(
+        tome, [open_runner(path, runtime)], metadata, label, atol=atol, rtol=rtol, match_outputs=match_outputs
+    )
+
+
+def is_openvino_ir(output: str | Path) -> bool:
+    return Path(output).suffix.lower() == OPENVINO_IR_SUFFIX
+
+
+def artifact_outputs(output: str | Path) -> dict[str, str | Path]:
+    """The files an export writes, by flag: the output, and for an OpenVINO IR also its .bin next to it."""
+    if not is_openvino_ir(output):
+        return {"-o": output}
+    return {"-o": output, "-o (weights)": companion_path(Path(output), IR_WEIGHTS_SUFFIX)}
+
+
+def staged_artifact(output: Path) -> StagedOutput | StagedFiles:
+    """Where the artifact is written until it passed validation: one file, or an IR's .xml and .bin."""
+    if is_openvino_ir(output):
+        return StagedFiles(output, companions=(IR_WEIGHTS_SUFFIX,))
+    return StagedOutput(output)
+
+
+def write_artifact(
+    tome: torch.nn.Module, metadata: ToMeMetadata, path: Path, folder: Path, runtime: str, say: Say
+) -> ExportResult:
+    """The ToMe model exported to ONNX and written at `path` in the export's precision and format: the ONNX
+    file itself; or, for an .xml path, an OpenVINO IR of it (bf16: its MatMuls in bf16, matching in f32); or
+    for int8, the runtime's quantization of it (`quantize_artifact`). `folder`: for intermediate files."""
+    precision = metadata.precision
+    if precision != "int8" and not is_openvino_ir(path):
+        return export_onnx(tome, metadata, path)
+    result = export_onnx(tome, metadata, folder / "tome_fp32.onnx")
+    if precision == "int8":
+        quantize_artifact(result.path, path, runtime=runtime, metadata=metadata, say=say)
+    else:
+        from tome_deploy.runtime.openvino import write_ir
+
+        say(f"  writing the OpenVINO IR ({precision}) ...")
+        write_ir(result.path, path, precision)
+    return dataclasses.replace(result, path=path)
+
+
+def quantize_artifact(onnx_path: Path, output: Path, *, runtime: str, metadata: ToMeMetadata, say: Say) -> None:
+    """int8: the runtime's own quantizer applied to the fp32 ToMe export at `onnx_path`, written at `output`
+    (an ONNX file for onnxruntime, an IR .xml for openvino) with the attention and MLP MatMuls quantized and
+    every matching node (artifact/matching.matching_nodes) left in f32, and `metadata` (with its
+    calibration record when calibrated) in the file. The int8 quantizers (onnx_export/quantize.py:
+    quantize_onnxruntime, quantize_openvino) plug in here."""
+    raise ExportError(f"--precision int8 for {RUNTIME_LABELS[runtime]} is not built yet; export fp32 or bf16")
 
 
 def tuned_schedule(loaded: LoadedModel, tuned: TunedSchedule, say: Say) -> list[int]:

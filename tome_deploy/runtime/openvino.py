@@ -7,10 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from tome_deploy.artifact.spec import OPENVINO_IR_SUFFIX
 from tome_deploy.errors import InvalidInputError, MissingDependencyError
+from tome_deploy.output_files import StagedFiles
 from tome_deploy.runtime.base import Runner
 from tome_deploy.token_merge.contract import OP_DOMAIN, OP_TYPE, graph_has_token_merge
 
+IR_WEIGHTS_SUFFIX = ".bin"  # an IR's weights, next to its .xml
 OPENVINO_EXTRA = "pip install 'tome-deploy[openvino]' (or pip install openvino)"
 
 
@@ -78,21 +81,41 @@ class OpenVINORunner(Runner):
 RT_INFO_SECTION = "tome_deploy"  # the IR's rt_info section that holds the ONNX file's tome.* metadata
 
 
-def save_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
-    """Convert a tome-deploy ONNX file to OpenVINO IR (xml_path and its .bin), fp32 weights, with the
-    ToMe metadata (the ONNX file's tome.* properties, JSON values) under rt_info[RT_INFO_SECTION]."""
+def write_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32") -> Path:
+    """Convert a tome-deploy ONNX file to an OpenVINO IR written at xml_path (and its .bin next to it),
+    f32 weights, with the ToMe metadata (the ONNX file's tome.* properties, JSON values) under
+    rt_info[RT_INFO_SECTION]. precision bf16: its transformer MatMuls compute in bf16 and its matching
+    nodes stay f32 (runtime/openvino_bf16.py). Writes the two files directly: save_ir is the atomic form."""
+    from tome_deploy.artifact.matching import matching_nodes
     from tome_deploy.artifact.onnx_file import load_onnx
 
     check_runs_in_openvino(onnx_path)
     ov = import_openvino()
     xml_path = Path(xml_path)
-    if xml_path.suffix != ".xml":
+    if xml_path.suffix != OPENVINO_IR_SUFFIX:
         raise InvalidInputError(f"an OpenVINO IR path ends in .xml (the weights go next to it as .bin), got {xml_path}")
+    model_proto = load_onnx(onnx_path)
     model = ov.Core().read_model(str(onnx_path))
-    for prop in load_onnx(onnx_path).metadata_props:
+    for prop in model_proto.metadata_props:
         model.set_rt_info(prop.value, [RT_INFO_SECTION, prop.key])
+    precise: set[str] = set()
+    if precision == "bf16":
+        from tome_deploy.runtime.openvino_bf16 import bf16_model
+
+        precise = bf16_model(model, matching_nodes(model_proto))
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    if precise:
+        from tome_deploy.runtime.openvino_bf16 import mark_precise
+
+        mark_precise(xml_path, precise)
     return xml_path
+
+
+def save_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32") -> Path:
+    """write_ir, atomically: both files appear together or not at all (an existing IR there is kept on failure)."""
+    with StagedFiles(xml_path, companions=(IR_WEIGHTS_SUFFIX,)) as staged:
+        write_ir(onnx_path, staged.temp, precision)
+        return staged.commit()
 
 
 def read_ir_metadata(xml_path: str | Path) -> dict[str, str]:
