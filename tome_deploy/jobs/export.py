@@ -27,7 +27,8 @@ from tome_deploy.core.speedup import (
     stride_label,
     stride_speedup,
 )
-from tome_deploy.errors import ExportError, InvalidInputError, ScheduleError
+from tome_deploy.errors import InvalidInputError, ScheduleError
+from tome_deploy.jobs.int8 import CalibrationSet, quantize_to_artifact, read_calibration_set
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.adapter import describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
@@ -37,6 +38,7 @@ from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import ExportResult, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
 from tome_deploy.onnx_export.precision import with_precision
+from tome_deploy.onnx_export.quantize import check_int8_options, import_nncf
 from tome_deploy.output_files import StagedFiles, StagedOutput, check_outputs, companion_path
 from tome_deploy.runtime.factory import RUNTIME_LABELS, check_runtime, open_runner
 from tome_deploy.runtime.openvino import IR_WEIGHTS_SUFFIX
@@ -84,6 +86,9 @@ def export_model(
     runtime: str = "onnxruntime",
     sparse: bool = True,
     schedule_from: str | Path | None = None,
+    data: str | Path | None = None,
+    labels: str | Path | None = None,
+    quantization: Optional[str] = None,
     say: Say = silent,
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
@@ -109,6 +114,9 @@ def export_model(
     schedule_from: a tune.json of tome-tune: instead of `r`, export its chosen r per layer and record the
     quality it measured (ToMeMetadata.quality); refused (TuneFileError) when damaged, tuned for other
     weights, or for another number of blocks.
+    data, labels, quantization: int8 only. `data` is a folder of calibration images (read as tome-tune reads
+    it, with its class names in `labels`; jobs/int8.py); `quantization` is "dynamic" or "static", by default static with `data` and dynamic
+    without it (ONNX Runtime; OpenVINO's NNCF is static only). InvalidInputError for static without `data`.
     """
     EXPORT_SPEC.check_opset(opset)
     formulation = merge_for_target(merge, target)
@@ -126,6 +134,9 @@ def export_model(
     if schedule_from is not None and target_speedup is not None:
         raise InvalidInputError("a tune.json and a speedup target both choose the schedule; pass one of them")
     tuned = read_tune_file(schedule_from) if schedule_from is not None else None
+    mode = check_int8_options(precision, runtime, data, quantization)
+    if mode is not None and runtime == "openvino":
+        import_nncf()  # fail before the export, naming the int8 extra
     runs = validate or measure or target_speedup is not None
     if runs:  # fail before the export: a runtime that cannot run the formulation, or a missing extra it needs
         formulation.check_runtime(runtime)
@@ -139,6 +150,10 @@ def export_model(
     say(f"  weights: {loaded.weights}")
     if tuned is not None:
         r = tuned_schedule(loaded, tuned, say)
+    calibration = None
+    if mode == "static" and data is not None:
+        calibration = read_calibration_set(data, loaded, labels)
+        say(f"  calibration: {calibration.count} images of --data {data} (the calibration part of its split)")
     options: dict[str, Any] = dict(
         merge=formulation,
         strict=strict,
@@ -170,7 +185,7 @@ def export_model(
             f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ..."
         )
         with staged_artifact(output) as staged:
-            result = write_artifact(tome, metadata, staged.temp, Path(folder), runtime, say)
+            result = write_artifact(tome, metadata, staged.temp, Path(folder), runtime, say, calibration)
             outcome = ExportOutcome(
                 loaded,
                 schedule,
@@ -239,32 +254,50 @@ def staged_artifact(output: Path) -> StagedOutput | StagedFiles:
 
 
 def write_artifact(
-    tome: torch.nn.Module, metadata: ToMeMetadata, path: Path, folder: Path, runtime: str, say: Say
+    tome: torch.nn.Module,
+    metadata: ToMeMetadata,
+    path: Path,
+    folder: Path,
+    runtime: str,
+    say: Say,
+    calibration: Optional[CalibrationSet] = None,
 ) -> ExportResult:
     """The ToMe model exported to ONNX and written at `path` in the export's precision and format: the ONNX
     file itself; or, for an .xml path, an OpenVINO IR of it (bf16: its MatMuls in bf16, matching in f32); or
-    for int8, the runtime's quantization of it (`quantize_artifact`). `folder`: for intermediate files."""
+    for int8, the runtime's quantization of it (`quantize_artifact`, calibrated on `calibration` when
+    given). `folder`: for intermediate files. The result's metadata is what the file holds."""
     precision = metadata.precision
     if precision != "int8" and not is_openvino_ir(path):
         return export_onnx(tome, metadata, path)
     result = export_onnx(tome, metadata, folder / "tome_fp32.onnx")
     if precision == "int8":
-        quantize_artifact(result.path, path, runtime=runtime, metadata=metadata, say=say)
+        metadata = quantize_artifact(
+            result.path, path, runtime=runtime, metadata=metadata, say=say, calibration=calibration
+        )
     else:
         from tome_deploy.runtime.openvino import write_ir
 
         say(f"  writing the OpenVINO IR ({precision}) ...")
         write_ir(result.path, path, precision)
-    return dataclasses.replace(result, path=path)
+    return dataclasses.replace(result, path=path, metadata=metadata)
 
 
-def quantize_artifact(onnx_path: Path, output: Path, *, runtime: str, metadata: ToMeMetadata, say: Say) -> None:
+def quantize_artifact(
+    onnx_path: Path,
+    output: Path,
+    *,
+    runtime: str,
+    metadata: ToMeMetadata,
+    say: Say,
+    calibration: Optional[CalibrationSet] = None,
+) -> ToMeMetadata:
     """int8: the runtime's own quantizer applied to the fp32 ToMe export at `onnx_path`, written at `output`
     (an ONNX file for onnxruntime, an IR .xml for openvino) with the attention and MLP MatMuls quantized and
     every matching node (artifact/matching.matching_nodes) left in f32, and `metadata` (with its
-    calibration record when calibrated) in the file. The int8 quantizers (onnx_export/quantize.py:
-    quantize_onnxruntime, quantize_openvino) plug in here."""
-    raise ExportError(f"--precision int8 for {RUNTIME_LABELS[runtime]} is not built yet; export fp32 or bf16")
+    calibration record when calibrated) in the file; returns that metadata (jobs/int8.py)."""
+    how = "NNCF" if runtime == "openvino" else ("static QDQ" if calibration is not None else "dynamic")
+    say(f"  quantizing to int8 for {RUNTIME_LABELS[runtime]} ({how}) ...")
+    return quantize_to_artifact(onnx_path, output, runtime, metadata, calibration)
 
 
 def tuned_schedule(loaded: LoadedModel, tuned: TunedSchedule, say: Say) -> list[int]:

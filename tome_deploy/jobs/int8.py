@@ -1,8 +1,6 @@
-"""The int8 step of the export job: choose the quantization, read the calibration images, quantize.
+"""The int8 step of the export job: read the calibration images, quantize, write the artifact.
 
-`--precision int8` quantizes the fp32 export with onnx_export/quantize.py. For ONNX Runtime it is dynamic
-without `--data` and static QDQ with it (`--quantization` says which explicitly); OpenVINO's NNCF is static
-only, so it needs `--data`.
+`--precision int8` quantizes the fp32 export with onnx_export/quantize.py (`int8_mode` says which way).
 
 Calibration images are read from `--data` as tome-tune reads them. The folder is read by `quality.data.read_image_folder` and split by `quality.split.split_indices` with
 tome-tune's defaults (half held out, seed 0, stratified by class when the folder has classes): the
@@ -12,15 +10,20 @@ are used, evenly spaced through it (the split is ordered by class, so every clas
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from tome_deploy.artifact.matching import matching_nodes
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.onnx_file import load_onnx
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.models.loading.dispatch import LoadedModel
-from tome_deploy.onnx_export.quantize import INT8_MODES, quantize_onnxruntime, quantize_openvino, tool_version
+from tome_deploy.onnx_export.quantize import quantize_onnxruntime, quantize_openvino
+from tome_deploy.output_files import write_atomically
 from tome_deploy.quality.data import DataConfig, check_decoded, fingerprint_files, read_image_folder
 from tome_deploy.quality.split import split_indices
 
@@ -65,42 +68,48 @@ def evenly_spaced(indices: list[int], most: int) -> list[int]:
     return [indices[round(i * len(indices) / most)] for i in range(most)]
 
 
-def int8_mode(runtime: str, data: Optional[str | Path], quantization: Optional[str]) -> str:
-    """ "dynamic" or "static": what `--quantization` asks, else static with `--data` and dynamic without it.
-    InvalidInputError for static without `--data`, for `--data` with dynamic, and for OpenVINO dynamic."""
-    if quantization is not None and quantization not in INT8_MODES:
-        raise InvalidInputError(f"unknown --quantization {quantization!r}; choose one of {', '.join(INT8_MODES)}")
-    mode = quantization or ("static" if data is not None or runtime == "openvino" else "dynamic")
-    if mode == "dynamic" and runtime == "openvino":
-        raise InvalidInputError(
-            "--precision int8 for OpenVINO is static (NNCF) only; drop --quantization dynamic and pass --data DIR of calibration images"
-        )
-    if mode == "static" and data is None:
-        where = "for OpenVINO (NNCF)" if runtime == "openvino" else "(static QDQ)"
-        raise InvalidInputError(
-            f"--precision int8 {where} calibrates on images: pass --data DIR (a folder of images, as for tome-tune)"
-            + ("" if runtime == "openvino" else ", or --quantization dynamic, which needs none")
-        )
-    if mode == "dynamic" and data is not None:
-        raise InvalidInputError(
-            "--data gives calibration images, which dynamic quantization does not use; drop --data or --quantization dynamic"
-        )
-    return mode
-
-
-def quantize_export(
-    fp32_onnx: Path, output: Path, runtime: str, calibration: Optional[CalibrationSet]
-) -> dict[str, Any]:
-    """Quantize the fp32 export `fp32_onnx` for `runtime` and write it to `output` (ONNX for ONNX Runtime;
-    for OpenVINO the openvino.Model is returned under "model" for the caller to write as an IR).
-    Returns the record of what was done: mode, runtime, tool, and the calibration set when there was one."""
-    record: dict[str, Any] = {"mode": "static" if calibration is not None else "dynamic", "runtime": runtime}
-    record["tool"] = tool_version(runtime)
+def quantize_to_artifact(
+    onnx_path: Path, output: Path, runtime: str, metadata: ToMeMetadata, calibration: Optional[CalibrationSet]
+) -> ToMeMetadata:
+    """The fp32 ToMe export at `onnx_path` quantized to int8 for `runtime` and written at `output`: an ONNX
+    file for ONNX Runtime (dynamic without `calibration`, static QDQ with it), an IR (.xml + .bin) for
+    OpenVINO (NNCF, `calibration` required). The file carries `metadata` with its calibration record, which
+    is returned."""
     if calibration is not None:
-        record |= {"fingerprint": calibration.fingerprint, "count": calibration.count}
+        record = {"data_fingerprint": calibration.fingerprint, "count": calibration.count, "runtime": runtime}
+        metadata = dataclasses.replace(metadata, calibration=record)
     if runtime == "openvino":
         if calibration is None:
-            raise InvalidInputError("--precision int8 for OpenVINO calibrates on images: pass --data DIR")
-        return record | {"model": quantize_openvino(fp32_onnx, calibration.pixels)}
-    quantize_onnxruntime(fp32_onnx, output, None if calibration is None else calibration.pixels)
-    return record
+            raise InvalidInputError("--precision int8 for OpenVINO (NNCF) calibrates on images: pass --data DIR")
+        write_int8_ir(
+            quantize_openvino(onnx_path, calibration.pixels), output, metadata, matching_nodes(load_onnx(onnx_path))
+        )
+        return metadata
+    quantize_onnxruntime(onnx_path, output, None if calibration is None else calibration.pixels)
+    model_proto = load_onnx(output)
+    del model_proto.metadata_props[:]
+    for key, value in metadata.to_props().items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    write_atomically(output, lambda stream: stream.write(model_proto.SerializeToString()))
+    return metadata
+
+
+def write_int8_ir(model: Any, xml_path: Path, metadata: ToMeMetadata, matching: set[str]) -> None:
+    """Write the NNCF-quantized openvino.Model as an IR at `xml_path` (+ .bin), f32 weights where not int8,
+    `metadata` in its rt_info. Its matching nodes carry OpenVINO's keep-precision mark (the score MatMul
+    with its transposed operand folded, so the mark survives), so that a caller who compiles it with
+    OpenVINO's default inference precision (bf16 on CPUs that have it) still matches in f32."""
+    import openvino as ov
+
+    from tome_deploy.runtime.openvino import RT_INFO_SECTION
+    from tome_deploy.runtime.openvino_bf16 import fold_transposed_operand, mark_precise
+
+    for node in list(model.get_ordered_ops()):
+        if node.get_type_name() == "MatMul" and node.get_friendly_name() in matching:
+            fold_transposed_operand(node)
+    model.validate_nodes_and_infer_types()
+    for key, value in metadata.to_props().items():
+        model.set_rt_info(value, [RT_INFO_SECTION, key])
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    mark_precise(xml_path, matching)

@@ -8,10 +8,12 @@
   calibrated) of the graph OpenVINO reads from the export; the caller writes the model as an IR.
 
 What is quantized: the MatMul/Gemm nodes that multiply by a weight (the attention's qkv and output
-projections, the MLP, the head). Never quantized: the matching subgraph (artifact/matching_nodes.py),
+projections, the MLP, the head). Never quantized: the matching subgraph (artifact/matching.py),
 named in `nodes_to_exclude` / NNCF's `IgnoredScope`, so no merge decision sees an int8 value. ONNX Runtime
 also leaves the attention's activation x activation products (scores, weighted values) in fp32: quantized,
 they cost 0.2 points of top-1 agreement with fp32 on the digits model (docs/runtimes.md#int8).
+How the mode is chosen (`int8_mode`): `--quantization dynamic|static` when given; otherwise static when
+`--data DIR` gives calibration images and dynamic without them, for ONNX Runtime; always static for OpenVINO.
 ONNX Runtime and NNCF are imported inside the functions that use them."""
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from tome_deploy.artifact.matching_nodes import matching_node_names
+from tome_deploy.artifact.matching import matching_nodes
 from tome_deploy.errors import InvalidInputError, MissingDependencyError
 
 INT8_MODES: tuple[str, ...] = ("dynamic", "static")
@@ -37,17 +39,58 @@ INT8_EXTRA = "pip install 'tome-deploy[int8]' (or pip install 'nncf>=3.4' 'openv
 ORT_CALIBRATION_BATCH = 8  # images per calibration run in ONNX Runtime (dynamic-batch exports)
 
 
+def check_int8_options(
+    precision: str, runtime: str, data: str | Path | None, quantization: Optional[str]
+) -> Optional[str]:
+    """The int8 mode ("dynamic" or "static") of an int8 export, None for another precision; InvalidInputError
+    for --data or --quantization without --precision int8, and for a mode without what it needs."""
+    if precision == "int8":
+        return int8_mode(runtime, data, quantization)
+    given = [flag for flag, value in (("--data", data), ("--quantization", quantization)) if value is not None]
+    if given:
+        flags = " and ".join(given)
+        raise InvalidInputError(
+            f"{flags} {'is' if len(given) == 1 else 'are'} for --precision int8; add --precision int8 or drop {flags}"
+        )
+    return None
+
+
+def int8_mode(runtime: str, data: Optional[str | Path], quantization: Optional[str]) -> str:
+    """The int8 mode, "dynamic" or "static": what `--quantization` asks, else static with `--data` and
+    dynamic without it (ONNX Runtime), static for OpenVINO (NNCF has no dynamic mode).
+    InvalidInputError for static without `--data`, for `--data` with dynamic, and for OpenVINO dynamic."""
+    if quantization is not None and quantization not in INT8_MODES:
+        raise InvalidInputError(f"unknown --quantization {quantization!r}; choose one of {', '.join(INT8_MODES)}")
+    mode = quantization or ("static" if data is not None or runtime == "openvino" else "dynamic")
+    if mode == "dynamic" and runtime == "openvino":
+        raise InvalidInputError(
+            "--precision int8 for OpenVINO is static (NNCF) only; drop --quantization dynamic and pass --data DIR of calibration images"
+        )
+    if mode == "static" and data is None:
+        where = "for OpenVINO (NNCF)" if runtime == "openvino" else "(static QDQ)"
+        raise InvalidInputError(
+            f"--precision int8 {where} calibrates on images: pass --data DIR (a folder of images, as for tome-tune)"
+            + ("" if runtime == "openvino" else ", or --quantization dynamic, which needs none")
+        )
+    if mode == "dynamic" and data is not None:
+        raise InvalidInputError(
+            "--data gives calibration images, which dynamic quantization does not use; drop --data or --quantization dynamic"
+        )
+    return mode
+
+
 def weight_products(graph) -> set[str]:
     """Names of the MatMul/Gemm nodes of `graph` (onnx.GraphProto) whose second input is a weight (an initializer)."""
     weights = {init.name for init in graph.initializer}
     return {node.name for node in graph.node if node.op_type in QUANTIZED_OP_TYPES and node.input[1] in weights}
 
 
-def int8_exclusions(graph) -> list[str]:
+def int8_exclusions(model_proto) -> list[str]:
     """The nodes no int8 quantizer may touch: the matching subgraph, and every MatMul/Gemm that is not a
     product with a weight (attention scores and weighted values; the matching's score MatMul is both)."""
+    graph = model_proto.graph
     products = {node.name for node in graph.node if node.op_type in QUANTIZED_OP_TYPES}
-    return sorted(matching_node_names(graph) | (products - weight_products(graph)))
+    return sorted(matching_nodes(model_proto) | (products - weight_products(graph)))
 
 
 def static_batch(graph) -> Optional[int]:
@@ -84,8 +127,9 @@ def quantize_onnxruntime(source: str | Path, output: str | Path, calibration: Op
         quantize_static,
     )
 
-    graph = onnx.load(str(source), load_external_data=False).graph
-    excluded = int8_exclusions(graph)
+    model_proto = onnx.load(str(source), load_external_data=False)
+    graph = model_proto.graph
+    excluded = int8_exclusions(model_proto)
     options = dict(
         op_types_to_quantize=QUANTIZED_OP_TYPES,
         nodes_to_exclude=excluded,
@@ -101,10 +145,17 @@ def quantize_onnxruntime(source: str | Path, output: str | Path, calibration: Op
     batches = calibration_batches(calibration, graph, ORT_CALIBRATION_BATCH)
 
     class Batches(CalibrationDataReader):
-        """The calibration images, one batch per call, then None."""
+        """The calibration images, one batch per call, then None; `set_range` picks the batches of one
+        collection round (ONNX Runtime's strided calibration keeps only one round's activations in memory)."""
 
         def __init__(self) -> None:
-            self.remaining: Iterator[np.ndarray] = iter(batches)
+            self.remaining: Iterator[np.ndarray] = iter(())
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.remaining = iter(batches[start_index:end_index])
 
         def get_next(self) -> Optional[dict[str, np.ndarray]]:
             batch = next(self.remaining, None)
@@ -122,7 +173,8 @@ def quantize_onnxruntime(source: str | Path, output: str | Path, calibration: Op
                 # Products stay fp32 (MatMulIntegerToFloat): the residual stream and the keys are never
                 # rounded to int8 after a product, which agreed better on the digits model at no cost in speed.
                 "OpTypesToExcludeOutputQuantization": QUANTIZED_OP_TYPES,
-                "CalibMaxIntermediateOutputs": 16,
+                # Ranges are collected batch by batch and merged: memory holds one batch's activations.
+                "CalibStridedMinMax": 1,
             },
             **options,
         )
@@ -136,11 +188,11 @@ def quantize_openvino(source: str | Path, calibration: np.ndarray) -> Any:
     import onnx
 
     ov, nncf = import_nncf()
-    graph = onnx.load(str(source), load_external_data=False).graph
+    model_proto = onnx.load(str(source), load_external_data=False)
     model = ov.Core().read_model(str(source))
     present = {op.get_friendly_name() for op in model.get_ordered_ops()}  # OpenVINO keeps the ONNX node names
-    ignored = sorted(matching_node_names(graph) & present)
-    items = calibration_batches(calibration, graph, 1)
+    ignored = sorted(set(int8_exclusions(model_proto)) & present)
+    items = calibration_batches(calibration, model_proto.graph, 1)
     nncf.set_log_level(logging.ERROR)
     with _captured_output():  # NNCF draws progress bars on the terminal
         return nncf.quantize(
@@ -148,7 +200,8 @@ def quantize_openvino(source: str | Path, calibration: np.ndarray) -> Any:
             nncf.Dataset(items),
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(items),
-            ignored_scope=nncf.IgnoredScope(names=ignored),
+            # The same products as ONNX Runtime's: the patch embedding's convolution stays fp32 too.
+            ignored_scope=nncf.IgnoredScope(names=ignored, types=["Convolution"]),
         )
 
 
@@ -170,12 +223,6 @@ def import_nncf() -> tuple[Any, Any]:
                 f"--precision int8 for OpenVINO needs {name} >= {'.'.join(map(str, minimum))}, found {found}: {INT8_EXTRA}"
             )
     return openvino, nncf
-
-
-def tool_version(runtime: str) -> str:
-    """The quantizer that ran for `runtime`, with its version ("onnxruntime 1.32.0", "nncf 3.4.0")."""
-    name = "nncf" if runtime == "openvino" else "onnxruntime"
-    return f"{name} {metadata.version(name)}"
 
 
 def _release(version: str) -> tuple[int, ...]:

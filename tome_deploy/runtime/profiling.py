@@ -1,8 +1,7 @@
 """Where ONNX Runtime and OpenVINO spend a ToMe model's time: matching + merging nodes vs everything else.
 
 The exporter tags every ONNX node with the PyTorch module scope it came from; nodes under a
-`TokenMerger` (`...merger`) scope are matching and merging (the keys' mean over heads included;
-artifact/matching_nodes.py).
+`TokenMerger` (`...merger`) scope are matching and merging (the keys' mean over heads included).
 Models profiled together run interleaved, pass by pass, so that a machine that speeds up or slows down
 over minutes (shared CPUs) hits them alike, as in runtime/throughput.py."""
 
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tome_deploy.artifact import matching_nodes
 from tome_deploy.artifact.onnx_file import load_onnx
 
 
@@ -63,8 +61,13 @@ class Profile:
 
 
 def merger_node_names(onnx_path: str | Path) -> set[str]:
-    """The matching and merging nodes of an ONNX file (artifact/matching_nodes.py)."""
-    return matching_nodes.merger_node_names(load_onnx(onnx_path).graph)
+    model = load_onnx(onnx_path)
+    names = set()
+    for node in model.graph.node:
+        scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+        if ".merger" in scopes:
+            names.add(node.name)
+    return names
 
 
 def profile_side_by_side(
