@@ -148,7 +148,9 @@ def digits_rows(r: int, folder: Path, threads: int) -> list[dict]:
     }
     rows = [{"variant": "PyTorch fp32 ToMe", "accuracy": float(np.mean(reference == labels))}]
     for label, (path, config) in variants.items():
-        twin, tensors = match_twin(path, folder / file_stem(label))
+        twin_folder = folder / file_stem(label)
+        twin_folder.mkdir()
+        twin, tensors = match_twin(path, twin_folder)
         model = compiled(twin, config, threads)
         outputs = [model(pixels[i : i + 256].numpy()) for i in range(0, len(pixels), 256)]
         names = [port.get_any_name() for port in model.outputs]
@@ -181,6 +183,7 @@ def main() -> None:
         folder = Path(temp)
         quality = digits_rows(args.digits_r, folder, args.threads)
         for model in args.models.split(","):
+            (folder / file_stem(model)).mkdir()
             variants = model_variants(model, args.r, folder / file_stem(model))
             rows += speed_rows(model, variants, whole_numbers(args.batches), args.threads, args.rounds)
     print(f"\nOpenVINO, {args.threads} threads, ToMe r={args.r}, interleaved medians:\n")
