@@ -122,3 +122,27 @@ def test_the_bf16_export_reports_merge_agreement_and_writes_an_ir_with_its_metad
     assert written.suffix == ".xml" and written.with_suffix(".bin").is_file()
     metadata = ToMeMetadata.from_props(read_ir_metadata(written))
     assert metadata is not None and metadata.precision == "bf16"
+
+
+def test_a_bf16_ir_is_served_and_goes_to_tritons_openvino_backend_with_its_precision(digits_exports, tmp_path):
+    from tome_deploy.cli import deploy as deploy_cli
+    from tome_deploy.runtime.factory import open_runner
+    from tome_deploy.serving.served_model import read_served_model, run_padded
+
+    _, xml, _ = digits_exports
+    served = read_served_model(xml)
+    assert served.kind == "openvino_ir" and served.metadata.precision == "bf16"
+    assert served.image_input.shape == (-1, 3, 32, 32) and served.num_classes == 10
+    digits = pixels_from_digits(torch.as_tensor(digits_data()["images"][:5]).float()).numpy()  # [5, 3, 32, 32]
+    with open_runner(xml, "openvino") as runner:
+        logits = run_padded(runner, served, {served.image_input.name: digits})[served.outputs[0].name]
+    assert logits.shape == (5, 10) and np.isfinite(logits).all()
+
+    assert deploy_cli.main(["triton-repo", str(xml), str(tmp_path / "models"), "--name", "digits"]) == 0
+    version = tmp_path / "models" / "digits" / "1"
+    assert (version / "model.xml").read_bytes() == xml.read_bytes()
+    assert (version / "model.bin").read_bytes() == xml.with_suffix(".bin").read_bytes()
+    config = (tmp_path / "models" / "digits" / "config.pbtxt").read_text()
+    assert 'backend: "openvino"' in config and "platform" not in config
+    for key, value in (("tome.precision", "bf16"), ("INFERENCE_PRECISION_HINT", "f32")):
+        assert f'key: "{key}"' in config and f'string_value: "{value}"' in config

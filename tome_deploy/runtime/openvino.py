@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,11 @@ RT_INFO_SECTION = "tome_deploy"  # the IR's rt_info section that holds the ONNX 
 
 def write_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32") -> Path:
     """Convert a tome-deploy ONNX file to an OpenVINO IR written at xml_path (and its .bin next to it),
-    f32 weights, with the ToMe metadata (the ONNX file's tome.* properties, JSON values) under
-    rt_info[RT_INFO_SECTION]. precision bf16: its transformer MatMuls compute in bf16 and its matching
+    f32 weights, with the ToMe metadata (the ONNX file's tome.* properties, JSON values; tome.precision
+    set to `precision`) under rt_info[RT_INFO_SECTION]. precision bf16: its transformer MatMuls compute in bf16 and its matching
     nodes stay f32 (runtime/openvino_bf16.py). Writes the two files directly: save_ir is the atomic form."""
     from tome_deploy.artifact.matching import matching_nodes
-    from tome_deploy.artifact.onnx_file import load_onnx
+    from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
 
     check_runs_in_openvino(onnx_path)
     ov = import_openvino()
@@ -96,8 +97,12 @@ def write_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32
         raise InvalidInputError(f"an OpenVINO IR path ends in .xml (the weights go next to it as .bin), got {xml_path}")
     model_proto = load_onnx(onnx_path)
     model = ov.Core().read_model(str(onnx_path))
-    for prop in model_proto.metadata_props:
-        model.set_rt_info(prop.value, [RT_INFO_SECTION, prop.key])
+    metadata = tome_metadata(model_proto, onnx_path)
+    props = {prop.key: prop.value for prop in model_proto.metadata_props}
+    if metadata is not None:  # the IR records its own precision
+        props.update(dataclasses.replace(metadata, precision=precision).to_props())
+    for key, value in props.items():
+        model.set_rt_info(value, [RT_INFO_SECTION, key])
     precise: set[str] = set()
     if precision == "bf16":
         from tome_deploy.runtime.openvino_bf16 import bf16_model
