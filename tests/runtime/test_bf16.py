@@ -146,3 +146,12 @@ def test_a_bf16_ir_is_served_and_goes_to_tritons_openvino_backend_with_its_preci
     assert 'backend: "openvino"' in config and "platform" not in config
     for key, value in (("tome.precision", "bf16"), ("INFERENCE_PRECISION_HINT", "f32")):
         assert f'key: "{key}"' in config and f'string_value: "{value}"' in config
+
+
+def test_tome_validate_judges_a_bf16_ir_by_its_agreement(digits_exports):
+    from tome_deploy.jobs.validate import validate_model
+
+    _, xml, _ = digits_exports
+    metadata, report = validate_model(ModelSource(ARCH), xml, runtime="openvino", batch_sizes=[2])
+    assert metadata.precision == "bf16" and report.passed
+    assert "merges" in report.table() and all(v.merge_agreement is not None for v in report.verdicts)

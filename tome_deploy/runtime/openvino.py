@@ -42,9 +42,11 @@ def check_runs_in_openvino(path: str | Path) -> None:
 
 
 class OpenVINORunner(Runner):
-    """OpenVINO on CPU in fp32 (inference_precision f32: its CPU plugin would otherwise pick bf16 on
-    CPUs with AMX/AVX512-BF16, which changes merge choices). profile=True turns on OpenVINO's per-layer
-    counters (`request.get_profiling_info()`). A --merge plugin graph is refused at construction."""
+    """OpenVINO on CPU at inference precision f32, which runs a file in the precision its element types say:
+    f32 for an fp32 export, bf16 in the MatMuls of a bf16 IR (runtime/openvino_bf16.py), whose matching stays
+    f32. OpenVINO's own default would lower every f32 node to bf16 on CPUs with AMX/AVX512-BF16, which
+    changes merge choices. profile=True turns on OpenVINO's per-layer counters
+    (`request.get_profiling_info()`). A --merge plugin graph is refused at construction."""
 
     name = "openvino"
 
