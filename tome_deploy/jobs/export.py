@@ -248,14 +248,20 @@ def write_artifact(
     if precision != "int8" and not is_openvino_ir(path):
         return export_onnx(tome, metadata, path)
     result = export_onnx(tome, metadata, folder / "tome_fp32.onnx")
-    if precision == "int8":
-        quantize_artifact(result.path, path, runtime=runtime, metadata=metadata, say=say)
-    else:
-        from tome_deploy.runtime.openvino import write_ir
-
-        say(f"  writing the OpenVINO IR ({precision}) ...")
-        write_ir(result.path, path, precision)
+    precision_artifact(result.path, path, metadata=metadata, runtime=runtime, say=say)
     return dataclasses.replace(result, path=path)
+
+
+def precision_artifact(onnx_path: Path, path: Path, *, metadata: ToMeMetadata, runtime: str, say: Say) -> Path:
+    """The fp32 export at `onnx_path` (ToMe or plain) written at `path` in metadata.precision: the runtime's
+    int8 quantization of it (`quantize_artifact`), or an OpenVINO IR of it (bf16: its MatMuls in bf16)."""
+    if metadata.precision == "int8":
+        quantize_artifact(onnx_path, path, runtime=runtime, metadata=metadata, say=say)
+        return path
+    from tome_deploy.runtime.openvino import write_ir
+
+    say(f"  writing the OpenVINO IR ({metadata.precision}) ...")
+    return write_ir(onnx_path, path, metadata.precision)
 
 
 def quantize_artifact(onnx_path: Path, output: Path, *, runtime: str, metadata: ToMeMetadata, say: Say) -> None:
