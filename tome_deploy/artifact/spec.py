@@ -27,6 +27,13 @@ PRECISION_RUNTIMES: dict[str, tuple[str, ...]] = {
 # Precisions whose logits are not expected to match fp32 closely: validated by agreement (AgreementBudget).
 REDUCED_PRECISIONS: tuple[str, ...] = ("bf16", "int8")
 OPENVINO_IR_SUFFIX = ".xml"  # an OpenVINO IR: the graph; its weights sit next to it as .bin
+# What tome-tune measures candidates in (fp16 targets TensorRT, which tome-tune does not measure).
+TUNE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+
+
+def artifact_suffix(precision: str, runtime: str) -> str:
+    """The file an export of `precision` for `runtime` is: an OpenVINO IR for OpenVINO's bf16 and int8, else ONNX."""
+    return OPENVINO_IR_SUFFIX if runtime == "openvino" and precision in REDUCED_PRECISIONS else ".onnx"
 
 
 @dataclass(frozen=True)

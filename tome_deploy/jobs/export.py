@@ -275,11 +275,29 @@ def write_artifact(
             result.path, path, runtime=runtime, metadata=metadata, say=say, calibration=calibration
         )
     else:
-        from tome_deploy.runtime.openvino import write_ir
-
-        say(f"  writing the OpenVINO IR ({precision}) ...")
-        write_ir(result.path, path, precision)
+        precision_artifact(result.path, path, metadata=metadata, runtime=runtime, say=say)
     return dataclasses.replace(result, path=path, metadata=metadata)
+
+
+def precision_artifact(
+    onnx_path: Path,
+    path: Path,
+    *,
+    metadata: ToMeMetadata,
+    runtime: str,
+    say: Say,
+    calibration: Optional[CalibrationSet] = None,
+) -> Path:
+    """The fp32 export at `onnx_path` (ToMe or plain) written at `path` in metadata.precision: the runtime's
+    int8 quantization of it (`quantize_artifact`, calibrated on `calibration` when given), or an OpenVINO IR
+    of it (bf16: its MatMuls in bf16)."""
+    if metadata.precision == "int8":
+        quantize_artifact(onnx_path, path, runtime=runtime, metadata=metadata, say=say, calibration=calibration)
+        return path
+    from tome_deploy.runtime.openvino import write_ir
+
+    say(f"  writing the OpenVINO IR ({metadata.precision}) ...")
+    return write_ir(onnx_path, path, metadata.precision)
 
 
 def quantize_artifact(

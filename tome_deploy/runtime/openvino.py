@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,11 @@ def check_runs_in_openvino(path: str | Path) -> None:
 
 
 class OpenVINORunner(Runner):
-    """OpenVINO on CPU in fp32 (inference_precision f32: its CPU plugin would otherwise pick bf16 on
-    CPUs with AMX/AVX512-BF16, which changes merge choices). profile=True turns on OpenVINO's per-layer
-    counters (`request.get_profiling_info()`). A --merge plugin graph is refused at construction."""
+    """OpenVINO on CPU at inference precision f32, which runs a file in the precision its element types say:
+    f32 for an fp32 export, bf16 in the MatMuls of a bf16 IR (runtime/openvino_bf16.py), whose matching stays
+    f32. OpenVINO's own default would lower every f32 node to bf16 on CPUs with AMX/AVX512-BF16, which
+    changes merge choices. profile=True turns on OpenVINO's per-layer counters
+    (`request.get_profiling_info()`). A --merge plugin graph is refused at construction."""
 
     name = "openvino"
 
@@ -83,11 +86,11 @@ RT_INFO_SECTION = "tome_deploy"  # the IR's rt_info section that holds the ONNX 
 
 def write_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32") -> Path:
     """Convert a tome-deploy ONNX file to an OpenVINO IR written at xml_path (and its .bin next to it),
-    f32 weights, with the ToMe metadata (the ONNX file's tome.* properties, JSON values) under
-    rt_info[RT_INFO_SECTION]. precision bf16: its transformer MatMuls compute in bf16 and its matching
+    f32 weights, with the ToMe metadata (the ONNX file's tome.* properties, JSON values; tome.precision
+    set to `precision`) under rt_info[RT_INFO_SECTION]. precision bf16: its transformer MatMuls compute in bf16 and its matching
     nodes stay f32 (runtime/openvino_bf16.py). Writes the two files directly: save_ir is the atomic form."""
     from tome_deploy.artifact.matching import matching_nodes
-    from tome_deploy.artifact.onnx_file import load_onnx
+    from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
 
     check_runs_in_openvino(onnx_path)
     ov = import_openvino()
@@ -96,8 +99,12 @@ def write_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32
         raise InvalidInputError(f"an OpenVINO IR path ends in .xml (the weights go next to it as .bin), got {xml_path}")
     model_proto = load_onnx(onnx_path)
     model = ov.Core().read_model(str(onnx_path))
-    for prop in model_proto.metadata_props:
-        model.set_rt_info(prop.value, [RT_INFO_SECTION, prop.key])
+    metadata = tome_metadata(model_proto, onnx_path)
+    props = {prop.key: prop.value for prop in model_proto.metadata_props}
+    if metadata is not None:  # the IR records its own precision
+        props.update(dataclasses.replace(metadata, precision=precision).to_props())
+    for key, value in props.items():
+        model.set_rt_info(value, [RT_INFO_SECTION, key])
     precise: set[str] = set()
     if precision == "bf16":
         from tome_deploy.runtime.openvino_bf16 import bf16_model
