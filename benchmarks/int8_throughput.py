@@ -8,11 +8,12 @@ and ToMe int8 also against plain int8 (the ToMe factor on top of int8). Static c
 random normal pixels (the speed of an int8 graph does not depend on its ranges).
 
 Then quality, on the bundled digits ViT over all 1797 digits: the plain model (r=0) and ToMe r=3, fp32 and
-each int8 quantizer: accuracy, and top-1 agreement with the same model's fp32 export; static quantizers
-calibrate on 60 digits (every 30th).
+each int8 quantizer: accuracy, top-1 agreement with the same model's fp32 export and, for ToMe, merge
+agreement with the fp32 ToMe model in PyTorch; static quantizers calibrate on 60 digits (every 30th).
 
     python benchmarks/int8_throughput.py --threads 2                                 # ViT-S/16 and ViT-B/16, batch 1 and 8
     python benchmarks/int8_throughput.py --models vit_small_patch16_224 --batches 8 --rounds 5 --threads 2
+    python benchmarks/int8_throughput.py --models "" --threads 2                      # the digits quality table only
 """
 
 from __future__ import annotations
@@ -109,40 +110,57 @@ def speed_rows(model: str, variants, metadata, batches: list[int], rounds: int, 
 
 
 def digits_quality(folder: Path, runtimes: list[str]) -> list[dict[str, Any]]:
-    """Accuracy and top-1 agreement with the same model's fp32 export, plain (r=0) and ToMe r=3, over 1797 digits."""
+    """Accuracy and top-1 agreement with the same model's fp32 export, plain (r=0) and ToMe r=3, over 1797
+    digits; for ToMe also merge agreement with the fp32 ToMe model in PyTorch (validation/merge_agreement.py)."""
     import torch
 
     from tome_deploy.jobs.export import export_model
-    from tome_deploy.models.digits import digits_data, pixels_from_digits
+    from tome_deploy.models.digits import digits_data, load_digits_vit, pixels_from_digits
+    from tome_deploy.models.patch import apply_tome
+    from tome_deploy.validation.merge_agreement import recording_matches
 
     data = digits_data()
     pixels = pixels_from_digits(torch.from_numpy(data["images"].astype(np.float32))).numpy()  # [1797, 3, 32, 32]
     labels = data["labels"].astype(np.int64)
+    tome, _ = apply_tome(load_digits_vit(), DIGITS_R)
+    with torch.inference_mode(), recording_matches(tome) as recorded:
+        tome(torch.from_numpy(pixels))
+        reference_matches = dict(recorded)
     fp32 = {}
     for kind, r in (("plain", 0), ("tome", DIGITS_R)):
         fp32[kind] = folder / f"digits_r{r}.onnx"
         export_model("tome_digits_vit", fp32[kind], r=r, validate=False)
     rows = []
     for runtime, files in quantized_variants(fp32, folder, runtimes, pixels[DIGITS_CALIBRATION]).items():
-        top1 = {label: classify(path, runtime, pixels) for label, path in files.items()}
-        for label, classes in top1.items():
+        runs = {
+            label: classify(path, runtime, pixels, folder / f"twin_{runtime}_{index}")
+            for index, (label, path) in enumerate(files.items())
+        }
+        for label, (classes, agreement) in runs.items():
             kind = label.split(" ")[0]
             rows.append(
                 dict(
                     runtime=RUNTIME_LABELS[runtime],
                     variant=label.replace("tome", f"ToMe r={DIGITS_R}"),
                     accuracy=round(float(np.mean(classes == labels)) * 100, 2),
-                    top1_agreement_with_fp32=round(float(np.mean(classes == top1[f"{kind} fp32"])) * 100, 2),
+                    top1_agreement_with_fp32=round(float(np.mean(classes == runs[f"{kind} fp32"][0])) * 100, 2),
+                    merge_agreement=round(agreement(reference_matches) * 100, 2) if kind == "tome" else "",
                 )
             )
     return rows
 
 
-def classify(path: Path, runtime: str, pixels: np.ndarray) -> np.ndarray:
-    """Class index per image ([n]) in `runtime` (OpenVINO at f32 inference precision, as tome-deploy runs it)."""
-    with open_runner(path, runtime) as runner:
-        logits = [runner.infer({"pixel_values": pixels[i : i + 256]})["logits"] for i in range(0, len(pixels), 256)]
-    return np.concatenate(logits).argmax(1)
+def classify(path: Path, runtime: str, pixels: np.ndarray, twin_folder: Path):
+    """(class index per image [n], reference matches -> merge agreement) of the file in `runtime`, run
+    through its match twin (OpenVINO at f32 inference precision, as tome-deploy runs it)."""
+    from tome_deploy.validation.merge_agreement import match_twin, merge_agreement, runtime_matches
+
+    twin_folder.mkdir()
+    twin, tensors = match_twin(path, twin_folder)
+    with open_runner(twin, runtime) as runner:
+        outputs = [runner.infer({"pixel_values": pixels[i : i + 256]}) for i in range(0, len(pixels), 256)]
+    merged = {name: np.concatenate([out[name] for out in outputs]) for name in outputs[0]}
+    return merged["logits"].argmax(1), lambda reference: merge_agreement(reference, runtime_matches(merged, tensors))
 
 
 def parse_args() -> argparse.Namespace:
@@ -180,7 +198,7 @@ def main() -> None:
     print(markdown_table(header, [[row[key] for key in speed[0]] for row in speed]) if speed else "")
     if quality:
         print()
-        header = ["runtime", "variant (digits ViT)", "accuracy %", "top-1 agreement with fp32 %"]
+        header = ["runtime", "variant (digits ViT)", "accuracy %", "top-1 agreement with fp32 %", "merge agreement %"]
         print(markdown_table(header, [list(row.values()) for row in quality]))
     write_json(speed + quality, args.json)
 
