@@ -269,3 +269,8 @@ def _replace_together(moves: list[tuple[Path, Path]], aside: Path) -> None:
         for previous, target in kept:
             os.replace(previous, target)
         raise
+
+
+def companion_path(target: Path, suffix: str) -> Path:
+    """The file written next to `target` under the same name with `suffix` (an OpenVINO IR's .bin)."""
+    return target.with_suffix(suffix)

@@ -113,6 +113,9 @@ def test_export_from_safetensors_checkpoint_file(capsys, tmp_path):
         (["not_a_model_name_xyz"], ["not_a_model_name_xyz"]),
         (["missing_file.pt", "--model", "test_vit"], ["missing_file.pt"]),
         (["test_vit", "--opset", "15"], ["opset 15", "16"]),
+        (["test_vit", "--precision", "bf16"], ["bf16 runs in OpenVINO", "--runtime openvino", "NAME.xml"]),
+        (["test_vit", "--precision", "bf16", "--runtime", "openvino"], ["OpenVINO IR", "-o NAME.xml"]),
+        (["test_vit", "--precision", "int8", "--target", "tensorrt"], ["int8", "fp32 or fp16"]),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, args, fragments):
@@ -120,6 +123,13 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, args, fragments):
     assert code == 2
     assert_one_line_error(err, *fragments)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_openvino_ir_output_needs_the_openvino_runtime(capsys, tmp_path):
+    code, _, err = run_export(capsys, "test_vit", "-o", str(tmp_path / "m.xml"), "--no-validate")
+    assert code == 2
+    assert_one_line_error(err, "OpenVINO IR", "--runtime openvino")
+    assert not (tmp_path / "m.xml").exists() and not (tmp_path / "m.bin").exists()
 
 
 def test_output_directory_that_does_not_exist(capsys, tmp_path):

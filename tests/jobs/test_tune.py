@@ -235,3 +235,28 @@ def test_out_of_range_bounds_are_refused_before_anything_loads(tmp_path, capsys,
     assert tune_main(["tome_digits_vit", "--data", str(tmp_path / "none"), "-o", str(out), flag, value]) == 2
     assert_one_line_error(capsys.readouterr().err, flag, fragment)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_bf16_is_measured_as_it_ships_with_the_plain_model_in_bf16_between(tmp_path, capsys):
+    """tome-tune --precision bf16 --runtime openvino: every measured schedule and the plain model were written
+    as bf16 IRs and measured against plain fp32; the stacking is printed and recorded."""
+    data = digits_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "tune.json"
+    args = ["tome_digits_vit", "--data", str(data), "-o", str(out), "--max-drop", "50", "--no-greedy"]
+    # --max-minutes: one schedule is always measured, and one is enough here (each is an export).
+    assert tune_main([*args, "--precision", "bf16", "--runtime", "openvino", "--max-minutes", "0.01"]) == 0
+    err = capsys.readouterr().err
+    assert "Stacking against plain fp32" in err and "plain bf16" in err and "ToMe bf16" in err
+    record = json.loads(out.read_text())
+    assert record["precision"] == "bf16" and record["runtime"] == "openvino"
+    plain = record["plain_reduced"]
+    assert plain["measured_speedup"] > 0 and 0 <= plain["held_out"]["top1_agreement"] <= 1
+
+
+def test_bf16_tuning_in_onnx_runtime_is_refused_before_anything_loads(tmp_path, capsys):
+    out = tmp_path / "tune.json"
+    args = ["tome_digits_vit", "--data", str(tmp_path / "none"), "-o", str(out), "--max-drop", "1"]
+    assert tune_main([*args, "--precision", "bf16"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "bf16 runs in OpenVINO", "--runtime openvino")
+    assert not out.exists()

@@ -12,6 +12,7 @@ Versions 1 and 2 are upgraded when read: their flat keys become an image input s
 Optional keys that only inform (they change nothing in how the graph is run or its inputs prepared) are
 added within a version: `tome.quality`, the quality tome-tune measured for the schedule, is such a key;
 a reader that predates one ignores it, as every reader ignores `tome.*` keys it does not know.
+`tome.calibration`, the images an int8 export was calibrated on, is another.
 A reader refuses a newer version (NewerSchemaError: upgrade tome-deploy) and damaged values
 (MetadataError: one line naming the file and the key; re-export with tome-export)."""
 
@@ -27,6 +28,7 @@ from tome_deploy.artifact.formulations import formulation_names
 from tome_deploy.artifact.input_spec import INTERPOLATIONS, MAX_CHANNELS, MAX_IMAGE_SIDE, InputSpec, image_spec
 from tome_deploy.artifact.spec import (
     EXPORT_SPEC,
+    PRECISION_RUNTIMES,
     PRECISIONS,
     TARGETS,
 )
@@ -78,6 +80,9 @@ class ToMeMetadata:
     # What tome-tune measured for this schedule on held-out images, or None (not tuned):
     # {"metric": str, "value": float, "count": int, "data_fingerprint": str, "metrics": {name: float}}
     quality: Optional[dict[str, Any]] = None
+    # The images a static int8 export was calibrated on, or None (not calibrated):
+    # {"data_fingerprint": str, "count": int, "runtime": the runtime it was calibrated for}
+    calibration: Optional[dict[str, Any]] = None
 
     @property
     def depth(self) -> int:
@@ -93,11 +98,12 @@ class ToMeMetadata:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values, with the schema version first; `quality` only when recorded."""
+        """JSON-ready values, with the schema version first; `quality` and `calibration` only when recorded."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["input"] = self.input.to_dict()
-        if values["quality"] is None:
-            del values["quality"]
+        for optional in ("quality", "calibration"):
+            if values[optional] is None:
+                del values[optional]
         return {"schema_version": SCHEMA_VERSION, **json.loads(json.dumps(values))}
 
     def to_props(self) -> dict[str, str]:
@@ -249,6 +255,28 @@ def read_quality(value: Any) -> Optional[dict[str, Any]]:
     return record
 
 
+# key of the `tome.calibration` record -> reader of its value
+CALIBRATION_READERS = {
+    "data_fingerprint": lambda v: checks.name(v, MAX_FINGERPRINT_LENGTH),
+    "count": lambda v: checks.whole(v, 1, MAX_QUALITY_COUNT),
+    "runtime": lambda v: checks.one_of(v, PRECISION_RUNTIMES["int8"]),
+}
+
+
+def read_calibration(value: Any) -> Optional[dict[str, Any]]:
+    """The `tome.calibration` record, typed and bounded: None, or an object with `data_fingerprint` (of the
+    calibration images), `count` (how many) and `runtime` (the runtime whose quantizer used them). Keys it
+    does not know are dropped."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FieldError(f"must be a JSON object, got {type(value).__name__}")
+    missing = [key for key in CALIBRATION_READERS if key not in value]
+    if missing:
+        raise FieldError(f"has no {missing[0]!r}")
+    return {key: checks.checked(repr(key), reader, value[key]) for key, reader in CALIBRATION_READERS.items()}
+
+
 # key -> reader of its JSON value. Lengths that depend on other keys are checked in _check_consistent.
 _READERS = {
     "tool_version": checks.text,
@@ -270,6 +298,7 @@ _READERS = {
     "precision": lambda v: checks.one_of(v, PRECISIONS),
     "target": lambda v: checks.one_of(v, TARGETS),
     "quality": read_quality,
+    "calibration": read_calibration,
 }
 
 

@@ -27,6 +27,7 @@ from tome_deploy.cli.common import (
 )
 from tome_deploy.core.speedup import check_target
 from tome_deploy.errors import InvalidInputError
+from tome_deploy.onnx_export.quantize import INT8_MODES, check_int8_options
 from tome_deploy.runtime.factory import CPU_RUNTIMES, RUNTIME_LABELS
 from tome_deploy.validation.compare import check_tolerances
 
@@ -40,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=exit_codes_help(1, 4, c3="export failed or unexpected error (please report it)"),
     )
     add_model_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="ONNX file to write")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="ONNX file to write, or with --runtime openvino an OpenVINO IR: NAME.xml (its weights go to NAME.bin)",
+    )
     schedule = add_schedule_arguments(parser, DEFAULT_R)
     schedule.add_argument(
         "--target-speedup",
@@ -82,8 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="fp32, or fp16 weights and activations with fp32 matching and fp32 inputs/outputs "
-        "(what strongly typed TensorRT builds need for fp16)",
+        help="fp32; fp16: weights and activations in fp16 with fp32 matching and fp32 inputs/outputs (what "
+        "strongly typed TensorRT builds need for fp16); bf16: an OpenVINO IR (--runtime openvino -o NAME.xml) "
+        "whose attention and MLP MatMuls compute in bf16 and whose matching stays f32; int8: the attention and "
+        "MLP MatMuls quantized by the runtime's own quantizer, matching in f32. bf16 and int8 are validated by "
+        "their agreement with the fp32 ToMe model (top-1/top-5, cosine, merge choices)",
+    )
+    int8 = parser.add_argument_group("int8 (--precision int8)")
+    int8.add_argument(
+        "--data",
+        metavar="DIR",
+        help="calibration images for static int8: DIR/<class>/<image> (classes named 0, 1, ... or by --labels) or "
+        "a flat folder, read and split as tome-tune does; up to 128 images of its calibration part are used",
+    )
+    int8.add_argument(
+        "--labels", metavar="FILE", help="class names of --data, one per line (line number = class index)"
+    )
+    int8.add_argument(
+        "--quantization",
+        choices=INT8_MODES,
+        help="dynamic (ONNX Runtime only: weights int8, activations quantized as they are computed; no images) or "
+        "static (calibrated on --data: QDQ for ONNX Runtime, NNCF for OpenVINO); default: static with --data, "
+        "dynamic without it (OpenVINO: static)",
     )
     parser.add_argument("--img-size", type=int, metavar="N", help="input resolution (default: the model's)")
     parser.add_argument(
@@ -161,10 +188,14 @@ def _export(args: argparse.Namespace) -> int:
     from tome_deploy.output_files import check_outputs
 
     check_outputs(
-        {"-o": args.output, "--report": args.report}, inputs=(args.source, args.checkpoint, args.schedule_from)
+        {"-o": args.output, "--report": args.report},
+        inputs=(args.source, args.checkpoint, args.schedule_from, args.labels),
     )
     check_schedule_from(args)
     check_tolerances(args.atol, args.rtol)
+    if args.labels is not None and args.data is None:
+        raise InvalidInputError("--labels names the classes of --data; add --data DIR or drop --labels")
+    check_int8_options(args.precision, args.runtime, args.data, args.quantization)
     target = args.target_speedup
     if target is not None:
         if args.r is not None:
@@ -203,6 +234,9 @@ def _export(args: argparse.Namespace) -> int:
         sparse=not args.no_sparse,
         schedule_from=args.schedule_from,
         external_data=args.external_data,
+        data=args.data,
+        labels=args.labels,
+        quantization=args.quantization,
         say=(lambda _: None) if quiet else say,
     )
     meta = outcome.export.metadata

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         choices=CPU_RUNTIMES,
         default="onnxruntime",
-        help="what runs an ONNX file: onnxruntime (default) or openvino on CPU (pip install 'tome-deploy[openvino]')",
+        help="what runs an ONNX file: onnxruntime (default) or openvino on CPU (pip install 'tome-deploy[openvino]'); "
+        "an OpenVINO IR (NAME.xml, e.g. a --precision bf16 export) needs openvino",
     )
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line, for the image endpoint")
     parser.add_argument(

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tome_deploy.artifact.spec import EXPORT_SPEC, TUNE_PRECISIONS, artifact_suffix
 from tome_deploy.cli.common import (
     add_debug_argument,
     add_model_arguments,
@@ -55,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime", choices=CPU_RUNTIMES, default="onnxruntime", help="where speed and quality are measured"
     )
     parser.add_argument(
+        "--precision",
+        choices=TUNE_PRECISIONS,
+        default="fp32",
+        help="the precision that will ship: candidates are measured as that artifact (bf16: an OpenVINO IR, needs "
+        "--runtime openvino; int8: the runtime's quantizer) against the plain fp32 export, and so is the plain "
+        "model in it (the stacking plain fp32 -> plain reduced -> ToMe reduced); the search itself scores in "
+        "fp32 PyTorch (default fp32)",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=8, metavar="N", help="batch of the speed measurement (default 8)"
     )
     parser.add_argument(
@@ -93,6 +103,9 @@ def _tune(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--held-out is the held-out share, between 0 and 1 (exclusive), got {args.held_out}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise InvalidInputError(f"--max-minutes must be positive, got {args.max_minutes}")
+    EXPORT_SPEC.check_precision(
+        args.precision, args.runtime, "candidate" + artifact_suffix(args.precision, args.runtime)
+    )
     from tome_deploy.jobs.tune import tune_model  # torch and the exporter: only once the flags are good
 
     outcome = tune_model(
@@ -110,6 +123,7 @@ def _tune(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         cache=args.cache if args.cache is not None else f"{args.output}.cache.json",
         greedy=not args.no_greedy,
+        precision=args.precision,
         say=say,
     )
     say("")
@@ -123,6 +137,8 @@ def _tune(args: argparse.Namespace) -> int:
         f"\nChosen: {chosen.schedule.label} ({chosen.measured_speedup:.2f}x measured, {chosen.theoretical_speedup:.2f}x FLOPs); "
         f"held-out {outcome.metric} {chosen.held_out[outcome.metric].value:.4g} within {outcome.budget.describe()}"
     )
+    if outcome.plain_reduced is not None:
+        say(stacking_line(outcome))
     if outcome.best_constant is not None and outcome.best_constant is not chosen:
         best = outcome.best_constant
         say(f"The fastest constant r within the budget: {best.schedule.label} at {best.measured_speedup:.2f}x")
@@ -133,6 +149,16 @@ def _tune(args: argparse.Namespace) -> int:
         plot_pareto(outcome, Path(args.plot))
         say(f"wrote {args.plot}")
     return 0
+
+
+def stacking_line(outcome) -> str:
+    """'Stacking (held-out top1_agreement): plain fp32 1.00x -> plain bf16 1.90x (0.998) -> ToMe bf16 3.40x (0.97)'."""
+    metric, plain, chosen = outcome.metric, outcome.plain_reduced, outcome.chosen
+    return (
+        f"Stacking against plain fp32 (held-out {metric}): plain fp32 1.00x -> plain {outcome.precision} "
+        f"{plain['measured_speedup']:.2f}x ({plain['held_out'][metric]:.4g}) -> ToMe {outcome.precision} "
+        f"{chosen.measured_speedup:.2f}x ({chosen.held_out[metric].value:.4g})"
+    )
 
 
 def check_budget_flags(budget) -> None:

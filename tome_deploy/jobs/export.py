@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from tome_deploy.artifact.formulations import MergeFormulation, merge_for_target
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.onnx_file import external_data_path
-from tome_deploy.artifact.spec import EXPORT_SPEC
+from tome_deploy.artifact.spec import EXPORT_SPEC, OPENVINO_IR_SUFFIX, REDUCED_PRECISIONS
 from tome_deploy.artifact.tune_file import TunedSchedule, read_tune_file
 from tome_deploy.core.schedule import RSpec, Schedule
 from tome_deploy.core.speedup import (
@@ -27,6 +29,7 @@ from tome_deploy.core.speedup import (
     stride_speedup,
 )
 from tome_deploy.errors import InvalidInputError, ScheduleError
+from tome_deploy.jobs.int8 import CalibrationSet, quantize_to_artifact, read_calibration_set
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.adapter import describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
@@ -35,11 +38,14 @@ from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
 from tome_deploy.onnx_export.export import ExportResult, check_onnx_output, export_onnx, export_plain
 from tome_deploy.onnx_export.metadata import build_metadata
-from tome_deploy.onnx_export.precision import check_precision, with_precision
-from tome_deploy.output_files import StagedOutput
+from tome_deploy.onnx_export.precision import with_precision
+from tome_deploy.onnx_export.quantize import check_int8_options, import_nncf
+from tome_deploy.output_files import StagedOutput, check_outputs, companion_path
 from tome_deploy.runtime.factory import RUNTIME_LABELS, check_runtime, open_runner
+from tome_deploy.runtime.openvino import IR_WEIGHTS_SUFFIX
 from tome_deploy.runtime.throughput import Timing, time_interleaved
 from tome_deploy.validation.compare import check_tolerances
+from tome_deploy.validation.merge_agreement import match_twin
 from tome_deploy.validation.parity import ValidationReport, validate_runners
 
 
@@ -84,6 +90,9 @@ def export_model(
     sparse: bool = True,
     schedule_from: str | Path | None = None,
     external_data: bool = False,
+    data: str | Path | None = None,
+    labels: str | Path | None = None,
+    quantization: Optional[str] = None,
     say: Say = silent,
 ) -> ExportOutcome:
     """Load -> patch -> export -> (validate) -> (time against the unmerged export).
@@ -102,31 +111,46 @@ def export_model(
     runtime: the CPU runtime that validates and times the export (onnxruntime or openvino).
     merge: the formulation (artifact/formulations.py) or its name; None picks the one `target` runs best
     (spec.TARGET_DEFAULT_MERGE: scatter for ONNX Runtime, matmul for TensorRT).
-    precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`).
+    precision: fp32, or fp16 weights and activations with fp32 matching (`precision.with_precision`); bf16,
+    an OpenVINO IR whose transformer MatMuls compute in bf16 and whose matching stays f32 (needs
+    runtime="openvino" and an output ending in .xml); int8, the runtime's quantizer on the fp32 export
+    (`quantize_artifact`). An output ending in .xml is an OpenVINO IR (.xml + .bin) for runtime="openvino".
     schedule_from: a tune.json of tome-tune: instead of `r`, export its chosen r per layer and record the
     quality it measured (ToMeMetadata.quality); refused (TuneFileError) when damaged, tuned for other
     weights, or for another number of blocks.
     external_data: write the weights to `output`.data beside the graph even when the model fits in one file
     (a model with weights over spec.single_file_max_weight_bytes always is written so); the graph and its
     data file are written, validated and committed together (onnx_export.export.write_onnx).
+    data, labels, quantization: int8 only. `data` is a folder of calibration images (read as tome-tune reads
+    it, with its class names in `labels`; jobs/int8.py); `quantization` is "dynamic" or "static", by default
+    static with `data` and dynamic without it (ONNX Runtime; OpenVINO's NNCF is static only).
+    InvalidInputError for static without `data`.
     """
     EXPORT_SPEC.check_opset(opset)
     formulation = merge_for_target(merge, target)
-    check_precision(precision)
+    check_runtime(runtime)
+    EXPORT_SPEC.check_precision(precision, runtime, output, target)
     check_tolerances(atol, rtol)
     EXPORT_SPEC.check_batch(batch_size)
     if not isinstance(source, ModelSource):
         source = ModelSource(source)
-    output = check_onnx_output(output, inputs=(source.name, source.checkpoint))
-    check_runtime(runtime)
+    output = check_artifact_output(output, inputs=(source.name, source.checkpoint))
+    if precision in REDUCED_PRECISIONS and target_speedup is not None:
+        raise InvalidInputError(
+            f"--target-speedup searches with fp32 exports; for --precision {precision} pass --r (or a tune.json) "
+            "and --measure"
+        )
     if schedule_from is not None and target_speedup is not None:
         raise InvalidInputError("a tune.json and a speedup target both choose the schedule; pass one of them")
     tuned = read_tune_file(schedule_from) if schedule_from is not None else None
+    mode = check_int8_options(precision, runtime, data, quantization)
+    if mode is not None and runtime == "openvino":
+        import_nncf()  # fail before the export, naming the int8 extra
     runs = validate or measure or target_speedup is not None
     if runs:  # fail before the export: a runtime that cannot run the formulation, or a missing extra it needs
         formulation.check_runtime(runtime)
         formulation.prepare_runtime(runtime)
-    if runtime == "openvino" and runs:
+    if runtime == "openvino" and (runs or is_openvino_ir(output)):
         from tome_deploy.runtime.openvino import import_openvino
 
         import_openvino()  # fail before the export, naming the extra
@@ -135,6 +159,10 @@ def export_model(
     say(f"  weights: {loaded.weights}")
     if tuned is not None:
         r = tuned_schedule(loaded, tuned, say)
+    calibration = None
+    if mode == "static" and data is not None:
+        calibration = read_calibration_set(data, loaded, labels)
+        say(f"  calibration: {calibration.count} images of --data {data} (the calibration part of its split)")
     options: dict[str, Any] = dict(
         merge=formulation,
         strict=strict,
@@ -165,8 +193,8 @@ def export_model(
         say(
             f"Exporting ONNX (opset {opset}, merge={formulation.name}, {precision}, batch {metadata.batch or 'dynamic'}) ..."
         )
-        with StagedOutput(output, companions=[external_data_path(output)]) as staged:
-            result = export_onnx(tome, metadata, staged.temp, external_data=external_data)
+        with staged_artifact(output) as staged:
+            result = write_artifact(tome, metadata, staged.temp, Path(folder), runtime, say, calibration, external_data)
             outcome = ExportOutcome(
                 loaded,
                 schedule,
@@ -176,9 +204,9 @@ def export_model(
                 runtime=runtime,
             )
             if validate:
-                say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
-                outcome.validation = validate_runners(
-                    tome, [open_runner(staged.temp, runtime)], metadata, str(output), atol=atol, rtol=rtol
+                say(f"Validating {RUNTIME_LABELS[runtime]} (CPU, {precision}) against PyTorch (fp32) ...")
+                outcome.validation = validate_artifact(
+                    tome, staged.temp, metadata, str(output), runtime, Path(folder), atol=atol, rtol=rtol
                 )
             outcome.written = outcome.validation is None or outcome.validation.passed
             if not outcome.written:
@@ -196,6 +224,114 @@ def export_model(
             say(f"Timing both in {RUNTIME_LABELS[runtime]} (CPU, batch {batch_size}, interleaved) ...")
             outcome.timings = time_against(base_path, output, metadata, runtime)
     return outcome
+
+
+def validate_artifact(
+    tome: torch.nn.Module,
+    path: Path,
+    metadata: ToMeMetadata,
+    label: str,
+    runtime: str,
+    folder: Path,
+    *,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+) -> ValidationReport:
+    """The artifact at `path` against the PyTorch model in `runtime`; a reduced-precision one through its
+    match twin (written in `folder`), so that its merge choices are compared too."""
+    match_outputs = None
+    if metadata.precision in REDUCED_PRECISIONS:
+        path, match_outputs = match_twin(path, folder)
+    return validate_runners(
+        tome, [open_runner(path, runtime)], metadata, label, atol=atol, rtol=rtol, match_outputs=match_outputs
+    )
+
+
+def is_openvino_ir(output: str | Path) -> bool:
+    return Path(output).suffix.lower() == OPENVINO_IR_SUFFIX
+
+
+def check_artifact_output(output: str | Path, inputs) -> Path:
+    """-o checked with the files written beside it: an OpenVINO IR's .bin, an ONNX file's external data."""
+    if is_openvino_ir(output):
+        weights = companion_path(Path(output), IR_WEIGHTS_SUFFIX)
+        return check_outputs({"-o": output, "-o (weights)": weights}, inputs)["-o"]
+    return check_onnx_output(output, inputs)
+
+
+def staged_artifact(output: Path) -> StagedOutput:
+    """Where the artifact is written until it passed validation, with the file that goes beside it: an
+    IR's .bin, or an ONNX file's external data (written only when its weights go to a file of their own)."""
+    if is_openvino_ir(output):
+        return StagedOutput(output, companions=[companion_path(output, IR_WEIGHTS_SUFFIX)])
+    return StagedOutput(output, companions=[external_data_path(output)])
+
+
+def write_artifact(
+    tome: torch.nn.Module,
+    metadata: ToMeMetadata,
+    path: Path,
+    folder: Path,
+    runtime: str,
+    say: Say,
+    calibration: Optional[CalibrationSet] = None,
+    external_data: bool = False,
+) -> ExportResult:
+    """The ToMe model exported to ONNX and written at `path` in the export's precision and format: the ONNX
+    file itself (its weights in a file beside it when over the single-file limit or with `external_data`); or,
+    for an .xml path, an OpenVINO IR of it (bf16: its MatMuls in bf16, matching in f32); or for int8, the
+    runtime's quantization of it (`quantize_artifact`, calibrated on `calibration` when given). `folder`: for
+    intermediate files. The result's metadata is what the file holds."""
+    precision = metadata.precision
+    if precision != "int8" and not is_openvino_ir(path):
+        return export_onnx(tome, metadata, path, external_data=external_data)
+    result = export_onnx(tome, metadata, folder / "tome_fp32.onnx")
+    if precision == "int8":
+        metadata = quantize_artifact(
+            result.path, path, runtime=runtime, metadata=metadata, say=say, calibration=calibration
+        )
+    else:
+        precision_artifact(result.path, path, metadata=metadata, runtime=runtime, say=say)
+    return dataclasses.replace(result, path=path, metadata=metadata)
+
+
+def precision_artifact(
+    onnx_path: Path,
+    path: Path,
+    *,
+    metadata: ToMeMetadata,
+    runtime: str,
+    say: Say,
+    calibration: Optional[CalibrationSet] = None,
+) -> Path:
+    """The fp32 export at `onnx_path` (ToMe or plain) written at `path` in metadata.precision: the runtime's
+    int8 quantization of it (`quantize_artifact`, calibrated on `calibration` when given), or an OpenVINO IR
+    of it (bf16: its MatMuls in bf16)."""
+    if metadata.precision == "int8":
+        quantize_artifact(onnx_path, path, runtime=runtime, metadata=metadata, say=say, calibration=calibration)
+        return path
+    from tome_deploy.runtime.openvino import write_ir
+
+    say(f"  writing the OpenVINO IR ({metadata.precision}) ...")
+    return write_ir(onnx_path, path, metadata.precision)
+
+
+def quantize_artifact(
+    onnx_path: Path,
+    output: Path,
+    *,
+    runtime: str,
+    metadata: ToMeMetadata,
+    say: Say,
+    calibration: Optional[CalibrationSet] = None,
+) -> ToMeMetadata:
+    """int8: the runtime's own quantizer applied to the fp32 ToMe export at `onnx_path`, written at `output`
+    (an ONNX file for onnxruntime, an IR .xml for openvino) with the attention and MLP MatMuls quantized and
+    every matching node (artifact/matching.matching_nodes) left in f32, and `metadata` (with its
+    calibration record when calibrated) in the file; returns that metadata (jobs/int8.py)."""
+    how = "NNCF" if runtime == "openvino" else ("static QDQ" if calibration is not None else "dynamic")
+    say(f"  quantizing to int8 for {RUNTIME_LABELS[runtime]} ({how}) ...")
+    return quantize_to_artifact(onnx_path, output, runtime, metadata, calibration)
 
 
 def tuned_schedule(loaded: LoadedModel, tuned: TunedSchedule, say: Say) -> list[int]:

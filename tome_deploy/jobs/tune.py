@@ -27,6 +27,8 @@ import torch
 
 from tome_deploy import __version__
 from tome_deploy.artifact.formulations import merge_for_target
+from tome_deploy.artifact.metadata import ToMeMetadata
+from tome_deploy.artifact.spec import EXPORT_SPEC, TUNE_PRECISIONS, artifact_suffix
 from tome_deploy.core.flops import theoretical_speedup
 from tome_deploy.core.schedule import ModelShape, resolve_schedule
 from tome_deploy.core.schedule_search import (
@@ -35,7 +37,12 @@ from tome_deploy.core.schedule_search import (
     structured_candidates,
 )
 from tome_deploy.errors import InvalidInputError, ScheduleError
-from tome_deploy.jobs.export import patch_for_export, time_against, unmerged_export
+from tome_deploy.jobs.export import (
+    patch_for_export,
+    precision_artifact,
+    time_against,
+    unmerged_export,
+)
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.adapter import checked_input_spec, describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
@@ -103,6 +110,11 @@ class TuneOutcome:
     held_out_fraction: float
     seconds: float
     timed_out: bool
+    precision: str = "fp32"  # what the candidates were measured in (against the plain fp32 export)
+    # Reduced precision: the plain model in that precision, measured as the candidates were
+    # ({"measured_speedup": x, "held_out": {metric: value}}), the middle step of the stacking
+    # plain fp32 -> plain reduced -> ToMe reduced; None for fp32.
+    plain_reduced: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +122,8 @@ class TuneOutcome:
             "model": self.loaded.arch or type(self.loaded.model).__name__,
             "weights_sha256": weights_fingerprint(self.loaded.model),
             "runtime": self.runtime,
+            "precision": self.precision,
+            "plain_reduced": self.plain_reduced,
             "batch_size": self.batch_size,
             "output_kind": self.output_kind,
             "data": {
@@ -149,14 +163,20 @@ def tune_model(
     max_minutes: Optional[float] = None,
     cache: Optional[str | Path] = None,
     greedy: bool = True,
+    precision: str = "fp32",
     say: Say = silent,
 ) -> TuneOutcome:
     """Search schedules on the calibration part of `data`, measure the ones within `budget` in `runtime`, and
     write the result to `output` (tune.json). Raises InvalidInputError for bad data or options (nothing is
-    written) and ScheduleError when no schedule fits the budget (naming the best trade-off found)."""
+    written) and ScheduleError when no schedule fits the budget (naming the best trade-off found).
+
+    precision: what ships (fp32, bf16 or int8). The search scores schedules in fp32 PyTorch; the finalists
+    are measured as the shipped artifact (a bf16 IR, an int8 file) against the plain fp32 export, in speed and
+    held-out quality, and so is the plain model in that precision (`TuneOutcome.plain_reduced`)."""
     started = time.monotonic()
     deadline = None if max_minutes is None else started + 60.0 * max_minutes
     check_runtime(runtime)
+    check_tune_precision(precision, runtime)
     if not isinstance(source, ModelSource):
         source = ModelSource(source)
     paths = check_outputs({"-o": output, "--cache": cache}, inputs=(source.name, source.checkpoint))
@@ -173,7 +193,8 @@ def tune_model(
     )
     say(f"  {len(images.files)} images: {len(calibration)} to search on, {len(held_out)} held out (seed {split_seed})")
     store = _Cache(
-        paths.get("--cache"), _context_key(loaded, images, runtime, batch_size, held_out_fraction, split_seed)
+        paths.get("--cache"),
+        _context_key(loaded, images, runtime, batch_size, held_out_fraction, split_seed, precision),
     )
 
     pixels, kept = images.pixels(calibration, config)
@@ -199,8 +220,20 @@ def tune_model(
     for candidate in candidates:
         candidate.within_budget = budget.within(candidate.calibration)
     finalists = _finalists(candidates, metric)
-    measured, timed_out = _measure_in_runtime(
-        loaded, finalists, images, held_out, config, kind, runtime, batch_size, store, deadline, timed_out, say
+    measured, timed_out, plain_reduced = _measure_in_runtime(
+        loaded,
+        finalists,
+        images,
+        held_out,
+        config,
+        kind,
+        runtime,
+        batch_size,
+        store,
+        deadline,
+        timed_out,
+        say,
+        precision,
     )
     for candidate in measured:
         candidate.within_budget = budget.within({name: e.value for name, e in candidate.held_out.items()})
@@ -226,6 +259,8 @@ def tune_model(
         held_out_fraction=held_out_fraction,
         seconds=time.monotonic() - started,
         timed_out=timed_out,
+        precision=precision,
+        plain_reduced=plain_reduced,
     )
     write_atomically(paths["-o"], lambda stream: stream.write(json.dumps(outcome.to_json(), indent=1).encode()))
     return outcome
@@ -307,11 +342,19 @@ def _scored(schedule: ScheduleCandidate, score, shape: ModelShape) -> TunedCandi
     return TunedCandidate(schedule, speedup, score(schedule.r_per_layer))
 
 
+def check_tune_precision(precision: str, runtime: str) -> str:
+    """The precisions tome-tune measures in, and only in a runtime that runs them (one-line errors)."""
+    if precision not in TUNE_PRECISIONS:
+        raise InvalidInputError(f"tome-tune measures --precision {' or '.join(TUNE_PRECISIONS)}, not {precision!r}")
+    return EXPORT_SPEC.check_precision(precision, runtime, "candidate" + artifact_suffix(precision, runtime))
+
+
 def _measure_in_runtime(
-    loaded, finalists, images, held_out, config, kind, runtime, batch_size, store, deadline, timed_out, say
-) -> tuple[list[TunedCandidate], bool]:
-    """Speed against the plain export and held-out quality, in `runtime`, for each finalist until the deadline
-    (at least one is always measured)."""
+    loaded, finalists, images, held_out, config, kind, runtime, batch_size, store, deadline, timed_out, say, precision
+) -> tuple[list[TunedCandidate], bool, Optional[dict[str, Any]]]:
+    """Speed against the plain fp32 export and held-out quality, in `runtime` and `precision`, for each
+    finalist until the deadline (at least one is always measured); for a reduced precision also the plain
+    model in it (the third value, else None)."""
     pixels, kept = images.pixels(held_out, config)
     check_decoded(images, len(kept))
     labels = _labels_of(images, kept)
@@ -326,24 +369,45 @@ def _measure_in_runtime(
     )
     measured: list[TunedCandidate] = []
     with tempfile.TemporaryDirectory() as folder:
+
+        def shipped(onnx_path: Path, metadata: ToMeMetadata, stem: str) -> Path:
+            """The fp32 export as it ships in `precision` (itself for fp32)."""
+            if precision == "fp32":
+                return onnx_path
+            target = Path(folder) / (stem + artifact_suffix(precision, runtime))
+            shipped_metadata = dataclasses.replace(metadata, precision=precision)
+            return precision_artifact(onnx_path, target, metadata=shipped_metadata, runtime=runtime, say=silent)
+
+        def measure(path: Path, metadata: ToMeMetadata) -> dict[str, Any]:
+            timings = time_against(plain, path, metadata, runtime)
+            estimates = quality_metrics(kind, reference, _run(path, runtime, pixels, batch_size), labels)
+            return {
+                "measured_speedup": timings["unmerged"].median_s / timings["tome"].median_s,
+                "held_out": {name: [e.value, e.low, e.high, e.count] for name, e in estimates.items()},
+            }
+
         plain = unmerged_export(loaded, Path(folder), say, **options)
         reference = _run(plain, runtime, pixels, batch_size)
-        say(f"Measuring {len(finalists)} schedules in {runtime}: speed against the plain export, held-out quality ...")
+        plain_reduced = None
+        if precision != "fp32":
+            say(f"Measuring the plain model in {precision} against plain fp32 ...")
+            _, _, plain_metadata = patch_for_export(loaded, 0, **options)
+            record = measure(shipped(plain, plain_metadata, "plain"), plain_metadata)
+            plain_reduced = {**record, "held_out": {name: values[0] for name, values in record["held_out"].items()}}
+        say(
+            f"Measuring {len(finalists)} schedules in {runtime} ({precision}): speed against the plain fp32 export, "
+            "held-out quality ..."
+        )
         for index, candidate in enumerate(finalists, 1):
             if measured and deadline is not None and time.monotonic() >= deadline:
                 say(f"  --max-minutes reached: {len(finalists) - len(measured)} schedules not measured")
-                return measured, True
+                return measured, True, plain_reduced
             cached = store.get(candidate.schedule.r_per_layer, "runtime")
             note = " (cached)" if cached is not None else ""
             if cached is None:
                 tome, _, metadata = patch_for_export(loaded, list(candidate.schedule.r_per_layer), **options)
                 path = export_onnx(tome, metadata, Path(folder) / f"candidate_{index}.onnx").path
-                timings = time_against(plain, path, metadata, runtime)
-                estimates = quality_metrics(kind, reference, _run(path, runtime, pixels, batch_size), labels)
-                cached = {
-                    "measured_speedup": timings["unmerged"].median_s / timings["tome"].median_s,
-                    "held_out": {name: [e.value, e.low, e.high, e.count] for name, e in estimates.items()},
-                }
+                cached = measure(shipped(path, metadata, f"candidate_{index}"), metadata)
                 store.put(candidate.schedule.r_per_layer, "runtime", cached)
             candidate.measured_speedup = cached["measured_speedup"]
             candidate.held_out = {name: Estimate(*values) for name, values in cached["held_out"].items()}
@@ -351,7 +415,7 @@ def _measure_in_runtime(
                 f"  [{index}/{len(finalists)}] {candidate.schedule.label}: {candidate.measured_speedup:.2f}x measured{note}"
             )
             measured.append(candidate)
-    return measured, timed_out
+    return measured, timed_out, plain_reduced
 
 
 def _run(path: Path, runtime: str, pixels: np.ndarray, batch_size: int) -> np.ndarray:
@@ -383,9 +447,13 @@ def _choose(
     )
 
 
-def _context_key(loaded: LoadedModel, images: ImageSet, runtime: str, batch: int, fraction: float, seed: int) -> str:
+def _context_key(
+    loaded: LoadedModel, images: ImageSet, runtime: str, batch: int, fraction: float, seed: int, precision: str
+) -> str:
     """What a cached measurement depends on besides its schedule."""
-    return json.dumps([weights_fingerprint(loaded.model), images.fingerprint, runtime, batch, fraction, seed])
+    return json.dumps(
+        [weights_fingerprint(loaded.model), images.fingerprint, runtime, batch, fraction, seed, precision]
+    )
 
 
 class _Cache:

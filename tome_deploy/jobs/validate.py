@@ -18,7 +18,7 @@ from tome_deploy.artifact.sidecar import (
     read_sidecar,
     sidecar_path,
 )
-from tome_deploy.artifact.spec import EXPORT_SPEC
+from tome_deploy.artifact.spec import EXPORT_SPEC, OPENVINO_IR_SUFFIX, REDUCED_PRECISIONS
 from tome_deploy.errors import InvalidInputError, ScheduleError
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.loading.dispatch import load_model
@@ -35,6 +35,7 @@ from tome_deploy.quality.report import QualityReport, headline_metric, output_ki
 from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.factory import RUNTIME_LABELS, open_runner
 from tome_deploy.validation.compare import check_tolerances
+from tome_deploy.validation.merge_agreement import match_twin
 from tome_deploy.validation.parity import (
     ValidationReport,
     default_batch_sizes,
@@ -95,7 +96,21 @@ def validate_model(
             f"    polygraphy run {onnx_file} --trt --load-inputs {inputs} --load-outputs {outputs} "
             f"--atol {tolerance.atol:g} --rtol {tolerance.rtol:g}"
         )
-    if sidecar is None:  # an ONNX file
+    if sidecar is None and metadata.precision in REDUCED_PRECISIONS:  # judged with its merge choices
+        say(f"Validating {RUNTIME_LABELS[runtime]} (CPU, {metadata.precision}) against PyTorch (fp32) ...")
+        with tempfile.TemporaryDirectory(prefix="tome-validate-") as folder:
+            twin, match_outputs = match_twin(artifact, Path(folder))
+            return metadata, validate_runners(
+                tome,
+                [open_runner(twin, runtime)],
+                metadata,
+                str(artifact),
+                batch_sizes=batch_sizes,
+                atol=atol,
+                rtol=rtol,
+                match_outputs=match_outputs,
+            )
+    if sidecar is None:  # an ONNX file or an OpenVINO IR
         say(f"Validating {RUNTIME_LABELS[runtime]} (CPU) against PyTorch ...")
         return metadata, validate_runners(
             tome, candidates, metadata, str(artifact), batch_sizes=batch_sizes, atol=atol, rtol=rtol
@@ -228,7 +243,11 @@ def validation_inputs(artifact: str | Path) -> tuple[Path, ...]:
 
 
 def _artifact_metadata(artifact: str | Path, sidecar: Optional[EngineSidecar]) -> ToMeMetadata:
-    if sidecar is None:
+    if sidecar is None and Path(artifact).suffix.lower() == OPENVINO_IR_SUFFIX:
+        from tome_deploy.runtime.openvino import read_ir_metadata
+
+        metadata = ToMeMetadata.from_props(read_ir_metadata(artifact), str(artifact))
+    elif sidecar is None:
         metadata = read_metadata(artifact)
     else:
         metadata = sidecar.tome

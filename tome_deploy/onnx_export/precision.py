@@ -35,7 +35,9 @@ def check_precision(precision: str) -> str:
 
 
 def with_precision(tome_model: nn.Module, precision: str) -> nn.Module:
-    """The module to export and to validate against for `precision`; `tome_model` itself is not changed."""
-    if check_precision(precision) == "fp32":
+    """The module to export and to validate against for `precision`; `tome_model` itself is not changed.
+    bf16 and int8 export the fp32 model: the runtime's file gets its precision after the export (an IR's
+    bf16 types, the runtime's int8 quantizer), and validation compares it with the fp32 model."""
+    if check_precision(precision) != "fp16":
         return tome_model
     return Float16Compute(copy.deepcopy(tome_model)).eval()

@@ -126,7 +126,7 @@ def read_image_folder(root: str | Path, labels_file: Optional[str | Path] = None
         raise InvalidInputError(
             f"--data {where} holds no image files ({', '.join(IMG_EXTENSIONS)}); pass a folder of images"
         )
-    return ImageSet(root, files, labels, num_classes, _fingerprint(root, files))
+    return ImageSet(root, files, labels, num_classes, fingerprint_files(root, files))
 
 
 def _hidden(name: str) -> bool:
@@ -197,7 +197,7 @@ def _image_folder(
     return tuple(path for _, path in rows), tuple(label for label, _ in rows), num_classes
 
 
-def _fingerprint(root: Path, files: Sequence[str]) -> str:
+def fingerprint_files(root: Path, files: Sequence[str]) -> str:
     """sha256 hex over each file's relative path then its bytes, in order; InvalidInputError for a file
     that cannot be opened (a broken symlink, no permission)."""
     digest = hashlib.sha256()

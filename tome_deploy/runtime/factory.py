@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tome_deploy.artifact.sidecar import is_engine_file
+from tome_deploy.artifact.spec import OPENVINO_IR_SUFFIX
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.onnxruntime import CPU_PROVIDERS, OnnxRuntimeRunner
@@ -16,7 +17,6 @@ from tome_deploy.runtime.openvino import OpenVINORunner
 
 CPU_RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino")  # what runs an ONNX file (an engine runs in TensorRT)
 RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
-OPENVINO_IR_SUFFIX = ".xml"
 
 
 def open_runner(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tome_deploy.artifact.spec import OPENVINO_IR_SUFFIX
 from tome_deploy.errors import InvalidInputError, MissingDependencyError
+from tome_deploy.output_files import StagedOutput, companion_path
 from tome_deploy.runtime.base import Runner
 from tome_deploy.token_merge.contract import OP_DOMAIN, OP_TYPE, graph_has_token_merge
 
+IR_WEIGHTS_SUFFIX = ".bin"  # an IR's weights, next to its .xml
 OPENVINO_EXTRA = "pip install 'tome-deploy[openvino]' (or pip install openvino)"
 
 
@@ -38,9 +42,11 @@ def check_runs_in_openvino(path: str | Path) -> None:
 
 
 class OpenVINORunner(Runner):
-    """OpenVINO on CPU in fp32 (inference_precision f32: its CPU plugin would otherwise pick bf16 on
-    CPUs with AMX/AVX512-BF16, which changes merge choices). profile=True turns on OpenVINO's per-layer
-    counters (`request.get_profiling_info()`). A --merge plugin graph is refused at construction."""
+    """OpenVINO on CPU at inference precision f32, which runs a file in the precision its element types say:
+    f32 for an fp32 export, bf16 in the MatMuls of a bf16 IR (runtime/openvino_bf16.py), whose matching stays
+    f32. OpenVINO's own default would lower every f32 node to bf16 on CPUs with AMX/AVX512-BF16, which
+    changes merge choices. profile=True turns on OpenVINO's per-layer counters
+    (`request.get_profiling_info()`). A --merge plugin graph is refused at construction."""
 
     name = "openvino"
 
@@ -78,21 +84,45 @@ class OpenVINORunner(Runner):
 RT_INFO_SECTION = "tome_deploy"  # the IR's rt_info section that holds the ONNX file's tome.* metadata
 
 
-def save_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
-    """Convert a tome-deploy ONNX file to OpenVINO IR (xml_path and its .bin), fp32 weights, with the
-    ToMe metadata (the ONNX file's tome.* properties, JSON values) under rt_info[RT_INFO_SECTION]."""
-    from tome_deploy.artifact.onnx_file import load_onnx
+def write_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32") -> Path:
+    """Convert a tome-deploy ONNX file to an OpenVINO IR written at xml_path (and its .bin next to it),
+    f32 weights, with the ToMe metadata (the ONNX file's tome.* properties, JSON values; tome.precision
+    set to `precision`) under rt_info[RT_INFO_SECTION]. precision bf16: its transformer MatMuls compute in bf16 and its matching
+    nodes stay f32 (runtime/openvino_bf16.py). Writes the two files directly: save_ir is the atomic form."""
+    from tome_deploy.artifact.matching import matching_nodes
+    from tome_deploy.artifact.onnx_file import load_onnx, tome_metadata
 
     check_runs_in_openvino(onnx_path)
     ov = import_openvino()
     xml_path = Path(xml_path)
-    if xml_path.suffix != ".xml":
+    if xml_path.suffix != OPENVINO_IR_SUFFIX:
         raise InvalidInputError(f"an OpenVINO IR path ends in .xml (the weights go next to it as .bin), got {xml_path}")
+    model_proto = load_onnx(onnx_path)
     model = ov.Core().read_model(str(onnx_path))
-    for prop in load_onnx(onnx_path).metadata_props:
-        model.set_rt_info(prop.value, [RT_INFO_SECTION, prop.key])
+    metadata = tome_metadata(model_proto, onnx_path)
+    props = {prop.key: prop.value for prop in model_proto.metadata_props}
+    if metadata is not None:  # the IR records its own precision
+        props.update(dataclasses.replace(metadata, precision=precision).to_props())
+    for key, value in props.items():
+        model.set_rt_info(value, [RT_INFO_SECTION, key])
+    precise: set[str] = set()
+    if precision == "bf16":
+        from tome_deploy.runtime.openvino_bf16 import bf16_model
+
+        precise = bf16_model(model, matching_nodes(model_proto))
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    if precise:
+        from tome_deploy.runtime.openvino_bf16 import mark_precise
+
+        mark_precise(xml_path, precise)
     return xml_path
+
+
+def save_ir(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32") -> Path:
+    """write_ir, atomically: both files appear together or not at all (an existing IR there is kept on failure)."""
+    with StagedOutput(xml_path, companions=[companion_path(Path(xml_path), IR_WEIGHTS_SUFFIX)]) as staged:
+        write_ir(onnx_path, staged.temp, precision)
+        return staged.commit()
 
 
 def read_ir_metadata(xml_path: str | Path) -> dict[str, str]:

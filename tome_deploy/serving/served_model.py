@@ -1,7 +1,8 @@
 """What a served file is: its tensors, batch and ToMe metadata, read once when serving starts.
 
 A served model is what tome-serve and the Triton repository writer know of one file: a tome-deploy ONNX
-export or a TensorRT engine, whose formats the `tome_deploy.artifact` package reads. The runner that
+export, an OpenVINO IR (.xml, its weights in the .bin next to it) or a TensorRT engine, whose formats the
+`tome_deploy.artifact` package (and for an IR, OpenVINO) reads. The runner that
 executes it comes from `tome_deploy.runtime.factory.open_runner`.
 """
 
@@ -18,6 +19,7 @@ from tome_deploy.artifact.input_spec import AXES
 from tome_deploy.artifact.metadata import ToMeMetadata
 from tome_deploy.artifact.onnx_file import external_data_files, load_onnx, tome_metadata
 from tome_deploy.artifact.sidecar import ENGINE_SUFFIXES
+from tome_deploy.artifact.spec import OPENVINO_IR_SUFFIX
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.input_files import check_input_file
 from tome_deploy.runtime.base import Runner
@@ -29,7 +31,7 @@ ONNX_SUFFIXES = (".onnx",)
 @dataclass(frozen=True)
 class ServedModel:
     path: Path
-    kind: str  # "onnx" or "engine"
+    kind: str  # "onnx", "openvino_ir" or "engine"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     metadata: ToMeMetadata
@@ -50,7 +52,14 @@ class ServedModel:
 
     @property
     def triton_platform(self) -> str:
-        return "onnxruntime_onnx" if self.kind == "onnx" else "tensorrt_plan"
+        """Triton's name for what runs this file (a platform, or for an IR the OpenVINO backend)."""
+        return {"onnx": "onnxruntime_onnx", "engine": "tensorrt_plan", "openvino_ir": "openvino"}[self.kind]
+
+    @property
+    def triton_runs_on(self) -> dict[str, str]:
+        """The ModelConfig field that picks Triton's backend for this file."""
+        key = "backend" if self.kind == "openvino_ir" else "platform"
+        return {key: self.triton_platform}
 
     @property
     def model_input(self) -> TensorSpec:
@@ -72,8 +81,11 @@ def read_served_model(path: str | Path) -> ServedModel:
         return _checked_metadata(_read_onnx(path))
     if suffix in ENGINE_SUFFIXES:
         return _checked_metadata(_read_engine(path))
+    if suffix == OPENVINO_IR_SUFFIX:
+        return _checked_metadata(_read_ir(path))
     raise InvalidInputError(
-        f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}) nor an engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output"
+        f"{path} is neither an ONNX file ({', '.join(ONNX_SUFFIXES)}), an OpenVINO IR ({OPENVINO_IR_SUFFIX}) nor an "
+        f"engine ({', '.join(ENGINE_SUFFIXES)}); pass a tome-export output"
     )
 
 
@@ -110,6 +122,32 @@ def _read_onnx(path: Path) -> ServedModel:
     return ServedModel(
         path, "onnx", _with_axes(inputs, metadata), outputs, metadata, data_files=external_data_files(proto, path)
     )
+
+
+def _read_ir(path: Path) -> ServedModel:
+    """An OpenVINO IR written by tome-export: its tensors from OpenVINO, its ToMe metadata from rt_info."""
+    from tome_deploy.runtime.openvino import import_openvino, read_ir_metadata
+
+    metadata = ToMeMetadata.from_props(read_ir_metadata(path), str(path))
+    if metadata is None:
+        raise InvalidInputError(
+            f"{path} has no tome-deploy metadata (rt_info tome_deploy); export it with tome-export -o NAME.xml"
+        )
+    model = import_openvino().Core().read_model(str(path))
+    inputs = tuple(_ir_tensor(port) for port in model.inputs)
+    outputs = tuple(_ir_tensor(port) for port in model.outputs)
+    if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0].shape) != 2:
+        raise InvalidInputError(
+            f"{path} is not a model with one [batch, ...] input and one [batch, classes] output; serve a tome-export output"
+        )
+    metadata.check_input(inputs[0].name, list(inputs[0].shape[1:]), str(path))
+    return ServedModel(path, "openvino_ir", _with_axes(inputs, metadata), outputs, metadata)
+
+
+def _ir_tensor(port) -> TensorSpec:
+    """An IR input or output: its name, float32 (exports take and give float32), its shape (-1: dynamic)."""
+    shape = tuple(dim.get_length() if dim.is_static else -1 for dim in port.get_partial_shape())
+    return TensorSpec(port.get_any_name(), "FP32", shape)
 
 
 def _with_axes(inputs: tuple[TensorSpec, ...], metadata: ToMeMetadata) -> tuple[TensorSpec, ...]:

@@ -8,12 +8,13 @@ The config is written as protobuf text (Triton's `inference.ModelConfig`); its f
 artifact: platform, tensors, batch (a dynamic-batch export -> max_batch_size + dynamic_batching; a
 fixed-batch export -> max_batch_size 0 with the batch inside dims) and the ToMe schedule as parameters.
 Two model kinds: Triton's own backends (`platform: onnxruntime_onnx` / `tensorrt_plan`, the default, for
-GPU Triton images) or `backend: "python"`, which runs the ONNX file through tome-deploy's ONNX Runtime
+GPU Triton images; `backend: "openvino"` for an OpenVINO IR, its .bin copied along) or `backend: "python"`, which runs the ONNX file through tome-deploy's ONNX Runtime
 runner inside Triton's Python backend (`serving/triton_python.py`; model.py is written next to the file).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -31,7 +32,12 @@ from tome_deploy.serving.kserve import TensorSpec
 from tome_deploy.serving.served_model import ServedModel
 from tome_deploy.serving.triton_python import MODEL_PY, THREADS_PARAMETER
 
-MODEL_FILE = {"onnx": "model.onnx", "engine": "model.plan"}
+MODEL_FILE = {"onnx": "model.onnx", "engine": "model.plan", "openvino_ir": "model.xml"}
+# Files an artifact brings along, by kind: suffix next to it -> name in the version folder.
+COMPANION_FILES = {"openvino_ir": {".bin": "model.bin"}}
+# Triton's OpenVINO backend passes these to OpenVINO when compiling: f32 inference precision runs an IR in
+# the precision its types say (a bf16 IR's MatMuls in bf16, its matching in f32), as tome-serve does.
+OPENVINO_PARAMETERS = {"INFERENCE_PRECISION_HINT": "f32"}
 VERSION = "1"
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 MAX_NAME = 128  # a model name is a folder name (with room for the staging folder's prefix and suffix) and a URL part
@@ -112,7 +118,7 @@ def model_config(served_model: ServedModel, options: TritonOptions) -> dict[str,
     """The ModelConfig message as a dict (field name -> value; lists of dicts are repeated messages)."""
     check_triton_can_run(served_model, options.backend)
     fixed = served_model.fixed_batch
-    runs_on = {"backend": "python"} if options.backend == "python" else {"platform": served_model.triton_platform}
+    runs_on = {"backend": "python"} if options.backend == "python" else served_model.triton_runs_on
     config: dict[str, Any] = {
         "name": options.model_name,
         **runs_on,
@@ -130,6 +136,8 @@ def model_config(served_model: ServedModel, options: TritonOptions) -> dict[str,
     ]
     if "quality" in meta:  # recorded by tome-export --schedule-from
         config["parameters"].append({"key": "tome.quality", "value": {"string_value": json.dumps(meta["quality"])}})
+    if served_model.kind == "openvino_ir":
+        config["parameters"] += [{"key": k, "value": {"string_value": v}} for k, v in OPENVINO_PARAMETERS.items()]
     if options.threads is not None:
         config["parameters"].append({"key": THREADS_PARAMETER, "value": {"string_value": str(options.threads)}})
     return config
@@ -141,9 +149,12 @@ def check_triton_can_run(served_model: ServedModel, backend: str = "platform") -
     op), on ONNX files."""
     if backend == "python":
         if served_model.kind != "onnx":
+            what, backend_name = (
+                ("an OpenVINO IR", "OpenVINO") if served_model.kind == "openvino_ir" else ("an engine", "TensorRT")
+            )
             raise InvalidInputError(
-                f"{served_model.path.name} is an engine; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
-                "or drop --backend python to give the engine to Triton's TensorRT backend"
+                f"{served_model.path.name} is {what}; --backend python runs ONNX files through ONNX Runtime: pass the .onnx file, "
+                f"or drop --backend python to give it to Triton's {backend_name} backend"
             )
         return
     formulation = formulation_named(served_model.metadata.merge) if served_model.kind == "onnx" else None
@@ -217,6 +228,8 @@ def write_triton_repo(
         write_atomically(staging / VERSION / MODEL_FILE[served_model.kind], lambda out: _copy(served_model.path, out))
         for data in served_model.data_files:
             _link_or_copy(data, staging / VERSION / data.name)
+        for suffix, name in COMPANION_FILES.get(served_model.kind, {}).items():
+            write_atomically(staging / VERSION / name, functools.partial(_copy, served_model.path.with_suffix(suffix)))
         if options.backend == "python":
             write_atomically(staging / VERSION / "model.py", lambda out: out.write(MODEL_PY.encode()))
         write_atomically(staging / "config.pbtxt", lambda out: out.write(text.encode()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -35,19 +35,22 @@ class OutputVerdict:
     passed: bool
     reason: str
     runner: str = ""  # the candidate compared with the reference
+    merge_agreement: Optional[float] = None  # share of blocks x images with fp32's merges (reduced precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
+        merges = "" if self.merge_agreement is None else f" {self.merge_agreement:>7.1%}"
         return (
             f"{self.probe:<9} {self.batch:>5}  {self.output:<8} {self.max_abs:>10.3g} {self.max_rel:>10.3g} "
-            f"{self.cosine:>10.7f} {self.top1_agreement:>6.0%} {self.top5_agreement:>6.0%}  {verdict} {self.reason}"
+            f"{self.cosine:>10.7f} {self.top1_agreement:>6.0%} {self.top5_agreement:>6.0%}{merges}  {verdict} {self.reason}"
         )
 
 
 VERDICT_HEADER = f"{'probe':<9} {'batch':>5}  {'output':<8} {'max_abs':>10} {'max_rel':>10} {'cosine':>10} {'top1':>6} {'top5':>6}  verdict"
+AGREEMENT_HEADER = VERDICT_HEADER.replace("  verdict", f" {'merges':>7}  verdict")
 
 
 def _top_k_sets(logits: np.ndarray, k: int) -> list[frozenset]:
@@ -93,3 +96,18 @@ def compare_output(
     if not cosine >= min_cosine:
         reasons.append(f"cosine < {min_cosine}")
     return OutputVerdict(probe, batch, output, max_abs, max_rel, cosine, top1, top5, not reasons, "; ".join(reasons))
+
+
+def judge_agreement(
+    verdict: OutputVerdict, merge_agreement: float, min_cosine: float, min_merges: float
+) -> OutputVerdict:
+    """A reduced-precision verdict: the comparison's numbers and `merge_agreement`, passed when its values are
+    finite, its cosine >= min_cosine and its merge agreement >= min_merges (atol/rtol do not apply)."""
+    reasons = []
+    if verdict.reason in ("non-finite values",) or verdict.reason.startswith("shape "):
+        reasons.append(verdict.reason)
+    if not verdict.cosine >= min_cosine:
+        reasons.append(f"cosine < {min_cosine}")
+    if not merge_agreement >= min_merges:
+        reasons.append(f"merge agreement < {min_merges:.0%}")
+    return replace(verdict, merge_agreement=merge_agreement, passed=not reasons, reason="; ".join(reasons))

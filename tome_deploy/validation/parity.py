@@ -7,12 +7,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from tome_deploy.artifact.matching import MatchTensors
 from tome_deploy.artifact.metadata import ToMeMetadata
-from tome_deploy.artifact.spec import EXPORT_SPEC, ExportSpec
+from tome_deploy.artifact.spec import EXPORT_SPEC, REDUCED_PRECISIONS, ExportSpec
 from tome_deploy.runtime.base import Runner
 from tome_deploy.runtime.factory import open_runner
 from tome_deploy.runtime.pytorch import TorchRunner
-from tome_deploy.validation.compare import VERDICT_HEADER, OutputVerdict, check_tolerances, compare_output
+from tome_deploy.validation.compare import (
+    AGREEMENT_HEADER,
+    VERDICT_HEADER,
+    OutputVerdict,
+    check_tolerances,
+    compare_output,
+    judge_agreement,
+)
+from tome_deploy.validation.merge_agreement import merge_agreement, recording_matches, runtime_matches
 from tome_deploy.validation.probes import PROBE_KINDS, probe_inputs, probe_label
 
 
@@ -27,13 +36,12 @@ class ValidationReport:
 
     def table(self) -> str:
         runners = list(dict.fromkeys(v.runner for v in self.verdicts))
+        header = AGREEMENT_HEADER if any(v.merge_agreement is not None for v in self.verdicts) else VERDICT_HEADER
         if len(runners) <= 1:
-            return "\n".join([VERDICT_HEADER] + [v.line() for v in self.verdicts])
+            return "\n".join([header] + [v.line() for v in self.verdicts])
         sections = []
         for runner in runners:
-            sections += [f"PyTorch vs {runner}:", VERDICT_HEADER] + [
-                v.line() for v in self.verdicts if v.runner == runner
-            ]
+            sections += [f"PyTorch vs {runner}:", header] + [v.line() for v in self.verdicts if v.runner == runner]
         return "\n".join(sections)
 
     def to_dict(self) -> dict:
@@ -72,15 +80,25 @@ def validate_runners(
     atol: float | None = None,
     rtol: float | None = None,
     spec: ExportSpec = EXPORT_SPEC,
+    match_outputs: Sequence[MatchTensors] | None = None,
 ) -> ValidationReport:
     """Run the reference and each candidate on each probe kind (validation/probes.py, for the input's kind) at
     each batch size; one verdict per
     (candidate, probe, batch, output), within the budget of the export's precision. Candidates not active
-    yet are activated for the comparison and deactivated after it; active ones stay active."""
+    yet are activated for the comparison and deactivated after it; active ones stay active.
+
+    A reduced precision (bf16, int8) is judged by its agreement with the fp32 `tome_model`
+    (spec.agreement_budget): cosine and merge agreement, for which every candidate is a match twin
+    (validation/merge_agreement.py) whose extra outputs are `match_outputs`."""
     check_tolerances(atol, rtol)
     report = ValidationReport(artifact)
     tolerance = spec.tolerance(metadata.precision)
+    reduced = metadata.precision in REDUCED_PRECISIONS
+    if reduced and match_outputs is None:
+        raise ValueError("a reduced-precision export is validated on its match twin: pass match_outputs")
+    twin_outputs = list(match_outputs or ())
     with contextlib.ExitStack() as activated:
+        recorded = activated.enter_context(recording_matches(tome_model))
         reference = activated.enter_context(TorchRunner(tome_model, metadata.input.name, metadata.output_name))
         for candidate in candidates:
             if not candidate.is_active:
@@ -89,6 +107,7 @@ def validate_runners(
             for batch in batch_sizes or default_batch_sizes(metadata):
                 feed = {metadata.input.name: probe_inputs(kind, batch, metadata.input)}
                 expected = reference.infer(feed)
+                expected_matches = dict(recorded)
                 for candidate in candidates:
                     got = candidate.infer(feed)
                     for name, value in expected.items():
@@ -101,5 +120,9 @@ def validate_runners(
                             rtol=tolerance.rtol if rtol is None else rtol,
                             min_cosine=tolerance.min_cosine,
                         )
+                        if reduced:
+                            budget = spec.agreement_budget(metadata.precision)
+                            agreement = merge_agreement(expected_matches, runtime_matches(got, twin_outputs))
+                            verdict = judge_agreement(verdict, agreement, budget.min_cosine, budget.min_merge_agreement)
                         report.verdicts.append(replace(verdict, runner=candidate.name))
     return report
