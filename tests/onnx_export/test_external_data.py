@@ -21,6 +21,7 @@ from tome_deploy.cli import export as export_cli
 from tome_deploy.cli import validate as validate_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.onnx_export.export import check_onnx_output, write_onnx
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
 
 def folder_state(folder: Path) -> dict[str, str]:
@@ -195,3 +196,15 @@ def test_a_failed_rename_puts_the_previous_pair_back(tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match="No space left on device"):
         write_onnx(matmul_model(2), check_onnx_output(out), external_data=True)
     assert folder_state(tmp_path) == before
+
+
+def test_a_plugin_graph_with_external_data_runs_in_onnx_runtime(export_cached, tmp_path):
+    """A --merge plugin graph reaches ONNX Runtime as rewritten bytes of the graph alone; the weights stay in
+    their file, whose folder the session is told (a model over 2 GiB never becomes one message)."""
+    single = export_cached("vit_class_token", "plugin").path
+    pair = write_onnx(onnx.load(str(single)), check_onnx_output(tmp_path / "plugin.onnx"), external_data=True)
+    assert locations(pair) == {"plugin.onnx.data"}
+    x = np.random.default_rng(5).standard_normal((2, 3, 160, 160)).astype(np.float32)
+    with OnnxRuntimeRunner(single) as one, OnnxRuntimeRunner(pair) as two:
+        expected = one.infer({"pixel_values": x})["logits"]
+        np.testing.assert_allclose(two.infer({"pixel_values": x})["logits"], expected, rtol=1e-6, atol=1e-6)
