@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,15 @@ def test_a_pair_replaces_the_previous_pair_and_a_single_file_removes_its_data(tm
     write_onnx(matmul_model(3), check_onnx_output(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]  # no stale weights left behind
     np.testing.assert_allclose(run_ort(out, x), x @ weights(matmul_model(3))["w"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_where_the_data_file_goes_is_refused_and_kept(tmp_path, kind):
+    foreign = tmp_path / "out.onnx.data"
+    foreign.mkdir() if kind == "folder" else os.mkfifo(foreign)
+    with pytest.raises(InvalidInputError, match="out.onnx.data exists and is not the external data of"):
+        check_onnx_output(tmp_path / "out.onnx")
+    assert foreign.is_dir() if kind == "folder" else stat.S_ISFIFO(foreign.stat().st_mode)
 
 
 def test_a_data_file_that_is_not_the_outputs_is_refused_and_kept(tmp_path, capsys):

@@ -192,12 +192,13 @@ def check_onnx_output(output: str | Path, inputs: Iterable[Optional[str | Path]]
     one the existing graph at -o names (the previous version of this output); any other is refused, never
     overwritten."""
     path = check_output_path(output, inputs)
-    data = check_output_path(external_data_path(path), inputs)
-    if data.exists() and not _names_file(path, data):
+    data = external_data_path(path)
+    if (data.exists() or data.is_symlink()) and not _names_file(path, data):  # a folder or FIFO never is
         raise InvalidInputError(
             f"{data} exists and is not the external data of {path}; an export to {path.name} writes its weights "
             f"there when they go to a file of their own: move {data.name} away, or choose another -o"
         )
+    check_output_path(data, inputs)
     return path
 
 
