@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from tome_deploy.cli import export as export_cli
 from tome_deploy.cli import validate as validate_cli
 from tome_deploy.errors import InvalidInputError
 from tome_deploy.onnx_export.export import check_onnx_output, write_onnx
+from tome_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
 
 def folder_state(folder: Path) -> dict[str, str]:
@@ -144,6 +147,15 @@ def test_a_pair_replaces_the_previous_pair_and_a_single_file_removes_its_data(tm
     np.testing.assert_allclose(run_ort(out, x), x @ weights(matmul_model(3))["w"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_where_the_data_file_goes_is_refused_and_kept(tmp_path, kind):
+    foreign = tmp_path / "out.onnx.data"
+    foreign.mkdir() if kind == "folder" else os.mkfifo(foreign)
+    with pytest.raises(InvalidInputError, match="out.onnx.data exists and is not the external data of"):
+        check_onnx_output(tmp_path / "out.onnx")
+    assert foreign.is_dir() if kind == "folder" else stat.S_ISFIFO(foreign.stat().st_mode)
+
+
 def test_a_data_file_that_is_not_the_outputs_is_refused_and_kept(tmp_path, capsys):
     out = tmp_path / "out.onnx"
     foreign = tmp_path / "out.onnx.data"
@@ -195,3 +207,15 @@ def test_a_failed_rename_puts_the_previous_pair_back(tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match="No space left on device"):
         write_onnx(matmul_model(2), check_onnx_output(out), external_data=True)
     assert folder_state(tmp_path) == before
+
+
+def test_a_plugin_graph_with_external_data_runs_in_onnx_runtime(export_cached, tmp_path):
+    """A --merge plugin graph reaches ONNX Runtime as rewritten bytes of the graph alone; the weights stay in
+    their file, whose folder the session is told (a model over 2 GiB never becomes one message)."""
+    single = export_cached("vit_class_token", "plugin").path
+    pair = write_onnx(onnx.load(str(single)), check_onnx_output(tmp_path / "plugin.onnx"), external_data=True)
+    assert locations(pair) == {"plugin.onnx.data"}
+    x = np.random.default_rng(5).standard_normal((2, 3, 160, 160)).astype(np.float32)
+    with OnnxRuntimeRunner(single) as one, OnnxRuntimeRunner(pair) as two:
+        expected = one.infer({"pixel_values": x})["logits"]
+        np.testing.assert_allclose(two.infer({"pixel_values": x})["logits"], expected, rtol=1e-6, atol=1e-6)

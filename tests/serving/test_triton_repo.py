@@ -211,3 +211,30 @@ def test_an_export_with_external_data_goes_in_with_its_data_file(external_data_e
     np.testing.assert_allclose(
         in_repo.run(None, {"pixel_values": x})[0], exported.run(None, {"pixel_values": x})[0], rtol=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "location, fragments",
+    [
+        ("../outside.data", ["keeps weights at '../outside.data', which is not a file beside it"]),
+        ("weights.onnx", ["keeps its weights in weights.onnx, a name Triton would take for a model file"]),
+    ],
+    ids=["outside-the-folder", "model-file-name"],
+)
+def test_external_data_outside_the_folder_or_named_like_a_model_file_is_refused(
+    external_data_export, tmp_path, capsys, location, fragments
+):
+    """A crafted graph cannot make triton-repo copy a file from elsewhere, nor put one over a model file."""
+    source = external_data_export.export.path
+    model = onnx.load(str(source), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    folder = tmp_path / "export"
+    folder.mkdir()
+    onnx.save(model, str(folder / "crafted.onnx"))
+    (folder / location).write_bytes(source.with_name("test_vit.onnx.data").read_bytes())
+    assert deploy_cli.main(["triton-repo", str(folder / "crafted.onnx"), str(tmp_path / "repo")]) == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "repo").exists()

@@ -78,7 +78,7 @@ class ExportSpec:
     # A serialized ONNX model is one protobuf message, which cannot reach 2 GiB. When its weights (the
     # initializers' bytes) are over this (and always with --external-data) the export writes the graph and
     # puts its weights in ONE external-data file beside it (ONNX's external-data layout, which ONNX Runtime,
-    # OpenVINO and TensorRT's parser read). The 64 MiB margin holds the graph itself (under 3 MiB for a
+    # OpenVINO and TensorRT's parser read). The 64 MiB margin holds the graph itself (about 4 MiB for a
     # 32-block ViT-H) and leaves room for a tool that adds to a single file (metadata, an optimised copy).
     single_file_max_weight_bytes: int = 2**31 - 2**26
     # Tensors smaller than this stay inside the graph (shapes, indices, scalars): graph-only readers and

@@ -88,8 +88,10 @@ def _triton_repo(args: argparse.Namespace) -> int:
         backend=args.backend,
         threads=args.threads,
     )
-    repo = write_triton_repo(read_served_model(args.artifact), args.repo, options, overwrite=args.overwrite)
-    say(f"wrote {repo.config_path} and {repo.model_path}")
+    served_model = read_served_model(args.artifact)
+    repo = write_triton_repo(served_model, args.repo, options, overwrite=args.overwrite)
+    weights = "".join(f" (weights in {data.name} beside it)" for data in served_model.data_files)
+    say(f"wrote {repo.config_path} and {repo.model_path}{weights}")
     say(f"serve it with: {repo.command}")
     return 0
 

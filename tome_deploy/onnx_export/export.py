@@ -191,12 +191,13 @@ def check_onnx_output(output: str | Path, inputs: Iterable[Optional[str | Path]]
     one the existing graph at -o names (the previous version of this output); any other is refused, never
     overwritten."""
     path = check_output_path(output, inputs)
-    data = check_output_path(external_data_path(path), inputs)
-    if data.exists() and not _names_file(path, data):
+    data = external_data_path(path)
+    if (data.exists() or data.is_symlink()) and not _names_file(path, data):  # a folder or FIFO never is
         raise InvalidInputError(
             f"{data} exists and is not the external data of {path}; an export to {path.name} writes its weights "
             f"there when they go to a file of their own: move {data.name} away, or choose another -o"
         )
+    check_output_path(data, inputs)
     return path
 
 
@@ -208,9 +209,11 @@ def _names_file(graph: Path, data: Path) -> bool:
         return False
 
 
-def write_onnx(model_proto, output: Path, *, spec: ExportSpec = EXPORT_SPEC, external_data: bool = False) -> Path:
-    """Write `model_proto` at `output` (checked by `check_onnx_output`) and check the files written with
-    the ONNX checker and strict shape inference; all or nothing (output_files.StagedOutput).
+def write_onnx(
+    model_proto, output: Path, *, spec: ExportSpec = EXPORT_SPEC, external_data: bool = False, check: bool = True
+) -> Path:
+    """Write `model_proto` at `output` (checked by `check_onnx_output`) and, with `check`, check the files
+    written with the ONNX checker and strict shape inference; all or nothing (output_files.StagedOutput).
 
     A model whose weights are over spec.single_file_max_weight_bytes (protobuf cannot hold 2 GiB), or any
     with `external_data`, is written as a pair: the graph at `output` and every tensor of at least
@@ -225,7 +228,8 @@ def write_onnx(model_proto, output: Path, *, spec: ExportSpec = EXPORT_SPEC, ext
             staged.temp.write_bytes(model_proto.SerializeToString())
         except OSError as err:
             raise InvalidInputError(f"cannot write {output} ({err.strerror or err}); choose another -o path") from err
-        _check_written(staged.temp)
+        if check:
+            _check_written(staged.temp)
         return staged.commit()
 
 
@@ -279,8 +283,8 @@ def export_plain(
     external_data: bool = False,
 ) -> Path:
     """The baseline a user has without ToMe: torch.onnx.export of the unpatched model as it is (its own
-    attention kernels, no tome-deploy rewriting), same input, batch and opset as `metadata`; written and
-    checked as `write_onnx` does."""
+    attention kernels, no tome-deploy rewriting), same input, batch and opset as `metadata`; written as
+    `write_onnx` writes (external data above the same size), without the checks an export of ours gets."""
     dynamic = metadata.batch is None
     example = torch.randn(max(2 if dynamic else 1, metadata.example_batch), *metadata.input.shape)
     dynamic_shapes = ({0: torch.export.Dim(spec.batch_axis_name, min=1, max=spec.max_batch)},) if dynamic else None
@@ -301,7 +305,7 @@ def export_plain(
             f"torch.onnx.export of the plain model failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
         ) from err
     path = check_onnx_output(output)
-    return write_onnx(_model_proto(program), path, spec=spec, external_data=external_data)
+    return write_onnx(_model_proto(program), path, spec=spec, external_data=external_data, check=False)
 
 
 def _model_proto(program):
