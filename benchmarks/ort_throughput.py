@@ -273,7 +273,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch, source in model_sources(args.models, Path(tmp)).items():
-            rows += measure_model(arch, source, schedules, merges, runtimes, batches, args, Path(tmp))
+            label = arch if args.img_size is None else f"{arch}@{args.img_size}"
+            rows += measure_model(label, source, schedules, merges, runtimes, batches, args, Path(tmp))
     print_rows(rows)
     print(
         "\nkernels: the speedup in the row's runtime's profiler time alone (ONNX Runtime kernel events, OpenVINO "
