@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from tome_deploy.core.schedule import RSpec
 from tome_deploy.jobs.export import ExportOutcome, export_model
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.onnx_export.export import export_plain
 
 BASELINE = "unmerged"
@@ -22,17 +23,25 @@ SCHEDULES: dict[str, RSpec] = {"r=8": 8, "r=16": 16, "r=(16,-1)": (16, -1.0)}
 
 
 def export_variants(
-    model: str, schedules: dict[str, RSpec], folder: Path, *, plain: bool = False, **options
+    model: str,
+    schedules: dict[str, RSpec],
+    folder: Path,
+    *,
+    plain: bool = False,
+    img_size: Optional[int] = None,
+    **options,
 ) -> dict[str, ExportOutcome]:
     """tome-export's job for r=0 ("unmerged") and each labelled schedule, unvalidated. The same model name
     and seed give every variant the same weights (checked on the recorded fingerprints). plain=True: the
-    baseline is instead what a user has without ToMe, a plain torch.onnx.export of the same weights."""
+    baseline is instead what a user has without ToMe, a plain torch.onnx.export of the same weights.
+    img_size: the input resolution (`--img-size`; None: the model's)."""
     outcomes = {}
-    stem = file_stem(model)
+    stem = file_stem(model) + ("" if img_size is None else f"_{img_size}")
+    source = ModelSource(model, img_size=img_size)
     for label, r in {BASELINE: 0, **schedules}.items():
         start = time.perf_counter()
         outcomes[label] = export_model(
-            model, folder / f"{stem}_{file_stem(label)}.onnx", r=r, validate=False, **options
+            source, folder / f"{stem}_{file_stem(label)}.onnx", r=r, validate=False, **options
         )
         print(f"  exported {model} {label} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     fingerprints = {outcome.export.metadata.weights_sha256 for outcome in outcomes.values()}

@@ -14,11 +14,17 @@ counters; `TokenMerger` scopes) and the ONNX Runtime fusions that fired in the p
     python benchmarks/ort_throughput.py --models vit_small_patch16_224 --batches 8 --sweep 0,4,8,12,16,20 \\
         --plot docs/speedup_vs_flops.png              # measured speedup vs FLOP ratio over r
     python benchmarks/ort_throughput.py --models families --merges scatter --runtimes onnxruntime   # one ViT-S-sized model per family
+    python benchmarks/ort_throughput.py --models torchvision:vit_l_16 --img-size 512 --schedules 40 --batches 1
+    python benchmarks/ort_throughput.py --models hf-videomae-base --schedules 120 --merges scatter --batches 1
     python benchmarks/ort_throughput.py --models test_vit --batches 1 --rounds 2          # smoke run (~1 min)
 
 --models takes timm names, model sources (`open_clip:ViT-S-16`, a `save_pretrained` folder), `hf-vit-small`
 (a random transformers ViTForImageClassification of ViT-S/16 size, written to a temporary folder) and
-`families` (one model of each family: timm ViT, timm Eva, transformers, OpenCLIP).
+`families` (one model of each family: timm ViT, timm Eva, transformers, OpenCLIP); `hf-videomae-base`
+(VideoMAE-B, 16 frames of 224 px, 1568 tokens) and `hf-ast` (AST at 1024x128, strides 10, 1214 tokens) are
+random transformers video / audio models written the same way. --img-size sets the resolution of image
+models (`--models torchvision:vit_l_16 --img-size 512`: 1025 tokens). Every model is fed inputs of its
+export's input spec (name and shape: a clip for video, a spectrogram for audio).
 
 Add --profile to print, per runtime, the time per op type plain vs ToMe and the matching + merging time
 per op type, for every batch size.
@@ -45,23 +51,47 @@ from tome_deploy.runtime.throughput import time_interleaved
 
 # One model per family, all ViT-S sized (width 384, 6 heads, 12 blocks) at 224: random weights.
 FAMILY_MODELS = ["vit_small_patch16_224", "eva02_small_patch14_224", "hf-vit-small", "open_clip:ViT-S-16"]
-HF_VIT_SMALL = "hf-vit-small"
 
 
-def write_hf_vit_small(folder: Path) -> Path:
-    """A save_pretrained folder of a random transformers ViT-S/16 (224, 1000 classes), as a user would have it."""
+def hf_vit_small():
+    """A random transformers ViT-S/16 (224, 1000 classes)."""
     import transformers
 
-    path = folder / HF_VIT_SMALL
     config = transformers.ViTConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1536, num_labels=1000)
-    transformers.ViTForImageClassification(config).save_pretrained(path)
+    return transformers.ViTForImageClassification(config)
+
+
+def hf_videomae_base():
+    """A random transformers VideoMAE-B: 16 frames of 224 px, tubelets of 2 frames x 16 px -> 1568 tokens."""
+    import transformers
+
+    return transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(num_labels=400))
+
+
+def hf_ast():
+    """A random transformers AST at its defaults: 1024 frames x 128 mel bins, 16 px patches, strides 10 ->
+    1212 patches + 2 prefix tokens."""
+    import transformers
+
+    return transformers.ASTForAudioClassification(transformers.ASTConfig(num_labels=527))
+
+
+# --models labels that stand for a random transformers model written to a save_pretrained folder, as a
+# user would have it, in a temporary folder.
+HF_FOLDERS = {"hf-vit-small": hf_vit_small, "hf-videomae-base": hf_videomae_base, "hf-ast": hf_ast}
+
+
+def write_hf_folder(label: str, folder: Path) -> Path:
+    """A save_pretrained folder of the random model HF_FOLDERS names by `label`."""
+    path = folder / label
+    HF_FOLDERS[label]().save_pretrained(path)
     return path
 
 
 def model_sources(text: str, folder: Path) -> dict[str, str]:
     """--models -> {label: what export_model loads}."""
     names = [name for item in text.split(",") for name in (FAMILY_MODELS if item == "families" else [item])]
-    return {name: str(write_hf_vit_small(folder)) if name == HF_VIT_SMALL else name for name in names}
+    return {name: str(write_hf_folder(name, folder)) if name in HF_FOLDERS else name for name in names}
 
 
 def parse_schedule(text: str):
@@ -83,6 +113,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runtimes", default=",".join(CPU_RUNTIMES), help="onnxruntime, openvino")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per batch size")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution of image models (default: theirs)")
     parser.add_argument(
         "--sweep", metavar="R0,R1,...", help="instead of --schedules: every r listed, first --merges only"
     )
@@ -124,6 +155,7 @@ def measure_model(
             folder / merge,
             plain=plain_paths is None,
             merge=merge,
+            img_size=args.img_size,
         )
         paths = {label: outcome.export.path for label, outcome in outcomes.items()}
         metas = {label: outcome.export.metadata for label, outcome in outcomes.items()}
@@ -152,6 +184,7 @@ def measure_model(
                         {
                             "model": arch,
                             "tokens": metas[label].tokens_per_layer[0],
+                            "input": "x".join(str(n) for n in spec.shape),
                             "schedule": label,
                             "merge": merge,
                             "runtime": runtime,
@@ -240,7 +273,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch, source in model_sources(args.models, Path(tmp)).items():
-            rows += measure_model(arch, source, schedules, merges, runtimes, batches, args, Path(tmp))
+            label = arch if args.img_size is None else f"{arch}@{args.img_size}"
+            rows += measure_model(label, source, schedules, merges, runtimes, batches, args, Path(tmp))
     print_rows(rows)
     print(
         "\nkernels: the speedup in the row's runtime's profiler time alone (ONNX Runtime kernel events, OpenVINO "
