@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 import pytest
 from conftest import assert_one_line_error
+from input_specs import audio_input, video_input
 
 from tome_deploy.artifact.checks import NewerSchemaError
 from tome_deploy.artifact.metadata import SCHEMA_VERSION, MetadataError, ToMeMetadata
@@ -346,32 +347,8 @@ def current_props() -> dict[str, str]:
     return read_metadata(RELEASE_ONNX).to_props()
 
 
-VIDEO_INPUT = {
-    "kind": "video",
-    "name": "pixel_values",
-    "shape": [16, 3, 32, 32],
-    "preprocessing": {
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "sampling": "uniform",
-    },
-}
-AUDIO_INPUT = {
-    "kind": "audio_spectrogram",
-    "name": "input_values",
-    "shape": [128, 64],
-    "preprocessing": {
-        "feature_extractor": "ASTFeatureExtractor",
-        "sampling_rate": 16000,
-        "num_mel_bins": 64,
-        "max_length": 128,
-        "mean": -4.27,
-        "std": 4.57,
-        "do_normalize": True,
-    },
-}
+VIDEO_INPUT = video_input(16, 32)
+AUDIO_INPUT = audio_input(128, 64)
 
 
 @pytest.mark.parametrize("spec", [VIDEO_INPUT, AUDIO_INPUT], ids=["video", "audio"])

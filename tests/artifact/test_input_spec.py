@@ -1,6 +1,7 @@
 """The input spec an artifact records: each kind's shape and preprocessing read back typed and bounded."""
 
 import pytest
+from input_specs import audio_input
 
 from tome_deploy.artifact.checks import FieldError
 from tome_deploy.artifact.input_spec import InputSpec, image_spec
@@ -17,20 +18,7 @@ VIDEO = {
     "shape": [16, 3, 224, 224],
     "preprocessing": {**IMAGE["preprocessing"], "sampling": "uniform"},
 }
-AUDIO = {
-    "kind": "audio_spectrogram",
-    "name": "input_values",
-    "shape": [1024, 128],
-    "preprocessing": {
-        "feature_extractor": "ASTFeatureExtractor",
-        "sampling_rate": 16000,
-        "num_mel_bins": 128,
-        "max_length": 1024,
-        "mean": -4.2677393,
-        "std": 4.5689974,
-        "do_normalize": True,
-    },
-}
+AUDIO = audio_input(1024, 128, mean=-4.2677393, std=4.5689974)
 
 
 @pytest.mark.parametrize("values", [IMAGE, VIDEO, AUDIO], ids=["image", "video", "audio"])

@@ -301,61 +301,24 @@ def test_cli_refuses_img_size_and_an_unreachable_target_in_one_line(ast_folders,
     assert not (tmp_path / "x.onnx").exists()
 
 
-def post_json(url: str, path: str, body: dict) -> tuple[int, dict]:
-    import http.client
-
-    host, port = url.split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        connection.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-
-
-def infer_request(x) -> dict:
-    return {
-        "inputs": [{"name": "input_values", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
-    }
-
-
 def test_tome_serve_answers_as_onnx_runtime_and_refuses_a_wrong_length_with_400(cli_export):
     """tome-serve on the export: /infer takes [batch, 100, 32] spectrograms and answers what ONNX Runtime does;
     a clip of another length or a spectrogram without its batch axis is a 400 naming the axes."""
-    import subprocess
-    import sys
-    import time
-
     import numpy as np
+    from serve_process import infer_body, post_json, tome_serve
 
     code, err, path = cli_export
     assert code == 0, err
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tome_deploy.cli.serve", str(path), "--port", "0", "--name", "ast"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = process.stderr.readline().rsplit("http://", 1)[1].strip()
-        x = spectrograms(2, seed=8).numpy()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                status, answer = post_json(url, "/v2/models/ast/infer", infer_request(x))
-                break
-            except ConnectionError:
-                assert time.monotonic() < deadline, "tome-serve never answered"
-                time.sleep(0.05)
+    x = spectrograms(2, seed=8).numpy()
+    with tome_serve(path, "ast") as url:
+        status, answer = post_json(url, "/v2/models/ast/infer", infer_body("input_values", x))
         assert status == 200 and answer["outputs"][0]["shape"] == [2, TINY_HF_AST["num_labels"]]
         expected = run_onnx(path, torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], expected.shape), expected, atol=1e-5)
         for shape in ([1, TIME + 10, MEL], [TIME, MEL]):
-            status, answer = post_json(url, "/v2/models/ast/infer", infer_request(np.zeros(shape, np.float32)))
+            body = infer_body("input_values", np.zeros(shape, np.float32))
+            status, answer = post_json(url, "/v2/models/ast/infer", body)
             assert status == 400 and f"the model takes [batch, {TIME}, {MEL}] (batch, time, mel)" in answer["error"]
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def test_tome_visualize_draws_the_groups_on_a_npy_spectrogram(ast_folders, tmp_path, capsys):

@@ -9,21 +9,19 @@ audio exports are served by the tests of their families."""
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import math
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from input_specs import audio_input, video_input
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+from serve_process import post_json, tome_serve
 
 from tome_deploy.artifact.input_spec import AXES
 from tome_deploy.artifact.metadata import ToMeMetadata
@@ -34,32 +32,8 @@ from tome_deploy.serving.served_model import read_served_model
 from tome_deploy.serving.triton_repo import TritonOptions, model_config
 
 RELEASE_ONNX = Path(__file__).parents[1] / "data" / "release_0.1.0_test_vit_r4_scatter.onnx"
-VIDEO = {
-    "kind": "video",
-    "name": "pixel_values",
-    "shape": [4, 3, 8, 8],
-    "preprocessing": {
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "sampling": "uniform",
-    },
-}
-AUDIO = {
-    "kind": "audio_spectrogram",
-    "name": "input_values",
-    "shape": [48, 16],
-    "preprocessing": {
-        "feature_extractor": "ASTFeatureExtractor",
-        "sampling_rate": 16000,
-        "num_mel_bins": 16,
-        "max_length": 48,
-        "mean": -4.27,
-        "std": 4.57,
-        "do_normalize": True,
-    },
-}
+VIDEO = video_input(4, 8)
+AUDIO = audio_input(48, 16)
 KINDS = {"video": VIDEO, "audio": AUDIO}
 
 
@@ -149,42 +123,15 @@ def test_the_triton_dims_are_the_spec_shape(artifact, backend):
     assert json.loads(parameters["tome.input"]) == spec
 
 
-def post(url: str, path: str, body: bytes) -> tuple[int, dict]:
-    host, port = url.split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-
-
 def test_tome_serve_answers_a_video_clip_as_onnx_runtime_and_refuses_a_frame_or_an_image(tmp_path):
     path = standin_artifact(tmp_path / "video.onnx", VIDEO)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tome_deploy.cli.serve", str(path), "--port", "0", "--name", "clip"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = process.stderr.readline().rsplit("http://", 1)[1].strip()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                status, answer = post(url, "/v2/models/clip/infer", infer_body("pixel_values", [3, 4, 3, 8, 8]))
-                break
-            except ConnectionError:
-                assert time.monotonic() < deadline, "tome-serve never answered"
-                time.sleep(0.05)
+    with tome_serve(path, "clip") as url:
+        status, answer = post_json(url, "/v2/models/clip/infer", infer_body("pixel_values", [3, 4, 3, 8, 8]))
         clip = np.random.default_rng(1).standard_normal((3, 4, 3, 8, 8)).astype(np.float32)
         expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": clip})
         assert status == 200 and answer["outputs"][0]["shape"] == [3, 10]
         np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], (3, 10)), expected[0], rtol=1e-5, atol=1e-5)
-        status, answer = post(url, "/v2/models/clip/infer", infer_body("pixel_values", [3, 3, 8, 8]))
+        status, answer = post_json(url, "/v2/models/clip/infer", infer_body("pixel_values", [3, 3, 8, 8]))
         assert status == 400 and "the model takes [batch, 4, 3, 8, 8] (batch, frames," in answer["error"]
-        status, answer = post(url, "/v2/models/clip/classify", png())
+        status, answer = post_json(url, "/v2/models/clip/classify", png())
         assert status == 400 and "/classify takes an image, but this model takes a video input" in answer["error"]
-    finally:
-        process.terminate()
-        process.wait(30)
