@@ -33,8 +33,8 @@ from tome_deploy.artifact.input_spec import InputSpec
 from tome_deploy.artifact.spec import EXPORT_SPEC
 from tome_deploy.core.attention import scaled_attention
 from tome_deploy.core.merge import proportional_attention_bias
-from tome_deploy.errors import InvalidInputError, ModelLoadError, UnsupportedModelError
-from tome_deploy.models.adapter import adapter_for, checked_input_spec, mlp_width_ratio
+from tome_deploy.errors import ModelLoadError, UnsupportedModelError
+from tome_deploy.models.adapter import mlp_width_ratio
 from tome_deploy.models.blocks import PreNormToMeBlock
 from tome_deploy.models.loading.source import LoadedModel, ModelSource, SourceForm
 
@@ -315,26 +315,14 @@ def claims(source: ModelSource) -> bool:
 
 
 def load_source(source: ModelSource) -> LoadedModel:
-    """A claimed folder as a LoadedModel at the frame size and frame count its config.json gives."""
-    from tome_deploy.models.hf_transformers import load_hf
+    """A claimed folder as a LoadedModel at the frame size and frame count its config.json gives: the refused
+    classes named with the reason, the others loaded as every Hugging Face folder is."""
+    from tome_deploy.models import hf_transformers
 
-    folder = Path(source.name).expanduser()
-    arch = _architecture(folder)
+    arch = _architecture(Path(source.name).expanduser())
     if arch in REFUSED:
         raise UnsupportedModelError(f"{source.name} is a {arch}, which ToMe cannot rewrite: it {REFUSED[arch]}")
-    if source.checkpoint or source.arch:
-        raise InvalidInputError(
-            f"{source.name} is a Hugging Face model: its folder holds config and weights; drop --checkpoint and --model"
-        )
-    model, weights = load_hf(str(folder), pretrained=source.pretrained)
-    adapter = adapter_for(model)
-    native = checked_input_spec(adapter, model, source.name).image_size[-1]
-    if source.img_size is not None and source.img_size != native:
-        raise InvalidInputError(
-            f"{source.name} is configured for {native} px frames; drop --img-size {source.img_size} "
-            "(change image_size in its config.json to export another size)"
-        )
-    return LoadedModel(model, adapter, type(model.hf).__name__, weights, random_weights=False, seed=None)
+    return hf_transformers.load_source(source)
 
 
 SOURCE_FORM = SourceForm("save_pretrained folder of a video model", claims, load_source)
