@@ -181,14 +181,15 @@ def cli_export(ast_cli_export):
 
 @pytest.fixture(scope="module")
 def library_exports(ast_folders, tmp_path_factory):
-    """merge -> (ToMe model, metadata, path) of the classifier at r=3 with matmul, dynamic batch traced at 2."""
+    """merge -> (ToMe model, metadata, path) of the classifier at r=3 with matmul and with the fused merge op
+    (plugin), dynamic batch traced at 2."""
     from tome_deploy.onnx_export.export import export_onnx
     from tome_deploy.onnx_export.metadata import build_metadata
 
     model, _ = load_hf(ast_folders["ASTForAudioClassification"], pretrained=False)
     folder = tmp_path_factory.mktemp("ast_exports")
     exports = {}
-    for merge in ("matmul",):
+    for merge in ("matmul", "plugin"):
         tome, schedule = apply_tome(model, R, merge)
         metadata = build_metadata(
             tome,
@@ -235,17 +236,23 @@ def test_tome_export_of_the_folder_passes_with_only_the_batch_symbolic(cli_expor
 
 
 @pytest.mark.slow  # its fixture exports (~8 s on 2 cores)
-def test_scatter_and_matmul_exports_equal_the_float64_reference(cli_export, library_exports, ast_folders):
-    """ONNX Runtime at batch 3 (traced at 2): the CLI's scatter export and the matmul export against the plain
+def test_scatter_matmul_and_plugin_exports_equal_the_float64_reference(cli_export, library_exports, ast_folders):
+    """ONNX Runtime at batch 3 (traced at 2): the CLI's scatter export, the matmul export and the plugin export
+    (one fused tome::TokenMerge node per merging layer, run by ONNX Runtime's Python op) against the plain
     reference and each other."""
+    import onnx
+
+    from tome_deploy.token_merge import contract
+
     model, _ = load_hf(ast_folders["ASTForAudioClassification"], pretrained=False)
     x = spectrograms(3, seed=5)
     scatter = run_onnx(cli_export[2], x)
-    matmul = run_onnx(library_exports["matmul"][2], x)
     reference = reference_hf_ast(model.hf, x, [R, R])
-    for got in (scatter, matmul):
-        torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(scatter, matmul, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scatter, reference, atol=1e-4, rtol=1e-4)
+    plugin_graph = onnx.load(str(library_exports["plugin"][2])).graph
+    assert sum(node.op_type == contract.OP_TYPE for node in plugin_graph.node) == 2
+    for merge in ("matmul", "plugin"):
+        torch.testing.assert_close(run_onnx(library_exports[merge][2], x), scatter, atol=1e-5, rtol=1e-5)
 
 
 def test_openvino_runs_the_exports_as_onnx_runtime(cli_export, library_exports):
