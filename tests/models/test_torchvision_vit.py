@@ -1,7 +1,7 @@
 """ToMe for torchvision's VisionTransformer (models/torchvision_vit.py): a tiny model built directly, checked
 against the unpatched model (r=0), an independent float64 reference (r>0, tests/reference_families.py), the
-other merge formulation and its ONNX export in ONNX Runtime; the `torchvision:<builder>` source form through
-tome-export, and its refusals."""
+other merge formulation; the `torchvision:<builder>` source form through tome-export, and its refusals; the
+scatter, matmul and plugin exports in ONNX Runtime, OpenVINO, a TensorRT-RTX build, tome-serve and triton-repo."""
 
 from __future__ import annotations
 
@@ -159,33 +159,6 @@ def test_preprocessing_comes_from_the_builders_weights_at_that_size(builder, siz
     assert config["crop_pct"] == pytest.approx(crop_pct) and config["mean"] == [0.485, 0.456, 0.406]
 
 
-def test_exported_graph_matches_pytorch_with_only_the_batch_symbolic(tmp_path):
-    tome, schedule = apply_tome(model_of("plain"), R, "matmul")
-    metadata = build_metadata(
-        tome,
-        schedule,
-        R,
-        arch="torchvision_vit",
-        weights="random (test)",
-        weights_sha256="test",
-        merge="matmul",
-        opset=18,
-        batch=None,
-        example_batch=2,
-    )
-    path = export_onnx(tome, metadata, tmp_path / "tv.onnx").path
-    report = validate_onnx(tome, path, metadata, batch_sizes=[1, 3])  # traced at 2
-    assert report.passed, report.table()
-    x = pixels(batch=3, seed=5)
-    with OnnxRuntimeRunner(path) as runner:
-        got = runner.infer({metadata.input.name: x.numpy()})[metadata.output_name]
-    with torch.inference_mode():
-        assert np.abs(got - tome(x).numpy()).max() <= 1e-4
-    graph = onnx.load(str(path)).graph
-    assert io_symbolic_dims(graph) == {"batch"}
-    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]
-
-
 def test_unsupported_variants_are_refused_in_one_line():
     class OwnForward(torchvision.models.VisionTransformer):
         def forward(self, x):
@@ -278,3 +251,121 @@ def test_a_checkpoint_of_another_image_size_is_refused_in_one_line(vit_b_16_at_6
     args = ["torchvision:vit_b_32", "--checkpoint", str(path), "-o", str(tmp_path / "m.onnx")]
     assert export_cli.main(args) == 2
     assert_one_line_error(capsys.readouterr().err, "not a torchvision:vit_b_32 checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runtimes and serving: the tiny model exported once per formulation at r=8 (dynamic batch, traced at 2)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """merge -> (ToMe model, metadata, path) of the plain tiny model with scatter, matmul and the fused merge op."""
+    folder = tmp_path_factory.mktemp("torchvision_exports")
+    result = {}
+    for merge in ("scatter", "matmul", "plugin"):
+        tome, schedule = apply_tome(model_of("plain"), R, merge)
+        metadata = build_metadata(
+            tome,
+            schedule,
+            R,
+            arch="torchvision_vit",
+            weights="random (test)",
+            weights_sha256="test",
+            merge=merge,
+            opset=18,
+            batch=None,
+            example_batch=2,
+        )
+        result[merge] = tome, metadata, export_onnx(tome, metadata, folder / f"tv_{merge}.onnx").path
+    return result
+
+
+@pytest.mark.slow  # its fixture exports the three formulations (~9 s on 2 cores)
+def test_exported_graph_matches_pytorch_with_only_the_batch_symbolic(exports):
+    tome, metadata, path = exports["matmul"]
+    report = validate_onnx(tome, path, metadata, batch_sizes=[1, 3])  # traced at 2
+    assert report.passed, report.table()
+    x = pixels(batch=3, seed=5)
+    with OnnxRuntimeRunner(path) as runner:
+        got = runner.infer({metadata.input.name: x.numpy()})[metadata.output_name]
+    with torch.inference_mode():
+        assert np.abs(got - tome(x).numpy()).max() <= 1e-4
+    graph = onnx.load(str(path)).graph
+    assert io_symbolic_dims(graph) == {"batch"}
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]
+
+
+def run_onnx(path, x: torch.Tensor, runner: str = "onnxruntime") -> np.ndarray:
+    """[B, 10] logits of the export at `path` for pixels [B, 3, 32, 32] in ONNX Runtime or OpenVINO."""
+    from tome_deploy.runtime.openvino import OpenVINORunner
+
+    with OnnxRuntimeRunner(path) if runner == "onnxruntime" else OpenVINORunner(path) as session:
+        return session.infer({"pixel_values": x.numpy()})["logits"]
+
+
+def test_plugin_export_equals_scatter_and_matmul_in_onnx_runtime(exports):
+    """One fused tome::TokenMerge node per block, run by ONNX Runtime's Python op, at batch 3 (traced at 2)."""
+    from tome_deploy.token_merge import contract
+
+    plugin_graph = onnx.load(str(exports["plugin"][2])).graph
+    assert sum(node.op_type == contract.OP_TYPE for node in plugin_graph.node) == 3
+    x = pixels(batch=3, seed=5)
+    scatter, matmul, plugin = (run_onnx(exports[merge][2], x) for merge in ("scatter", "matmul", "plugin"))
+    expected = reference_torchvision(model_of("plain"), x, [R, R, R]).numpy()
+    assert np.abs(scatter - expected).max() <= 1e-4
+    np.testing.assert_allclose(matmul, scatter, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(plugin, scatter, atol=1e-5, rtol=1e-5)
+
+
+def test_openvino_runs_scatter_and_matmul_as_onnx_runtime(exports):
+    x = pixels(batch=2, seed=6)
+    for merge in ("scatter", "matmul"):
+        path = exports[merge][2]
+        np.testing.assert_allclose(run_onnx(path, x, "openvino"), run_onnx(path, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_rtx_builds_the_matmul_export_ahead_of_time(exports, capsys):
+    pytest.importorskip(
+        "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')"
+    )
+    from tome_deploy.artifact.sidecar import read_sidecar
+    from tome_deploy.cli import build as build_cli
+
+    _, metadata, path = exports["matmul"]
+    plan = path.with_suffix(".plan")
+    code = build_cli.main(
+        [str(path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89", "--max-batch", "4"]
+    )
+    assert code == 0, capsys.readouterr().err
+    sidecar = read_sidecar(plan)
+    assert sidecar.input_name == "pixel_values" and sidecar.input_shape == [3, 32, 32]
+    assert sidecar.tome.r_effective == metadata.r_effective == [R, R, R]
+
+
+def test_tome_serve_answers_as_onnx_runtime(exports):
+    from serve_process import infer_body, post_json, tome_serve
+
+    path = exports["scatter"][2]
+    x = pixels(batch=2, seed=8)
+    with tome_serve(path, "tv") as url:
+        status, answer = post_json(url, "/v2/models/tv/infer", infer_body("pixel_values", x.numpy()))
+    assert status == 200 and answer["outputs"][0]["shape"] == [2, 10]
+    expected = run_onnx(path, x)
+    np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], expected.shape), expected, atol=1e-5)
+
+
+def test_tome_deploy_writes_a_triton_repository(exports, tmp_path, capsys):
+    """tome-deploy triton-repo: Triton's ONNX Runtime backend, batched, with the export's shapes (config only)."""
+    from tome_deploy.cli import deploy as deploy_cli
+
+    path = exports["scatter"][2]
+    assert deploy_cli.main(["triton-repo", str(path), str(tmp_path), "--name", "tv", "--max-batch", "8"]) == 0, (
+        capsys.readouterr().err
+    )
+    config = (tmp_path / "tv" / "config.pbtxt").read_text()
+    for line in ('platform: "onnxruntime_onnx"', "max_batch_size: 8", 'name: "pixel_values"', "dims: [3, 32, 32]"):
+        assert line in config, config
+    assert 'name: "logits"' in config and "dims: [10]" in config
+    assert 'string_value: "[65, 57, 49, 41]"' in config  # tome.tokens_per_layer
+    assert (tmp_path / "tv" / "1" / "model.onnx").read_bytes() == path.read_bytes()
