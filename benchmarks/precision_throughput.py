@@ -10,7 +10,9 @@ Speed, per model and batch, all variants timed interleaved (runtime/throughput.t
 Each is reported against plain fp32, and the ToMe bf16 rows against plain bf16 (ToMe's factor on top).
 
 Quality on the bundled digits ViT (all 1797 digits, ToMe at --digits-r): accuracy, top-1 agreement with
-the fp32 ToMe model in PyTorch, and merge agreement (validation/merge_agreement.py).
+the fp32 ToMe model in PyTorch, and merge agreement (validation/merge_agreement.py); with one more variant,
+  ToMe bf16 plain     the bf16 IR compiled with no configuration (OpenVINO's default precision, bf16 here).
+--models "" measures the quality part only.
 
     python benchmarks/precision_throughput.py --models vit_small_patch16_224,vit_base_patch16_224 --batches 1,8
 """
@@ -140,9 +142,11 @@ def digits_rows(r: int, folder: Path, threads: int) -> list[dict]:
         reference = tome(pixels).argmax(-1).numpy()
         reference_matches = dict(recorded)
     tome_onnx = export_model(ModelSource(ARCH), folder / f"digits_r{r}.onnx", r=r, validate=False).export.path
+    bf16_ir = write_ir(tome_onnx, folder / f"digits_r{r}_bf16.xml", "bf16")
     variants = {
         "ToMe fp32": (tome_onnx, F32),
-        "ToMe bf16": (write_ir(tome_onnx, folder / f"digits_r{r}_bf16.xml", "bf16"), F32),
+        "ToMe bf16": (bf16_ir, F32),
+        "ToMe bf16 plain": (bf16_ir, {}),
         "ToMe bf16 naive": (tome_onnx, BF16),
         "ToMe bf16 keys f32": (keys_f32_ir(tome_onnx, folder / f"digits_r{r}_keys.xml"), F32),
     }
@@ -182,7 +186,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tome-precision-") as temp:
         folder = Path(temp)
         quality = digits_rows(args.digits_r, folder, args.threads)
-        for model in args.models.split(","):
+        for model in filter(None, args.models.split(",")):
             (folder / file_stem(model)).mkdir()
             variants = model_variants(model, args.r, folder / file_stem(model))
             rows += speed_rows(model, variants, whole_numbers(args.batches), args.threads, args.rounds)

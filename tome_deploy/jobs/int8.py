@@ -97,19 +97,16 @@ def quantize_to_artifact(
 
 def write_int8_ir(model: Any, xml_path: Path, metadata: ToMeMetadata, matching: set[str]) -> None:
     """Write the NNCF-quantized openvino.Model as an IR at `xml_path` (+ .bin), f32 weights where not int8,
-    `metadata` in its rt_info. Its matching nodes carry OpenVINO's keep-precision mark (the score MatMul
-    with its transposed operand folded, so the mark survives), so that a caller who compiles it with
-    OpenVINO's default inference precision (bf16 on CPUs that have it) still matches in f32."""
+    `metadata` in its rt_info. Its matching nodes are written in forms the CPU plugin keeps and carry
+    OpenVINO's keep-precision mark (runtime/openvino_bf16.keep_matching_f32), so that a caller who compiles
+    it with OpenVINO's default inference precision (bf16 on CPUs that have it) still matches in f32."""
     import openvino as ov
 
     from tome_deploy.runtime.openvino import RT_INFO_SECTION
-    from tome_deploy.runtime.openvino_bf16 import fold_transposed_operand, mark_precise
+    from tome_deploy.runtime.openvino_bf16 import keep_matching_f32, mark_precise
 
-    for node in list(model.get_ordered_ops()):
-        if node.get_type_name() == "MatMul" and node.get_friendly_name() in matching:
-            fold_transposed_operand(node)
-    model.validate_nodes_and_infer_types()
+    precise = keep_matching_f32(model, matching)
     for key, value in metadata.to_props().items():
         model.set_rt_info(value, [RT_INFO_SECTION, key])
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
-    mark_precise(xml_path, matching)
+    mark_precise(xml_path, precise)

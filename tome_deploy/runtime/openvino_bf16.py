@@ -8,12 +8,19 @@ MatMuls on the CPU's bf16 instructions, the rest in f32. On a CPU without bf16 t
 MatMuls in f32 (docs/precision.md).
 
 The matching nodes also carry OpenVINO's `DisablePrecisionConversion` mark, which the CPU plugin honours
-when a caller compiles with its default (bf16 on CPUs that have it) inference precision: then the
-matching nodes that reach the plugin's graph unchanged stay f32 while everything unmarked runs bf16.
-The mark is not copied to nodes the plugin's own passes create (it rewrites Divide into Power and
-Multiply, and fuses the MatMul's transposed input), so the score MatMul is written with its transpose
-folded in (transpose_b), leaving the plugin nothing to rewrite there. Python cannot create that mark on
-a node, so it is written into the IR's XML (`mark_precise`).
+when a caller compiles with its default (bf16 on CPUs that have it) inference precision: then the marked
+nodes stay f32 while everything unmarked runs bf16. The mark is not copied to nodes the plugin's own passes
+create, so the IR is written in forms those passes leave alone:
+
+- the score MatMul has its transpose folded in (transpose_b), which the plugin would otherwise fuse;
+- each Divide (the keys' normalisation, the merge's division by size) is written as
+  `(x * sign(y)) * exp(-log(|y|))`: the plugin turns a Divide into Power(y, -1) and Multiply and fuses
+  `x * Power(y, -1)` or a Negative back into new nodes, but keeps Abs, Sign, Log, Exp and Multiply;
+- the f32 nodes that feed a marked node are marked too: the plugin fuses an elementwise node into the node
+  before it (the merge's size weighting into the block's residual add), and the fused node runs in the
+  first node's precision.
+
+Python cannot create that mark on a node, so it is written into the IR's XML (`mark_precise`).
 """
 
 from __future__ import annotations
@@ -67,21 +74,76 @@ def to_bf16_compute(matmul: Any) -> None:
     matmul.output(0).replace(ops.convert(product, "f32").output(0))
 
 
+def divide_as_reciprocal(divide: Any) -> set[str]:
+    """An f32 Divide x / y -> (x * sign(y)) * exp(-log(|y|)), in place (the Multiply keeps the Divide's name):
+    the same quotient in f32 to a few ulp for every nonzero y, written in ops the CPU plugin keeps as they
+    are. Returns the names of the nodes it made."""
+    import numpy as np
+    from openvino import opset13 as ops
+
+    name = divide.get_friendly_name()
+    numerator, denominator = divide.input_value(0), divide.input_value(1)
+    steps = {
+        "abs": ops.abs(denominator),
+        "sign": ops.sign(denominator),
+    }
+    steps["log"] = ops.log(steps["abs"])
+    steps["negated_log"] = ops.multiply(steps["log"], ops.constant(np.float32(-1.0)))
+    steps["reciprocal"] = ops.exp(steps["negated_log"])
+    steps["signed"] = ops.multiply(numerator, steps["sign"])
+    for step, node in steps.items():
+        node.set_friendly_name(f"{name}/{step}")
+    quotient = ops.multiply(steps["signed"], steps["reciprocal"])
+    quotient.set_friendly_name(name)
+    divide.output(0).replace(quotient.output(0))
+    return {node.get_friendly_name() for node in steps.values()}
+
+
+def f32_producers(model: Any, names: set[str]) -> set[str]:
+    """The names of the computed (not Parameter or Constant) f32 outputs' nodes that feed a node in `names`."""
+    import openvino as ov
+
+    producers = set()
+    for node in model.get_ordered_ops():
+        if node.get_friendly_name() not in names:
+            continue
+        for value in node.input_values():
+            producer = value.get_node()
+            if value.get_element_type() == ov.Type.f32 and producer.get_type_name() not in ("Parameter", "Constant"):
+                producers.add(producer.get_friendly_name())
+    return producers
+
+
+def keep_matching_f32(model: Any, matching: set[str]) -> set[str]:
+    """Rewrite the f32 matching nodes of an OpenVINO model in place into forms the CPU plugin keeps (each
+    score MatMul with its transposed operand folded, each Divide as a reciprocal product). Returns the names
+    to mark precise: `matching` (rewritten nodes keep their names), the nodes the rewrite made, and the f32
+    nodes that feed any of them."""
+    import openvino as ov
+
+    precise = set(matching)
+    for node in list(model.get_ordered_ops()):
+        if node.get_friendly_name() not in matching or node.get_output_element_type(0) != ov.Type.f32:
+            continue
+        if node.get_type_name() == "MatMul":
+            fold_transposed_operand(node)
+        elif node.get_type_name() == "Divide":
+            precise |= divide_as_reciprocal(node)
+    model.validate_nodes_and_infer_types()
+    return precise | f32_producers(model, precise)
+
+
 def bf16_model(model: Any, matching: set[str]) -> set[str]:
     """Rewrite an OpenVINO model (from a tome-deploy ONNX file) in place: every f32 MatMul not in
-    `matching` computes in bf16, and every MatMul in it has its transposed operand folded.
-    Returns the names to mark precise: `matching` (folded MatMuls keep their names)."""
+    `matching` computes in bf16, and the matching nodes are written as `keep_matching_f32` writes them.
+    Returns the names to mark precise (`keep_matching_f32`'s)."""
     import openvino as ov
 
     for node in list(model.get_ordered_ops()):
-        if node.get_type_name() != "MatMul" or node.get_output_element_type(0) != ov.Type.f32:
-            continue
-        if node.get_friendly_name() in matching:
-            fold_transposed_operand(node)
-        else:
+        is_f32_matmul = node.get_type_name() == "MatMul" and node.get_output_element_type(0) == ov.Type.f32
+        if is_f32_matmul and node.get_friendly_name() not in matching:
             to_bf16_compute(node)
-    model.validate_nodes_and_infer_types()
-    return set(matching)
+    return keep_matching_f32(model, matching)
 
 
 def mark_precise(xml_path: Path, names: set[str]) -> int:
