@@ -241,7 +241,7 @@ def test_out_of_range_bounds_are_refused_before_anything_loads(tmp_path, capsys,
 def test_bf16_is_measured_as_it_ships_with_the_plain_model_in_bf16_between(tmp_path, capsys):
     """tome-tune --precision bf16 --runtime openvino: every measured schedule and the plain model were written
     as bf16 IRs and measured against plain fp32; the stacking is printed and recorded."""
-    data = digits_folder(tmp_path / "data", per_class=4)
+    data = digits_folder(tmp_path / "data", per_class=2)
     out = tmp_path / "tune.json"
     args = ["tome_digits_vit", "--data", str(data), "-o", str(out), "--max-drop", "50", "--no-greedy"]
     # --max-minutes: one schedule is always measured, and one is enough here (each is an export).
