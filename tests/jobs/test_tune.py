@@ -241,7 +241,7 @@ def test_out_of_range_bounds_are_refused_before_anything_loads(tmp_path, capsys,
 def test_bf16_is_measured_as_it_ships_with_the_plain_model_in_bf16_between(tmp_path, capsys):
     """tome-tune --precision bf16 --runtime openvino: every measured schedule and the plain model were written
     as bf16 IRs and measured against plain fp32; the stacking is printed and recorded."""
-    data = digits_folder(tmp_path / "data", per_class=4)
+    data = digits_folder(tmp_path / "data", per_class=2)
     out = tmp_path / "tune.json"
     args = ["tome_digits_vit", "--data", str(data), "-o", str(out), "--max-drop", "50", "--no-greedy"]
     # --max-minutes: one schedule is always measured, and one is enough here (each is an export).
@@ -260,3 +260,19 @@ def test_bf16_tuning_in_onnx_runtime_is_refused_before_anything_loads(tmp_path, 
     assert tune_main([*args, "--precision", "bf16"]) == 2
     assert_one_line_error(capsys.readouterr().err, "bf16 runs in OpenVINO", "--runtime openvino")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_int8_in_openvino_is_calibrated_on_the_calibration_part(tmp_path, capsys):
+    """tome-tune --precision int8 --runtime openvino: NNCF is static only, so every candidate and the plain
+    model are quantized on images of the calibration part (never a held-out one), recorded in tune.json."""
+    data = digits_folder(tmp_path / "data", per_class=2)
+    out = tmp_path / "tune.json"
+    args = ["tome_digits_vit", "--data", str(data), "-o", str(out), "--max-drop", "50", "--no-greedy"]
+    assert tune_main([*args, "--precision", "int8", "--runtime", "openvino", "--max-minutes", "0.01"]) == 0
+    assert "ToMe int8" in capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["precision"] == "int8" and record["runtime"] == "openvino"
+    assert record["int8_calibration"]["count"] == record["calibration_count"] == 10  # 20 digits, half held out
+    assert len(record["int8_calibration"]["data_fingerprint"]) == 64
+    assert 0 <= record["plain_reduced"]["held_out"]["top1_agreement"] <= 1

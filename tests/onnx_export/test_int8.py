@@ -2,10 +2,16 @@
 OpenVINO NNCF.
 
 The written graphs are walked to prove that no matching or merging node was quantized, and every digit
-(1797) is classified to measure top-1 agreement with the fp32 ToMe export."""
+(1797) is classified to measure top-1 agreement with the fp32 ToMe export (once per int8 path, against one
+shared fp32 reference). One export goes through tome-export with validation (dynamic, the default without
+--data); the static and NNCF files are the export job's int8 step (`quantize_artifact`, calibrated by
+`read_calibration_set` from the image folder, as `--data` does) applied to the shared fp32 export, which
+saves two exports: the flags that choose them are tested below as one-line errors, NNCF through tome-tune in
+tests/jobs/test_tune.py, and an IR's validation with merge agreement in tests/runtime/test_bf16.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,10 +24,15 @@ import torch
 from conftest import assert_one_line_error
 from PIL import Image
 
+from tome_deploy.artifact.onnx_file import read_metadata
 from tome_deploy.cli import export as export_cli
 from tome_deploy.errors import InvalidInputError
-from tome_deploy.jobs.export import export_model
+from tome_deploy.jobs.export import export_model, quantize_artifact
+from tome_deploy.jobs.int8 import read_calibration_set
+from tome_deploy.jobs.progress import silent
 from tome_deploy.models.digits import digits_data, pixels_from_digits
+from tome_deploy.models.loading.dispatch import load_model
+from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.onnx_export import quantize
 from tome_deploy.onnx_export.quantize import calibration_batches
 from tome_deploy.quality.split import split_indices
@@ -157,6 +168,19 @@ def export_int8(folder: Path, name: str, *flags: str) -> tuple[Path, dict]:
     return output, json.loads(report.read_text())
 
 
+def calibrated_int8(digits_fp32: Path, output: Path, runtime: str, calibration_folder: Path) -> dict:
+    """The shared fp32 export quantized for `runtime` as `tome-export --precision int8 --data FOLDER` does
+    after exporting; the metadata written in the file, as a dict."""
+    calibration = read_calibration_set(calibration_folder, load_model(ModelSource("tome_digits_vit")))
+    fp32_metadata = read_metadata(digits_fp32)
+    assert fp32_metadata is not None
+    metadata = dataclasses.replace(fp32_metadata, precision="int8")
+    written = quantize_artifact(
+        digits_fp32, output, runtime=runtime, metadata=metadata, say=silent, calibration=calibration
+    )
+    return written.to_dict()
+
+
 def assert_reports_merge_agreement(report: dict) -> None:
     verdicts = report["validation"]["checks"]
     assert verdicts and all(v["passed"] for v in verdicts)
@@ -168,10 +192,13 @@ def assert_reports_merge_agreement(report: dict) -> None:
 def test_onnxruntime_int8_keeps_matching_in_fp32_and_agrees(
     mode, folder, calibration_folder, digits_fp32, all_digits, fp32_top1
 ):
-    flags = ["--data", str(calibration_folder)] if mode == "static" else []
-    output, report = export_int8(folder, f"{mode}.onnx", "--runtime", "onnxruntime", *flags)
-    assert_reports_merge_agreement(report)
-    metadata = report["metadata"]
+    output = folder / f"{mode}.onnx"
+    if mode == "static":
+        metadata = calibrated_int8(digits_fp32, output, "onnxruntime", calibration_folder)
+    else:
+        output, report = export_int8(folder, output.name, "--runtime", "onnxruntime")
+        assert_reports_merge_agreement(report)
+        metadata = report["metadata"]
     assert metadata["precision"] == "int8"
     if mode == "static":
         labels = [int(path.parent.name) for path in sorted(calibration_folder.glob("*/*.png"))]
@@ -191,9 +218,8 @@ def test_onnxruntime_int8_keeps_matching_in_fp32_and_agrees(
 def test_nncf_int8_ir_keeps_matching_in_fp32_and_agrees(folder, calibration_folder, digits_fp32, all_digits, fp32_top1):
     import openvino as ov
 
-    xml, report = export_int8(folder, "nncf.xml", "--runtime", "openvino", "--data", str(calibration_folder))
-    assert_reports_merge_agreement(report)
-    assert report["metadata"]["calibration"]["runtime"] == "openvino"
+    xml = folder / "nncf.xml"
+    assert calibrated_int8(digits_fp32, xml, "openvino", calibration_folder)["calibration"]["runtime"] == "openvino"
     written = ov.Core().read_model(str(xml))
     assert json.loads(written.get_rt_info()["tome_deploy"]["tome.precision"].astype(str)) == "int8"
     expected = reference_matching_nodes(onnx.load(str(digits_fp32)).graph)

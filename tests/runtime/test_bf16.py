@@ -17,7 +17,7 @@ from tome_deploy.jobs.export import export_model
 from tome_deploy.models.digits import ARCH, digits_data, load_digits_vit, pixels_from_digits
 from tome_deploy.models.loading.source import ModelSource
 from tome_deploy.models.patch import apply_tome
-from tome_deploy.runtime.openvino import OpenVINORunner, save_ir
+from tome_deploy.runtime.openvino import OpenVINORunner
 
 DEPTH = 6  # the digits ViT's blocks
 # Each block's transformer MatMuls: qkv, q @ k^T, attention @ v, proj, fc1, fc2; and the head.
@@ -34,16 +34,15 @@ def cpu_has_bf16() -> bool:
 
 @pytest.fixture(scope="module")
 def digits_exports(tmp_path_factory):
-    """The digits ViT at r=3: its fp32 ONNX export, and its bf16 IR written both from that file (save_ir)
-    and by the export job with validation (the outcome)."""
+    """The digits ViT at r=3: its fp32 ONNX export (for the names of its matching nodes), and its bf16 IR
+    written by the export job with validation (the IR and the outcome)."""
     folder = tmp_path_factory.mktemp("bf16")
     onnx_path = folder / "digits_r3.onnx"
     export_model(ModelSource(ARCH), onnx_path, r=3, validate=False)
-    xml = save_ir(onnx_path, folder / "digits_r3_bf16.xml", "bf16")
     outcome = export_model(
-        ModelSource(ARCH), folder / "job.xml", r=3, precision="bf16", runtime="openvino", validate=True
+        ModelSource(ARCH), folder / "digits_r3_bf16.xml", r=3, precision="bf16", runtime="openvino", validate=True
     )
-    return onnx_path, xml, outcome
+    return onnx_path, outcome.export.path, outcome
 
 
 def ir_layers(xml: Path) -> list[tuple[str, str, list[str]]]:

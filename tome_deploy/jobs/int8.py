@@ -2,7 +2,8 @@
 
 `--precision int8` quantizes the fp32 export with onnx_export/quantize.py (`int8_mode` says which way).
 
-Calibration images are read from `--data` as tome-tune reads them. The folder is read by `quality.data.read_image_folder` and split by `quality.split.split_indices` with
+Calibration images are read from `--data` as tome-tune reads them (tome-tune --precision int8 calibrates
+each candidate on `calibration_set_of` its own calibration part). The folder is read by `quality.data.read_image_folder` and split by `quality.split.split_indices` with
 tome-tune's defaults (half held out, seed 0, stratified by class when the folder has classes): the
 quantizer calibrates on the calibration part only, so an export tuned and quantized on the same folder
 never looked at the held-out images tome-tune judged it on. At most MAX_CALIBRATION_IMAGES of that part
@@ -25,7 +26,7 @@ from tome_deploy.models.adapter import checked_input_spec
 from tome_deploy.models.loading.dispatch import LoadedModel
 from tome_deploy.onnx_export.quantize import quantize_onnxruntime, quantize_openvino
 from tome_deploy.output_files import write_atomically
-from tome_deploy.quality.data import DataConfig, check_decoded, fingerprint_files, read_image_folder
+from tome_deploy.quality.data import DataConfig, ImageSet, check_decoded, fingerprint_files, read_image_folder
 from tome_deploy.quality.split import split_indices
 
 MAX_CALIBRATION_IMAGES = 128
@@ -53,9 +54,15 @@ def read_calibration_set(data: str | Path, loaded: LoadedModel, labels: Optional
     calibration, _ = split_indices(
         len(images.files), images.labels, held_out_fraction=HELD_OUT_FRACTION, seed=SPLIT_SEED
     )
-    chosen = evenly_spaced(calibration, MAX_CALIBRATION_IMAGES)
     config = DataConfig.of(checked_input_spec(loaded.adapter, loaded.model, loaded.weights), "--precision int8 --data")
-    pixels, decoded = images.pixels(chosen, config)
+    return calibration_set_of(images, calibration, config)
+
+
+def calibration_set_of(images: ImageSet, calibration: list[int], config: DataConfig) -> CalibrationSet:
+    """The calibration set drawn from `calibration` (indices into images.files, the calibration part of a
+    split): at most MAX_CALIBRATION_IMAGES of them, evenly spaced, decoded with `config`. InvalidInputError
+    when none decodes."""
+    pixels, decoded = images.pixels(evenly_spaced(calibration, MAX_CALIBRATION_IMAGES), config)
     check_decoded(images, len(decoded))
     files = tuple(images.files[index] for index in decoded)
     return CalibrationSet(pixels, files, fingerprint_files(images.root, files))

@@ -43,6 +43,7 @@ from tome_deploy.jobs.export import (
     time_against,
     unmerged_export,
 )
+from tome_deploy.jobs.int8 import calibration_set_of
 from tome_deploy.jobs.progress import Say, silent
 from tome_deploy.models.adapter import checked_input_spec, describe
 from tome_deploy.models.loading.dispatch import LoadedModel, load_model
@@ -115,6 +116,9 @@ class TuneOutcome:
     # ({"measured_speedup": x, "held_out": {metric: value}}), the middle step of the stacking
     # plain fp32 -> plain reduced -> ToMe reduced; None for fp32.
     plain_reduced: Optional[dict[str, Any]] = None
+    # int8: the images every candidate was calibrated on, {"data_fingerprint", "count"} as each int8
+    # artifact's tome.calibration records them; None for fp32 and bf16.
+    int8_calibration: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +128,7 @@ class TuneOutcome:
             "runtime": self.runtime,
             "precision": self.precision,
             "plain_reduced": self.plain_reduced,
+            "int8_calibration": self.int8_calibration,
             "batch_size": self.batch_size,
             "output_kind": self.output_kind,
             "data": {
@@ -216,6 +221,7 @@ def tune_model(
         candidates += [_scored(schedule, score, shape) for schedule in path]
         timed_out = deadline is not None and time.monotonic() >= deadline
     files_read_by_search = tuple(images.loaded)
+    quantizer_images = calibration_set_of(images, kept, config) if precision == "int8" else None
 
     for candidate in candidates:
         candidate.within_budget = budget.within(candidate.calibration)
@@ -234,6 +240,7 @@ def tune_model(
         timed_out,
         say,
         precision,
+        quantizer_images,
     )
     for candidate in measured:
         candidate.within_budget = budget.within({name: e.value for name, e in candidate.held_out.items()})
@@ -261,6 +268,9 @@ def tune_model(
         timed_out=timed_out,
         precision=precision,
         plain_reduced=plain_reduced,
+        int8_calibration=None
+        if quantizer_images is None
+        else {"data_fingerprint": quantizer_images.fingerprint, "count": quantizer_images.count},
     )
     write_atomically(paths["-o"], lambda stream: stream.write(json.dumps(outcome.to_json(), indent=1).encode()))
     return outcome
@@ -350,11 +360,25 @@ def check_tune_precision(precision: str, runtime: str) -> str:
 
 
 def _measure_in_runtime(
-    loaded, finalists, images, held_out, config, kind, runtime, batch_size, store, deadline, timed_out, say, precision
+    loaded,
+    finalists,
+    images,
+    held_out,
+    config,
+    kind,
+    runtime,
+    batch_size,
+    store,
+    deadline,
+    timed_out,
+    say,
+    precision,
+    quantizer_images,
 ) -> tuple[list[TunedCandidate], bool, Optional[dict[str, Any]]]:
     """Speed against the plain fp32 export and held-out quality, in `runtime` and `precision`, for each
     finalist until the deadline (at least one is always measured); for a reduced precision also the plain
-    model in it (the third value, else None)."""
+    model in it (the third value, else None). int8 is quantized statically, calibrated on `quantizer_images`
+    (drawn from the calibration part, as `tome-export --precision int8 --data` draws them)."""
     pixels, kept = images.pixels(held_out, config)
     check_decoded(images, len(kept))
     labels = _labels_of(images, kept)
@@ -376,7 +400,9 @@ def _measure_in_runtime(
                 return onnx_path
             target = Path(folder) / (stem + artifact_suffix(precision, runtime))
             shipped_metadata = dataclasses.replace(metadata, precision=precision)
-            return precision_artifact(onnx_path, target, metadata=shipped_metadata, runtime=runtime, say=silent)
+            return precision_artifact(
+                onnx_path, target, metadata=shipped_metadata, runtime=runtime, say=silent, calibration=quantizer_images
+            )
 
         def measure(path: Path, metadata: ToMeMetadata) -> dict[str, Any]:
             timings = time_against(plain, path, metadata, runtime)
@@ -451,8 +477,9 @@ def _context_key(
     loaded: LoadedModel, images: ImageSet, runtime: str, batch: int, fraction: float, seed: int, precision: str
 ) -> str:
     """What a cached measurement depends on besides its schedule."""
+    quantization = "static" if precision == "int8" else None  # int8 candidates are calibrated (not dynamic)
     return json.dumps(
-        [weights_fingerprint(loaded.model), images.fingerprint, runtime, batch, fraction, seed, precision]
+        [weights_fingerprint(loaded.model), images.fingerprint, runtime, batch, fraction, seed, precision, quantization]
     )
 
 
