@@ -249,3 +249,17 @@ def video_export(tmp_path_factory) -> VideoExport:
     with contextlib.redirect_stderr(stderr):
         code = export_cli.main([str(folder), "--r", "6", "-o", str(path), "--report", str(report)])
     return VideoExport(folder, path, json.loads(report.read_text()) if report.exists() else {}, stderr.getvalue(), code)
+
+
+def build_rtx_engine(onnx_path: Path, plan: Path, capsys):
+    """`tome-build ONNX -o PLAN --backend tensorrt-rtx --compute-capability 89 --max-batch 4` (the test is
+    skipped without TensorRT-RTX); asserts exit 0 and returns the sidecar it wrote beside PLAN."""
+    pytest.importorskip(
+        "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')"
+    )
+    from tome_deploy.artifact.sidecar import read_sidecar
+    from tome_deploy.cli import build as build_cli
+
+    argv = [str(onnx_path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89"]
+    assert build_cli.main([*argv, "--max-batch", "4"]) == 0, capsys.readouterr().err
+    return read_sidecar(plan)

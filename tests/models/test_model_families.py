@@ -545,18 +545,10 @@ def test_target_speedup_plans_for_every_family(family):
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("family", ["hf_siglip", "hf_vit", "open_clip", "timm_eva"])
 def test_tensorrt_rtx_builds_every_family_ahead_of_time(family, export_family, capsys):
-    pytest.importorskip(
-        "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')"
-    )
-    from tome_deploy.artifact.sidecar import read_sidecar
-    from tome_deploy.cli import build as build_cli
+    from conftest import build_rtx_engine
 
     _, metadata, path = export_family(family, "matmul")
     plan = path.with_suffix(".plan")
-    code = build_cli.main(
-        [str(path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89", "--max-batch", "4"]
-    )
-    assert code == 0, capsys.readouterr().err
-    sidecar = read_sidecar(plan)
+    sidecar = build_rtx_engine(path, plan, capsys)
     assert sidecar.tome.r_effective == metadata.r_effective and sidecar.input_shape == list(metadata.input.shape)
     assert plan.stat().st_size > 100_000

@@ -326,19 +326,10 @@ def test_openvino_runs_scatter_and_matmul_as_onnx_runtime(exports):
 
 @pytest.mark.tensorrt
 def test_tensorrt_rtx_builds_the_matmul_export_ahead_of_time(exports, capsys):
-    pytest.importorskip(
-        "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'tome-deploy[tensorrt-rtx]')"
-    )
-    from tome_deploy.artifact.sidecar import read_sidecar
-    from tome_deploy.cli import build as build_cli
+    from conftest import build_rtx_engine
 
     _, metadata, path = exports["matmul"]
-    plan = path.with_suffix(".plan")
-    code = build_cli.main(
-        [str(path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89", "--max-batch", "4"]
-    )
-    assert code == 0, capsys.readouterr().err
-    sidecar = read_sidecar(plan)
+    sidecar = build_rtx_engine(path, path.with_suffix(".plan"), capsys)
     assert sidecar.input_name == "pixel_values" and sidecar.input_shape == [3, 32, 32]
     assert sidecar.tome.r_effective == metadata.r_effective == [R, R, R]
 

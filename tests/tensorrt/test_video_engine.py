@@ -5,10 +5,9 @@ export's metadata. Running the engine needs a CUDA GPU (not here)."""
 from __future__ import annotations
 
 import pytest
+from conftest import build_rtx_engine
 
 from tome_deploy.artifact.onnx_file import read_metadata
-from tome_deploy.artifact.sidecar import read_sidecar
-from tome_deploy.cli import build as build_cli
 from tome_deploy.cli import export as export_cli
 
 pytestmark = pytest.mark.tensorrt
@@ -23,11 +22,7 @@ def test_a_videomae_export_for_tensorrt_builds_with_the_clip_in_its_sidecar(vide
     onnx_path, plan = tmp_path / "video_trt.onnx", tmp_path / "video.plan"
     args = [str(video_export.folder), "--r", "6", "--target", "tensorrt", "-o", str(onnx_path), "--no-validate"]
     assert export_cli.main([*args, "--quiet"]) == 0, capsys.readouterr().err
-    code = build_cli.main(
-        [str(onnx_path), "-o", str(plan), "--backend", "tensorrt-rtx", "--compute-capability", "89", "--max-batch", "4"]
-    )
-    assert code == 0, capsys.readouterr().err
-    sidecar, metadata = read_sidecar(plan), read_metadata(onnx_path)
+    sidecar, metadata = build_rtx_engine(onnx_path, plan, capsys), read_metadata(onnx_path)
     assert sidecar.input_shape == [4, 3, 32, 32] and sidecar.tome == metadata
     assert metadata.merge == "matmul" and metadata.tokens_per_layer == [32, 26, 20]
     assert sidecar.plan_bytes == plan.stat().st_size > 0
