@@ -118,3 +118,14 @@ def numbers_by_name(value: Any, low: float, high: float, *, max_entries: int, ma
         )
         for key, number in value.items()
     }
+
+
+def record(value: Any, readers: dict[str, Callable[[Any], Any]]) -> dict[str, Any]:
+    """A JSON object holding every key of `readers`, each value read by its reader (a failure names the key);
+    keys it does not know are dropped."""
+    if not isinstance(value, dict):
+        raise FieldError(f"must be a JSON object, got {type(value).__name__}")
+    missing = [key for key in readers if key not in value]
+    if missing:
+        raise FieldError(f"has no {missing[0]!r}")
+    return {key: checked(repr(key), reader, value[key]) for key, reader in readers.items()}

@@ -244,12 +244,7 @@ def read_quality(value: Any) -> Optional[dict[str, Any]]:
     `data_fingerprint` (of the images) and `metrics` (name -> value). Keys it does not know are dropped."""
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise FieldError(f"must be a JSON object, got {type(value).__name__}")
-    missing = [key for key in QUALITY_READERS if key not in value]
-    if missing:
-        raise FieldError(f"has no {missing[0]!r}")
-    record = {key: checks.checked(repr(key), reader, value[key]) for key, reader in QUALITY_READERS.items()}
+    record = checks.record(value, QUALITY_READERS)
     if record["metrics"].get(record["metric"]) != record["value"]:
         raise FieldError(f"'value' must be the {record['metric']!r} entry of 'metrics', got {record['value']!r}")
     return record
@@ -267,14 +262,7 @@ def read_calibration(value: Any) -> Optional[dict[str, Any]]:
     """The `tome.calibration` record, typed and bounded: None, or an object with `data_fingerprint` (of the
     calibration images), `count` (how many) and `runtime` (the runtime whose quantizer used them). Keys it
     does not know are dropped."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise FieldError(f"must be a JSON object, got {type(value).__name__}")
-    missing = [key for key in CALIBRATION_READERS if key not in value]
-    if missing:
-        raise FieldError(f"has no {missing[0]!r}")
-    return {key: checks.checked(repr(key), reader, value[key]) for key, reader in CALIBRATION_READERS.items()}
+    return None if value is None else checks.record(value, CALIBRATION_READERS)
 
 
 # key -> reader of its JSON value. Lengths that depend on other keys are checked in _check_consistent.
